@@ -1,0 +1,70 @@
+"""The contract between the pipeline engine and a stage.
+
+A stage is a module in `stages/` exposing:
+
+    SECTION: str                       # the config section it reads (e.g. "data")
+    Config: type                       # a typed dataclass: the schema of that section
+    def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict
+
+`inputs` maps each upstream stage name to the manifest it returned (plain JSON). The returned
+manifest is plain JSON too: `{"metrics": {...}, "artifacts": {...}, ...anything small}`. Artifact
+paths in it are absolute (the engine hands out `ctx.out_dir` at its final location's sibling and
+rewrites nothing), heavy tensors stay on disk, never in a manifest.
+
+Stages never import Ray or MLflow and never parse arguments: the engine builds the context, runs the
+stage (in-process or as a Ray task), writes the manifest atomically with a completion marker, and
+tracks metrics through hooks. Training stages may hand `ctx.tracking_uri` / `ctx.mlflow_run_id` to
+Lightning's MLFlowLogger so curves land in the stage's own MLflow run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+def _ignore(_: dict[str, Any]) -> None:
+    return None
+
+
+@dataclass
+class StageContext:
+    """Everything a stage may know about the world outside its config and inputs."""
+
+    name: str
+    """The stage's name in the DAG."""
+    out_dir: Path
+    """Where the stage writes its artifacts. It is a temporary directory that the engine renames to
+    the cache location only after `run` returns: a crash never leaves a complete-looking artifact."""
+    work_dir: Path
+    """A persistent scratch directory keyed like the artifact (survives crashes): resumable training
+    checkpoints live here."""
+    run_dir: Path
+    """This pipeline run's directory (`runs/<timestamp>-<recipe>/`)."""
+    seed: int = 0
+    """The run's seed (`run.seed`)."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI of this run, for Lightning's MLFlowLogger."""
+    mlflow_run_id: str | None = None
+    """The stage's nested MLflow run id, to reattach a logger to it."""
+    final_dir: Path | None = None
+    """Where `out_dir` will live once the stage succeeds. Manifest paths should point here."""
+    report: Callable[[dict[str, Any]], None] = field(default=_ignore, repr=False)
+    """Engine callback for progress and metrics events (see `progress` and `log_metrics`)."""
+
+    def artifact_path(self, relative: str) -> str:
+        """Absolute path that `out_dir / relative` will have after the engine's atomic rename."""
+        base = self.final_dir if self.final_dir is not None else self.out_dir
+        return str(Path(base) / relative)
+
+    def progress(self, done: float, total: float | None = None, message: str = "") -> None:
+        """Report progress (e.g. training steps) for the live display."""
+        self.report({"kind": "progress", "done": done, "total": total, "message": message})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log scalar metrics to the stage's MLflow run (through the engine's tracking hook)."""
+        self.report({"kind": "metrics", "metrics": dict(metrics), "step": step})
+
+    def log_artifact(self, path: str | Path) -> None:
+        """Ask the engine to log a file (a plot, a table) as an MLflow artifact of this stage."""
+        self.report({"kind": "artifact", "path": str(path)})
