@@ -1,0 +1,124 @@
+"""The Nemotron-3-Nano-30B-A3B plan from the shipped config alone: counts match the published ones.
+
+Published (model card / issue 5): 31.6 B parameters in total, 3.2 B active per token without the
+input embedding table (3.6 B with it), about 59 GB per tower in BF16. All built on the meta device:
+no weights, no network, a few seconds on a laptop.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from pipeline.estimate import SHIPPED_BACKBONES, config_from_json, estimate, load_backbone_config
+from twotower import sizing
+
+NANO = "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16"
+NANO_JSON = SHIPPED_BACKBONES / "nemotron-3-nano-30b-a3b.json"
+
+
+def within(value: float, published: float, rel: float = 0.01) -> bool:
+    return abs(value - published) <= rel * published
+
+
+@pytest.fixture(scope="module")
+def nano_plan() -> dict:
+    started = time.perf_counter()
+    plan = estimate({"backbone": {"name_or_path": NANO}, "twotower": {"block_size": 16}})
+    plan["_wall_s"] = time.perf_counter() - started
+    return plan
+
+
+def test_shipped_config_is_the_public_one():
+    config = config_from_json(NANO_JSON)
+    assert config.model_type == "nemotron_h"
+    assert config.hybrid_override_pattern == "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
+    assert sizing.layer_kinds(config) == {"attention": 6, "mamba": 23, "moe": 23, "mlp": 0}
+    assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (
+        2688, 32, 2, 128)
+    assert (config.mamba_num_heads, config.mamba_head_dim, config.ssm_state_size, config.n_groups) == (64, 64, 128, 8)
+    assert (config.n_routed_experts, config.num_experts_per_tok, config.moe_intermediate_size,
+            config.moe_shared_expert_intermediate_size, config.routed_scaling_factor) == (128, 6, 1856, 3712, 2.5)
+    assert config.vocab_size == 131072 and config.tie_word_embeddings is False
+    assert config.mlp_hidden_act == "relu2"
+
+
+def test_nano_counts_match_published_within_1_percent(nano_plan):
+    ctx = nano_plan["params"]["context_tower"]
+    assert within(ctx["total"], 31.6e9)
+    assert within(ctx["active_without_embeddings"], 3.2e9)
+    assert within(ctx["active"], 3.6e9)
+    # The exact figures of transformers' NemotronHConfig on the meta device (issue 5).
+    assert round(ctx["total"] / 1e9, 2) == 31.58
+    assert round(ctx["active_without_embeddings"] / 1e9, 2) == 3.23
+
+
+def test_nano_memory_per_device(nano_plan):
+    dec = nano_plan["decode_memory"]["batch_1"]
+    assert within(dec["diffusion"]["context_weights_gib"], 59.0)
+    # The denoiser carries the new modules too, a few percent more than the backbone.
+    assert dec["diffusion"]["context_weights_gib"] < dec["diffusion"]["denoiser_weights_gib"] < 80.0 * 0.9
+    assert dec["diffusion"]["devices"] == 2 and dec["ar_only"]["devices"] == 1
+    # Both towers never fit one 80 GB device: that is why diffusion decoding needs two.
+    assert nano_plan["params"]["both_towers_total"] * 2 / sizing.GIB > 80.0
+    assert nano_plan["train_min_gpus"]["num_gpus"] >= 8
+    by_gpus = nano_plan["train_memory_by_gpus"]
+    assert by_gpus["8"] > by_gpus["16"] > by_gpus["32"] > by_gpus["64"]
+
+
+def test_nano_plan_is_fast_and_json(nano_plan):
+    assert nano_plan["_wall_s"] < 60
+    json.dumps(nano_plan)
+    assert nano_plan["new_params"]["total"] > 0
+    assert nano_plan["new_params"]["total"] < 0.1 * nano_plan["params"]["context_tower"]["total"]
+
+
+def test_counts_on_a_real_tiny_moe_model_by_hand():
+    """The active count is exact on a tiny model whose parameters we can enumerate."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    data = {k: v for k, v in json.loads(NANO_JSON.read_text()).items() if not k.startswith("_")}
+    data.update(hidden_size=32, vocab_size=97, hybrid_override_pattern="ME*", num_hidden_layers=3,
+                n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                moe_shared_expert_intermediate_size=24, mamba_num_heads=4, mamba_head_dim=8,
+                ssm_state_size=8, n_groups=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)  # real CPU weights
+    counts = sizing.count_parameters(model, config)
+    routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert routed == 2 * 8 * 16 * 32  # up + down, 8 experts
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    assert counts.active == counts.total - routed + routed * 2 // 8
+    assert counts.embeddings == 97 * 32 and counts.lm_head == 97 * 32
+
+
+def test_unknown_backbone_names_the_key():
+    with pytest.raises(ValueError, match="backbone.name_or_path"):
+        load_backbone_config("nobody/NoSuchModel-1B")
+
+
+def test_new_parameters_by_kind_classifies_names():
+    backbone = torch.nn.Module()
+    backbone.embed = torch.nn.Embedding(10, 4)
+    backbone.proj = torch.nn.Linear(4, 4)
+    denoiser = torch.nn.Module()
+    denoiser.embed = torch.nn.Embedding(11, 4)  # one [MASK] row more
+    denoiser.proj = torch.nn.Linear(4, 4)
+    denoiser.adaln_modulation = torch.nn.Linear(4, 12)
+    denoiser.cross_attn_gate = torch.nn.Parameter(torch.zeros(4))
+    denoiser.mystery = torch.nn.Parameter(torch.zeros(3))
+    out = sizing.new_parameters_by_kind(denoiser, backbone)
+    assert out == {"adaln": 60, "cross_attention": 4, "embeddings": 4, "other": 3, "total": 71}
+
+
+def test_training_memory_shrinks_with_gpus_and_rejects_bad_shapes():
+    config = config_from_json(NANO_JSON)
+    args = (31_000_000_000, 32_000_000_000, 1_300_000_000, config)
+    small = sizing.training_memory(*args, sizing.TrainShape(64, 1, 4096, 16))["total_gib"]
+    big = sizing.training_memory(*args, sizing.TrainShape(8, 1, 4096, 16))["total_gib"]
+    assert big > small
+    with pytest.raises(ValueError, match="seq_len"):
+        sizing.training_memory(*args, sizing.TrainShape(8, 1, 4095, 16))

@@ -1,0 +1,312 @@
+"""Parameter and memory accounting for a backbone and its two towers, without weights.
+
+Everything here works on models built on the meta device (`build_on_meta`): shapes exist, storage
+does not, so a 31.6 B-parameter Nemotron-3-Nano counts in a few seconds on a laptop. The memory
+figures are arithmetic on those counts and on the backbone config (cache shapes); they are what
+`python -m pipeline plan` prints and what `docs/scaling.md` cites.
+
+Units: parameter counts are plain integers; memory is in GiB (2**30 bytes), the unit in which the
+published "about 59 GB per tower in BF16" is stated (31.58e9 params x 2 bytes = 58.8 GiB).
+
+    from twotower.sizing import build_on_meta, count_parameters
+    counts = count_parameters(build_on_meta(config), config)
+    counts.total, counts.active_without_embeddings
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+GIB = 2**30
+BF16_BYTES = 2
+FP32_BYTES = 4
+
+# Names under which backbone configs spell the MoE sizes (Nemotron-H, Qwen-MoE, Mixtral, ...).
+_N_EXPERT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
+_EXPERT_PARAM_MARKERS = (".experts.",)  # routed experts; `shared_experts.` does not match
+
+
+def build_on_meta(config) -> nn.Module:
+    """The backbone's causal-LM module for `config`, on the meta device: shapes, no storage."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts of one tower (a causal LM)."""
+
+    total: int
+    """Every parameter, embeddings and LM head included."""
+    embeddings: int
+    """The input embedding table (vocab x hidden)."""
+    lm_head: int
+    """The output projection (0 when tied to the input embeddings)."""
+    routed_experts: int
+    """Parameters in routed MoE experts (all experts, all layers)."""
+    active: int
+    """Parameters touched per token, input embedding table included (top-k of the routed experts)."""
+
+    @property
+    def total_without_embeddings(self) -> int:
+        return self.total - self.embeddings
+
+    @property
+    def active_without_embeddings(self) -> int:
+        return self.active - self.embeddings
+
+    def as_dict(self) -> dict[str, int]:
+        d = asdict(self)
+        d["total_without_embeddings"] = self.total_without_embeddings
+        d["active_without_embeddings"] = self.active_without_embeddings
+        return d
+
+
+def moe_sizes(config) -> tuple[int, int]:
+    """(number of routed experts, experts per token) of `config`; (0, 0) for a dense model."""
+    n_experts = next((getattr(config, k) for k in _N_EXPERT_KEYS if getattr(config, k, None)), 0)
+    top_k = getattr(config, "num_experts_per_tok", 0) or 0
+    if n_experts and not 0 < top_k <= n_experts:
+        raise ValueError(f"config: num_experts_per_tok={top_k} must be in 1..{n_experts}")
+    return int(n_experts), int(top_k)
+
+
+def count_parameters(model: nn.Module, config) -> ParamCounts:
+    """Total and per-token-active parameter counts of a causal LM (meta or real)."""
+    n_experts, top_k = moe_sizes(config)
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is emb
+    seen: set[int] = set()
+    total = routed = 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if n_experts and any(m in f".{name}" for m in _EXPERT_PARAM_MARKERS):
+            routed += p.numel()
+    # Each token runs top_k of n_experts routed experts; everything else it touches entirely.
+    active = total - routed + (routed * top_k // n_experts if n_experts else 0)
+    return ParamCounts(
+        total=total,
+        embeddings=emb.numel(),
+        lm_head=0 if head is None or tied else head.weight.numel(),
+        routed_experts=routed,
+        active=active,
+    )
+
+
+def largest_layer_params(model: nn.Module) -> int:
+    """Parameters of the largest decoder layer: the biggest unit FSDP gathers at once."""
+    layers = _decoder_layers(model)
+    return max(sum(p.numel() for p in layer.parameters()) for layer in layers)
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == _num_layers(model.config):
+            return module
+    raise ValueError(f"{type(model).__name__}: no ModuleList of {_num_layers(model.config)} layers found")
+
+
+def _num_layers(config) -> int:
+    return int(config.num_hidden_layers)
+
+
+# --- new parameters ---------------------------------------------------------------------------
+
+_KIND_MARKERS = (
+    ("adaln", ("adaln", "ada_ln", "time_embed", "timestep", "t_embed", "time_mlp", "modulation")),
+    ("cross_attention", ("cross_attn", "xattn", "cross_attention")),
+    ("embeddings", ("embed", "mask_token", "pos_emb", "position")),
+)
+
+
+def new_parameters_by_kind(denoiser: nn.Module, backbone: nn.Module) -> dict[str, int]:
+    """Parameters the denoiser has beyond the backbone's, grouped by kind.
+
+    A name absent from the backbone is new (classified by its name: AdaLN / time embedding,
+    cross-attention, embeddings, else `other`); a name present with more elements (the embedding
+    table grown by a [MASK] row) counts its extra elements under `embeddings`.
+    """
+    base = {n: p.numel() for n, p in backbone.named_parameters()}
+    out = {"adaln": 0, "cross_attention": 0, "embeddings": 0, "other": 0}
+    for name, p in denoiser.named_parameters():
+        extra = p.numel() - base.get(_strip_wrapper(name, base), 0)
+        if extra <= 0:
+            continue
+        out[_kind_of(name) if _strip_wrapper(name, base) not in base else "embeddings"] += extra
+    out["total"] = sum(out.values())
+    return out
+
+
+def _kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, markers in _KIND_MARKERS:
+        if any(m in low for m in markers):
+            return kind
+    return "other"
+
+
+def _strip_wrapper(name: str, base: dict[str, int]) -> str:
+    """The backbone name a wrapped parameter keeps (wrappers may insert `.layer.`/`.inner.`)."""
+    if name in base:
+        return name
+    for token in (".layer.", ".inner.", ".wrapped.", ".module."):
+        cand = name.replace(token, ".")
+        if cand in base:
+            return cand
+    return name
+
+
+def formula_new_parameters(config, *, block_size: int, time_embed_dim: int = 256) -> dict[str, int]:
+    """New parameters from the config alone, for when no runtime model can be built.
+
+    AdaLN-zero: a sinusoidal-t MLP (time_embed_dim -> hidden -> hidden) and per layer a linear
+    hidden -> 3*hidden (shift, scale, gate). Embeddings: one [MASK] row and a B x hidden in-block
+    position table. Layer-aligned attention and seeded Mamba states add nothing.
+    """
+    d, n = int(config.hidden_size), _num_layers(config)
+    adaln = (time_embed_dim * d + d) + (d * d + d) + n * (d * 3 * d + 3 * d)
+    emb = d + block_size * d
+    return {"adaln": adaln, "cross_attention": 0, "embeddings": emb, "other": 0, "total": adaln + emb}
+
+
+# --- cache shapes -----------------------------------------------------------------------------
+
+
+def layer_kinds(config) -> dict[str, int]:
+    """Count of layers per kind: attention / mamba / moe / mlp."""
+    types = list(getattr(config, "layers_block_type", None) or ["attention"] * _num_layers(config))
+    names = {"full_attention": "attention", "attention": "attention", "linear_attention": "mamba",
+             "mamba": "mamba", "moe": "moe", "mlp": "mlp"}
+    out = {"attention": 0, "mamba": 0, "moe": 0, "mlp": 0}
+    for t in types:
+        out[names.get(t, t)] = out.get(names.get(t, t), 0) + 1
+    return out
+
+
+def kv_bytes_per_token(config, dtype_bytes: int = BF16_BYTES) -> int:
+    """Bytes of attention K/V cache one token adds (all attention layers)."""
+    n_attn = layer_kinds(config)["attention"]
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    return n_attn * 2 * kv_heads * head_dim * dtype_bytes
+
+
+def mamba_state_bytes(config) -> int:
+    """Bytes of Mamba-2 state (SSM state in its cache dtype + conv window) of one sequence."""
+    n_mamba = layer_kinds(config)["mamba"]
+    if not n_mamba:
+        return 0
+    ssm_bytes = FP32_BYTES if getattr(config, "mamba_ssm_cache_dtype", "float32") == "float32" else BF16_BYTES
+    heads, head_dim = int(config.mamba_num_heads), int(config.mamba_head_dim)
+    state = int(config.ssm_state_size)
+    conv_dim = heads * head_dim + 2 * int(config.n_groups) * state
+    ssm = heads * head_dim * state * ssm_bytes
+    conv = conv_dim * int(config.conv_kernel) * BF16_BYTES
+    return n_mamba * (ssm + conv)
+
+
+# --- memory plans -----------------------------------------------------------------------------
+
+
+def decode_memory(
+    context_params: int, denoiser_params: int, config, *, batch: int, context_len: int, block_size: int
+) -> dict:
+    """BF16 memory per device for decoding: diffusion (one tower per device) and AR-only.
+
+    The context device holds its tower and its caches; the denoiser device holds its tower and a
+    mirror of what crosses per block: the block's new context K/V, the Mamba states at the block's
+    start and the committed tokens (`per_block_transfer_bytes`).
+    """
+    kv = kv_bytes_per_token(config) * batch * context_len
+    states = mamba_state_bytes(config) * batch
+    ctx_w = context_params * BF16_BYTES
+    den_w = denoiser_params * BF16_BYTES
+    transfer = kv_bytes_per_token(config) * batch * block_size + states + batch * block_size * 8
+    return {
+        "batch": batch,
+        "context_len": context_len,
+        "diffusion": {
+            "context_device_gib": (ctx_w + kv + states) / GIB,
+            "denoiser_device_gib": (den_w + kv + states) / GIB,
+            "context_weights_gib": ctx_w / GIB,
+            "denoiser_weights_gib": den_w / GIB,
+            "devices": 2,
+        },
+        "ar_only": {"device_gib": (ctx_w + kv + states) / GIB, "devices": 1},
+        "kv_cache_gib": kv / GIB,
+        "mamba_state_gib": states / GIB,
+        "per_block_transfer_bytes": transfer,
+    }
+
+
+@dataclass(frozen=True)
+class TrainShape:
+    """The training job whose per-GPU memory is estimated."""
+
+    num_gpus: int
+    """Data-parallel world size; FSDP shards both towers across all of it (FULL_SHARD)."""
+    micro_batch: int = 1
+    """Sequences per GPU per forward."""
+    seq_len: int = 4096
+    """Tokens per sequence (a whole number of blocks)."""
+    block_size: int = 16
+    """Diffusion block size B."""
+
+
+def training_memory(
+    context_params: int, denoiser_params: int, largest_layer: int, config, shape: TrainShape
+) -> dict:
+    """Per-GPU training memory under FSDP FULL_SHARD with activation checkpointing, bf16 compute.
+
+    Trainable denoiser: fp32 master weights + fp32 grads + two fp32 Adam moments = 16 B/param,
+    sharded over the world. Frozen context tower: bf16, sharded, run without grad. Transient: two
+    gathered layers in flight (prefetch) per tower plus one layer's bf16 grads. Activations: one
+    bf16 hidden state per layer boundary (checkpointing) plus what the context tower hands the
+    denoiser (per-layer K/V and the Mamba states at every block start), plus fp32 logits and their
+    grad for one micro-batch. Recompute peaks and allocator fragmentation are covered by a 10%
+    margin; the figures are estimates to size a cluster, not measurements.
+    """
+    if shape.num_gpus < 1:
+        raise ValueError(f"train shape: num_gpus={shape.num_gpus} must be >= 1")
+    if shape.seq_len % shape.block_size:
+        raise ValueError(f"train shape: seq_len={shape.seq_len} is not a multiple of block_size={shape.block_size}")
+    n, b, L = shape.num_gpus, shape.micro_batch, shape.seq_len
+    d, n_layers = int(config.hidden_size), _num_layers(config)
+    sharded_state = (16 * denoiser_params + BF16_BYTES * context_params) / n
+    gathered = (2 * 2 + 1) * largest_layer * BF16_BYTES
+    checkpoints = b * L * d * BF16_BYTES * n_layers
+    context_handoff = b * (kv_bytes_per_token(config) * L + mamba_state_bytes(config) * (L // shape.block_size))
+    logits = b * L * int(config.vocab_size) * (FP32_BYTES + FP32_BYTES)
+    subtotal = sharded_state + gathered + checkpoints + context_handoff + logits
+    return {
+        "num_gpus": n,
+        "micro_batch": b,
+        "seq_len": L,
+        "sharded_weights_optimizer_gib": sharded_state / GIB,
+        "gathered_layers_gib": gathered / GIB,
+        "activation_checkpoints_gib": checkpoints / GIB,
+        "context_handoff_gib": context_handoff / GIB,
+        "logits_gib": logits / GIB,
+        "total_gib": 1.1 * subtotal / GIB,
+    }
+
+
+def min_gpus(context_params: int, denoiser_params: int, largest_layer: int, config, shape: TrainShape,
+             gpu_gib: float = 80.0) -> int:
+    """The smallest power-of-two GPU count whose per-GPU estimate fits in `gpu_gib` (0: none <= 1024)."""
+    n = 1
+    while n <= 1024:
+        plan = training_memory(context_params, denoiser_params, largest_layer, config,
+                               TrainShape(n, shape.micro_batch, shape.seq_len, shape.block_size))
+        if plan["total_gib"] <= gpu_gib:
+            return n
+        n *= 2
+    return 0
