@@ -1,0 +1,84 @@
+"""Stage `attach_conditioning`: build the denoiser's new modules and verify the zero-init identity.
+
+Reads the `twotower` section (`Config` is `twotower.TwoTowerConfig`, resolved lazily so that
+importing this module stays cheap). It wraps the backbone with `TwoTowerForDiffusionLM.from_backbone`,
+records the per-layer conditioning map and the new parameters by kind, re-verifies the trainable set
+and then checks invariant 4: with gates and AdaLN at their initial zeros each denoiser layer computes
+what the backbone's layer computes (`twotower.checks.zero_init_identity`, max |Δ| below `tolerance`).
+The block size is checked against the data's sequence length here, before the denoiser trains.
+No weights are written: `train_denoiser` rebuilds the same model from the manifest.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from stages.api import StageContext
+
+SECTION = "twotower"
+
+IDENTITY_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-2}
+
+
+def __getattr__(name: str):
+    # PEP 562: `Config` is the runtime's own dataclass; importing it pulls in transformers (slow).
+    if name == "Config":
+        from twotower.config import TwoTowerConfig
+
+        return TwoTowerConfig
+    raise AttributeError(name)
+
+
+def probe_ids(vocab_size: int, block_size: int, seed: int, n_blocks: int = 3):
+    """Deterministic token ids [2, n_blocks*B] avoiding the first 5 (special) ids when possible."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    low = 5 if vocab_size > 10 else 0
+    return torch.randint(low, vocab_size, (2, n_blocks * block_size), generator=g)
+
+
+def run(cfg, inputs: dict[str, dict], ctx: StageContext) -> dict:
+    """Build the two towers with `cfg`, check trainable set and zero-init identity, record them."""
+    from twotower import TwoTowerForDiffusionLM, checks, sizing
+
+    from stages.duplicate_backbone import load_backbone
+    from stages.freeze_context import trainable_report
+    from stages.train_denoiser import check_block_size
+
+    up = inputs["freeze_context"]
+    seq_len = up.get("seq_len")
+    if seq_len:
+        check_block_size(cfg.block_size, int(seq_len))
+    dtype = up.get("dtype", "float32")
+    backbone, tokenizer = load_backbone(up["artifacts"]["model"], dtype)
+    model = TwoTowerForDiffusionLM.from_backbone(backbone, cfg)
+    model.eval()
+    report = trainable_report(model)
+    if report["violations"]:
+        raise ValueError("trainable set violates the contract after attaching: "
+                         + ", ".join(report["violations"][:10]))
+    new = sizing.new_parameters_by_kind(model.denoiser, backbone)
+    delta = float(checks.zero_init_identity(model, probe_ids(backbone.config.vocab_size, cfg.block_size, ctx.seed)))
+    tol = IDENTITY_TOLERANCE.get(dtype, 1e-4)
+    if not delta <= tol:
+        raise ValueError(f"zero-init identity failed: max |Δ| = {delta:.3g} > {tol:g} between the denoiser "
+                         f"layers and the backbone layers with twotower={asdict(cfg)}")
+    if not checks.context_matches(model, backbone):
+        raise ValueError("context tower differs from the backbone after attaching")
+    layer_map = model.layer_map()
+    out = Path(ctx.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "conditioning_map.json").write_text(json.dumps(layer_map, indent=1, default=str))
+    (out / "twotower_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    metrics = {"zero_init_max_abs_delta": delta, "params_new_total": new["total"],
+               **{f"params_new_{k}": v for k, v in new.items() if k != "total"},
+               "params_trainable": report["trainable"], "params_frozen": report["frozen"],
+               "block_size": cfg.block_size}
+    return {"metrics": metrics,
+            "artifacts": {"model": up["artifacts"]["model"], "tokenizer": up["artifacts"]["tokenizer"],
+                          "conditioning_map": ctx.artifact_path("conditioning_map.json"),
+                          "twotower_config": ctx.artifact_path("twotower_config.json")},
+            "twotower": asdict(cfg), "dtype": dtype, "seq_len": seq_len,
+            "conditioning_map": layer_map}

@@ -1,0 +1,155 @@
+"""Stage `calibrate_gamma`: choose the confidence threshold γ on held-out prompts (section `calibrate`).
+
+For every γ in the grid (and every block size, when a list is given) it decodes the same held-out
+prompts with AR and with diffusion, side by side in this process (`stages.decoding_eval`), and
+records quality relative to AR, tokens per denoiser forward and wall-clock speedup. It picks the
+smallest γ whose relative quality meets `target_relative_quality` (ties across block sizes: the
+fastest); when no point does, it picks the best available, says so loudly and records
+`target_met = 0`. A Pareto plot (relative quality against speedup, each point labelled) is saved.
+
+Calibration uses the first `prompts_per_task` held-out examples of each task; `evaluate` uses the
+ones after them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from stages.api import StageContext
+
+SECTION = "calibrate"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Config:
+    """The `calibrate` section: the γ sweep."""
+
+    gammas: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
+    """Confidence thresholds to sweep, each in (0, 1]."""
+    block_sizes: list[int] | None = None
+    """Decoding block sizes to sweep as well; null: the model's trained block size only."""
+    target_relative_quality: float = 0.987
+    """Quality relative to AR the chosen γ must reach, in (0, 1] (the paper's 0.987)."""
+    prompts_per_task: int = 8
+    """Held-out prompts per task used for calibration."""
+    repeats: int = 3
+    """Timing repeats per prompt and setting (medians are kept)."""
+    max_new_tokens: int = 32
+    """Generation cap per prompt (decoding stops earlier at EOS)."""
+    num_threads: int = 0
+    """torch intra-op threads; 0 leaves torch's default."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def validate(cfg: Config) -> None:
+    """Clear errors naming the bad key, before any decoding (or, via the engine, any training)."""
+    t = cfg.target_relative_quality
+    if not (0.0 < t <= 1.0):
+        raise ValueError(f"calibrate.target_relative_quality={t}: must be in (0, 1]")
+    if not cfg.gammas:
+        raise ValueError("calibrate.gammas: empty list")
+    bad = [g for g in cfg.gammas if not 0.0 < g <= 1.0]
+    if bad:
+        raise ValueError(f"calibrate.gammas: {bad} outside (0, 1]")
+    if cfg.block_sizes is not None and any(b < 2 for b in cfg.block_sizes):
+        raise ValueError(f"calibrate.block_sizes={cfg.block_sizes}: each must be >= 2")
+    if cfg.prompts_per_task < 1 or cfg.repeats < 1 or cfg.max_new_tokens < 1:
+        raise ValueError("calibrate.prompts_per_task, calibrate.repeats and calibrate.max_new_tokens must be >= 1")
+
+
+def choose(points: list[dict], target: float) -> tuple[dict, bool]:
+    """The smallest γ meeting `target` (fastest among equal γ), else the best relative quality."""
+    ok = [p for p in points if p["relative_quality"] >= target]
+    if ok:
+        return min(ok, key=lambda p: (p["gamma"], -p["speedup"])), True
+    return max(points, key=lambda p: (p["relative_quality"], p["speedup"])), False
+
+
+def pareto_plot(points: list[dict], target: float, chosen: dict, path: Path) -> None:
+    """Relative quality against speedup, each point labelled with its γ (and B)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    xs = [p["speedup"] for p in points]
+    ys = [p["relative_quality"] for p in points]
+    ax.plot(xs, ys, "o", color="tab:blue")
+    for p in points:
+        label = f"γ={p['gamma']:g}" + (f",B={p['block_size']}" if p.get("block_size") else "")
+        ax.annotate(label, (p["speedup"], p["relative_quality"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.plot([chosen["speedup"]], [chosen["relative_quality"]], "o", ms=12, mfc="none", color="tab:red",
+            label=f"chosen γ={chosen['gamma']:g}")
+    ax.axhline(target, ls="--", color="gray", label=f"target {target:g}")
+    ax.axvline(1.0, ls=":", color="gray")
+    ax.set_xlabel("wall-clock speedup over AR (×)")
+    ax.set_ylabel("quality relative to AR")
+    ax.set_title("γ calibration: quality vs speed")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
+    """Sweep γ (× B), pick the smallest γ meeting the target, save table and Pareto plot."""
+    import torch
+
+    from stages import decoding_eval as de
+    from stages.train_denoiser import load_trained
+
+    validate(cfg)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(ctx.seed)
+    examples = de.load_examples(inputs["prepare_data"]["artifacts"]["eval_examples"], cfg.prompts_per_task)
+    model, tokenizer = load_trained(inputs["train_denoiser"])
+    settings = [de.Setting(g, b) for b in (cfg.block_sizes or [None]) for g in sorted(cfg.gammas)]
+    rows = de.measure(model, tokenizer, examples, settings, repeats=cfg.repeats,
+                      max_new_tokens=cfg.max_new_tokens,
+                      progress=lambda d, t: ctx.progress(d, t, "calibrating"))
+    points = []
+    for i, s in enumerate(settings):
+        summ = de.summarise(rows, s.label)
+        point = {"gamma": s.gamma, "block_size": s.block_size, **{k: v for k, v in summ.items() if k != "per_task"},
+                 "per_task_relative_quality": {t: v["relative_quality"] for t, v in summ["per_task"].items()}}
+        points.append(point)
+        ctx.log_metrics({"sweep_gamma": s.gamma, "sweep_relative_quality": point["relative_quality"],
+                         "sweep_speedup": point["speedup"], "sweep_tokens_per_forward": point["tokens_per_forward"]},
+                        step=i)
+    chosen, met = choose(points, cfg.target_relative_quality)
+    out = Path(ctx.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    message = ""
+    if not met:
+        message = (f"NO γ MET calibrate.target_relative_quality={cfg.target_relative_quality}: using the best "
+                   f"available γ={chosen['gamma']:g} (relative quality {chosen['relative_quality']:.3f}, "
+                   f"speedup {chosen['speedup']:.2f}x)")
+        warnings.warn(message, stacklevel=1)
+        log.warning(message)
+        print(f"[calibrate_gamma] WARNING: {message}", flush=True)
+    (out / "calibration.json").write_text(json.dumps({"points": points, "chosen": chosen, "target_met": met,
+                                                       "config": asdict(cfg), "warning": message}, indent=1))
+    pareto_plot(points, cfg.target_relative_quality, chosen, out / "pareto.png")
+    ctx.log_artifact(out / "pareto.png")
+    ctx.log_artifact(out / "calibration.json")
+    metrics = {"gamma": chosen["gamma"], "relative_quality": chosen["relative_quality"],
+               "speedup": chosen["speedup"], "tokens_per_forward": chosen["tokens_per_forward"],
+               "ar_quality": chosen["ar_quality"], "diffusion_quality": chosen["diffusion_quality"],
+               "target_met": 1.0 if met else 0.0, "n_prompts": len(examples)}
+    if chosen.get("block_size"):
+        metrics["block_size"] = chosen["block_size"]
+    return {"metrics": metrics,
+            "artifacts": {"pareto": ctx.artifact_path("pareto.png"),
+                          "calibration": ctx.artifact_path("calibration.json")},
+            "gamma": chosen["gamma"], "block_size": chosen.get("block_size"), "target_met": met,
+            "warning": message, "points": points,
+            "calibration_examples": {"per_task": cfg.prompts_per_task, "offset": 0}}

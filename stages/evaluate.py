@@ -1,0 +1,123 @@
+"""Stage `evaluate`: AR-only vs diffusion at the calibrated γ, side by side (section `evaluate`).
+
+On the held-out examples that calibration did not use, it decodes each prompt with the AR tower
+alone and with diffusion at the chosen γ (and B), interleaved in this process, and reports per-task
+and overall quality, quality relative to AR, wall-clock speedup, tokens per denoiser forward and peak
+memory, plus a per-task bar chart. The metrics keys `ar_quality`, `diffusion_quality`,
+`relative_quality`, `speedup`, `tokens_per_forward` and `per_task` are a contract (summary.json).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.api import StageContext
+
+SECTION = "evaluate"
+
+
+@dataclass
+class Config:
+    """The `evaluate` section."""
+
+    prompts_per_task: int = 24
+    """Held-out prompts per task (after the calibration slice)."""
+    repeats: int = 3
+    """Timing repeats per prompt and mode (medians are kept)."""
+    max_new_tokens: int = 32
+    """Generation cap per prompt (decoding stops earlier at EOS)."""
+    num_threads: int = 0
+    """torch intra-op threads; 0 leaves torch's default."""
+
+    def __post_init__(self) -> None:
+        if self.prompts_per_task < 1 or self.repeats < 1 or self.max_new_tokens < 1:
+            raise ValueError("evaluate.prompts_per_task, evaluate.repeats and evaluate.max_new_tokens must be >= 1")
+
+
+def bar_chart(per_task: dict[str, dict], path: Path, gamma: float) -> None:
+    """Per-task AR vs diffusion quality bars, the task kind under each name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(per_task)
+    x = range(len(tasks))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(tasks)), 3.8))
+    ax.bar([i - 0.2 for i in x], [per_task[t]["ar_quality"] for t in tasks], 0.4, label="AR")
+    ax.bar([i + 0.2 for i in x], [per_task[t]["diffusion_quality"] for t in tasks], 0.4,
+           label=f"diffusion γ={gamma:g}")
+    ax.set_xticks(list(x), [f"{t}\n({per_task[t]['kind']})" for t in tasks], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("quality (exact match)")
+    ax.set_title("AR vs diffusion per task")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _examples(path: str, cfg: Config, calib: dict) -> list[dict]:
+    from stages import decoding_eval as de
+
+    offset = int(calib.get("calibration_examples", {}).get("per_task", 0))
+    try:
+        return de.load_examples(path, cfg.prompts_per_task, offset=offset)
+    except ValueError:
+        warnings.warn(f"evaluate: no held-out examples after the {offset} calibration prompts per task "
+                      f"in {path}; evaluating on the calibration prompts", stacklevel=1)
+        return de.load_examples(path, cfg.prompts_per_task)
+
+
+def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
+    """Decode the eval split both ways; return the contract metrics and a bar chart."""
+    import torch
+
+    from stages import decoding_eval as de
+    from stages.train_denoiser import load_trained
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(ctx.seed)
+    calib = inputs["calibrate_gamma"]
+    gamma = float(calib["metrics"]["gamma"])
+    setting = de.Setting(gamma, calib.get("block_size"))
+    examples = _examples(inputs["prepare_data"]["artifacts"]["eval_examples"], cfg, calib)
+    model, tokenizer = load_trained(inputs["train_denoiser"])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    rows = de.measure(model, tokenizer, examples, [setting], repeats=cfg.repeats,
+                      max_new_tokens=cfg.max_new_tokens, progress=lambda d, t: ctx.progress(d, t, "evaluating"))
+    summ = de.summarise(rows, setting.label)
+    memory = de.peak_memory_mb()
+    out = Path(ctx.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bar_chart(summ["per_task"], out / "per_task.png", gamma)
+    ctx.log_artifact(out / "per_task.png")
+    worst = de.losers(summ["per_task"])
+    ctx.log_metrics({f"{t}_{k}": v[k] for t, v in summ["per_task"].items()
+                     for k in ("ar_quality", "diffusion_quality", "relative_quality", "speedup")})
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for ex_rows in zip(*(iter(rows),) * 2):  # (AR, diffusion) per example, in order
+            ar, dif = ex_rows
+            f.write(json.dumps({"task": ar.task, "ar": ar.text, "diffusion": dif.text,
+                                "ar_correct": ar.correct, "diffusion_correct": dif.correct}) + "\n")
+    metrics = {
+        "ar_quality": summ["ar_quality"], "diffusion_quality": summ["diffusion_quality"],
+        "relative_quality": summ["relative_quality"], "speedup": summ["speedup"],
+        "tokens_per_forward": summ["tokens_per_forward"], "per_task": summ["per_task"],
+        "gamma": gamma, "median_speedup": summ["median_speedup"],
+        "tokens_per_model_forward": summ["tokens_per_model_forward"],
+        "ar_tokens_per_second": summ["ar_tokens_per_second"],
+        "diffusion_tokens_per_second": summ["diffusion_tokens_per_second"],
+        "n_prompts": len(examples), **memory,
+    }
+    (out / "evaluation.json").write_text(json.dumps({**metrics, "worst_tasks": worst}, indent=1))
+    ctx.log_artifact(out / "evaluation.json")
+    return {"metrics": metrics,
+            "artifacts": {"bar_chart": ctx.artifact_path("per_task.png"),
+                          "evaluation": ctx.artifact_path("evaluation.json"),
+                          "predictions": ctx.artifact_path("predictions.jsonl")},
+            "worst_tasks": worst, "gamma": gamma, "block_size": calib.get("block_size")}

@@ -1,0 +1,166 @@
+"""Stage `export`: write the Hugging Face–style two-tower directory, once (section `export`).
+
+The directory holds safetensors (`context_tower.*` and `denoiser.*`), `config.json`
+(`model_type: twotower`, backbone config nested), `generation_config.json` with the calibrated
+mode, γ and block size, the tokenizer, the calibration and evaluation plots and a model card
+`README.md` with the results table. The stage then reloads it with
+`TwoTowerForDiffusionLM.from_pretrained` and generates in all three modes, recording whether
+`mock_ar` equals `ar` token for token (invariant 5) and whether the reload is exact (invariant 7).
+`metrics.path` is the export directory (a summary.json contract).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stages.api import StageContext
+
+SECTION = "export"
+
+
+@dataclass
+class Config:
+    """The `export` section."""
+
+    dir: str | None = None
+    """Where to write the export; null: `model/` inside the stage's artifact directory."""
+    verify_prompts: int = 3
+    """Held-out prompts generated in all three modes after reloading (0 skips the check)."""
+    max_new_tokens: int = 32
+    """Generation cap for the verification."""
+    fail_on_mismatch: bool = True
+    """Raise when the reloaded model's `mock_ar` differs from `ar` or its logits differ."""
+
+
+def generation_config(gamma: float, block_size: int, tokenizer, max_new_tokens: int) -> dict[str, Any]:
+    """The decoding defaults `pipeline generate` and users read back."""
+    return {"mode": "diffusion", "gamma": gamma, "block_size": block_size,
+            "max_new_tokens": max_new_tokens, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id}
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def model_card(ev: dict, calib: dict, train: dict, gen_cfg: dict, plots: list[str]) -> str:
+    """README.md: what the model is, how to load it, the results table and the plots."""
+    m = ev.get("metrics", {})
+    lines = [
+        "---", "library_name: twotower", "tags: [block-diffusion, two-tower]", "---", "",
+        "# TwoTower block-diffusion model", "",
+        "A frozen AR **context tower** (the backbone, bit for bit) and a trained **denoiser tower** that",
+        f"fills blocks of {gen_cfg['block_size']} tokens in parallel, committing every token whose",
+        f"confidence is at least γ = {gen_cfg['gamma']:g}.", "",
+        "```python", "from transformers import AutoTokenizer", "from twotower import TwoTowerForDiffusionLM",
+        "model = TwoTowerForDiffusionLM.from_pretrained(PATH)", "tok = AutoTokenizer.from_pretrained(PATH)",
+        "ids = tok('12+34=', return_tensors='pt').input_ids",
+        f"out = model.generate(ids, mode='diffusion', gamma={gen_cfg['gamma']:g}, max_new_tokens=32)",
+        "print(tok.decode(out.sequences[0]))", "```", "",
+        "or `python -m pipeline generate PATH --prompt TEXT [--mode diffusion|mock_ar|ar] [--show-steps]`.", "",
+        "## Results (AR vs diffusion, side by side, same process, batch 1)", "",
+        "| metric | value |", "|---|---|",
+    ]
+    for key in ("ar_quality", "diffusion_quality", "relative_quality", "speedup", "tokens_per_forward",
+                "gamma", "n_prompts", "peak_rss_mb"):
+        if key in m:
+            lines.append(f"| {key} | {_fmt(m[key])} |")
+    per_task = m.get("per_task", {})
+    if per_task:
+        lines += ["", "| task | kind | AR | diffusion | relative | speedup |", "|---|---|---|---|---|---|"]
+        for t, v in per_task.items():
+            lines.append(f"| {t} | {v['kind']} | {_fmt(v['ar_quality'])} | {_fmt(v['diffusion_quality'])} "
+                         f"| {_fmt(v['relative_quality'])} | {_fmt(v['speedup'])} |")
+    if ev.get("worst_tasks"):
+        lines += ["", f"Families that lose most to parallel decoding: {', '.join(ev['worst_tasks'][:3])}."]
+    cm = calib.get("metrics", {})
+    if cm:
+        lines += ["", f"γ was calibrated on held-out prompts: target met = {bool(cm.get('target_met'))}."]
+        if calib.get("warning"):
+            lines.append(f"**Warning:** {calib['warning']}")
+    tm = train.get("metrics", {})
+    if tm:
+        lines += ["", f"Denoiser training: {tm.get('steps')} steps, {_fmt(tm.get('train_minutes', 0.0))} min."]
+    lines += [""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def verify(path: Path, tokenizer, prompts: list[str], gamma: float, max_new_tokens: int,
+           original=None, block_size: int = 16) -> dict[str, Any]:
+    """Reload the export, generate in all three modes; compare mock_ar with ar (and logits with original)."""
+    import torch
+    from twotower import TwoTowerForDiffusionLM
+
+    model = TwoTowerForDiffusionLM.from_pretrained(str(path)).eval()
+    result: dict[str, Any] = {"modes_ok": True, "mock_ar_equals_ar": True, "samples": []}
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+            outs = {mode: model.generate(ids, mode=mode, gamma=gamma, max_new_tokens=max_new_tokens)
+                    for mode in ("diffusion", "mock_ar", "ar")}
+            seqs = {m: o.sequences[0, ids.shape[1]:].tolist() for m, o in outs.items()}
+            result["mock_ar_equals_ar"] &= seqs["mock_ar"] == seqs["ar"]
+            result["modes_ok"] &= all(len(s) > 0 for s in seqs.values())
+            result["samples"].append({"prompt": prompt, **{m: tokenizer.decode(s) for m, s in seqs.items()}})
+        if original is not None and prompts:
+            ids = torch.tensor([tokenizer(prompts[0])["input_ids"]])
+            n = ids.shape[1] // block_size * block_size
+            if n >= block_size:
+                g = torch.Generator().manual_seed(0)
+                mask = torch.rand(1, n, generator=g) < 0.5
+                mask[:, ::block_size] = False
+                t = torch.full((1, n // block_size), 0.5)
+                a = original(ids[:, :n], noise_mask=mask, t=t).logits
+                b = model(ids[:, :n], noise_mask=mask, t=t).logits
+                result["reload_max_abs_logit_diff"] = float((a - b).abs().max())
+    return result
+
+
+def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
+    """Save the model, tokenizer, generation config, plots and card; reload and verify."""
+    from stages import decoding_eval as de
+    from stages.train_denoiser import load_trained
+
+    train, calib, ev = inputs["train_denoiser"], inputs["calibrate_gamma"], inputs.get("evaluate", {})
+    gamma = float(calib["metrics"]["gamma"])
+    model, tokenizer = load_trained(train)
+    block_size = int(calib.get("block_size") or train["twotower"]["block_size"])
+    if cfg.dir:
+        path, reported = Path(cfg.dir).expanduser().resolve(), None
+    else:
+        path = Path(ctx.out_dir) / "model"
+        reported = ctx.artifact_path("model")
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    gen_cfg = generation_config(gamma, block_size, tokenizer, cfg.max_new_tokens)
+    existing = path / "generation_config.json"
+    merged = {**(json.loads(existing.read_text()) if existing.exists() else {}), **gen_cfg}
+    existing.write_text(json.dumps(merged, indent=1))
+    plots = []
+    for src in (calib.get("artifacts", {}).get("pareto"), ev.get("artifacts", {}).get("bar_chart")):
+        if src and Path(src).exists():
+            shutil.copy(src, path / Path(src).name)
+            plots.append(str(path / Path(src).name))
+    (path / "README.md").write_text(model_card(ev, calib, train, gen_cfg, plots), encoding="utf-8")
+    ctx.log_artifact(path / "README.md")
+    metrics: dict[str, Any] = {"path": reported or str(path), "gamma": gamma, "block_size": block_size,
+                               "size_mb": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20}
+    if cfg.verify_prompts:
+        rows = de.load_examples(inputs["prepare_data"]["artifacts"]["eval_examples"], 1)[: cfg.verify_prompts]
+        check = verify(path, tokenizer, [r["prompt"] for r in rows], gamma, cfg.max_new_tokens,
+                       original=model, block_size=int(train["twotower"]["block_size"]))
+        (Path(ctx.out_dir) / "export_check.json").write_text(json.dumps(check, indent=1))
+        metrics.update({"mock_ar_equals_ar": float(check["mock_ar_equals_ar"]), "reload_modes_ok": float(check["modes_ok"])})
+        if "reload_max_abs_logit_diff" in check:
+            metrics["reload_max_abs_logit_diff"] = check["reload_max_abs_logit_diff"]
+        bad = not check["mock_ar_equals_ar"] or not check["modes_ok"] or check.get("reload_max_abs_logit_diff", 0.0) > 1e-5
+        if bad and cfg.fail_on_mismatch:
+            raise ValueError(f"export {path}: reload check failed: {json.dumps(check)[:600]}")
+    return {"metrics": metrics, "artifacts": {"model": metrics["path"]}, "path": metrics["path"],
+            "generation_config": gen_cfg}

@@ -1,0 +1,341 @@
+"""Stage `train_denoiser`: train the denoiser tower with Lightning (section `train`).
+
+`DenoiserModule` wraps a `TwoTowerForDiffusionLM` built by a model factory (so a distributed runner
+can build it on each worker); the stage drives it with a Trainer: fp32 on CPU / bf16-mixed on GPU,
+gradient accumulation, linear warmup then cosine decay over the step *or* time budget (whichever
+ends first), checkpoints every N steps in `ctx.work_dir` with resume from the last one, a validation
+loss plus the ELBO (1/t weighting) on the eval split, Lightning's MLFlowLogger reattached to the
+stage's MLflow run, and a progress bar plus `ctx.progress` events.
+
+Only the denoiser tower is saved (`denoiser.safetensors`): the context tower is the backbone, bit for
+bit, so `load_trained(manifest)` rebuilds it from the backbone path. `export` writes both towers once.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from stages.api import StageContext
+
+SECTION = "train"
+
+
+
+@dataclass
+class Config:
+    """The `train` section: optimisation of the denoiser tower."""
+
+    max_steps: int = 300
+    """Optimizer steps (after gradient accumulation). Training stops at this or `max_minutes`."""
+    max_minutes: float | None = None
+    """Wall-clock budget in minutes across resumes; null: steps only. The LR schedule follows it."""
+    batch_size: int = 16
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of `lr` at the end of the cosine decay."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip; 0 disables."""
+    val_every: int = 100
+    """Validate every this many micro-batches (loss, ELBO, masked accuracy on the eval split)."""
+    val_batches: int = 4
+    """Eval micro-batches per validation."""
+    checkpoint_every: int = 100
+    """Save a resumable checkpoint every this many optimizer steps (in the stage's work dir)."""
+    precision: str = "auto"
+    """Lightning precision; `auto` is bf16-mixed on GPU and 32-true on CPU."""
+    accelerator: str = "auto"
+    """Lightning accelerator (`auto`, `cpu`, `gpu`)."""
+    devices: int = 1
+    """Devices for the Trainer."""
+    strategy: str = "auto"
+    """Lightning strategy (`auto`, `ddp`, `fsdp`)."""
+    num_threads: int = 0
+    """torch intra-op threads on CPU; 0 leaves torch's default."""
+    progress_bar: bool = True
+    """Show Lightning's progress bar."""
+
+
+@dataclass
+class TwoTowerFactory:
+    """A picklable recipe for the model: the backbone path + the `TwoTowerConfig` fields.
+
+    Calling it loads the backbone and wraps it with `TwoTowerForDiffusionLM.from_backbone`.
+    """
+
+    backbone_path: str
+    """Directory of the backbone (AutoModelForCausalLM)."""
+    twotower: dict[str, Any]
+    """Keyword arguments of `TwoTowerConfig`."""
+    dtype: str = "float32"
+    """Dtype the backbone is loaded in."""
+
+    def __call__(self):
+        from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
+
+        from stages.duplicate_backbone import load_backbone
+
+        backbone, _ = load_backbone(self.backbone_path, self.dtype)
+        return TwoTowerForDiffusionLM.from_backbone(backbone, TwoTowerConfig(**self.twotower))
+
+
+def lr_factor(progress: float, warmup_fraction: float, min_ratio: float) -> float:
+    """Warmup then cosine: the LR multiplier at `progress` in [0, 1] of the budget."""
+    if progress < warmup_fraction:
+        return max(progress / warmup_fraction, 1e-3)
+    p = min(1.0, (progress - warmup_fraction) / max(1e-9, 1.0 - warmup_fraction))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def _module_class():
+    """Build the LightningModule class lazily: Lightning takes ~4 s to import."""
+    import pytorch_lightning as pl
+    import torch
+
+    class DenoiserModule(pl.LightningModule):
+        """Lightning wrapper around `TwoTowerForDiffusionLM`.
+
+        Args:
+            model_factory: zero-argument callable returning the model (e.g. `TwoTowerFactory`);
+                called once in `__init__`, on each worker under a distributed runner.
+            cfg: the `train` section (LR, warmup, schedule, budget).
+            block_size: the model's block size.
+        Only the denoiser's parameters are optimised and checkpointed; the context tower is frozen
+        and rebuilt from the backbone on resume.
+        """
+
+        def __init__(self, model_factory: Callable[[], Any], cfg: Config, block_size: int):
+            super().__init__()
+            self.model = model_factory()
+            self.cfg = cfg
+            self.block_size = block_size
+            self.strict_loading = False  # checkpoints omit the frozen context tower
+            self.elapsed_before = 0.0  # seconds trained in earlier sessions (resume)
+            self.started = time.monotonic()
+
+        # budget and schedule ------------------------------------------------------------------
+        def elapsed(self) -> float:
+            return self.elapsed_before + time.monotonic() - self.started
+
+        def progress_fraction(self) -> float:
+            p = self.global_step / max(1, self.cfg.max_steps)
+            if self.cfg.max_minutes:
+                p = max(p, self.elapsed() / (60.0 * self.cfg.max_minutes))
+            return min(1.0, p)
+
+        def configure_optimizers(self):
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+                                    betas=(0.9, 0.95))
+            warm = min(0.5, self.cfg.warmup_steps / max(1, self.cfg.max_steps))
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda _: lr_factor(self.progress_fraction(), warm, self.cfg.min_lr_ratio))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+        # steps --------------------------------------------------------------------------------
+        def training_step(self, batch, batch_idx):
+            out = self.model(batch[0])
+            self.log("train/loss", out.loss, prog_bar=True)
+            if getattr(out, "masked_accuracy", None) is not None:
+                self.log("train/masked_acc", out.masked_accuracy)
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+            if self.cfg.max_minutes and self.elapsed() >= 60.0 * self.cfg.max_minutes:
+                self.trainer.should_stop = True
+            return out.loss
+
+        def validation_step(self, batch, batch_idx):
+            x = batch[0]
+            out = self.model(x, generator=torch.Generator().manual_seed(batch_idx))  # same noise each time
+            self.log("val/loss", out.loss, prog_bar=True, batch_size=x.shape[0])
+            if getattr(out, "masked_accuracy", None) is not None:
+                self.log("val/masked_acc", out.masked_accuracy, batch_size=x.shape[0])
+            self.log("val/elbo", out.elbo, batch_size=x.shape[0])  # 1/t-weighted, per maskable token
+
+        # checkpoints: denoiser only ----------------------------------------------------------
+        def on_save_checkpoint(self, checkpoint):
+            sd = checkpoint["state_dict"]
+            for k in [k for k in sd if k.startswith("model.context_tower.")]:
+                del sd[k]
+            checkpoint["elapsed_seconds"] = self.elapsed()
+
+        def on_load_checkpoint(self, checkpoint):
+            self.elapsed_before = float(checkpoint.get("elapsed_seconds", 0.0))
+            self.started = time.monotonic()
+
+    return DenoiserModule
+
+
+_CLASS: type | None = None
+
+
+def __getattr__(name: str):
+    # `stages.train_denoiser.DenoiserModule` resolves lazily (PEP 562) to keep imports light.
+    global _CLASS
+    if name == "DenoiserModule":
+        if _CLASS is None:
+            _CLASS = _module_class()
+        return _CLASS
+    raise AttributeError(name)
+
+
+def _progress_callback(ctx: StageContext, total: int):
+    import pytorch_lightning as pl
+
+    class _Progress(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step = trainer.global_step
+            if step % 5 == 0 or step == total:
+                ctx.progress(step, total, f"loss {float(outputs['loss']):.3f}")
+
+    return _Progress()
+
+
+def load_tokens(path: str, key_name: str) -> Any:
+    """The `input_ids` tensor [N, L] of a prepare_data token file, with a clear error when empty."""
+    from safetensors.torch import load_file
+
+    if not Path(path).exists():
+        raise ValueError(f"{key_name}: token file {path} does not exist")
+    ids = load_file(path).get("input_ids")
+    if ids is None:
+        raise ValueError(f"{key_name}: {path} has no `input_ids` tensor")
+    if ids.ndim != 2 or ids.shape[0] == 0:
+        raise ValueError(f"{key_name}: {path} is empty (shape {tuple(ids.shape)})")
+    return ids.long()
+
+
+def check_block_size(block_size: int, seq_len: int) -> None:
+    """A block size must divide the packed sequence length (and leave room for a denoised token)."""
+    if block_size < 2:
+        raise ValueError(f"twotower.block_size={block_size}: must be at least 2")
+    if seq_len % block_size or seq_len < block_size:
+        raise ValueError(f"twotower.block_size={block_size} does not fit data.seq_len={seq_len}: "
+                         "the sequence length must be a multiple of the block size")
+
+
+def _logger(ctx: StageContext):
+    if ctx.tracking_uri and ctx.mlflow_run_id:
+        from pytorch_lightning.loggers import MLFlowLogger
+
+        return MLFlowLogger(tracking_uri=ctx.tracking_uri, run_id=ctx.mlflow_run_id)
+    from pytorch_lightning.loggers import CSVLogger
+
+    return CSVLogger(str(Path(ctx.work_dir) / "logs"), name="train_denoiser")
+
+
+def fit(cfg: Config, factory: TwoTowerFactory, block_size: int, train_ids, val_ids,
+        ctx: StageContext):
+    """Train with resume from `ctx.work_dir/checkpoints/last.ckpt`; return (module, trainer, secs)."""
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+    from torch.utils.data import DataLoader, TensorDataset
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    pl.seed_everything(ctx.seed, workers=True, verbose=False)
+    gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if gpu else "32-true")
+    module = __getattr__("DenoiserModule")(factory, cfg, block_size)
+    g = torch.Generator().manual_seed(ctx.seed)
+    train_dl = DataLoader(TensorDataset(train_ids), batch_size=cfg.batch_size, shuffle=True,
+                          generator=g, drop_last=len(train_ids) >= cfg.batch_size)
+    val_dl = DataLoader(TensorDataset(val_ids), batch_size=cfg.batch_size)
+    ckpt_dir = Path(ctx.work_dir) / "checkpoints"
+    callbacks = [ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=cfg.checkpoint_every,
+                                 save_last=True, save_top_k=1, save_on_exception=False)
+                 if _accepts_save_on_exception() else
+                 ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=cfg.checkpoint_every,
+                                 save_last=True, save_top_k=1),
+                 _progress_callback(ctx, cfg.max_steps)]
+    if cfg.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.max_steps // 50)))
+    n_train_batches = max(1, len(train_dl))
+    trainer = pl.Trainer(
+        max_steps=cfg.max_steps, max_epochs=-1, accelerator=cfg.accelerator, devices=cfg.devices,
+        strategy=cfg.strategy, precision=precision, accumulate_grad_batches=cfg.grad_accum,
+        gradient_clip_val=cfg.grad_clip or None, logger=_logger(ctx), callbacks=callbacks,
+        val_check_interval=min(cfg.val_every, n_train_batches) if cfg.val_every else None,
+        check_val_every_n_epoch=None if cfg.val_every else 1,
+        limit_val_batches=cfg.val_batches, num_sanity_val_steps=0, log_every_n_steps=5,
+        enable_progress_bar=cfg.progress_bar, enable_model_summary=False,
+        default_root_dir=str(ctx.work_dir))
+    last = ckpt_dir / "last.ckpt"
+    t0 = time.monotonic()
+    trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if last.exists() else None)
+    seconds = time.monotonic() - t0
+    if cfg.val_every:  # a final validation on the finished model
+        trainer.validate(module, val_dl, verbose=False)
+    return module, trainer, seconds
+
+
+def _accepts_save_on_exception() -> bool:
+    import inspect
+
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    return "save_on_exception" in inspect.signature(ModelCheckpoint.__init__).parameters
+
+
+def save_denoiser(model, path: Path) -> None:
+    """Write the denoiser tower's state dict (shared tensors cloned apart) as safetensors."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.denoiser.state_dict().items()}
+    save_file(sd, str(path))
+
+
+def load_trained(train_manifest: dict, device: str = "cpu"):
+    """Rebuild the trained model from a train_denoiser manifest: (model, tokenizer), eval mode."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    art = train_manifest["artifacts"]
+    factory = TwoTowerFactory(art["model"], train_manifest["twotower"], train_manifest.get("dtype", "float32"))
+    model = factory()
+    missing, unexpected = model.denoiser.load_state_dict(load_file(art["denoiser"]), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{art['denoiser']}: does not match the denoiser "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.to(device).eval()
+    return model, AutoTokenizer.from_pretrained(art["tokenizer"])
+
+
+def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
+    """Train the denoiser; write `denoiser.safetensors`; return losses, ELBO and throughput."""
+    data, attach = inputs["prepare_data"], inputs["attach_conditioning"]
+    tt = dict(attach["twotower"])
+    block_size = int(tt.get("block_size", 16))
+    train_ids = load_tokens(data["artifacts"]["train_tokens"], "prepare_data.artifacts.train_tokens")
+    val_ids = load_tokens(data["artifacts"]["eval_tokens"], "prepare_data.artifacts.eval_tokens")
+    check_block_size(block_size, int(train_ids.shape[1]))
+    if cfg.max_steps < 1:
+        raise ValueError(f"train.max_steps={cfg.max_steps}: must be at least 1")
+    factory = TwoTowerFactory(attach["artifacts"]["model"], tt, attach.get("dtype", "float32"))
+    module, trainer, seconds = fit(cfg, factory, block_size, train_ids, val_ids, ctx)
+    out = Path(ctx.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_denoiser(module.model, out / "denoiser.safetensors")
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    steps = int(trainer.global_step)
+    tokens = steps * cfg.batch_size * cfg.grad_accum * int(train_ids.shape[1])
+    metrics = {"steps": steps, "train_minutes": module.elapsed() / 60.0,
+               "tokens_per_second": tokens / max(seconds, 1e-9),
+               **{k.replace("/", "_"): v for k, v in logged.items()}}
+    (out / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
+    return {"metrics": metrics,
+            "artifacts": {"denoiser": ctx.artifact_path("denoiser.safetensors"),
+                          "model": attach["artifacts"]["model"],
+                          "tokenizer": attach["artifacts"].get("tokenizer", data["artifacts"]["tokenizer"])},
+            "twotower": tt, "dtype": attach.get("dtype", "float32"), "train_config": asdict(cfg)}
