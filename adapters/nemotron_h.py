@@ -1,0 +1,79 @@
+"""Nemotron-H adapter: hybrid Mamba-2 / attention / MoE / MLP, one mixer per layer.
+
+Every HF `NemotronHBlock` is `h + mixer(norm(h))` with the mixer picked by
+`config.layers_block_type[i]` (a dispatch table, as in `modular_nemotron_h.py`). Attention has no
+RoPE: order comes from the causal Mamba-2 layers. The Mamba-2 scan itself lives in
+`twotower.ops` (it must return block-boundary states), so this adapter only hands out parameters.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adapters.base import Mamba2Params, Sublayer
+
+# HF block type -> our kind. Legacy names kept for configs saved before the rename.
+BLOCK_KINDS = {
+    "linear_attention": "mamba",
+    "mamba": "mamba",
+    "full_attention": "attention",
+    "attention": "attention",
+    "moe": "moe",
+    "mlp": "mlp",
+}
+
+
+class NemotronHAdapter:
+    """Layer walk of `NemotronHForCausalLM`."""
+
+    model_types = ("nemotron_h",)
+
+    def sublayers(self, model: nn.Module) -> list[Sublayer]:
+        subs = []
+        for i, block in enumerate(model.model.layers):
+            if block.block_type not in BLOCK_KINDS:
+                raise ValueError(f"layer {i}: unknown Nemotron-H block type {block.block_type!r}")
+            subs.append(Sublayer(i, i, BLOCK_KINDS[block.block_type], block.norm, block.mixer))
+        return subs
+
+    def embed(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        return model.model.embeddings(input_ids)
+
+    def embedding_weight(self, model: nn.Module) -> torch.Tensor:
+        return model.model.embeddings.weight
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.model.norm_f
+
+    def lm_head(self, model: nn.Module) -> nn.Module:
+        return model.lm_head
+
+    def qkv(self, model, sub, x, positions):
+        attn = sub.mixer
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        q = attn.q_proj(x).view(shape).transpose(1, 2)
+        k = attn.k_proj(x).view(shape).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        return q, k, v
+
+    def attn_scale(self, sub: Sublayer) -> float:
+        return sub.mixer.scaling
+
+    def attn_out(self, sub: Sublayer, o: torch.Tensor) -> torch.Tensor:
+        return sub.mixer.o_proj(o)
+
+    def mamba(self, sub: Sublayer) -> Mamba2Params:
+        m = sub.mixer
+        return Mamba2Params(
+            in_proj=m.in_proj, conv1d=m.conv1d, dt_bias=m.dt_bias, A_log=m.A_log, D=m.D,
+            norm=m.norm, out_proj=m.out_proj, num_heads=m.num_heads, head_dim=m.head_dim,
+            n_groups=m.n_groups, state_size=m.ssm_state_size, dt_min=float(m.time_step_limit[0]),
+            activation=m.activation,
+        )
+
+    def ffn(self, sub: Sublayer, x: torch.Tensor) -> torch.Tensor:
+        # NemotronHTopkRouter computes its logits in float32 already (router precision).
+        return sub.mixer(x)
+
+    def max_positions(self, config) -> int | None:
+        return getattr(config, "max_position_embeddings", None)

@@ -1,0 +1,97 @@
+"""`TwoTowerConfig`: the typed, serialisable description of the denoiser's wiring.
+
+It is the `twotower` section of a pipeline recipe and is saved, nested with the backbone's own
+config, in the exported `config.json` (`TwoTowerHFConfig`, `model_type: twotower`).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from transformers import PretrainedConfig
+
+CHOICES = {
+    "attention_conditioning": ("context_kv", "none"),
+    "mamba_conditioning": ("seeded_state", "zero_state"),
+    "time_conditioning": ("adaln", "none"),
+    "loss_weighting": ("uniform", "elbo"),
+    "router_dtype": ("float32", "float64"),
+}
+
+
+@dataclass
+class TwoTowerConfig:
+    """How the denoiser tower is conditioned on the frozen context tower and trained."""
+
+    block_size: int = 16
+    """B: tokens denoised together; the context tower commits one block per forward. >= 2."""
+    mask_token_id: int | None = None
+    """An existing vocabulary id to use as [MASK]; None adds a learned `mask_embedding` row to the
+    denoiser (the vocabulary and LM head stay unchanged)."""
+    attention_conditioning: str = "context_kv"
+    """Attention layers: `context_kv` = layer-aligned attention to the context tower's own layer-l
+    keys/values before the block (zero new parameters); `none` = block-local attention only."""
+    mamba_conditioning: str = "seeded_state"
+    """Mamba-2 layers: `seeded_state` starts each block's scan from the context tower's SSM and conv
+    state at the block start; `zero_state` starts from zeros (ablation)."""
+    cross_attention: bool = False
+    """Add a zero-gated cross-attention module per sublayer reading the context tower's layer-l
+    input hidden states before the block (for layers the two above do not cover, and ablations)."""
+    time_conditioning: str = "adaln"
+    """`adaln`: AdaLN-zero (shift, scale, residual gate per sublayer from a t-embedding); `none`."""
+    time_embed_dim: int = 128
+    """Width of the timestep embedding that feeds AdaLN."""
+    block_position_embedding: bool = True
+    """Add a zero-initialised learned in-block position embedding to the denoiser's input."""
+    token_shift: bool = True
+    """Denoiser output j predicts token j+1; block position 0 is the context tower's greedy token.
+    False: every block position is masked and output j predicts token j."""
+    loss_weighting: str = "uniform"
+    """`uniform`: mean cross-entropy over masked positions; `elbo`: each term weighted 1/t_k.
+    The ELBO is reported in `out.elbo` either way."""
+    t_min: float = 1e-3
+    """Block times are drawn in [t_min, 1) (low-discrepancy across the batch)."""
+    router_dtype: str = "float32"
+    """Precision of MoE routing (HF Nemotron-H routes in float32; float64 casts router inputs)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size < 2:
+            raise ValueError(f"twotower.block_size must be an integer >= 2, got {self.block_size!r}")
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"twotower.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if not 0.0 <= self.t_min < 1.0:
+            raise ValueError(f"twotower.t_min must be in [0, 1), got {self.t_min!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TwoTowerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown twotower config keys: {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+class TwoTowerHFConfig(PretrainedConfig):
+    """The `config.json` of a saved two-tower model: our fields plus the nested backbone config."""
+
+    model_type = "twotower"
+
+    def __init__(self, twotower: dict | None = None, backbone: dict | None = None, **kwargs):
+        self.twotower = dict(twotower or {})
+        self.backbone = dict(backbone or {})
+        super().__init__(**kwargs)
+
+    def twotower_config(self) -> TwoTowerConfig:
+        return TwoTowerConfig.from_dict(self.twotower)
+
+    def backbone_config(self) -> PretrainedConfig:
+        from transformers import AutoConfig
+
+        data = dict(self.backbone)
+        model_type = data.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("twotower config.json: `backbone` has no model_type")
+        return AutoConfig.for_model(model_type, **data)

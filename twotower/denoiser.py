@@ -1,0 +1,216 @@
+"""The denoiser tower: a trainable copy of the backbone plus the zero-initialised new modules,
+and its block forward, shared by training (all blocks at once) and decoding (one block).
+
+The new modules (all zero-init so step 0 computes exactly what the backbone computes):
+- `mask_embedding`: the [MASK] input vector (unless the config names an existing token id);
+- `block_pos`: an in-block position embedding `[B, d]`;
+- AdaLN-zero: sinusoidal t -> MLP -> per-sublayer shift, scale and residual gate, applied as
+  `norm(h)·(1+scale)+shift` and `h + (1+gate)·mixer(...)`;
+- optional `cross_attn`: zero-gated attention from the block to the context tower's layer-l input
+  hidden states before the block.
+
+How a block sees the context is a `BlockContext` (`TrainingContext` from the clean sequence,
+`DecodeContext` from the context tower's cache): the forward itself is the same code.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters import Adapter
+from twotower.cache import TowerCache
+from twotower.config import TwoTowerConfig
+from twotower.ops import attention, block_training_mask, mamba2_mixer
+from twotower.walk import Walk
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of t in [0, 1] (scaled by 1000 as in DiT/MDLM), `[N] -> [N, dim]`."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * 1000.0 * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class CrossAttention(nn.Module):
+    """Zero-gated attention from block positions to context hidden states (plus a null key)."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(d, d, bias=False)
+        self.kv = nn.Linear(d, 2 * d, bias=False)
+        self.o = nn.Linear(d, d, bias=False)
+        self.gate = nn.Parameter(torch.zeros(d))
+        """Zero-init: the module adds nothing until trained."""
+
+    def forward(self, x, ctx_hidden, mask):
+        """x `[N, Tq, d]`, ctx_hidden `[M, Tk, d]` (M divides N), mask `[N or 1, 1, Tq, Tk]`."""
+        n, tq, d = x.shape
+        q = self.q(x).view(n, tq, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(F.pad(ctx_hidden, (0, 0, 1, 0))).chunk(2, dim=-1)  # a zero "null" key first
+        k = k.view(k.shape[0], k.shape[1], self.heads, -1).transpose(1, 2)
+        v = v.view(v.shape[0], v.shape[1], self.heads, -1).transpose(1, 2)
+        mask = F.pad(mask, (1, 0), value=True)
+        return self.o(attention(q, k, v, mask, q.shape[-1] ** -0.5)) * self.gate
+
+
+class DenoiserTower(nn.Module):
+    """The trainable tower: `backbone` (a copy of the HF model, same state-dict keys) + new modules."""
+
+    def __init__(self, backbone: nn.Module, adapter: Adapter, cfg: TwoTowerConfig):
+        super().__init__()
+        self.backbone = backbone
+        self.cfg = cfg
+        self.adapter = adapter
+        self.walk = Walk.of(adapter, backbone)
+        emb = adapter.embedding_weight(backbone)
+        d, n_sub = emb.shape[1], len(self.walk.subs)
+        self.hidden_size = d
+        if cfg.mask_token_id is None:
+            self.mask_embedding = nn.Parameter(emb.detach().float().mean(0).to(emb.dtype).clone())
+        self.block_pos = nn.Parameter(torch.zeros(cfg.block_size, d, dtype=emb.dtype)) if cfg.block_position_embedding else None
+        if cfg.time_conditioning == "adaln":
+            td = cfg.time_embed_dim
+            self.time_mlp = nn.Sequential(nn.Linear(td, td), nn.SiLU(), nn.Linear(td, td))
+            self.adaln = nn.Linear(td, n_sub * 3 * d)
+            nn.init.zeros_(self.adaln.weight)
+            nn.init.zeros_(self.adaln.bias)
+            self.time_mlp.to(emb.dtype), self.adaln.to(emb.dtype)
+        if cfg.cross_attention:
+            heads = max(1, d // 32)
+            self.cross_attn = nn.ModuleList(CrossAttention(d, heads) for _ in range(n_sub)).to(emb.dtype)
+
+    @classmethod
+    def from_backbone(cls, backbone: nn.Module, adapter: Adapter, cfg: TwoTowerConfig) -> "DenoiserTower":
+        copy_ = copy.deepcopy(backbone)
+        copy_.requires_grad_(True)  # deepcopy of a frozen tower keeps requires_grad=False
+        return cls(copy_, adapter, cfg)
+
+    def modulation(self, t: torch.Tensor) -> torch.Tensor | None:
+        """t `[N]` -> `[N, n_sub, 3, d]` (shift, scale, gate), or None without AdaLN."""
+        if self.cfg.time_conditioning != "adaln":
+            return None
+        emb = timestep_embedding(t, self.cfg.time_embed_dim).to(self.adaln.weight.dtype)
+        return self.adaln(self.time_mlp(emb)).view(t.shape[0], len(self.walk.subs), 3, self.hidden_size)
+
+    def embed(self, tokens: torch.Tensor, is_mask: torch.Tensor) -> torch.Tensor:
+        """Noisy block tokens `[N, B]` -> input hidden `[N, B, d]`."""
+        h = self.adapter.embed(self.backbone, tokens)
+        if self.cfg.mask_token_id is None:
+            h = torch.where(is_mask[..., None], self.mask_embedding.to(h.dtype), h)
+        if self.block_pos is not None:
+            h = h + self.block_pos[: tokens.shape[1]]
+        return h
+
+    def forward(self, tokens, is_mask, t, positions, ctx: "BlockContext") -> torch.Tensor:
+        """Denoise blocks: tokens/is_mask/positions `[N, B]`, t `[N]` -> float32 logits `[N, B, V]`."""
+        walk, adapter = self.walk, self.adapter
+        h = self.embed(tokens, is_mask)
+        mod = self.modulation(t)
+        for sub in walk.subs:
+            i = sub.index
+            x = sub.norm(h)
+            if mod is not None:
+                x = x * (1 + mod[:, i, 1, None]) + mod[:, i, 0, None]
+            if sub.kind == "attention":
+                q, k, v = adapter.qkv(self.backbone, sub, x, positions)
+                out = adapter.attn_out(sub, ctx.attend(i, q, k, v, adapter.attn_scale(sub)))
+            elif sub.kind == "mamba":
+                conv, ssm = ctx.seed(i)
+                out, _, _ = mamba2_mixer(walk.mamba[i], x, conv, ssm, None, tokens.shape[1])
+            else:
+                out = adapter.ffn(sub, x)
+            if self.cfg.cross_attention:
+                out = out + ctx.cross(i, self.cross_attn[i], x)
+            h = h + (out if mod is None else out * (1 + mod[:, i, 2, None]))
+        return walk.logits(adapter.final_norm(self.backbone)(h))
+
+
+class BlockContext(Protocol):
+    """What a denoised block may see of the context tower, per sublayer."""
+
+    def attend(self, i: int, q, k, v, scale: float) -> torch.Tensor:
+        """Block q/k/v `[N, H(kv), B, hd]` -> attention output `[N, B, H·hd]`."""
+        ...
+
+    def seed(self, i: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(conv state `[N, Cd, K-1]`, SSM state `[N, H, P, S]`) at the block start."""
+        ...
+
+    def cross(self, i: int, module: CrossAttention, x: torch.Tensor) -> torch.Tensor:
+        """Zero-gated cross-attention output `[N, B, d]`."""
+        ...
+
+
+class TrainingContext:
+    """All n blocks of a clean batch at once: block layout `[b·n, B]`, context from one clean
+    context-tower pass over the whole sequence (K/V of every position, boundary states)."""
+
+    def __init__(self, cache: TowerCache, record: dict, cfg: TwoTowerConfig, batch: int, n_blocks: int):
+        self.cache, self.record, self.cfg = cache, record, cfg
+        self.b, self.n, self.B = batch, n_blocks, cfg.block_size
+        self.L = n_blocks * cfg.block_size
+        self.mask = block_training_mask(self.L, self.B, cache.valid.device)  # [L, 2L]
+
+    def _to_seq(self, x):  # [b·n, H, B, hd] -> [b, H, L, hd]
+        _, heads, _, hd = x.shape
+        return x.view(self.b, self.n, heads, self.B, hd).transpose(1, 2).reshape(self.b, heads, self.L, hd)
+
+    def attend(self, i, q, k, v, scale):
+        q, k, v = self._to_seq(q), self._to_seq(k), self._to_seq(v)
+        if self.cfg.attention_conditioning == "context_kv":
+            k = torch.cat([self.cache.keys[i].to(k.dtype), k], dim=2)
+            v = torch.cat([self.cache.values[i].to(v.dtype), v], dim=2)
+            mask = self.mask
+        else:
+            mask = self.mask[:, self.L:]
+        return attention(q, k, v, mask, scale).view(self.b * self.n, self.B, -1)
+
+    def seed(self, i):
+        if self.cfg.mamba_conditioning != "seeded_state":
+            return None, None
+        states = self.record["states"][i][:, : self.n]  # state before each block start
+        xbc = self.record["xbc"][i]  # [b, Cd, K-1+L]: zeros, then the clean pre-conv inputs
+        width = xbc.shape[-1] - self.L
+        conv = xbc.unfold(-1, width, self.B)[:, :, : self.n]  # [b, Cd, n, K-1]
+        conv = conv.permute(0, 2, 1, 3).reshape(self.b * self.n, xbc.shape[1], width)
+        return conv, states.reshape(self.b * self.n, *states.shape[2:])
+
+    def cross(self, i, module, x):
+        ctx = self.cache.hidden[i]  # [b, L, d]
+        xs = x.view(self.b, self.L, -1)
+        return module(xs, ctx, self.mask[:, : self.L][None, None]).view(self.b * self.n, self.B, -1)
+
+
+class DecodeContext:
+    """One block per sequence on top of the context tower's cache (moved to the denoiser's device)."""
+
+    def __init__(self, cache: TowerCache, cfg: TwoTowerConfig, block_len: int):
+        self.cache, self.cfg = cache, cfg
+        ones = torch.ones(cache.valid.shape[0], block_len, dtype=torch.bool, device=cache.valid.device)
+        self.mask = torch.cat([cache.valid, ones], dim=1)[:, None, None, :]  # [N, 1, 1, T+B]
+
+    def attend(self, i, q, k, v, scale):
+        mask = self.mask
+        if self.cfg.attention_conditioning == "context_kv" and i in self.cache.keys:
+            k = torch.cat([self.cache.keys[i].to(k.dtype), k], dim=2)
+            v = torch.cat([self.cache.values[i].to(v.dtype), v], dim=2)
+        else:
+            mask = mask[..., self.cache.length:]
+        return attention(q, k, v, mask, scale)
+
+    def seed(self, i):
+        if self.cfg.mamba_conditioning != "seeded_state":
+            return None, None
+        return self.cache.conv.get(i), self.cache.ssm.get(i)
+
+    def cross(self, i, module, x):
+        valid = self.cache.valid[:, None, None, :].expand(-1, 1, x.shape[1], -1)
+        return module(x, self.cache.hidden[i], valid)

@@ -1,0 +1,268 @@
+"""`TwoTowerForDiffusionLM`: the frozen context tower + the denoiser tower.
+
+    model = TwoTowerForDiffusionLM.from_backbone(backbone, TwoTowerConfig(block_size=16))
+    out = model(input_ids)                          # out.loss, out.logits, out.masked_accuracy
+    gen = model.generate(prompt_ids, mode="diffusion", gamma=0.8, max_new_tokens=64)
+    model.save_pretrained(d); TwoTowerForDiffusionLM.from_pretrained(d)
+
+Training forward (DESIGN.md section 5): one no-grad context pass over the clean sequence gives
+each attention sublayer's K/V and each Mamba-2 sublayer's SSM/conv state at every block start;
+blocks get times t_k and masks; the denoiser runs over all blocks at once as `[batch·n, B]`.
+With token shift the denoiser's output j predicts token j+1 of the block and position 0 is
+never masked (at decoding time it is the context tower's greedy token).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+import adapters
+from twotower.config import TwoTowerConfig, TwoTowerHFConfig
+from twotower.denoiser import DenoiserTower, TrainingContext
+from twotower.cache import TowerCache
+from twotower.walk import Walk, context_forward
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class TwoTowerOutput:
+    """Result of the training forward."""
+
+    loss: torch.Tensor
+    """Scalar training loss (weighting per `loss_weighting`)."""
+    logits: torch.Tensor
+    """`[batch, L, V]` float32 denoiser outputs; with token shift `logits[:, i]` predicts token i+1."""
+    masked_accuracy: torch.Tensor
+    """Scalar: argmax accuracy over masked positions."""
+    elbo: torch.Tensor
+    """Scalar: the 1/t-weighted masked cross-entropy per maskable token (an NLL bound)."""
+    noise_mask: torch.Tensor
+    """`[batch, L]` bool: the positions that were [MASK]."""
+    t: torch.Tensor
+    """`[batch, n_blocks]` the block times."""
+
+
+class TwoTowerForDiffusionLM(nn.Module):
+    """Two towers sharing a backbone family: `context_tower` (frozen HF model) and `denoiser`."""
+
+    config_class = TwoTowerHFConfig
+
+    def __init__(self, config: TwoTowerHFConfig, backbone: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        self.tt_config = config.twotower_config()
+        if backbone is None:
+            backbone = AutoModelForCausalLM.from_config(config.backbone_config())
+        self.adapter = adapters.get(backbone)
+        self.context_tower = backbone
+        self.context_tower.requires_grad_(False)
+        self.context_tower.eval()
+        self.denoiser = DenoiserTower.from_backbone(backbone, self.adapter, self.tt_config)
+        self.context_walk = Walk.of(self.adapter, self.context_tower)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_backbone(cls, backbone: nn.Module, cfg: TwoTowerConfig | None = None) -> "TwoTowerForDiffusionLM":
+        """Wrap a loaded HF `*ForCausalLM`: the context tower *is* `backbone` (frozen in place),
+        the denoiser a trainable deep copy with the zero-initialised new modules."""
+        cfg = cfg or TwoTowerConfig()
+        adapters.get(backbone)  # ValueError listing supported model types
+        hf = TwoTowerHFConfig(twotower=cfg.to_dict(), backbone=backbone.config.to_dict())
+        return cls(hf, backbone=backbone)
+
+    @property
+    def block_size(self) -> int:
+        return self.tt_config.block_size
+
+    @property
+    def backbone_config(self):
+        return self.context_tower.config
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.context_tower.eval()  # frozen: never dropout, never training-only kernels
+        return self
+
+    def layer_map(self) -> list[dict]:
+        """One dict per sublayer: index, backbone layer, kind, how the denoiser is conditioned."""
+        cfg = self.tt_config
+        how = {
+            "attention": f"context_kv" if cfg.attention_conditioning == "context_kv" else "block_local",
+            "mamba": cfg.mamba_conditioning,
+            "moe": "none",
+            "mlp": "none",
+        }
+        rows = []
+        for sub in self.context_walk.subs:
+            cond = [how[sub.kind]] + (["cross_attention"] if cfg.cross_attention else [])
+            cond += ["adaln"] if cfg.time_conditioning == "adaln" else []
+            rows.append({"index": sub.index, "layer": sub.layer, "kind": sub.kind, "conditioning": "+".join(cond)})
+        return rows
+
+    def new_parameter_names(self) -> list[str]:
+        """Names of the parameters the backbone does not have (all under `denoiser.`)."""
+        return [n for n, _ in self.named_parameters() if n.startswith("denoiser.") and not n.startswith("denoiser.backbone.")]
+
+    # ---------------------------------------------------------------- training forward
+    def sample_noise(self, maskable: torch.Tensor, generator: torch.Generator | None = None):
+        """maskable `[b, n, B]` -> (t `[b, n]`, mask `[b, n, B]`): t_k ~ U(t_min, 1),
+        stratified across the batch's blocks; each position masked w.p. t_k, at least one per block."""
+        b, n, B = maskable.shape
+        dev = maskable.device
+        u = (torch.rand((), generator=generator).to(dev) + torch.arange(b * n, device=dev) / (b * n)) % 1.0
+        u = u[torch.randperm(b * n, generator=generator).to(dev)]
+        t = (self.tt_config.t_min + (1 - self.tt_config.t_min) * u).view(b, n)
+        draw = torch.rand(b, n, B, generator=generator).to(dev)
+        mask = (draw < t[..., None]) & maskable
+        # at least one masked position in every block that has a maskable one
+        empty = ~mask.any(-1) & maskable.any(-1)
+        pick = F.one_hot((draw.masked_fill(~maskable, -1.0)).argmax(-1), B).bool()
+        return t, mask | (pick & empty[..., None])
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        noise_mask: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> TwoTowerOutput:
+        """Training forward over `input_ids` `[b, L]` (L padded internally to whole blocks).
+
+        noise_mask `[b, L]` bool and t `[b, n_blocks]` replace the random draw (both or neither).
+        attention_mask `[b, L]` (1 = real, right padding only): pads are never masked or scored.
+        """
+        B = self.block_size
+        b, L0 = input_ids.shape
+        n = -(-L0 // B)
+        L = n * B
+        pad_id = _pad_id(self.backbone_config)
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        ids = F.pad(input_ids, (0, L - L0), value=pad_id)
+        real = F.pad(real, (0, L - L0), value=False)
+        first = self.tt_config.token_shift
+        maskable = real.view(b, n, B).clone()
+        if first:
+            maskable[:, :, 0] = False
+        if (noise_mask is None) != (t is None):
+            raise ValueError("pass both noise_mask and t, or neither")
+        if noise_mask is None:
+            t, mask = self.sample_noise(maskable, generator)
+        else:
+            if noise_mask.shape != input_ids.shape or t.shape != (b, n):
+                raise ValueError(f"noise_mask must be {tuple(input_ids.shape)} and t ({b}, {n}); got "
+                                 f"{tuple(noise_mask.shape)} and {tuple(t.shape)}")
+            mask = F.pad(noise_mask.bool(), (0, L - L0), value=False).view(b, n, B)
+            if first and mask[:, :, 0].any():
+                raise ValueError("noise_mask sets position 0 of a block, which token shift keeps clean")
+            mask = mask & maskable
+        ctx_device = next(self.context_tower.parameters()).device
+        with torch.no_grad():
+            record: dict = {}
+            _, cache = context_forward(self.context_walk, ids.to(ctx_device), TowerCache.empty(b, ctx_device),
+                                       chunk=B, record=record, keep_hidden=self.tt_config.cross_attention)
+        den_device = next(self.denoiser.parameters()).device
+        if ctx_device != den_device:
+            cache = cache.to(den_device)
+            record = {k: {i: x.to(den_device) for i, x in v.items()} for k, v in record.items()}
+        ids, mask, t = ids.to(den_device), mask.to(den_device), t.to(den_device)
+        noisy = ids.view(b, n, B).masked_fill(mask, self.tt_config.mask_token_id or 0)
+        positions = torch.arange(L, device=den_device).expand(b, L).reshape(b * n, B)
+        ctx = TrainingContext(cache, record, self.tt_config, b, n)
+        t_rows = t.reshape(b * n)
+        logits = self.denoiser(noisy.view(b * n, B), mask.view(b * n, B), t_rows, positions, ctx).view(b, L, -1)
+        return self._loss(logits, ids, mask.view(b, L), t, L0)
+
+    def _loss(self, logits, ids, mask, t, L0) -> TwoTowerOutput:
+        b, L, V = logits.shape
+        B = self.block_size
+        pred = _prediction_logits(logits.view(-1, B, V), self.tt_config.token_shift).view(b, L, V)
+        ce = F.cross_entropy(pred[mask], ids[mask], reduction="none")
+        weight = (1.0 / t.repeat_interleave(B, dim=1))[mask]
+        count = mask.sum().clamp(min=1)
+        maskable = b * L * (B - 1) / B if self.tt_config.token_shift else b * L
+        elbo = (ce * weight).sum() / maskable
+        loss = ce.sum() / count if self.tt_config.loss_weighting == "uniform" else elbo
+        acc = (pred[mask].argmax(-1) == ids[mask]).float().sum() / count
+        return TwoTowerOutput(loss, logits[:, :L0], acc, elbo.detach(), mask[:, :L0], t)
+
+    # ---------------------------------------------------------------- decoding
+    def generate(self, input_ids, **kwargs):
+        """See `twotower.generate.generate`."""
+        from twotower.generate import generate
+
+        return generate(self, input_ids, **kwargs)
+
+    # ---------------------------------------------------------------- save / load
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        """`config.json` (model_type twotower, backbone nested) + `model.safetensors` (shared
+        tensors such as tied embeddings stored once)."""
+        from safetensors.torch import save_model
+
+        d = Path(save_directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.config.twotower = self.tt_config.to_dict()
+        self.config.backbone = self.context_tower.config.to_dict()
+        self.config.architectures = [type(self).__name__]
+        self.config.save_pretrained(d)
+        save_model(self, str(d / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args, config=None, **kwargs) -> "TwoTowerForDiffusionLM":
+        """Load a directory written by `save_pretrained` (safetensors only, no remote code)."""
+        from safetensors.torch import load_model
+
+        d = Path(pretrained_model_name_or_path)
+        files = sorted(d.glob("*.safetensors")) if d.is_dir() else []
+        if not files:
+            raise ValueError(f"{d}: no *.safetensors weights in this checkpoint directory")
+        if not (d / "config.json").exists():
+            raise ValueError(f"{d}: no config.json in this checkpoint directory")
+        if config is None or not isinstance(config, TwoTowerHFConfig):
+            data = json.loads((d / "config.json").read_text())
+            if data.get("model_type") != "twotower":
+                raise ValueError(f"{d}/config.json: model_type is {data.get('model_type')!r}, expected 'twotower'")
+            config = TwoTowerHFConfig.from_pretrained(d)
+        model = cls(config)
+        if len(files) == 1:
+            load_model(model, str(files[0]), strict=True)
+        else:  # shards: load each into the matching parameters
+            from safetensors.torch import load_file
+
+            state = {}
+            for f in files:
+                state.update(load_file(str(f)))
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if unexpected:
+                raise ValueError(f"{d}: unexpected weights {unexpected[:5]}")
+        model.context_tower.requires_grad_(False)
+        return model.eval()
+
+
+def _prediction_logits(logits: torch.Tensor, token_shift: bool) -> torch.Tensor:
+    """`[N, B, V]` outputs -> per block position the logits predicting it (position 0 gets zeros
+    under token shift: it is never predicted by the denoiser)."""
+    if not token_shift:
+        return logits
+    return torch.cat([torch.zeros_like(logits[:, :1]), logits[:, :-1]], dim=1)
+
+
+def _pad_id(config) -> int:
+    for key in ("pad_token_id", "eos_token_id"):
+        value = getattr(config, key, None)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+AutoConfig.register("twotower", TwoTowerHFConfig, exist_ok=True)
+AutoModel.register(TwoTowerHFConfig, TwoTowerForDiffusionLM, exist_ok=True)

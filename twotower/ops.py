@@ -1,0 +1,144 @@
+"""Tensor primitives shared by both towers: attention with explicit masks, the Mamba-2 SSD scan
+(returning the state at every chunk boundary) and the Mamba-2 mixer built on it.
+
+Everything here is plain torch so that the training forward, `ar`, `mock_ar` and `diffusion`
+decoding run the same code (invariants 5 and 6 by construction). Masks are boolean, True = may
+attend, and always built explicitly (DESIGN.md section 7: extending a cache by B>1 tokens with
+`sdpa` and no mask silently attends to the wrong keys).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from adapters.base import Mamba2Params
+
+
+def attention(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q `[N, H, Tq, d]`, k/v `[N, Hkv, Tk, d]`, bool mask broadcastable to `[N, 1, Tq, Tk]`
+    -> `[N, Tq, H·d]`. Every query row must allow at least one key (else NaN)."""
+    gqa = q.shape[1] != k.shape[1]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return o.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+def causal_mask(valid: torch.Tensor, n_queries: int) -> torch.Tensor:
+    """Mask for the last `n_queries` of `valid.shape[1]` keys attending causally.
+
+    valid `[N, Tk]` marks real (non-pad) keys. A query always sees itself, so a pad query's row is
+    never empty (its output is garbage but finite and never read). Returns `[N, 1, Tq, Tk]`.
+    """
+    n_keys = valid.shape[1]
+    q_idx = torch.arange(n_keys - n_queries, n_keys, device=valid.device)[:, None]
+    k_idx = torch.arange(n_keys, device=valid.device)[None, :]
+    allowed = (k_idx <= q_idx) & (valid[:, None, :] | (k_idx == q_idx))
+    return allowed[:, None]
+
+
+def block_training_mask(length: int, block_size: int, device=None) -> torch.Tensor:
+    """The denoiser's attention mask in the vectorised training layout, `[L, 2L]`.
+
+    Queries are the L noisy positions. Keys are the L clean context positions (the context tower's
+    own K/V) followed by the L noisy positions. A query in block k sees context keys before the
+    block start k·B, and every noisy key of its own block (bidirectional), nothing else.
+    """
+    pos = torch.arange(length, device=device)
+    block = pos // block_size
+    sees_context = pos[None, :] < (block * block_size)[:, None]
+    sees_block = block[None, :] == block[:, None]
+    return torch.cat([sees_context, sees_block], dim=1)
+
+
+def _segsum_exp(a: torch.Tensor) -> torch.Tensor:
+    """exp of segment sums: out[..., i, j] = exp(sum a[..., j+1..i]) for i >= j, else 0.
+
+    The exponent is masked to -inf *before* exp (masking after gives NaN from inf·0)."""
+    cum = torch.cumsum(a, dim=-1)
+    seg = cum[..., :, None] - cum[..., None, :]
+    n = a.shape[-1]
+    keep = torch.ones(n, n, dtype=torch.bool, device=a.device).tril()
+    return torch.exp(seg.masked_fill(~keep, float("-inf")))
+
+
+def ssd_scan(x, dt, A, B, C, D, initial_state, chunk: int):
+    """Mamba-2 SSD chunk scan in float32.
+
+    x `[N, T, H, P]`, dt `[N, T, H]` (after bias, softplus, clamp), A `[H]` (negative),
+    B/C `[N, T, G, S]`, D `[H]`, initial_state `[N, H, P, S]` or None.
+    Returns y `[N, T, H, P]` and the states at every chunk boundary `[N, c+1, H, P, S]`:
+    index k is the state before position k·chunk, the last one the state after all T tokens.
+    Use chunk = block size and the boundaries are exactly the block starts.
+    """
+    n, length, heads, head_dim = x.shape
+    rep = heads // B.shape[2]
+    x, dt = x.float(), dt.float()
+    B = B.float().repeat_interleave(rep, dim=2)
+    C = C.float().repeat_interleave(rep, dim=2)
+    skip = x * D.float()[:, None]
+    xdt = x * dt[..., None]
+    adt = dt * A.float()
+    pad = (-length) % chunk
+    if pad:  # zero dt·A and x·dt: padded steps neither decay nor feed the state
+        xdt, adt = F.pad(xdt, (0, 0, 0, 0, 0, pad)), F.pad(adt, (0, 0, 0, pad))
+        B, C = F.pad(B, (0, 0, 0, 0, 0, pad)), F.pad(C, (0, 0, 0, 0, 0, pad))
+    c = (length + pad) // chunk
+    xdt = xdt.reshape(n, c, chunk, heads, head_dim)
+    B = B.reshape(n, c, chunk, heads, -1)
+    C = C.reshape(n, c, chunk, heads, -1)
+    adt = adt.reshape(n, c, chunk, heads).permute(0, 3, 1, 2)  # [N, H, c, l]
+    acum = torch.cumsum(adt, dim=-1)
+    # 1. inside each chunk (the "attention-like" diagonal blocks)
+    decay_in = _segsum_exp(adt)  # [N, H, c, l, s]
+    scores = torch.einsum("nclhs,ncmhs->nhclm", C, B) * decay_in
+    y = torch.einsum("nhclm,ncmhp->nclhp", scores, xdt)
+    # 2. each chunk's own end state, started from zero
+    decay_to_end = torch.exp(acum[..., -1:] - acum)  # [N, H, c, l]
+    own = torch.einsum("nclhs,nhcl,nclhp->nchps", B, decay_to_end, xdt)
+    # 3. states at every boundary: closed form over chunks
+    init = initial_state.float() if initial_state is not None else own.new_zeros(own[:, 0].shape)
+    own = torch.cat([init[:, None], own], dim=1)  # [N, c+1, H, P, S]
+    decay_chunks = _segsum_exp(F.pad(acum[..., -1], (1, 0)))  # [N, H, c+1, c+1]
+    states = torch.einsum("nhij,njhps->nihps", decay_chunks, own)
+    # 4. contribution of each chunk's start state
+    y = y + torch.einsum("nclhs,nchps->nclhp", C, states[:, :-1]) * torch.exp(acum).permute(0, 2, 3, 1)[..., None]
+    y = y.reshape(n, c * chunk, heads, head_dim)[:, :length] + skip
+    return y, states
+
+
+def mamba2_mixer(p: Mamba2Params, h, conv_state, ssm_state, valid, chunk: int):
+    """One Mamba-2 mixer on normed hidden h `[N, T, d]`.
+
+    conv_state `[N, Cd, K-1]` holds the last K-1 *pre-convolution* xBC inputs (None: zeros),
+    ssm_state `[N, H, P, S]` (None: zeros). valid `[N, T]` (None: all real) zeroes the inputs at
+    pads so a left-padded sequence ends in exactly the state of the unpadded one.
+    Returns (out `[N, T, d]`, xbc `[N, Cd, K-1+T]` = conv_state ++ new pre-conv inputs,
+    boundary states `[N, c+1, H, P, S]`). The caller keeps `xbc[..., -(K-1):]` as the new conv
+    state (a fresh tensor, never updated in place).
+    """
+    n, length, _ = h.shape
+    inner = p.num_heads * p.head_dim
+    gs = p.n_groups * p.state_size
+    if valid is not None:
+        h = h * valid[..., None].to(h.dtype)
+    gate, xbc, dt = p.in_proj(h).split([inner, inner + 2 * gs, p.num_heads], dim=-1)
+    if valid is not None:
+        xbc = xbc * valid[..., None].to(xbc.dtype)
+    kernel = p.conv1d.weight.shape[-1]
+    if conv_state is None:
+        conv_state = xbc.new_zeros(n, xbc.shape[-1], kernel - 1)
+    xbc = torch.cat([conv_state.to(xbc.dtype), xbc.transpose(1, 2)], dim=-1)  # [N, Cd, K-1+T]
+    conv = F.conv1d(xbc.to(p.conv1d.weight.dtype), p.conv1d.weight, p.conv1d.bias, groups=xbc.shape[1])
+    conv = ACT2FN[p.activation](conv).transpose(1, 2).to(h.dtype)  # [N, T, Cd]
+    if valid is not None:
+        conv = conv * valid[..., None].to(conv.dtype)
+    x, B, C = conv.split([inner, gs, gs], dim=-1)
+    dt = F.softplus(dt.float() + p.dt_bias.float()).clamp(min=p.dt_min)
+    A = -torch.exp(p.A_log.float())
+    y, states = ssd_scan(
+        x.reshape(n, length, p.num_heads, p.head_dim), dt, A,
+        B.reshape(n, length, p.n_groups, p.state_size), C.reshape(n, length, p.n_groups, p.state_size),
+        p.D, ssm_state, chunk=min(chunk, length),
+    )
+    y = p.norm(y.reshape(n, length, inner), gate)
+    return p.out_proj(y.to(h.dtype)), xbc, states
