@@ -127,6 +127,10 @@ def measure(model, tokenizer, examples: list[dict], settings: list[Setting], *, 
     rows: list[Row] = []
     device = next(model.parameters()).device
     plan: list[tuple[str, Setting | None]] = [(AR, None)] + [("diffusion", s) for s in settings]
+    if examples:  # warm-up, untimed: first calls pay for allocations and lazy kernel selection
+        warm = torch.tensor([tokenizer(examples[0]["prompt"])["input_ids"]], device=device)
+        for mode, setting in plan[:2]:
+            _generate(model, warm, mode, setting, max_new_tokens)
     for n, ex in enumerate(examples):
         ids = torch.tensor([tokenizer(ex["prompt"])["input_ids"]], device=device)
         times: dict[int, list[float]] = {i: [] for i in range(len(plan))}

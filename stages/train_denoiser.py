@@ -272,12 +272,22 @@ def fit(cfg: Config, factory: TwoTowerFactory, block_size: int, train_ids, val_i
         enable_progress_bar=cfg.progress_bar, enable_model_summary=False,
         default_root_dir=str(ctx.work_dir))
     last = ckpt_dir / "last.ckpt"
+    module.resumed_from_step = _checkpoint_step(last)
     t0 = time.monotonic()
     trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if last.exists() else None)
     seconds = time.monotonic() - t0
     if cfg.val_every:  # a final validation on the finished model
         trainer.validate(module, val_dl, verbose=False)
     return module, trainer, seconds
+
+
+def _checkpoint_step(path: Path) -> int:
+    """The optimizer step a resumable checkpoint was written at (0 when there is none)."""
+    if not path.exists():
+        return 0
+    import torch
+
+    return int(torch.load(str(path), map_location="cpu", weights_only=False).get("global_step", 0))
 
 
 def _accepts_save_on_exception() -> bool:
@@ -330,7 +340,8 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     steps = int(trainer.global_step)
     tokens = steps * cfg.batch_size * cfg.grad_accum * int(train_ids.shape[1])
-    metrics = {"steps": steps, "train_minutes": module.elapsed() / 60.0,
+    metrics = {"steps": steps, "resumed_from_step": module.resumed_from_step,
+               "train_minutes": module.elapsed() / 60.0,
                "tokens_per_second": tokens / max(seconds, 1e-9),
                **{k.replace("/", "_"): v for k, v in logged.items()}}
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
