@@ -1,0 +1,376 @@
+"""Load, merge, resolve and validate a pipeline config: `pipeline.yaml` <- recipe <- CLI overrides.
+
+    cfg = load_config("recipes/tiny.yaml", overrides=["train.max_steps=10", "~graph.export"])
+
+Layers merge with OmegaConf (later wins; `graph.<stage>: null` in a recipe removes a stage), then
+`${oc.env:NAME,default}` interpolations are resolved. Validation reports *every* problem at once —
+unknown keys (with a typo suggestion), wrong types, missing values, bad overrides, unknown stages,
+cycles — each naming its key and the file (or the command line) it came from, as one `ConfigError`.
+The CLI prints it and exits with status 2. Stage modules are imported here (they are light by
+contract) to read their `SECTION` and `Config`; nothing heavy is imported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from pipeline.dag import Dag, build_dag, dag_problems
+from pipeline.schema import (ENGINE_SECTIONS, MISSING, RayConfig, RunConfig, StageSpec, TrackingConfig,
+                             build, check, check_dataclass, suggest, to_plain)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS_FILE = REPO_ROOT / "pipeline.yaml"
+DEFAULT_RECIPE = REPO_ROOT / "recipes" / "tiny.yaml"
+CLI = "command line"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One config error: the dotted key, what is wrong and how to fix it, and where it was set."""
+
+    key: str
+    message: str
+    source: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.key}: {self.message}"
+
+
+class ConfigError(ValueError):
+    """The config is invalid; `problems` holds every error found (not only the first)."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        lines = [f"{len(problems)} config error(s):"] + [f"  {p}" for p in problems]
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class Stage:
+    """A stage of the validated graph, with everything needed to run and cache it."""
+
+    name: str
+    """The stage's name in the graph."""
+    spec: StageSpec
+    """Its graph entry: needs, resources, retry policy."""
+    module: str
+    """Dotted path of the stage module (`SECTION`, `Config`, `run`); `module:attr` names an object."""
+    section: str
+    """The config section it reads."""
+    config: dict[str, Any]
+    """Its resolved section as plain data, defaults filled in, restricted to its `Config`'s fields."""
+    code_version: str
+    """The module's `VERSION` if it declares one, else a hash of its source file."""
+
+
+@dataclass
+class PipelineConfig:
+    """A loaded, resolved and validated pipeline config."""
+
+    run: RunConfig
+    """The `run` section."""
+    ray: RayConfig
+    """The `ray` section."""
+    tracking: TrackingConfig
+    """The `tracking` section."""
+    stages: dict[str, Stage]
+    """The graph's stages, in topological order."""
+    dag: Dag
+    """The validated DAG."""
+    resolved: dict[str, Any]
+    """The whole resolved config as plain data (saved as `config.yaml` in the run directory)."""
+    name: str
+    """The run name (`run.name`, or the recipe's file stem)."""
+    sources: list[str] = field(default_factory=list)
+    """The files merged, lowest priority first, then the overrides."""
+
+
+def _load_yaml(path: Path, problems: list[Problem]) -> Any:
+    from omegaconf import OmegaConf
+    try:
+        cfg = OmegaConf.load(path)
+    except FileNotFoundError:
+        problems.append(Problem("<file>", "no such file", str(path)))
+        return None
+    except Exception as err:  # a YAML syntax error: name the file and the line
+        problems.append(Problem("<file>", f"cannot parse YAML: {err}", str(path)))
+        return None
+    if not isinstance(OmegaConf.to_container(cfg, resolve=False), dict):
+        problems.append(Problem("<file>", "must hold a mapping at the top level", str(path)))
+        return None
+    return cfg
+
+
+def _parse_overrides(overrides: list[str], problems: list[Problem]) -> tuple[Any, list[str]]:
+    """(a DictConfig of `key=value` items, the keys of `~key` deletions)."""
+    from omegaconf import OmegaConf
+    sets, deletes = [], []
+    for item in overrides:
+        if item.startswith("~") and "=" not in item and len(item) > 1:
+            deletes.append(item[1:])
+        elif "=" in item and item.split("=", 1)[0].strip().lstrip("+"):
+            sets.append(item.lstrip("+"))
+        else:
+            problems.append(Problem(item, "bad override: expected key=value (set) or ~key (delete), "
+                                    "e.g. train.max_steps=10", CLI))
+    try:
+        parsed = OmegaConf.from_dotlist(sets)
+    except Exception as err:
+        problems.append(Problem(" ".join(sets), f"bad override: {err}", CLI))
+        parsed = OmegaConf.create({})
+    return parsed, deletes
+
+
+def _delete(cfg: Any, dotted: str) -> bool:
+    parts = dotted.split(".")
+    node = cfg
+    for part in parts[:-1]:
+        if part not in node or not hasattr(node[part], "keys"):
+            return False
+        node = node[part]
+    if parts[-1] not in node:
+        return False
+    del node[parts[-1]]
+    return True
+
+
+def _resolve(node: Any, path: str, problems: list[tuple[str, str]]) -> Any:
+    """Plain data with every interpolation resolved; an unresolvable one becomes a problem."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    if isinstance(node, DictConfig):
+        keys: list[Any] = list(node.keys())
+    elif isinstance(node, ListConfig):
+        keys = list(range(len(node)))
+    else:
+        return node
+    out: dict[str, Any] | list[Any] = {} if isinstance(node, DictConfig) else []
+    for key in keys:
+        sub = f"{path}.{key}" if isinstance(node, DictConfig) else f"{path}[{key}]"
+        sub = sub.lstrip(".")
+        if OmegaConf.is_missing(node, key):
+            value: Any = MISSING
+        else:
+            try:
+                value = _resolve(node[key], sub, problems)
+            except OmegaConfBaseException as err:
+                raw = node._get_node(key)._value()
+                problems.append((sub, f"cannot resolve {raw!r}: {getattr(err, 'msg', err)}"))
+                value = None
+        if isinstance(out, dict):
+            out[str(key)] = value
+        else:
+            out.append(value)
+    return out
+
+
+def _has(layer: Any, parts: list[str]) -> int:
+    """How many leading `parts` of a dotted key exist in a raw layer."""
+    node, depth = layer, 0
+    for part in parts:
+        if not isinstance(node, dict) or part not in node:
+            break
+        node, depth = node[part], depth + 1
+    return depth
+
+
+def _origin(key: str, layers: list[tuple[str, Any]]) -> str:
+    """The file (or `command line`) a key most likely came from: the latest layer reaching deepest."""
+    parts = [p.split("[")[0] for p in key.split(".")]
+    best, best_depth = layers[-1][0], -1
+    for source, raw in layers:
+        depth = _has(raw, parts)
+        if depth >= best_depth and depth > 0:
+            best, best_depth = source, depth
+    return best
+
+
+def code_version(stage: Any) -> str:
+    """The stage's `VERSION` when declared, else the sha256 of its source (any edit invalidates)."""
+    declared = getattr(stage, "VERSION", None)
+    if declared is not None:
+        return f"v:{declared}"
+    target = stage if isinstance(stage, ModuleType) else stage.run
+    try:
+        source = inspect.getsource(target)
+    except (OSError, TypeError):
+        return "unknown"
+    return "sha:" + hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def registry(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """`stages.REGISTRY` plus `extra` (name -> module path), e.g. stages defined by tests."""
+    try:
+        from stages import REGISTRY
+    except ImportError:
+        REGISTRY = {}
+    return {**REGISTRY, **(extra or {})}
+
+
+def import_stage(path: str) -> Any:
+    """The stage object at `path`: a module (`stages.export`) or a module attribute (`tests_mod:stage`)."""
+    module_path, _, attr = path.partition(":")
+    module = importlib.import_module(module_path)
+    return getattr(module, attr) if attr else module
+
+
+def _import_stage(name: str, path: str) -> tuple[Any, str | None]:
+    try:
+        module = import_stage(path)
+    except Exception as err:  # missing module, or an error inside it: report, do not crash
+        return None, f"stage module '{path}' cannot be imported: {type(err).__name__}: {err}"
+    try:
+        missing = [a for a in ("SECTION", "Config", "run") if not hasattr(module, a)]
+        if missing:
+            return None, f"stage module '{path}' lacks {', '.join(missing)} (see stages/api.py)"
+        if not dataclasses.is_dataclass(module.Config):
+            return None, f"stage module '{path}': Config must be a dataclass"
+    except Exception as err:  # a lazy `Config` (PEP 562 __getattr__) that fails to import
+        return None, f"stage module '{path}': Config cannot be loaded: {type(err).__name__}: {err}"
+    return module, None
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None, *,
+                defaults: str | Path | None = None, stages_registry: dict[str, str] | None = None
+                ) -> PipelineConfig:
+    """Merge `defaults` (pipeline.yaml) <- `recipe` <- `overrides`, resolve and validate.
+
+    Raises `ConfigError` with every problem found. `stages_registry` adds stage modules to
+    `stages.REGISTRY` (a graph entry may also name its module with `graph.<name>.module`).
+    """
+    from omegaconf import OmegaConf
+    defaults_path = Path(defaults) if defaults is not None else DEFAULTS_FILE
+    problems: list[Problem] = []
+    layers: list[tuple[str, Any]] = []
+    sources = [str(defaults_path)]
+    configs = []
+    base = _load_yaml(defaults_path, problems)
+    if base is not None:
+        configs.append(base)
+        layers.append((str(defaults_path), OmegaConf.to_container(base, resolve=False)))
+    if recipe is not None:
+        sources.append(str(recipe))
+        rec = _load_yaml(Path(recipe), problems)
+        if rec is not None:
+            configs.append(rec)
+            layers.append((str(recipe), OmegaConf.to_container(rec, resolve=False)))
+    over, deletes = _parse_overrides(list(overrides or []), problems)
+    layers.append((CLI, OmegaConf.to_container(over, resolve=False)))
+    if problems:
+        raise ConfigError(problems)
+    merged = OmegaConf.merge(*configs, over)
+    for key in deletes:
+        if not _delete(merged, key):
+            problems.append(Problem(f"~{key}", f"cannot delete '{key}': no such key in the config", CLI))
+    raw_problems: list[tuple[str, str]] = []
+    plain = _resolve(merged, "", raw_problems)
+    cfg = _validate(plain, raw_problems, registry(stages_registry))
+    problems += [Problem(k, m, _origin(k, layers)) for k, m in raw_problems]
+    if problems or cfg is None:
+        raise ConfigError(problems)
+    cfg.sources = sources + ([f"{CLI}: {' '.join(overrides)}"] if overrides else [])
+    cfg.name = cfg.run.name or (Path(recipe).stem if recipe is not None else "default")
+    return cfg
+
+
+def _validate(plain: dict[str, Any], problems: list[tuple[str, str]], reg: dict[str, str]
+              ) -> PipelineConfig | None:
+    """Type-check every section of the resolved config; append problems; the config if none."""
+    graph_raw = plain.get("graph") or {}
+    if not isinstance(graph_raw, dict):
+        problems.append(("graph", f"expected a mapping of stage name -> spec, got {graph_raw!r}"))
+        graph_raw = {}
+    graph_raw = {k: v for k, v in graph_raw.items() if v is not None}  # `stage: null` removes it
+    if not graph_raw:
+        problems.append(("graph", "the stage graph is empty"))
+    specs: dict[str, StageSpec] = {}
+    for name, raw in graph_raw.items():
+        found = check_dataclass(raw, StageSpec, f"graph.{name}")
+        problems += found
+        if not found:
+            specs[name] = build(StageSpec, raw)
+    modules: dict[str, ModuleType] = {}
+    for name, spec in specs.items():
+        path = spec.module or reg.get(name)
+        if path is None:
+            problems.append((f"graph.{name}", f"unknown stage '{name}'{suggest(name, reg)}; registered "
+                             f"stages: {', '.join(sorted(reg))} (or set graph.{name}.module)"))
+            continue
+        module, error = _import_stage(name, path)
+        if error:
+            problems.append((f"graph.{name}", error))
+        else:
+            modules[name] = module
+    requires = {n: tuple(getattr(m, "REQUIRES", ())) for n, m in modules.items()}
+    problems += dag_problems({n: list(s.needs) for n, s in specs.items()} if specs else {}, requires)
+
+    readers: dict[str, list[ModuleType]] = {}
+    for module in modules.values():
+        if module not in readers.get(module.SECTION, []):
+            readers.setdefault(module.SECTION, []).append(module)
+    # A section only a registered stage outside the graph reads (e.g. `pretrain` without the tiny
+    # recipe) stays a valid key. Only leftover keys cost imports: a lazy `Config` may be slow.
+    leftover = set(plain) - set(ENGINE_SECTIONS) - {"graph"} - set(readers)
+    others: dict[str, list[ModuleType]] = {}
+    for name, path in reg.items():
+        if name in specs or not leftover:
+            continue
+        try:
+            section = getattr(import_stage(path), "SECTION", None)
+        except Exception:
+            continue
+        if section in leftover:
+            module, _ = _import_stage(name, path)
+            if module is not None:
+                others.setdefault(section, []).append(module)
+    allowed = set(ENGINE_SECTIONS) | {"graph"} | set(readers) | set(others)
+    for key in plain:
+        if key not in allowed:
+            problems.append((key, f"unknown top-level section{suggest(key, allowed)} "
+                             f"(valid: {', '.join(sorted(allowed))})"))
+    engine = {}
+    for key, schema in ENGINE_SECTIONS.items():
+        value = plain.get(key) or {}
+        found = check_dataclass(value, schema, key)
+        problems += found
+        engine[key] = build(schema, value) if not found else schema()
+    sections: dict[str, dict[str, Any]] = {}
+    for section, mods in [*readers.items(), *others.items()]:
+        in_graph = section in readers
+        if not in_graph and section not in plain:
+            continue
+        value = plain.get(section)
+        value = {} if value is None else value
+        known = {f.name for m in mods for f in dataclasses.fields(m.Config)}
+        for module in mods:
+            problems += [p for p in check_dataclass(value, module.Config, section, known, require=in_graph)
+                         if p not in problems]
+        sections[section] = value
+    if problems:
+        return None
+    dag = build_dag({n: list(s.needs) for n, s in specs.items()}, requires)
+    stages = {}
+    for name in dag.order:
+        module = modules[name]
+        config = to_plain(build(module.Config, sections[module.SECTION]))
+        path = specs[name].module or reg[name]
+        stages[name] = Stage(name=name, spec=specs[name], module=path, section=module.SECTION,
+                             config=config, code_version=code_version(module))
+    resolved = {key: to_plain(engine[key]) for key in ENGINE_SECTIONS}
+    resolved["graph"] = {n: to_plain(specs[n]) for n in specs}
+    for section in others:
+        if section in sections:
+            resolved[section] = sections[section]
+    for section, mods in readers.items():
+        merged: dict[str, Any] = {}
+        for module in mods:
+            merged.update(to_plain(build(module.Config, sections[section])))
+        resolved[section] = merged
+    return PipelineConfig(run=engine["run"], ray=engine["ray"], tracking=engine["tracking"],
+                          stages=stages, dag=dag, resolved=resolved, name="")

@@ -1,0 +1,351 @@
+"""Execute a validated pipeline: cache lookups, scheduling, retries, run directory, summary, hooks.
+
+    from pipeline import load_config, run_pipeline
+    result = run_pipeline(load_config("recipes/tiny.yaml"), runner="local")
+    result.summary["stages"]["evaluate"]["metrics"]
+
+The loop is the same for both executors (`pipeline.executors`): a stage whose upstream stages are
+finished is either served from the artifact store (status `cached`) or submitted; stages without a
+path between them run concurrently on Ray. A failed stage stops new submissions, lets the running
+ones finish (their artifacts are cached for the resume), and raises `StageFailed` carrying the
+stage's own exception type and message. Tracking and display are hooks (`pipeline.tracking`,
+`pipeline.display`); the stages know nothing of them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import PipelineConfig, Stage
+from pipeline.schema import suggest
+from pipeline.store import ArtifactStore, cache_key, write_atomic, write_json_atomic
+
+FINISHED = ("cached", "done")
+
+
+class PipelineError(RuntimeError):
+    """The run cannot start or continue (not a stage's own failure)."""
+
+
+class StageFailed(PipelineError):
+    """A stage raised: its name, its exception type and message, and where its traceback is saved."""
+
+    def __init__(self, stage: str, error_type: str, message: str, log: str | None = None):
+        self.stage, self.error_type, self.message, self.log = stage, error_type, message, log
+        where = f"\n  (traceback: {log})" if log else ""
+        super().__init__(f"stage '{stage}' failed: {error_type}: {message}{where}")
+
+
+@dataclass
+class StageState:
+    """What the runner (and its hooks) know about one stage during a run."""
+
+    name: str
+    """The stage name."""
+    key: str
+    """Its cache key."""
+    status: str = "pending"
+    """pending, running, cached, done, failed, skipped or interrupted."""
+    started: float | None = None
+    """Wall-clock start of the current attempt (time.time())."""
+    duration_s: float = 0.0
+    """Seconds the stage ran (0 when cached)."""
+    attempts: int = 0
+    """Attempts made (retries included)."""
+    manifest: dict[str, Any] | None = None
+    """The stage's manifest once finished."""
+    artifact_dir: str | None = None
+    """The artifact's final directory."""
+    error: str | None = None
+    """`Type: message` of the last failure."""
+    progress: dict[str, Any] | None = None
+    """The last progress event (`done`, `total`, `message`)."""
+    mlflow_run_id: str | None = None
+    """The stage's nested MLflow run, set by the tracking hook."""
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """The manifest's `metrics` dict (empty before the stage finishes)."""
+        return dict((self.manifest or {}).get("metrics") or {})
+
+
+@dataclass
+class RunInfo:
+    """One pipeline run, as hooks see it."""
+
+    cfg: PipelineConfig
+    """The validated config."""
+    run_dir: Path
+    """`runs/<timestamp>-<name>/`."""
+    states: dict[str, StageState]
+    """Every stage's state, in topological order."""
+    started: float = field(default_factory=time.time)
+    """Start time (time.time())."""
+    status: str = "running"
+    """running, done, failed or interrupted."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI (set by the tracking hook)."""
+    mlflow_run_id: str | None = None
+    """The parent MLflow run (set by the tracking hook)."""
+
+
+@dataclass
+class RunResult:
+    """What `run_pipeline` returns."""
+
+    run_dir: Path
+    """The run directory."""
+    summary: dict[str, Any]
+    """The content of `summary.json`."""
+
+
+def _call(hooks: list[Any], method: str, *args: Any) -> None:
+    for hook in hooks:
+        fn = getattr(hook, method, None)
+        if fn is not None:
+            fn(*args)
+
+
+def new_run_dir(root: Path, name: str) -> Path:
+    """Create `root/<timestamp>-<name>` (suffixed if taken) and point `root/latest` at it."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(1000):
+        run_dir = root / (f"{stamp}-{name}" + (f"-{i}" if i else ""))
+        try:
+            run_dir.mkdir()
+            break
+        except FileExistsError:
+            continue
+    link = root / "latest"
+    tmp = root / f".latest-{os.getpid()}"
+    if tmp.is_symlink():
+        tmp.unlink()
+    tmp.symlink_to(run_dir.name)
+    os.replace(tmp, link)  # atomic: `latest` always points at a real run
+    return run_dir
+
+
+def summary_of(run: RunInfo) -> dict[str, Any]:
+    """The `summary.json` document of a run (also written while it runs)."""
+    stages = {}
+    for name, st in run.states.items():
+        entry: dict[str, Any] = {"status": st.status, "duration_s": round(st.duration_s, 3),
+                                 "metrics": st.metrics, "cache_key": st.key, "attempts": st.attempts,
+                                 "artifact_dir": st.artifact_dir}
+        if st.error:
+            entry["error"] = st.error
+        if st.mlflow_run_id:
+            entry["mlflow_run_id"] = st.mlflow_run_id
+        stages[name] = entry
+    return {"run": run.run_dir.name, "name": run.cfg.name, "status": run.status,
+            "started": datetime.fromtimestamp(run.started, timezone.utc).isoformat(),
+            "duration_s": round(time.time() - run.started, 3), "sources": run.cfg.sources,
+            "mlflow": {"tracking_uri": run.tracking_uri, "run_id": run.mlflow_run_id},
+            "stages": stages}
+
+
+class EventTail:
+    """Reads the JSON lines a worker appended to a stage's event file since the last call."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+
+    def read(self) -> list[dict[str, Any]]:
+        """New complete events (a half-written last line waits for the next call)."""
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        return [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+
+
+class Runner:
+    """Runs one pipeline: owns the run directory, the states, the executor and the hooks."""
+
+    def __init__(self, cfg: PipelineConfig, executor: Any, hooks: list[Any], force: set[str],
+                 from_stage: str | None):
+        self.cfg, self.executor, self.hooks = cfg, executor, hooks
+        self.store = ArtifactStore(cfg.run.root, cfg.run.verify_checksums)
+        self.run_dir = new_run_dir(self.store.root, cfg.name)
+        self.forced = cfg.dag.descendants(force | ({from_stage} if from_stage else set()))
+        self.from_stage = from_stage
+        keys: dict[str, str] = {}
+        for name, stage in cfg.stages.items():  # topological order: upstream keys exist
+            upstream = {n: keys[n] for n in stage.spec.needs}
+            keys[name] = cache_key(name, stage.code_version, stage.config, upstream, cfg.run.seed)
+        self.run = RunInfo(cfg=cfg, run_dir=self.run_dir,
+                           states={n: StageState(name=n, key=k) for n, k in keys.items()})
+        self.tails = {n: EventTail(self.run_dir / "events" / f"{n}.jsonl") for n in keys}
+
+    def write_summary(self) -> dict[str, Any]:
+        """Write `summary.json` atomically and return it."""
+        summary = summary_of(self.run)
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        return summary
+
+    def _job(self, stage: Stage, st: StageState) -> dict[str, Any]:
+        inputs = {n: self.run.states[n].manifest for n in stage.spec.needs}
+        return {"stage": stage.name, "module": stage.module, "config": stage.config, "inputs": inputs,
+                "key": st.key, "root": str(self.store.root), "run_dir": str(self.run_dir),
+                "seed": self.cfg.run.seed, "tracking_uri": self.run.tracking_uri,
+                "mlflow_run_id": st.mlflow_run_id,
+                "events_path": str(self.run_dir / "events" / f"{stage.name}.jsonl"),
+                "tmp_dir": str(self.store.new_tmp_dir(stage.name, st.key)),
+                "final_dir": str(self.store.final_dir(stage.name, st.key)),
+                "work_dir": str(self.store.work_dir(stage.name, st.key))}
+
+    def _check_from(self) -> None:
+        if self.from_stage is None:
+            return
+        missing = [n for n in self.cfg.dag.ancestors(self.from_stage)
+                   if self.store.lookup(n, self.run.states[n].key) is None]
+        if missing:
+            raise PipelineError(f"--from {self.from_stage}: upstream stage(s) {', '.join(sorted(missing))} "
+                                "have no complete cached artifact for this config; run without --from")
+
+    def _schedule(self, failed: bool) -> None:
+        """Serve every ready stage from the cache or submit it (nothing new after a failure)."""
+        progressed = True
+        while progressed and not failed:
+            progressed = False
+            for name, stage in self.cfg.stages.items():
+                st = self.run.states[name]
+                if st.status != "pending":
+                    continue
+                if not all(self.run.states[n].status in FINISHED for n in stage.spec.needs):
+                    continue
+                manifest = None if name in self.forced else self.store.lookup(name, st.key)
+                if manifest is not None:
+                    st.status, st.manifest = "cached", manifest
+                    st.artifact_dir = str(self.store.final_dir(name, st.key))
+                    _call(self.hooks, "on_stage_start", self.run, st)
+                    _call(self.hooks, "on_stage_end", self.run, st)
+                    self._save_manifest(st)
+                    progressed = True
+                else:
+                    self._submit(stage, st)
+                    if getattr(self.executor, "synchronous", False):
+                        return  # it already finished: let the caller collect it first
+
+    def _submit(self, stage: Stage, st: StageState) -> None:
+        st.status, st.started, st.attempts = "running", time.time(), st.attempts + 1
+        if st.attempts == 1:
+            _call(self.hooks, "on_stage_start", self.run, st)
+        self.write_summary()
+        self.executor.submit(stage.name, self._job(stage, st), stage)
+
+    def _save_manifest(self, st: StageState) -> None:
+        write_json_atomic(self.run_dir / "stages" / f"{st.name}.json", st.manifest)
+
+    def _drain_events(self, name: str) -> None:
+        st = self.run.states[name]
+        for event in self.tails[name].read():
+            if event.get("kind") == "progress":
+                st.progress = event
+            _call(self.hooks, "on_stage_event", self.run, st, event)
+
+    def _finish(self, name: str, outcome: dict[str, Any]) -> StageFailed | None:
+        st, stage = self.run.states[name], self.cfg.stages[name]
+        self._drain_events(name)
+        st.duration_s = outcome.get("duration_s", time.time() - (st.started or time.time()))
+        if outcome["ok"]:
+            st.status, st.manifest = "done", outcome["manifest"]
+            st.artifact_dir = str(self.store.final_dir(name, st.key))
+            self._save_manifest(st)
+            _call(self.hooks, "on_stage_end", self.run, st)
+            return None
+        st.error = f"{outcome['error_type']}: {outcome['message']}"
+        log = self.run_dir / "logs" / f"{name}.traceback"
+        write_atomic(log, outcome.get("traceback", ""))
+        transient = set(outcome.get("error_bases", [])) & set(stage.spec.retry_on + ["WorkerCrashedError"])
+        if transient and st.attempts <= stage.spec.retries:
+            _call(self.hooks, "on_stage_event", self.run, st,
+                  {"kind": "retry", "attempt": st.attempts, "error": st.error})
+            self._submit(stage, st)
+            return None
+        st.status = "failed"
+        _call(self.hooks, "on_stage_end", self.run, st)
+        return StageFailed(name, outcome["error_type"], outcome["message"], str(log))
+
+    def execute(self) -> RunResult:
+        """Run every stage (or serve it from the cache); raise `StageFailed` on a stage's failure."""
+        (self.run_dir / "events").mkdir(exist_ok=True)
+        self._check_from()
+        _call(self.hooks, "on_run_start", self.run)
+        failure: StageFailed | None = None
+        try:
+            self._schedule(False)
+            while any(st.status == "running" for st in self.run.states.values()):
+                for name, st in self.run.states.items():
+                    if st.status == "running":
+                        self._drain_events(name)
+                for name, outcome in self.executor.wait(0.25):
+                    failure = self._finish(name, outcome) or failure
+                    self.write_summary()
+                self._schedule(failure is not None)
+                _call(self.hooks, "on_tick", self.run)
+        except BaseException:
+            self.run.status = "interrupted"
+            for st in self.run.states.values():
+                if st.status == "running":
+                    st.status, st.duration_s = "interrupted", time.time() - (st.started or time.time())
+            raise
+        finally:
+            for st in self.run.states.values():
+                if st.status == "pending":
+                    st.status = "skipped"
+            if self.run.status == "running":
+                self.run.status = "failed" if failure else "done"
+            summary = self.write_summary()
+            _call(self.hooks, "on_run_end", self.run, summary)
+        if failure is not None:
+            raise failure
+        return RunResult(run_dir=self.run_dir, summary=summary)
+
+
+def run_pipeline(cfg: PipelineConfig, *, runner: str | None = None, force: list[str] | tuple[str, ...] = (),
+                 from_stage: str | None = None, hooks: list[Any] | None = None, display: bool = False,
+                 tracking: bool | None = None) -> RunResult:
+    """Run `cfg`'s DAG; `runner` overrides `run.runner`, `tracking` overrides `tracking.enabled`.
+
+    `force` reruns those stages and everything downstream; `from_stage` reruns it and its downstream
+    while every upstream stage must come from the cache. Extra `hooks` receive the runner's calls
+    (`on_run_start`, `on_stage_start`, `on_stage_event`, `on_stage_end`, `on_tick`, `on_run_end`).
+    """
+    for name in [*force, *([from_stage] if from_stage else [])]:
+        if name not in cfg.stages:
+            raise PipelineError(f"unknown stage '{name}'{suggest(name, cfg.stages)} "
+                                f"(stages: {', '.join(cfg.stages)})")
+    from pipeline.executors import make_executor
+    all_hooks: list[Any] = []
+    if cfg.tracking.enabled if tracking is None else tracking:
+        from pipeline.tracking import MlflowHook
+        all_hooks.append(MlflowHook(cfg))
+    if display:
+        from pipeline.display import LiveDisplay
+        all_hooks.append(LiveDisplay())
+    all_hooks += list(hooks or [])
+    executor = make_executor(runner or cfg.run.runner, cfg.ray)
+    try:
+        executor.check(list(cfg.stages.values()))  # before any run directory or stage exists
+        runner_ = Runner(cfg, executor, all_hooks, set(force), from_stage)
+        write_atomic(runner_.run_dir / "config.yaml", dump_yaml(cfg.resolved))
+        return runner_.execute()
+    finally:
+        executor.close()
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    """The resolved config as YAML (saved in the run directory and logged to MLflow)."""
+    from omegaconf import OmegaConf
+    return OmegaConf.to_yaml(OmegaConf.create(data))

@@ -1,0 +1,155 @@
+"""MLflow tracking as runner hooks: a parent run per pipeline run, a nested run per stage.
+
+The hook logs the flattened resolved config as params and `config.yaml` as an artifact (re-logging
+a param with a new value raises in MLflow, the artifact always holds the truth), each stage's
+`ctx.log_metrics` events and manifest `metrics` (also on the parent as `<stage>.<metric>`), files a
+stage asks to log, and `summary.json`. The default store is SQLite under `run.root` — MLflow 3
+refuses the plain file store — with artifacts beside it in `mlartifacts/`. Stages never import
+MLflow; a training stage may hand `ctx.tracking_uri` and `ctx.mlflow_run_id` to Lightning's
+`MLFlowLogger(tracking_uri=..., run_id=...)` so its curves land in the stage's own run.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import PipelineConfig
+
+MAX_PARAM_CHARS = 6000
+
+
+def default_tracking_uri(root: str | Path) -> str:
+    """`sqlite:///<root>/mlflow.db` with `root` made absolute (the UI and workers may run elsewhere)."""
+    return f"sqlite:///{Path(root).resolve()}/mlflow.db"
+
+
+def tracking_uri(cfg: PipelineConfig) -> str:
+    """The run's tracking URI: `tracking.uri`, else the SQLite store under `run.root`."""
+    return cfg.tracking.uri or default_tracking_uri(cfg.run.root)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as `{"a.b.c": leaf}` (lists stay leaves)."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    """The finite-or-NaN scalar leaves of a (nested) metrics dict, as floats."""
+    out = {}
+    for key, value in flatten(metrics).items():
+        if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isinf(value)):
+            out[key] = float(value)
+    return out
+
+
+class MlflowHook:
+    """Runner hooks that mirror a pipeline run into MLflow."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.uri = tracking_uri(cfg)
+        self.artifact_root = (Path(cfg.run.root).resolve() / "mlartifacts").as_uri()
+        self.client: Any = None
+        self.broken = False
+
+    def _guard(self, fn: Any, *args: Any) -> None:
+        """Tracking must not kill a long run: warn once and stop tracking."""
+        if self.broken:
+            return
+        try:
+            fn(*args)
+        except Exception as err:
+            self.broken = True
+            print(f"warning: MLflow tracking disabled after an error: {type(err).__name__}: {err}",
+                  file=sys.stderr)
+
+    def _log(self, run_id: str, metrics: dict[str, float] | None = None, params: dict[str, Any] | None = None,
+             step: int | None = None) -> None:
+        from mlflow.entities import Metric, Param
+        now = int(time.time() * 1000)
+        ms = [Metric(k, v, now, step or 0) for k, v in (metrics or {}).items()]
+        ps = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in (params or {}).items()]
+        for i in range(0, max(len(ms), len(ps)), 100):  # MLflow's batch limits
+            self.client.log_batch(run_id, metrics=ms[i:i + 100], params=ps[i:i + 100])
+
+    def on_run_start(self, run: Any) -> None:
+        self._guard(self._start, run)
+
+    def _start(self, run: Any) -> None:
+        from mlflow.tracking import MlflowClient
+        self.client = MlflowClient(tracking_uri=self.uri)
+        name = self.cfg.tracking.experiment
+        exp = self.client.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(
+            name, artifact_location=self.artifact_root)
+        parent = self.client.create_run(exp_id, run_name=run.run_dir.name, tags={
+            "pipeline.name": self.cfg.name, "pipeline.run_dir": str(run.run_dir),
+            "pipeline.sources": " ".join(self.cfg.sources)[:5000]})
+        self.exp_id = exp_id
+        run.tracking_uri, run.mlflow_run_id = self.uri, parent.info.run_id
+        self._log(parent.info.run_id, params=flatten(self.cfg.resolved))
+        config = run.run_dir / "config.yaml"
+        if config.exists():
+            self.client.log_artifact(parent.info.run_id, str(config))
+
+    def on_stage_start(self, run: Any, st: Any) -> None:
+        self._guard(self._stage_start, run, st)
+
+    def _stage_start(self, run: Any, st: Any) -> None:
+        stage = self.cfg.stages[st.name]
+        child = self.client.create_run(self.exp_id, run_name=st.name, tags={
+            "mlflow.parentRunId": run.mlflow_run_id, "pipeline.stage": st.name,
+            "pipeline.cache_key": st.key, "pipeline.code_version": stage.code_version})
+        st.mlflow_run_id = child.info.run_id
+        params = {f"{stage.section}.{k}": v for k, v in flatten(stage.config).items()}
+        params.update({f"resources.{k}": v for k, v in flatten(self.cfg.resolved["graph"][st.name]).items()})
+        self._log(child.info.run_id, params=params)
+
+    def on_stage_event(self, run: Any, st: Any, event: dict[str, Any]) -> None:
+        self._guard(self._event, st, event)
+
+    def _event(self, st: Any, event: dict[str, Any]) -> None:
+        if st.mlflow_run_id is None:
+            return
+        if event.get("kind") == "metrics":
+            self._log(st.mlflow_run_id, metrics=numeric(event.get("metrics", {})), step=event.get("step"))
+        elif event.get("kind") == "artifact" and Path(event.get("path", "")).exists():
+            self.client.log_artifact(st.mlflow_run_id, event["path"])
+
+    def on_stage_end(self, run: Any, st: Any) -> None:
+        self._guard(self._stage_end, run, st)
+
+    def _stage_end(self, run: Any, st: Any) -> None:
+        if st.mlflow_run_id is None:
+            return
+        metrics = numeric(st.metrics)
+        self._log(st.mlflow_run_id, metrics=metrics)
+        self._log(run.mlflow_run_id, metrics={f"{st.name}.{k}": v for k, v in metrics.items()})
+        self.client.set_tag(st.mlflow_run_id, "pipeline.status", st.status)
+        if st.error:
+            self.client.set_tag(st.mlflow_run_id, "pipeline.error", st.error[:5000])
+        self.client.set_terminated(st.mlflow_run_id, "FAILED" if st.status == "failed" else "FINISHED")
+
+    def on_run_end(self, run: Any, summary: dict[str, Any]) -> None:
+        self._guard(self._end, run)
+
+    def _end(self, run: Any) -> None:
+        if run.mlflow_run_id is None:
+            return
+        for st in run.states.values():  # stages cut short by an interrupt
+            if st.status == "interrupted" and st.mlflow_run_id:
+                self.client.set_terminated(st.mlflow_run_id, "KILLED")
+        summary = run.run_dir / "summary.json"
+        if summary.exists():
+            self.client.log_artifact(run.mlflow_run_id, str(summary))
+        status = {"done": "FINISHED", "failed": "FAILED"}.get(run.status, "KILLED")
+        self.client.set_tag(run.mlflow_run_id, "pipeline.status", run.status)
+        self.client.set_terminated(run.mlflow_run_id, status)

@@ -1,0 +1,77 @@
+"""Run one stage: the function each Ray task (or the in-process runner) executes.
+
+`execute(job)` builds the stage's typed config and `StageContext`, calls `run`, commits the
+artifact atomically and returns a plain outcome dict. It never raises for a stage error: the
+exception's type, base classes, message and traceback come back as data, so the driver can report
+"stage X failed: ValueError: <the stage's message>" instead of a Ray wrapper traceback, and decide
+whether the failure is transient. Events (`ctx.report`) are appended as JSON lines to a file in the
+run directory, which the driver tails: that works from any worker process on a shared filesystem.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import import_stage
+from pipeline.schema import build
+from pipeline.store import ArtifactStore
+from stages.api import StageContext
+
+PROGRESS_INTERVAL_S = 0.2
+"""Minimum seconds between two progress events written (training may report every step)."""
+
+
+class EventWriter:
+    """`ctx.report` for a worker: appends each event as one JSON line (progress is throttled)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.last_progress = 0.0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        now = time.time()
+        if event.get("kind") == "progress":
+            final = event.get("total") is not None and event.get("done") == event.get("total")
+            if now - self.last_progress < PROGRESS_INTERVAL_S and not final:
+                return
+            self.last_progress = now
+        line = json.dumps({"t": now, **event}, default=str)
+        with open(self.path, "a") as fh:
+            fh.write(line + "\n")
+
+
+def _failure(err: BaseException, started: float) -> dict[str, Any]:
+    return {"ok": False, "error_type": type(err).__name__,
+            "error_bases": [c.__name__ for c in type(err).__mro__],
+            "message": str(err), "traceback": traceback.format_exc(),
+            "duration_s": time.time() - started, "pid": os.getpid()}
+
+
+def execute(job: dict[str, Any]) -> dict[str, Any]:
+    """Run the stage described by `job` (plain data, see `Runner._job`) and commit its artifact."""
+    started = time.time()
+    store = ArtifactStore(job["root"])
+    tmp, final = Path(job["tmp_dir"]), Path(job["final_dir"])
+    try:
+        module = import_stage(job["module"])
+        cfg = build(module.Config, job["config"])
+        tmp.mkdir(parents=True, exist_ok=True)
+        Path(job["work_dir"]).mkdir(parents=True, exist_ok=True)
+        ctx = StageContext(name=job["stage"], out_dir=tmp, work_dir=Path(job["work_dir"]),
+                           run_dir=Path(job["run_dir"]), seed=job["seed"],
+                           tracking_uri=job.get("tracking_uri"), mlflow_run_id=job.get("mlflow_run_id"),
+                           final_dir=final, report=EventWriter(job["events_path"]))
+        manifest = module.run(cfg, job["inputs"], ctx)
+        if not isinstance(manifest, dict):
+            raise TypeError(f"run() must return a manifest dict, got {type(manifest).__name__}")
+        json.dumps(manifest)  # a manifest must be plain JSON: fail here, with the stage's name
+        store.commit(tmp, final, job["stage"], job["key"], manifest)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written artifact behind
+        return _failure(err, started)
+    return {"ok": True, "manifest": manifest, "duration_s": time.time() - started, "pid": os.getpid()}
