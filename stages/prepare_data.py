@@ -1,0 +1,389 @@
+"""Stage `prepare_data` (config section `data`): build the token files every later stage trains on.
+
+Three sources, all through HF `datasets` except the built-in one:
+
+- `synthetic` (default, offline, deterministic in `seed`): the verifiable task families of
+  `stages/tasks.py`. Each example is `<bos> prompt answer <eos>`; examples are packed whole into
+  rows of `seq_len` tokens (never split across rows) and the rest of a row is `<pad>`.
+- `files`: local `.jsonl` / `.json` / `.parquet` / `.txt` files. With `prompt_column` and
+  `answer_column` the rows are verifiable prompt/answer pairs and are packed like the synthetic
+  ones; otherwise `text_column` holds documents, packed as one `<eos>`-separated token stream.
+- `hf`: a hub dataset (`hf_name`, streaming allowed), treated like `files`. Needs the network.
+
+Outputs (see docs/architecture.md, "prepare_data manifest"): `tokenizer/` (the character-level
+tokenizer of `stages/tokenizer.py` unless `tokenizer` names another), `train.safetensors` and
+`eval.safetensors` (`input_ids` int64 [N, seq_len], plus `loss_mask` int8 [N, seq_len] marking answer
+tokens and their EOS; 1 everywhere but padding for plain text), and `eval_examples.jsonl` (rows
+`{"task", "kind", "prompt", "answer"}`). The eval split is held out: a synthetic training example
+whose prompt is also an eval prompt is dropped (except closed-book families such as `facts`).
+
+Bad input raises `ValueError` naming the key, file or column before anything is trained.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stages.api import StageContext
+from stages.tasks import FAMILIES, get_families
+
+SECTION = "data"
+SOURCES = ("synthetic", "files", "hf")
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+@dataclass
+class Config:
+    """The `data` section."""
+
+    source: str = "synthetic"
+    """Where examples come from: `synthetic` (built in, offline), `files` (local) or `hf` (hub)."""
+    tasks: list[str] = field(default_factory=lambda: list(FAMILIES))
+    """Synthetic task families to generate (names in `stages/tasks.py`)."""
+    train_examples_per_task: int = 6000
+    """Synthetic training examples per family (before removing eval prompts)."""
+    eval_examples_per_task: int = 100
+    """Held-out examples per family (synthetic) or eval prompts in total (files / hf)."""
+    seq_len: int = 128
+    """Tokens per packed row; must be a multiple of `block_size`."""
+    block_size: int = 16
+    """The denoiser's block size B (keep equal to `twotower.block_size`)."""
+    seed: int = 0
+    """Data seed, added to the run seed: the same seeds give byte-identical token files."""
+    paths: list[str] = field(default_factory=list)
+    """`files` source: local .jsonl / .json / .parquet / .txt files."""
+    text_column: str = "text"
+    """`files` / `hf`: the column holding documents (plain-text files always use `text`)."""
+    prompt_column: str | None = None
+    """`files` / `hf`: a prompt column; with `answer_column` the rows are verifiable pairs."""
+    answer_column: str | None = None
+    """`files` / `hf`: the reference answer column (exact-match scored)."""
+    task_column: str | None = None
+    """`files` / `hf`: optional column naming each pair's task family (default: the source name)."""
+    hf_name: str | None = None
+    """`hf` source: the dataset's hub name."""
+    hf_config: str | None = None
+    """`hf` source: the dataset configuration (subset), if it has several."""
+    hf_split: str = "train"
+    """`hf` source: the split to read."""
+    streaming: bool = True
+    """`hf` source: stream instead of downloading the whole dataset."""
+    max_documents: int = 20000
+    """`files` / `hf`: read at most this many rows."""
+    eval_fraction: float = 0.05
+    """`files` / `hf`: fraction of rows held out for evaluation."""
+    eval_prompt_tokens: int = 48
+    """Plain text: tokens of a held-out document used as an eval prompt."""
+    eval_answer_tokens: int = 32
+    """Plain text: tokens after the prompt used as the reference continuation."""
+    tokenizer: str | None = None
+    """A tokenizer name or directory for `AutoTokenizer`; None builds the offline char tokenizer."""
+
+
+def validate(cfg: Config) -> None:
+    """Config-only checks (no file is read): a ValueError naming the bad key."""
+    if cfg.source not in SOURCES:
+        raise ValueError(f"data.source: {cfg.source!r} is not one of {list(SOURCES)}")
+    if cfg.block_size <= 0 or cfg.seq_len <= 0:
+        raise ValueError(f"data.seq_len ({cfg.seq_len}) and data.block_size ({cfg.block_size}) must be > 0")
+    if cfg.seq_len % cfg.block_size:
+        raise ValueError(
+            f"data.seq_len ({cfg.seq_len}) is not a multiple of data.block_size ({cfg.block_size}): "
+            f"the denoiser splits every row into whole blocks; try seq_len="
+            f"{(cfg.seq_len // cfg.block_size + 1) * cfg.block_size}"
+        )
+    if cfg.source == "synthetic":
+        get_families(cfg.tasks)
+        if cfg.train_examples_per_task <= 0 or cfg.eval_examples_per_task <= 0:
+            raise ValueError("data.train_examples_per_task and data.eval_examples_per_task must be > 0")
+    if cfg.source == "files" and not cfg.paths:
+        raise ValueError("data.paths: the `files` source needs at least one file")
+    if cfg.source == "hf" and not cfg.hf_name:
+        raise ValueError("data.hf_name: the `hf` source needs a dataset name")
+    if (cfg.prompt_column is None) != (cfg.answer_column is None):
+        raise ValueError("data.prompt_column and data.answer_column must be given together")
+    if not 0.0 < cfg.eval_fraction < 1.0:
+        raise ValueError(f"data.eval_fraction ({cfg.eval_fraction}) must be in (0, 1)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and packing
+
+
+def load_tokenizer(name: str | None) -> Any:
+    """The char tokenizer (None) or `AutoTokenizer.from_pretrained(name)`, with a pad token."""
+    if name is None:
+        from stages.tokenizer import build_char_tokenizer
+
+        return build_char_tokenizer()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name)
+    if tok.eos_token_id is None:
+        raise ValueError(f"data.tokenizer: {name!r} has no EOS token")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def encode_pairs(tok: Any, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """Token ids of `<bos> prompt answer <eos>` per pair, and a mask that is 1 on the answer and
+    its EOS (batched: one tokenizer call for all prompts, one for all full texts)."""
+    if not pairs:
+        return []
+    prompts = tok([p for p, _ in pairs]).input_ids
+    fulls = tok([p + a for p, a in pairs]).input_ids
+    out = []
+    for (_, answer), p, full in zip(pairs, prompts, fulls):
+        if full[: len(p)] != p:  # a subword tokenizer merged across the boundary: encode apart
+            full = p + tok(answer, add_special_tokens=False).input_ids
+        ids = full + [tok.eos_token_id]
+        out.append((ids, [0] * len(p) + [1] * (len(ids) - len(p))))
+    return out
+
+
+def pack_examples(
+    examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Greedy packing of whole examples into rows of `seq_len` (an example never straddles two
+    rows; the tail of a row is padding with mask 0). Examples longer than a row are an error."""
+    rows, masks, cur, cur_m = [], [], [], []
+    for ids, m in examples:
+        if len(ids) > seq_len:
+            raise ValueError(f"data.seq_len ({seq_len}) is shorter than an example of {len(ids)} tokens")
+        if len(cur) + len(ids) > seq_len:
+            rows.append(cur + [pad_id] * (seq_len - len(cur)))
+            masks.append(cur_m + [0] * (seq_len - len(cur_m)))
+            cur, cur_m = [], []
+        cur, cur_m = cur + ids, cur_m + m
+    if cur:
+        rows.append(cur + [pad_id] * (seq_len - len(cur)))
+        masks.append(cur_m + [0] * (seq_len - len(cur_m)))
+    return rows, masks
+
+
+def pack_stream(docs: list[list[int]], seq_len: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Concatenate documents (each already ending in EOS) and cut rows of `seq_len`; the tail
+    shorter than a row is dropped."""
+    stream = [t for d in docs for t in d]
+    rows = [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
+    return rows, [[1] * seq_len for _ in rows]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources
+
+
+def synthetic_examples(cfg: Config, seed: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(train rows, eval rows) of the synthetic families; eval prompts are removed from training
+    except for closed-book families, whose eval asks the facts that training taught."""
+    from stages import tasks
+
+    eval_rows = tasks.generate(cfg.tasks, cfg.eval_examples_per_task, seed=seed * 1000 + 1)
+    train_rows = tasks.generate(cfg.tasks, cfg.train_examples_per_task, seed=seed * 1000 + 2)
+    held_out = {r["prompt"] for r in eval_rows if not FAMILIES[r["task"]].closed_book}
+    return [r for r in train_rows if r["prompt"] not in held_out], eval_rows
+
+
+def check_utf8(path: Path) -> None:
+    """A clear error for a text file that is not UTF-8 (datasets' own error names no file)."""
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"data.paths: {path} is not UTF-8 text (invalid byte 0x{err.object[err.start]:02x} at offset "
+            f"{err.start}); re-encode it, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
+
+
+def load_file_rows(path_str: str, cfg: Config, cache_dir: str | None) -> tuple[list[dict[str, Any]], list[str]]:
+    """All rows of one local file (at most `max_documents`) and its column names."""
+    import datasets
+
+    path = Path(path_str).expanduser()
+    if not path.is_file():
+        raise ValueError(f"data.paths: {path} does not exist or is not a file")
+    fmt = FILE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"data.paths: {path} has an unsupported extension; use one of {sorted(FILE_FORMATS)}")
+    if fmt != "parquet":
+        check_utf8(path)
+    if path.stat().st_size == 0:
+        raise ValueError(f"data.paths: {path} is empty")
+    try:
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=cache_dir)
+    except Exception as err:  # datasets wraps parser errors in its own types
+        raise ValueError(f"data.paths: could not read {path} as {fmt}: {err}") from err
+    if len(ds) == 0:
+        raise ValueError(f"data.paths: {path} has no rows")
+    ds = ds.select(range(min(len(ds), cfg.max_documents)))
+    return [dict(r) for r in ds], list(ds.column_names)
+
+
+def load_hf_rows(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
+    """At most `max_documents` rows of a hub dataset (streamed by default; needs the network)."""
+    import datasets
+
+    ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split, streaming=cfg.streaming)
+    rows = [dict(r) for _, r in zip(range(cfg.max_documents), ds)]
+    if not rows:
+        raise ValueError(f"data.hf_name: {cfg.hf_name!r} split {cfg.hf_split!r} has no rows")
+    return rows, list(rows[0])
+
+
+def check_columns(rows_source: str, columns: list[str], cfg: Config, is_txt: bool) -> None:
+    needed = [cfg.prompt_column, cfg.answer_column] if cfg.prompt_column else [] if is_txt else [cfg.text_column]
+    if cfg.task_column:
+        needed.append(cfg.task_column)
+    for col in needed:
+        if col not in columns:
+            key = {cfg.prompt_column: "prompt_column", cfg.answer_column: "answer_column",
+                   cfg.task_column: "task_column"}.get(col, "text_column")
+            raise ValueError(f"data.{key}: column {col!r} not found in {rows_source}; its columns are {columns}")
+
+
+def external_rows(cfg: Config, cache_dir: str | None) -> list[dict[str, Any]]:
+    """Rows from `files` or `hf`, each checked for the configured columns."""
+    if cfg.source == "hf":
+        rows, cols = load_hf_rows(cfg)
+        check_columns(f"hub dataset {cfg.hf_name!r}", cols, cfg, is_txt=False)
+        return rows
+    out: list[dict[str, Any]] = []
+    for p in cfg.paths:
+        rows, cols = load_file_rows(p, cfg, cache_dir)
+        is_txt = Path(p).suffix.lower() == ".txt"
+        if is_txt and cfg.prompt_column:
+            raise ValueError(f"data.prompt_column: {p} is plain text and has no columns; use .jsonl or .parquet")
+        check_columns(str(p), cols, cfg, is_txt)
+        if is_txt:
+            rows = [{cfg.text_column: r["text"]} for r in rows if r["text"].strip()]
+        out.extend(rows)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the splits
+
+
+def pair_splits(rows: list[dict[str, Any]], cfg: Config, default_task: str, seed: int) -> tuple[list, list]:
+    """(train, eval) example dicts from verifiable prompt/answer rows."""
+    examples = [
+        {"task": str(r[cfg.task_column]) if cfg.task_column else default_task, "kind": "global",
+         "prompt": str(r[cfg.prompt_column]), "answer": str(r[cfg.answer_column])}
+        for r in rows
+    ]
+    random.Random(seed).shuffle(examples)
+    n_eval = min(cfg.eval_examples_per_task, max(1, int(len(examples) * cfg.eval_fraction)))
+    return examples[n_eval:], examples[:n_eval]
+
+
+def text_eval_examples(docs: list[list[int]], tok: Any, cfg: Config) -> list[dict[str, str]]:
+    """Prompt/continuation pairs cut from held-out documents (scored against AR, not verifiable)."""
+    need = cfg.eval_prompt_tokens + cfg.eval_answer_tokens
+    out = []
+    for d in docs:
+        if len(d) - 1 >= need:  # d ends in EOS
+            body = d[: need]
+            out.append({
+                "task": "text", "kind": "global",
+                "prompt": tok.decode(body[: cfg.eval_prompt_tokens], skip_special_tokens=True),
+                "answer": tok.decode(body[cfg.eval_prompt_tokens :], skip_special_tokens=True),
+            })
+        if len(out) >= cfg.eval_examples_per_task:
+            break
+    return out
+
+
+def build(cfg: Config, seed: int, cache_dir: str | None = None) -> dict[str, Any]:
+    """Everything but the writing: tokenizer, packed rows and masks, eval examples, task kinds."""
+    validate(cfg)
+    tok = load_tokenizer(cfg.tokenizer)
+    source_name = "synthetic" if cfg.source == "synthetic" else cfg.source
+    verifiable = True
+    if cfg.source == "synthetic":
+        train_ex, eval_ex = synthetic_examples(cfg, seed)
+    else:
+        rows = external_rows(cfg, cache_dir)
+        if cfg.prompt_column:
+            train_ex, eval_ex = pair_splits(rows, cfg, source_name, seed)
+        else:
+            verifiable = False
+            train_ex, eval_ex = [], []
+    if verifiable:
+        train_rows, train_mask = pack_examples(encode_pairs(tok, [(e["prompt"], e["answer"]) for e in train_ex]),
+                                               cfg.seq_len, tok.pad_token_id)
+        eval_rows, eval_mask = pack_examples(encode_pairs(tok, [(e["prompt"], e["answer"]) for e in eval_ex]),
+                                             cfg.seq_len, tok.pad_token_id)
+    else:
+        texts = [str(r[cfg.text_column]) for r in rows if str(r[cfg.text_column]).strip()]
+        docs = [ids + [tok.eos_token_id] for ids in tok(texts).input_ids] if texts else []
+        random.Random(seed).shuffle(docs)
+        n_eval = max(1, int(len(docs) * cfg.eval_fraction))
+        train_rows, train_mask = pack_stream(docs[n_eval:], cfg.seq_len)
+        eval_rows, eval_mask = pack_stream(docs[:n_eval], cfg.seq_len)
+        eval_ex = text_eval_examples(docs[:n_eval], tok, cfg)
+    where = f"data.paths {cfg.paths}" if cfg.source == "files" else f"data.{'hf_name' if cfg.source == 'hf' else 'source'}"
+    if not train_rows or not eval_rows or not eval_ex:
+        raise ValueError(
+            f"{where}: dataset too short for data.seq_len={cfg.seq_len}: got {len(train_rows)} training rows, "
+            f"{len(eval_rows)} eval rows and {len(eval_ex)} eval prompts; need at least one of each "
+            f"(add data, lower data.seq_len or raise data.eval_fraction)"
+        )
+    kinds = {e["task"]: e["kind"] for e in eval_ex}
+    return {"tokenizer": tok, "train": (train_rows, train_mask), "eval": (eval_rows, eval_mask),
+            "eval_examples": eval_ex, "tasks": kinds, "verifiable": verifiable}
+
+
+def write_tokens(path: Path, rows: list[list[int]], mask: list[list[int]]) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": torch.tensor(rows, dtype=torch.int64),
+               "loss_mask": torch.tensor(mask, dtype=torch.int8)}, str(path))
+
+
+def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
+    """Build and write the splits; return the manifest of docs/architecture.md."""
+    validate(cfg)
+    out = Path(ctx.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = str(Path(ctx.work_dir) / "hf_datasets")
+    built = build(cfg, seed=cfg.seed + ctx.seed, cache_dir=cache_dir)
+    tok = built["tokenizer"]
+    tok.save_pretrained(str(out / "tokenizer"))
+    write_tokens(out / "train.safetensors", *built["train"])
+    write_tokens(out / "eval.safetensors", *built["eval"])
+    with open(out / "eval_examples.jsonl", "w", encoding="utf-8") as f:
+        for e in built["eval_examples"]:
+            f.write(json.dumps(e, ensure_ascii=False) + "\n")
+    train_rows, train_mask = built["train"]
+    metrics = {
+        "train_rows": len(train_rows),
+        "eval_rows": len(built["eval"][0]),
+        "eval_examples": len(built["eval_examples"]),
+        "train_tokens": sum(len(r) for r in train_rows),
+        "train_loss_tokens": sum(sum(m) for m in train_mask),
+    }
+    ctx.log_metrics(metrics)
+    return {
+        "metrics": metrics,
+        "artifacts": {
+            "tokenizer": ctx.artifact_path("tokenizer"),
+            "train_tokens": ctx.artifact_path("train.safetensors"),
+            "eval_tokens": ctx.artifact_path("eval.safetensors"),
+            "eval_examples": ctx.artifact_path("eval_examples.jsonl"),
+        },
+        "source": cfg.source,
+        "seq_len": cfg.seq_len,
+        "block_size": cfg.block_size,
+        "vocab_size": len(tok),
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "mask_token_id": tok.mask_token_id,
+        "tasks": built["tasks"],
+        "verifiable": built["verifiable"],
+    }

@@ -1,0 +1,175 @@
+"""Synthetic verifiable task families: prompt + answer pairs scored by exact match.
+
+Each family is a small generator `make(rng) -> (prompt, answer)` plus a label:
+
+- `ltr` ("left-to-right dependent", the analogue of math and code): each answer character depends
+  on the answer characters before it (a carry, a running sum). Parallel decoding of a block has to
+  guess a dependency chain, so these are the families expected to lose most.
+- `global` ("globally coherent"): each answer character is determined by the prompt alone (copy,
+  reverse, sort, recall, memorised facts), so a block can be filled in any order.
+
+Everything is deterministic given a `random.Random`: the same seed gives the same examples.
+Answers are 3-16 characters, so that a 16-token block has several tokens to fill in parallel.
+Addition writes its numbers least-significant digit first (both operands and the sum): the carry
+then flows left to right through the answer, which is what makes the family `ltr`. Addition and
+the running sum tag each digit with an index letter ("A5B8C2"): Nemotron-H attention has no
+positional encoding, and the hints turn "the i-th digit" into a content lookup, which a
+~1 M-parameter model learns in a few minutes of CPU training.
+
+Run `python -m stages.tasks` to print a few examples of every family.
+"""
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+Kind = Literal["ltr", "global"]
+
+LETTERS = string.ascii_lowercase
+DIGITS = string.digits
+
+
+@dataclass(frozen=True)
+class TaskFamily:
+    """One family of verifiable tasks."""
+
+    name: str
+    """Short name, used in metrics (`em/<name>`) and in `eval_examples.jsonl`'s `task`."""
+    kind: Kind
+    """`ltr` (answer characters depend on earlier answer characters) or `global`."""
+    make: Callable[[random.Random], tuple[str, str]]
+    """Draws one (prompt, answer) pair from the given generator."""
+    description: str
+    """One line for docs and `python -m stages.tasks`."""
+    closed_book: bool = False
+    """True when the answers are knowledge stored in the weights (a closed world of facts): the
+    held-out split then asks the same facts as training, and eval prompts are not removed from it."""
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """The score of every family: the generated answer equals the reference, ignoring only
+    surrounding whitespace (a trailing newline or space is not an error of content)."""
+    return prediction.strip() == answer.strip()
+
+
+def _random_word(rng: random.Random, alphabet: str, lo: int, hi: int) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
+
+
+INDEX = string.ascii_uppercase
+
+
+def _indexed(digits: str) -> str:
+    """Digits with index hints: "582" -> "A5B8C2". Nemotron-H attention has no positional
+    encoding, so "the i-th digit" must be found by content; the hint letter makes that a lookup
+    (index hints, as in the length-generalisation literature on transformer arithmetic)."""
+    return "".join(INDEX[i] + d for i, d in enumerate(digits))
+
+
+def make_add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(100, 9999), rng.randint(100, 9999)
+    # Least-significant digit first, so the carry flows left to right through the answer.
+    return f"add {_indexed(str(a)[::-1])}+{_indexed(str(b)[::-1])}=", _indexed(str(a + b)[::-1])
+
+
+def make_scan(rng: random.Random) -> tuple[str, str]:
+    digits = _random_word(rng, DIGITS, 5, 8)
+    running, out = 0, []
+    for d in digits:
+        running = (running + int(d)) % 10
+        out.append(str(running))
+    return f"scan {_indexed(digits)}=", _indexed("".join(out))
+
+
+def make_sort(rng: random.Random) -> tuple[str, str]:
+    digits = _random_word(rng, DIGITS, 6, 10)
+    return f"sort {digits}=", "".join(sorted(digits))
+
+
+def make_copy(rng: random.Random) -> tuple[str, str]:
+    word = _random_word(rng, LETTERS, 6, 10)
+    return f"copy {word}=", word
+
+
+def make_reverse(rng: random.Random) -> tuple[str, str]:
+    word = _random_word(rng, LETTERS, 6, 10)
+    return f"rev {word}=", word[::-1]
+
+
+def make_recall(rng: random.Random) -> tuple[str, str]:
+    keys = rng.sample(LETTERS, 4)
+    values = ["".join(rng.choice(DIGITS) for _ in range(3)) for _ in keys]
+    pairs = " ".join(f"{k}:{v}" for k, v in zip(keys, values))
+    i = rng.randrange(len(keys))
+    return f"kv {pairs} ?{keys[i]}=", values[i]
+
+
+# A closed world of memorised facts: (country, capital, language). The family tests recall of
+# knowledge stored in the weights, so its held-out split asks the same facts as training.
+WORLD: tuple[tuple[str, str, str], ...] = (
+    ("france", "paris", "french"), ("spain", "madrid", "spanish"), ("italy", "rome", "italian"),
+    ("germany", "berlin", "german"), ("japan", "tokyo", "japanese"), ("china", "beijing", "chinese"),
+    ("egypt", "cairo", "arabic"), ("peru", "lima", "spanish"), ("russia", "moscow", "russian"),
+    ("greece", "athens", "greek"), ("poland", "warsaw", "polish"), ("kenya", "nairobi", "swahili"),
+    ("norway", "oslo", "norwegian"), ("sweden", "stockholm", "swedish"), ("cuba", "havana", "spanish"),
+    ("austria", "vienna", "german"), ("portugal", "lisbon", "portuguese"), ("ireland", "dublin", "irish"),
+    ("turkey", "ankara", "turkish"), ("iran", "tehran", "persian"), ("india", "delhi", "hindi"),
+    ("brazil", "brasilia", "portuguese"), ("chile", "santiago", "spanish"), ("finland", "helsinki", "finnish"),
+)
+FACT_TEMPLATES: tuple[tuple[str, int], ...] = (
+    ("the capital of {0} is ", 1),
+    ("{1} is the capital of ", 0),
+    ("in {0} people speak ", 2),
+)
+
+
+def make_facts(rng: random.Random) -> tuple[str, str]:
+    row = rng.choice(WORLD)
+    template, answer_index = rng.choice(FACT_TEMPLATES)
+    return template.format(*row), row[answer_index]
+
+
+FAMILIES: dict[str, TaskFamily] = {
+    f.name: f
+    for f in (
+        TaskFamily("add", "ltr", make_add, "sum of two 3-4 digit numbers, least-significant digit first, index hints"),
+        TaskFamily("scan", "ltr", make_scan, "running sum mod 10 of 5-8 digits, index hints"),
+        TaskFamily("sort", "global", make_sort, "6-10 digits in ascending order"),
+        TaskFamily("copy", "global", make_copy, "repeat a 6-10 letter word"),
+        TaskFamily("reverse", "global", make_reverse, "a 6-10 letter word backwards"),
+        TaskFamily("recall", "global", make_recall, "the 3-digit value of a key among 4 key:value pairs"),
+        TaskFamily("facts", "global", make_facts, "templated English facts (capital, language) of 24 countries",
+                   closed_book=True),
+    )
+}
+
+
+def get_families(names: list[str] | tuple[str, ...]) -> list[TaskFamily]:
+    """Look up families by name; an unknown name is a ValueError listing the valid ones."""
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown:
+        raise ValueError(f"data.tasks: unknown task family {unknown}; valid: {sorted(FAMILIES)}")
+    if not names:
+        raise ValueError(f"data.tasks: empty list; choose from {sorted(FAMILIES)}")
+    return [FAMILIES[n] for n in names]
+
+
+def generate(names: list[str] | tuple[str, ...], n_per_family: int, seed: int) -> list[dict[str, str]]:
+    """`n_per_family` rows `{"task", "kind", "prompt", "answer"}` per family, interleaved
+    round-robin, deterministic in `seed` (each family has its own stream, so adding a family does
+    not change the others' examples)."""
+    families = get_families(names)
+    streams = [random.Random(f"{seed}/{f.name}") for f in families]
+    rows = []
+    for _ in range(n_per_family):
+        for fam, rng in zip(families, streams):
+            prompt, answer = fam.make(rng)
+            rows.append({"task": fam.name, "kind": fam.kind, "prompt": prompt, "answer": answer})
+    return rows
+
+
+if __name__ == "__main__":
+    for row in generate(list(FAMILIES), 3, seed=0):
+        print(f"{row['task']:8s} {row['kind']:6s} {row['prompt']!r:40s} -> {row['answer']!r}")

@@ -1,0 +1,71 @@
+"""An offline character-level tokenizer for the tiny recipe.
+
+One token per character of printable ASCII plus newline, and five special tokens at fixed ids
+(they match `NemotronHConfig`'s defaults: pad 0, bos 1, eos 2):
+
+    <pad>=0  <bos>=1  <eos>=2  <unk>=3  <mask>=4
+
+It is a real `PreTrainedTokenizerFast` (saved and reloaded with `AutoTokenizer.from_pretrained`),
+built from the `tokenizers` library with no download. Encoding prepends `<bos>`; EOS is appended by
+the data stage, not by the tokenizer, so that `tokenizer(prompt)` is exactly what generation starts
+from. Character-level means encode(prompt + answer) == encode(prompt) + chars(answer): the answer's
+token span is known without any alignment search.
+
+Run `python -m stages.tokenizer OUT_DIR` to write one.
+"""
+from __future__ import annotations
+
+import string
+import sys
+from typing import Any
+
+PAD, BOS, EOS, UNK, MASK = "<pad>", "<bos>", "<eos>", "<unk>", "<mask>"
+SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, UNK, MASK)
+# Printable ASCII without the vertical-space characters `string.printable` also holds (\r \x0b \x0c),
+# plus tab and newline. Order is fixed: token ids are part of every saved model.
+CHARACTERS: tuple[str, ...] = tuple(c for c in string.printable if c not in "\r\x0b\x0c")
+
+
+def vocabulary() -> dict[str, int]:
+    """The fixed token -> id map: special tokens first, then the characters."""
+    tokens = list(SPECIAL_TOKENS) + list(CHARACTERS)
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
+def build_char_tokenizer() -> Any:
+    """Build the character-level `PreTrainedTokenizerFast` (offline, deterministic)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = vocabulary()
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    # Every character is its own pre-token; a class that matches newline is a character too.
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()  # join characters back without the spaces WordLevel would add
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        mask_token=MASK,
+        padding_side="left",  # decoder-only generation pads on the left
+        model_max_length=1 << 20,
+        clean_up_tokenization_spaces=False,
+    )
+    return tok
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m stages.tokenizer OUT_DIR", file=sys.stderr)
+        return 2
+    build_char_tokenizer().save_pretrained(argv[0])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

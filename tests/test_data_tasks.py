@@ -1,0 +1,102 @@
+"""Synthetic task families and the char tokenizer: determinism, labels, and each family's scorer."""
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from stages import tasks
+from stages.tokenizer import SPECIAL_TOKENS, build_char_tokenizer
+
+
+def _unindex(s: str) -> str:
+    """"A5B8C2" -> "582" (and check the hint letters are A, B, C, ... in order)."""
+    letters, digits = s[0::2], s[1::2]
+    assert letters == tasks.INDEX[: len(letters)]
+    return digits
+
+
+def _solve(task: str, prompt: str) -> str:
+    """An independent solver per family, to check that generators write correct answers."""
+    body = prompt.split(" ", 1)[1].rstrip("=")
+    if task == "add":
+        a, b = body.split("+")
+        return tasks._indexed(str(int(_unindex(a)[::-1]) + int(_unindex(b)[::-1]))[::-1])
+    if task == "scan":
+        digits = _unindex(body)
+        return tasks._indexed("".join(str(sum(map(int, digits[: i + 1])) % 10) for i in range(len(digits))))
+    if task == "sort":
+        return "".join(sorted(body))
+    if task == "copy":
+        return body
+    if task == "reverse":
+        return body[::-1]
+    if task == "recall":
+        pairs, key = body.split(" ?")
+        return dict(p.split(":") for p in pairs.split())[key]
+    if task == "facts":
+        world = {w: row for row in tasks.WORLD for w in row}
+        words = prompt.split()
+        if prompt.startswith("the capital of"):
+            return world[words[3]][1]
+        if prompt.startswith("in "):
+            return world[words[1]][2]
+        return world[words[0]][0]
+    raise AssertionError(task)
+
+
+def test_generation_is_deterministic_and_seed_dependent():
+    a = tasks.generate(list(tasks.FAMILIES), 20, seed=3)
+    b = tasks.generate(list(tasks.FAMILIES), 20, seed=3)
+    c = tasks.generate(list(tasks.FAMILIES), 20, seed=4)
+    assert a == b
+    assert a != c
+    # each family has its own stream: dropping a family leaves the others' examples unchanged
+    only_copy = tasks.generate(["copy"], 20, seed=3)
+    assert only_copy == [r for r in a if r["task"] == "copy"]
+
+
+@pytest.mark.parametrize("name", list(tasks.FAMILIES))
+def test_every_family_answers_correctly_and_scores_by_exact_match(name):
+    fam = tasks.FAMILIES[name]
+    rng = random.Random(0)
+    for _ in range(200):
+        prompt, answer = fam.make(rng)
+        assert _solve(name, prompt) == answer, (prompt, answer)
+        assert tasks.exact_match(answer, answer)
+        assert tasks.exact_match(answer + "\n", answer)
+        wrong = answer[:-1] + ("0" if answer[-1] != "0" else "1")
+        assert not tasks.exact_match(wrong, answer)
+        assert not tasks.exact_match(answer[:-1], answer)
+        assert 3 <= len(answer) <= 16
+        assert re.fullmatch(r"[ -~]+", prompt + answer)  # printable ASCII: in the char vocabulary
+
+
+def test_family_labels():
+    kinds = {n: f.kind for n, f in tasks.FAMILIES.items()}
+    assert {"add", "sort", "copy", "reverse", "recall", "facts"} <= set(kinds)
+    assert kinds["add"] == "ltr" and kinds["scan"] == "ltr"
+    assert all(kinds[n] == "global" for n in ("sort", "copy", "reverse", "recall", "facts"))
+
+
+def test_unknown_family_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"data.tasks.*'mult'.*valid"):
+        tasks.get_families(["copy", "mult"])
+
+
+def test_char_tokenizer_round_trip(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = build_char_tokenizer()
+    tok.save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.mask_token_id) == (0, 1, 2, 4)
+    text = "add A1B2+A3=\tthe capital of peru is lima\n"
+    ids = tok(text).input_ids
+    assert ids[0] == tok.bos_token_id and len(ids) == len(text) + 1
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    # char-level: the encoding of prompt + answer is the prompt's encoding followed by the answer's
+    assert tok("ab" + "cd").input_ids == tok("ab").input_ids + tok("cd", add_special_tokens=False).input_ids
+    assert tok("é").input_ids == [tok.bos_token_id, tok.unk_token_id]
