@@ -22,6 +22,7 @@ def nemotron_h_config() -> NemotronHConfig:
         n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
         moe_shared_expert_intermediate_size=32, max_position_embeddings=256,
         pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=False,
+        initializer_range=0.2,  # large weights: Mamba states and every path visibly matter
     )
 
 
@@ -30,6 +31,7 @@ def llama_config() -> LlamaConfig:
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=True,
+        initializer_range=0.2,  # large weights: Mamba states and every path visibly matter
     )
 
 
@@ -38,6 +40,7 @@ def qwen3_config() -> Qwen3Config:
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
         pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=False,
+        initializer_range=0.2,  # large weights: Mamba states and every path visibly matter
     )
 
 
@@ -58,3 +61,19 @@ def tiny_backbone(name: str, seed: int = 0, scale: float = 1.0):
         with torch.no_grad():
             model.lm_head.weight.mul_(scale)
     return model
+
+
+def tiny_twotower(name: str, block_size: int = 4, seed: int = 0, perturb: float = 0.0, **cfg):
+    """A two-tower model on `tiny_backbone(name)`. perturb>0 fills every new (zero-init) module
+    with noise of that scale so AdaLN, gates and position embeddings all act in the test."""
+    from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
+
+    backbone = tiny_backbone(name, seed=seed, scale=1.0)
+    model = TwoTowerForDiffusionLM.from_backbone(backbone, TwoTowerConfig(block_size=block_size, **cfg))
+    if perturb:
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if pname in model.new_parameter_names():
+                    p.add_(torch.randn(p.shape, generator=gen) * perturb)
+    return model.eval()

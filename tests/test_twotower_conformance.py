@@ -1,0 +1,236 @@
+"""Conformance kit: the seven invariants of DESIGN.md section 5 for every registered tiny backbone.
+
+A new adapter joins by adding its tiny config to `tests/twotower_fixtures.TINY_CONFIGS`.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from twotower import TwoTowerForDiffusionLM, place_towers_on_devices
+from twotower.cache import TowerCache
+from twotower.denoiser import DecodeContext
+from twotower.walk import context_forward
+from twotower_fixtures import EOS, TINY_CONFIGS, VOCAB, tiny_backbone, tiny_twotower
+
+torch.set_num_threads(1)
+NAMES = sorted(TINY_CONFIGS)
+B = 4
+
+
+def rand_ids(b, length, seed=0):
+    return torch.randint(3, VOCAB, (b, length), generator=torch.Generator().manual_seed(seed))
+
+
+def fixed_noise(b, length, seed=0):
+    """A noise mask (never position 0 of a block) and times for `[b, length]`."""
+    g = torch.Generator().manual_seed(seed)
+    n = -(-length // B)
+    mask = torch.rand(b, length, generator=g) < 0.5
+    mask[:, ::B] = False
+    return mask, torch.rand(b, n, generator=g) * 0.9 + 0.05
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_context_walk_matches_hf_forward(name):
+    """Our layer walk of the context tower reproduces the HF model's own logits."""
+    backbone = tiny_backbone(name)
+    model = TwoTowerForDiffusionLM.from_backbone(backbone)
+    ids = rand_ids(2, 13)
+    with torch.no_grad():
+        ref = backbone(ids).logits
+        hidden, _ = context_forward(model.context_walk, ids, TowerCache.empty(2, "cpu"), chunk=B)
+    torch.testing.assert_close(model.context_walk.logits(hidden), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_incremental_and_left_padded_context_match_full_pass(name):
+    """Prefill + block commit + single tokens, with left padding, equal one clean pass."""
+    model = tiny_twotower(name)
+    walk = model.context_walk
+    ids = rand_ids(1, 11)
+    with torch.no_grad():
+        full, _ = context_forward(walk, ids, TowerCache.empty(1, "cpu"), chunk=B)
+        padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids[:, :5]], 1)
+        valid = torch.tensor([[False] * 3 + [True] * 5])
+        h1, cache = context_forward(walk, padded, TowerCache.empty(1, "cpu"), valid=valid, chunk=B)
+        h2, cache = context_forward(walk, ids[:, 5:9], cache, chunk=B)
+        h3, cache = context_forward(walk, ids[:, 9:10], cache, chunk=B)
+        h4, cache = context_forward(walk, ids[:, 10:11], cache, chunk=B)
+    got = torch.cat([h1[:, 3:], h2, h3, h4], 1)
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inv1_context_tower_bit_identical_after_training(name):
+    backbone = tiny_backbone(name)
+    reference = {k: v.clone() for k, v in backbone.state_dict().items()}
+    model = TwoTowerForDiffusionLM.from_backbone(backbone)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    den_before = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+    for step in range(3):
+        out = model(rand_ids(2, 12, seed=step))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert not any(p.requires_grad for p in model.context_tower.parameters())
+    for k, v in model.context_tower.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+    changed = [k for k, v in model.denoiser.state_dict().items() if not torch.equal(v, den_before[k])]
+    assert any(k.startswith("backbone.") for k in changed) and "adaln.weight" in changed
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inv2_block_causality(name):
+    """Logits of block k do not change when tokens of later blocks change."""
+    model = tiny_twotower(name, perturb=0.05)
+    ids = rand_ids(2, 16)
+    mask, t = fixed_noise(2, 16)
+    other = ids.clone()
+    other[:, 8:] = rand_ids(2, 8, seed=5)
+    with torch.no_grad():
+        a = model(ids, noise_mask=mask, t=t).logits
+        b = model(other, noise_mask=mask, t=t).logits
+    torch.testing.assert_close(a[:, :8], b[:, :8], atol=2e-6, rtol=0)  # MoE expert batches vary: float noise only
+    assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-4  # and the later blocks do react
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inv3_bidirectional_inside_block(name):
+    """Changing a clean token at block position j changes the logits at i < j in that block."""
+    model = tiny_twotower(name, perturb=0.05)
+    ids = rand_ids(1, 12)
+    mask = torch.zeros(1, 12, dtype=torch.bool)
+    mask[0, 5] = True  # block 1 = positions 4..7; position 7 stays clean
+    t = torch.full((1, 3), 0.5)
+    other = ids.clone()
+    other[0, 7] = (ids[0, 7] + 1 - 3) % (VOCAB - 3) + 3
+    with torch.no_grad():
+        a = model(ids, noise_mask=mask, t=t).logits
+        b = model(other, noise_mask=mask, t=t).logits
+    assert (a[0, 4:7] - b[0, 4:7]).abs().max() > 1e-5
+    torch.testing.assert_close(a[0, :4], b[0, :4], atol=2e-6, rtol=0)  # MoE expert batches vary: float noise only
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inv4_zero_init_identity(name):
+    from twotower import checks
+
+    model = tiny_twotower(name)
+    assert checks.zero_init_identity(model, rand_ids(2, 9)) == 0.0
+    assert checks.context_matches(model, tiny_backbone(name))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inv5_mock_ar_equals_ar_odd_prompts_batched(name):
+    model = tiny_twotower(name, perturb=0.05)
+    prompts = [rand_ids(1, n, seed=n)[0].tolist() for n in (3, 7, 5)]
+    kw = dict(max_new_tokens=13, eos_token_id=-1)
+    ar = model.generate(prompts, mode="ar", **kw)
+    mock = model.generate(prompts, mode="mock_ar", **kw)
+    assert torch.equal(ar.sequences, mock.sequences)
+    assert ar.sequences.shape == (3, 7 + 13)
+    assert ar.num_context_forwards == 13 and ar.num_denoiser_forwards == 0
+    # each row equals decoding that prompt alone (left padding is exact)
+    for i, p in enumerate(prompts):
+        alone = model.generate([p], mode="ar", **kw)
+        assert alone.generated[0].tolist() == ar.generated[i].tolist()
+    # an EOS in the middle of a block: take a token ar emits at step 6 of row 0 as EOS
+    eos = int(ar.generated[0, 6])
+    ar_e = model.generate(prompts, mode="ar", max_new_tokens=13, eos_token_id=eos, pad_token_id=0)
+    mock_e = model.generate(prompts, mode="mock_ar", max_new_tokens=13, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(ar_e.sequences, mock_e.sequences)
+    assert torch.equal(ar_e.num_generated, mock_e.num_generated)
+    row = ar_e.generated[0].tolist()
+    assert eos in row and all(x == 0 for x in row[row.index(eos) + 1:])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ar_matches_hf_greedy(name):
+    """Mode `ar` is the backbone's own greedy decoding."""
+    model = tiny_twotower(name)
+    ids = rand_ids(1, 5)
+    ours = model.generate(ids, mode="ar", max_new_tokens=9, eos_token_id=-1)
+    with torch.no_grad():
+        ref = model.context_tower.generate(ids, max_new_tokens=9, do_sample=False, eos_token_id=None,
+                                           min_new_tokens=9, pad_token_id=0)
+    assert ours.sequences.tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inv6_training_logits_equal_decode_logits(name):
+    """Block k's training-forward logits == the decode path's on the same noisy block, with the
+    context cache built incrementally (prefill, then block commits)."""
+    model = tiny_twotower(name, perturb=0.05)
+    ids = rand_ids(2, 16, seed=3)
+    mask, t = fixed_noise(2, 16, seed=3)
+    with torch.no_grad():
+        train = model(ids, noise_mask=mask, t=t).logits
+        cache = TowerCache.empty(2, "cpu")
+        for k in range(4):
+            block = ids[:, k * B:(k + 1) * B]
+            noisy = block.masked_fill(mask[:, k * B:(k + 1) * B], 0)
+            positions = cache.next_pos[:, None] + torch.arange(B)
+            ctx = DecodeContext(cache, model.tt_config, B)
+            dec = model.denoiser(noisy, mask[:, k * B:(k + 1) * B], t[:, k], positions, ctx)
+            torch.testing.assert_close(dec, train[:, k * B:(k + 1) * B], atol=2e-5, rtol=1e-5)
+            _, cache = context_forward(model.context_walk, block, cache, chunk=B)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inv7_export_round_trip(name, tmp_path):
+    model = tiny_twotower(name, perturb=0.05)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "twotower"
+    assert not list(tmp_path.glob("*.bin"))
+    loaded = TwoTowerForDiffusionLM.from_pretrained(tmp_path)
+    auto = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(auto, TwoTowerForDiffusionLM)
+    ids = rand_ids(2, 12)
+    mask, t = fixed_noise(2, 12)
+    with torch.no_grad():
+        a = model(ids, noise_mask=mask, t=t).logits
+        for other in (loaded, auto):
+            assert torch.equal(a, other(ids, noise_mask=mask, t=t).logits)
+    kw = dict(mode="diffusion", gamma=0.7, max_new_tokens=10)
+    assert torch.equal(model.generate(ids[:, :5], **kw).sequences, loaded.generate(ids[:, :5], **kw).sequences)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_diffusion_decoding_batch_counts_and_eos(name):
+    model = tiny_twotower(name, perturb=0.05)
+    prompts = [rand_ids(1, n, seed=n)[0].tolist() for n in (3, 6)]
+    g = model.generate(prompts, mode="diffusion", gamma=0.5, max_new_tokens=10, eos_token_id=-1, return_trace=True)
+    assert g.generated.shape == (2, 10)
+    # 3 blocks of 4 cover 10 tokens: 1 prefill + 2 commits; each block needs 1..3 denoiser steps
+    assert g.num_context_forwards == 3 and 3 <= g.num_denoiser_forwards <= 9
+    assert len(g.trace) == 3 and all(not any(map(any, s[-1]["masked"])) for s in g.trace)
+    # gamma=1 can still commit (at least one position per step): B-1 steps per block
+    g1 = model.generate(prompts, mode="diffusion", gamma=1.0, max_new_tokens=8, eos_token_id=-1)
+    assert g1.num_denoiser_forwards in (4, 6)
+    # batched equals alone
+    for i, p in enumerate(prompts):
+        alone = model.generate([p], mode="diffusion", gamma=0.5, max_new_tokens=10, eos_token_id=-1)
+        assert alone.generated[0].tolist() == g.generated[i].tolist()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_place_towers_on_devices_cpu(name):
+    model = tiny_twotower(name, perturb=0.05)
+    ids = rand_ids(1, 6)
+    before = model.generate(ids, mode="diffusion", max_new_tokens=8).sequences
+    place_towers_on_devices(model, context_device="cpu", denoiser_device="cpu")
+    assert torch.equal(before, model.generate(ids, mode="diffusion", max_new_tokens=8).sequences)
+    assert model(ids).loss.isfinite()
+
+
+def test_layer_map_lists_every_kind():
+    model = tiny_twotower("nemotron_h")
+    kinds = [r["kind"] for r in model.layer_map()]
+    assert kinds == ["mamba", "attention", "moe", "mamba", "mlp"]
+    assert model.layer_map()[1]["conditioning"].startswith("context_kv")
+    assert model.layer_map()[0]["conditioning"].startswith("seeded_state")

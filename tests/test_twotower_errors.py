@@ -1,0 +1,80 @@
+"""Bad input raises a ValueError whose message names the problem."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import adapters
+from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
+from twotower_fixtures import tiny_twotower
+
+torch.set_num_threads(1)
+
+
+def test_unknown_model_type_lists_supported():
+    with pytest.raises(ValueError, match=r"'gpt2'.*supported: llama, mistral, nemotron_h, qwen2, qwen3"):
+        adapters.get("gpt2")
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    with pytest.raises(ValueError, match="unsupported backbone model_type 'gpt2'"):
+        TwoTowerForDiffusionLM.from_backbone(gpt2, TwoTowerConfig())
+
+
+@pytest.mark.parametrize("bad", [1, 0, -4])
+def test_block_size_below_two(bad):
+    with pytest.raises(ValueError, match="block_size must be an integer >= 2"):
+        TwoTowerConfig(block_size=bad)
+
+
+def test_bad_choice_and_unknown_key():
+    with pytest.raises(ValueError, match="time_conditioning"):
+        TwoTowerConfig(time_conditioning="film")
+    with pytest.raises(ValueError, match="unknown twotower config keys: \\['blok_size'\\]"):
+        TwoTowerConfig.from_dict({"blok_size": 4})
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_twotower("llama")
+
+
+@pytest.mark.parametrize("gamma", [0.0, -0.1, 1.5])
+def test_gamma_outside_unit_interval(model, gamma):
+    with pytest.raises(ValueError, match=r"gamma must be in \(0, 1\]"):
+        model.generate(torch.tensor([[5, 6, 7]]), gamma=gamma, max_new_tokens=4)
+
+
+def test_empty_prompt(model):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        model.generate([[5, 6], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=4)
+
+
+def test_prompt_longer_than_max_positions(model):
+    too_long = torch.full((1, 300), 5)
+    with pytest.raises(ValueError, match="300 tokens exceeds the backbone's max_position_embeddings=256"):
+        model.generate(too_long, max_new_tokens=4)
+
+
+def test_unknown_mode_and_block_size(model):
+    with pytest.raises(ValueError, match="mode must be one of"):
+        model.generate(torch.tensor([[5]]), mode="beam")
+    with pytest.raises(ValueError, match="block_size 8 exceeds the trained block size 4"):
+        model.generate(torch.tensor([[5]]), block_size=8)
+
+
+def test_checkpoint_without_safetensors(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    for f in tmp_path.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ValueError, match="no \\*.safetensors weights"):
+        TwoTowerForDiffusionLM.from_pretrained(tmp_path)
+
+
+def test_noise_mask_on_block_start_rejected(model):
+    ids = torch.randint(3, 40, (1, 8))
+    mask = torch.zeros(1, 8, dtype=torch.bool)
+    mask[0, 4] = True
+    with pytest.raises(ValueError, match="position 0 of a block"):
+        model(ids, noise_mask=mask, t=torch.full((1, 2), 0.5))
