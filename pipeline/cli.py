@@ -25,10 +25,13 @@ from typing import Any
 from pipeline.config import DEFAULT_RECIPE, REPO_ROOT, ConfigError, PipelineConfig, load_config
 
 
-def resolve_recipe(arg: str | None) -> Path | None:
-    """A recipe argument as a path: a file, or a name under recipes/ (`tiny` -> recipes/tiny.yaml)."""
+def resolve_recipe(arg: str | None, defaults: str | None = None) -> Path | None:
+    """A recipe argument as a path: a file, or a name under recipes/ (`tiny` -> recipes/tiny.yaml).
+
+    Without one: the embedded default recipe, unless another defaults file was given (`--defaults`).
+    """
     if arg is None:
-        return DEFAULT_RECIPE if DEFAULT_RECIPE.exists() else None
+        return DEFAULT_RECIPE if DEFAULT_RECIPE.exists() and defaults is None else None
     for candidate in (Path(arg), REPO_ROOT / "recipes" / f"{arg}.yaml", REPO_ROOT / "recipes" / arg):
         if candidate.is_file():
             return candidate
@@ -44,7 +47,7 @@ def split_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 def _load(args: argparse.Namespace) -> tuple[PipelineConfig, Path | None]:
     recipe_arg, overrides = split_args(args.args)
-    recipe = resolve_recipe(recipe_arg)
+    recipe = resolve_recipe(recipe_arg, args.defaults)
     return load_config(recipe, overrides, defaults=args.defaults), recipe
 
 
@@ -54,7 +57,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     overrides = [a for a in args.args if "=" in a or a.startswith("~")]
     status = 0
     for arg in recipes:
-        recipe = resolve_recipe(arg)
+        recipe = resolve_recipe(arg, args.defaults)
         try:
             cfg = load_config(recipe, overrides, defaults=args.defaults)
         except ConfigError as err:

@@ -140,8 +140,21 @@ def _delete(cfg: Any, dotted: str) -> bool:
     return True
 
 
-def _resolve(node: Any, path: str, problems: list[tuple[str, str]]) -> Any:
-    """Plain data with every interpolation resolved; an unresolvable one becomes a problem."""
+def _decode(text: str) -> Any:
+    """An interpolated string (env variables are strings) read as a YAML scalar: '3' -> 3, 'null' -> None."""
+    import yaml
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (int, float, bool)) or value is None else text
+
+
+def _resolve(node: Any, path: str, problems: list[tuple[str, str]], interpolated: dict[str, str]) -> Any:
+    """Plain data with every interpolation resolved; an unresolvable one becomes a problem.
+
+    `interpolated` collects `key -> '${...}'` so type errors can quote where a value came from.
+    """
     from omegaconf import DictConfig, ListConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
     if isinstance(node, DictConfig):
@@ -158,7 +171,10 @@ def _resolve(node: Any, path: str, problems: list[tuple[str, str]]) -> Any:
             value: Any = MISSING
         else:
             try:
-                value = _resolve(node[key], sub, problems)
+                value = _resolve(node[key], sub, problems, interpolated)
+                if node._get_node(key)._is_interpolation():
+                    interpolated[sub] = str(node._get_node(key)._value())
+                    value = _decode(value) if isinstance(value, str) else value
             except OmegaConfBaseException as err:
                 raw = node._get_node(key)._value()
                 problems.append((sub, f"cannot resolve {raw!r}: {getattr(err, 'msg', err)}"))
@@ -269,9 +285,18 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
         if not _delete(merged, key):
             problems.append(Problem(f"~{key}", f"cannot delete '{key}': no such key in the config", CLI))
     raw_problems: list[tuple[str, str]] = []
-    plain = _resolve(merged, "", raw_problems)
+    interpolated: dict[str, str] = {}
+    plain = _resolve(merged, "", raw_problems, interpolated)
+    unresolved = {key for key, _ in raw_problems}
     cfg = _validate(plain, raw_problems, registry(stages_registry))
-    problems += [Problem(k, m, _origin(k, layers)) for k, m in raw_problems]
+    seen: set[str] = set()
+    for key, message in raw_problems:
+        if key in unresolved and key in seen:
+            continue  # its value is unknown: the resolution error says it all
+        seen.add(key)
+        if key in interpolated and interpolated[key] not in message:
+            message += f" (the value comes from {interpolated[key]!r}: is the variable set?)"
+        problems.append(Problem(key, message, _origin(key, layers)))
     if problems or cfg is None:
         raise ConfigError(problems)
     cfg.sources = sources + ([f"{CLI}: {' '.join(overrides)}"] if overrides else [])

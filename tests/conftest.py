@@ -1,0 +1,58 @@
+"""Shared test fixtures: the engine's test graph, one local Ray per session, a CLI runner.
+
+`tests/` is on sys.path (pytest's rootdir insertion), so `engine_stages` imports as a top-level module;
+`cli()` passes the same path to subprocesses. GPU-marked tests are skipped without CUDA.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch  # only when a GPU test was collected: torch is slow to import
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def engine_defaults(tmp_path: Path) -> Path:
+    """A defaults file wiring the test stages `source -> scale -> combine`, runs under tmp_path/runs."""
+    from engine_stages import GRAPH_YAML
+    path = tmp_path / "defaults.yaml"
+    path.write_text(GRAPH_YAML.format(root=tmp_path / "runs"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every Ray test of the session (~3-5 s and ~850 MB to start)."""
+    import logging
+
+    import ray
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
+             logging_level=logging.WARNING, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess:
+    """`python -m pipeline *args` in a subprocess that can import the test stages."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), full_env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd or REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,127 @@
+"""Config loading and validation: merge order, env interpolation, deletions, and errors that name the
+key and the file, all at once, with exit status 2 and no traceback from the CLI.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, cli
+
+from pipeline.config import ConfigError, load_config
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_merge_order_recipe_then_overrides_win(engine_defaults: Path, tmp_path: Path) -> None:
+    recipe = _write(tmp_path / "r.yaml", "source: {n: 7, start: 2}\nscale: {factor: 3}\n")
+    cfg = load_config(recipe, ["source.n=9", "scale.tags=[a,b]"], defaults=engine_defaults)
+    assert cfg.stages["source"].config == {"n": 9, "start": 2.0, "mode": "linear"}
+    assert cfg.stages["scale"].config["factor"] == 3.0 and cfg.stages["scale"].config["tags"] == ["a", "b"]
+    assert cfg.name == "r" and list(cfg.stages) == ["source", "scale", "combine"]
+    assert cfg.resolved["combine"]["steps"] == 3  # defaults filled into the saved config
+
+
+def test_env_interpolation_and_deletion(engine_defaults: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = _write(tmp_path / "r.yaml", "source: {n: '${oc.env:ENGINE_TEST_N,3}'}\n"
+                    "ray: {address: '${oc.env:ENGINE_TEST_ADDR,null}'}\n")
+    monkeypatch.delenv("ENGINE_TEST_N", raising=False)
+    cfg = load_config(recipe, defaults=engine_defaults)
+    assert cfg.stages["source"].config["n"] == 3 and cfg.ray.address is None
+    monkeypatch.setenv("ENGINE_TEST_N", "11")
+    assert load_config(recipe, defaults=engine_defaults).stages["source"].config["n"] == 11
+    cfg = load_config(recipe, ["~source.n", "~graph.combine"], defaults=engine_defaults)
+    assert cfg.stages["source"].config["n"] == 4 and "combine" not in cfg.stages  # back to the default
+
+
+def test_recipe_null_removes_a_stage(engine_defaults: Path, tmp_path: Path) -> None:
+    recipe = _write(tmp_path / "r.yaml", "graph: {combine: null}\n")
+    assert list(load_config(recipe, defaults=engine_defaults).stages) == ["source", "scale"]
+
+
+def test_all_errors_at_once_with_key_file_and_suggestion(engine_defaults: Path, tmp_path: Path) -> None:
+    recipe = _write(tmp_path / "bad.yaml", "source: {nn: 3, mode: cube}\nscale: {factor: fast}\n"
+                    "sorce: {}\nrun: {seed: 1.5}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, ["combine.steps=many", "bogus"], defaults=engine_defaults)
+    problems = {p.key: p for p in info.value.problems}
+    assert "bogus" in problems and problems["bogus"].source == "command line"
+    assert not (set(problems) - {"bogus"})  # bad override syntax is reported before merging
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, ["combine.steps=many"], defaults=engine_defaults)
+    problems = {p.key: p for p in info.value.problems}
+    assert set(problems) == {"source.nn", "source.mode", "scale.factor", "sorce", "run.seed",
+                             "combine.steps"}
+    assert "did you mean 'n'" in problems["source.nn"].message
+    assert "did you mean 'source'" in problems["sorce"].message
+    assert "linear" in problems["source.mode"].message
+    assert "expected float" in problems["scale.factor"].message
+    assert problems["scale.factor"].source == str(recipe)
+    assert problems["combine.steps"].source == "command line"
+
+
+def test_missing_value_and_unknown_stage(engine_defaults: Path, tmp_path: Path) -> None:
+    recipe = _write(tmp_path / "r.yaml", "source:\n  start: ???\n"
+                    "graph: {extra: {needs: [source]}, scale: {needs: [sourc]}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, defaults=engine_defaults)
+    problems = {p.key: p.message for p in info.value.problems}
+    assert "missing value" in problems["source.start"]
+    assert "unknown stage 'extra'" in problems["graph.extra"]
+    assert "did you mean 'source'" in problems["graph.scale.needs[0]"]
+
+
+def test_override_of_missing_key_and_unresolvable_env(engine_defaults: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ENGINE_TEST_UNSET", raising=False)
+    recipe = _write(tmp_path / "r.yaml", "scale: {factor: '${oc.env:ENGINE_TEST_UNSET}'}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, ["~source.nope"], defaults=engine_defaults)
+    problems = {p.key: p.message for p in info.value.problems}
+    assert "no such key" in problems["~source.nope"]
+    assert "ENGINE_TEST_UNSET" in problems["scale.factor"]  # the interpolation is quoted
+
+
+@pytest.mark.parametrize("args, key", [
+    (["source.nn=3"], "source.nn"),            # unknown key
+    (["source.n=three"], "source.n"),          # wrong type
+    (["source.start=???"], "source.start"),    # missing value
+    (["source.n"], "source.n"),                # bad override syntax
+])
+def test_cli_config_errors_exit_2_without_traceback(engine_defaults: Path, args: list[str], key: str) -> None:
+    started = time.time()
+    proc = cli("validate", *args, "--defaults", str(engine_defaults))
+    assert proc.returncode == 2, proc.stderr
+    assert key in proc.stderr and "Traceback" not in proc.stderr
+    assert time.time() - started < 10  # no heavy import (the contract: about a second when idle)
+
+
+def test_cli_bad_recipe_file_is_named(engine_defaults: Path, tmp_path: Path) -> None:
+    broken = _write(tmp_path / "broken.yaml", "source: {n: [1,\n")
+    proc = cli("validate", str(broken), "--defaults", str(engine_defaults))
+    assert proc.returncode == 2 and "broken.yaml" in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli("run", str(tmp_path / "absent.yaml"), "--defaults", str(engine_defaults))
+    assert proc.returncode == 2 and "absent.yaml" in proc.stderr and "no such file" in proc.stderr
+
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES or [None], ids=[r.name for r in RECIPES] or ["none"])
+def test_every_recipe_validates(recipe: Path | None) -> None:
+    if recipe is None:
+        pytest.skip("no recipe in recipes/ yet")
+    first = recipe.read_text().lstrip().splitlines()[0]
+    assert first.startswith("#"), f"{recipe.name} must start with a comment giving its launch command"
+    cfg = load_config(recipe)
+    assert cfg.stages and cfg.dag.order
+
+
+def test_default_pipeline_yaml_validates() -> None:
+    cfg = load_config(None)
+    assert "prepare_data" in cfg.stages and cfg.dag.order[0] == "prepare_data"
