@@ -65,6 +65,9 @@ class Config:
     """torch intra-op threads on CPU; 0 leaves torch's default."""
     progress_bar: bool = True
     """Show Lightning's progress bar."""
+    noise_on: str = "all"
+    """Which tokens may be masked: `all` (every non-pad token) or `answers` (the data's `loss_mask`:
+    answer tokens and their EOS; falls back to `all` when the token file has no loss_mask)."""
 
 
 @dataclass
@@ -121,6 +124,8 @@ def _module_class():
             self.cfg = cfg
             self.block_size = block_size
             self.strict_loading = False  # checkpoints omit the frozen context tower
+            pad = getattr(self.model.context_tower.config, "pad_token_id", None)
+            self.pad_id = -1 if pad is None else int(pad)
             self.elapsed_before = 0.0  # seconds trained in earlier sessions (resume)
             self.started = time.monotonic()
 
@@ -144,8 +149,22 @@ def _module_class():
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
         # steps --------------------------------------------------------------------------------
+        def _forward(self, batch, generator=None):
+            """Training forward; pads are excluded, and with `noise_on=answers` only answers are noised."""
+            x, loss_mask = batch
+            # right padding: everything up to the last non-pad token is real (pad may equal EOS)
+            real = (x != self.pad_id).flip(1).cumsum(1).flip(1) > 0
+            if self.cfg.noise_on != "answers":
+                return self.model(x, attention_mask=real, generator=generator)
+            b, L = x.shape
+            B = self.block_size
+            maskable = (loss_mask.bool() & real).view(b, L // B, B).clone()
+            maskable[:, :, 0] = False  # token shift: position 0 is the context tower's token
+            t, mask = self.model.sample_noise(maskable, generator)
+            return self.model(x, noise_mask=mask.view(b, L), t=t, attention_mask=real)
+
         def training_step(self, batch, batch_idx):
-            out = self.model(batch[0])
+            out = self._forward(batch)
             self.log("train/loss", out.loss, prog_bar=True)
             if getattr(out, "masked_accuracy", None) is not None:
                 self.log("train/masked_acc", out.masked_accuracy)
@@ -156,7 +175,7 @@ def _module_class():
 
         def validation_step(self, batch, batch_idx):
             x = batch[0]
-            out = self.model(x, generator=torch.Generator().manual_seed(batch_idx))  # same noise each time
+            out = self._forward(batch, torch.Generator().manual_seed(batch_idx))  # same noise each time
             self.log("val/loss", out.loss, prog_bar=True, batch_size=x.shape[0])
             if getattr(out, "masked_accuracy", None) is not None:
                 self.log("val/masked_acc", out.masked_accuracy, batch_size=x.shape[0])
@@ -201,18 +220,23 @@ def _progress_callback(ctx: StageContext, total: int):
     return _Progress()
 
 
-def load_tokens(path: str, key_name: str) -> Any:
-    """The `input_ids` tensor [N, L] of a prepare_data token file, with a clear error when empty."""
+def load_tokens(path: str, key_name: str) -> tuple[Any, Any]:
+    """(`input_ids` [N, L], `loss_mask` [N, L]) of a prepare_data token file; clear error when empty.
+
+    A file without `loss_mask` gets an all-ones one (every token may be noised)."""
+    import torch
     from safetensors.torch import load_file
 
     if not Path(path).exists():
         raise ValueError(f"{key_name}: token file {path} does not exist")
-    ids = load_file(path).get("input_ids")
+    tensors = load_file(path)
+    ids = tensors.get("input_ids")
     if ids is None:
         raise ValueError(f"{key_name}: {path} has no `input_ids` tensor")
     if ids.ndim != 2 or ids.shape[0] == 0:
         raise ValueError(f"{key_name}: {path} is empty (shape {tuple(ids.shape)})")
-    return ids.long()
+    mask = tensors.get("loss_mask")
+    return ids.long(), (torch.ones_like(ids, dtype=torch.int8) if mask is None else mask.to(torch.int8))
 
 
 def check_block_size(block_size: int, seq_len: int) -> None:
@@ -249,9 +273,9 @@ def fit(cfg: Config, factory: TwoTowerFactory, block_size: int, train_ids, val_i
     precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if gpu else "32-true")
     module = __getattr__("DenoiserModule")(factory, cfg, block_size)
     g = torch.Generator().manual_seed(ctx.seed)
-    train_dl = DataLoader(TensorDataset(train_ids), batch_size=cfg.batch_size, shuffle=True,
-                          generator=g, drop_last=len(train_ids) >= cfg.batch_size)
-    val_dl = DataLoader(TensorDataset(val_ids), batch_size=cfg.batch_size)
+    train_dl = DataLoader(TensorDataset(*train_ids), batch_size=cfg.batch_size, shuffle=True,
+                          generator=g, drop_last=len(train_ids[0]) >= cfg.batch_size)
+    val_dl = DataLoader(TensorDataset(*val_ids), batch_size=cfg.batch_size)
     ckpt_dir = Path(ctx.work_dir) / "checkpoints"
     callbacks = [ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=cfg.checkpoint_every,
                                  save_last=True, save_top_k=1, save_on_exception=False)
@@ -268,7 +292,8 @@ def fit(cfg: Config, factory: TwoTowerFactory, block_size: int, train_ids, val_i
         gradient_clip_val=cfg.grad_clip or None, logger=_logger(ctx), callbacks=callbacks,
         val_check_interval=min(cfg.val_every, n_train_batches) if cfg.val_every else None,
         check_val_every_n_epoch=None if cfg.val_every else 1,
-        limit_val_batches=cfg.val_batches, num_sanity_val_steps=0, log_every_n_steps=5,
+        limit_val_batches=cfg.val_batches, num_sanity_val_steps=0,
+        log_every_n_steps=max(1, min(10, cfg.max_steps // 10)),
         enable_progress_bar=cfg.progress_bar, enable_model_summary=False,
         default_root_dir=str(ctx.work_dir))
     last = ckpt_dir / "last.ckpt"
@@ -329,9 +354,11 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     block_size = int(tt.get("block_size", 16))
     train_ids = load_tokens(data["artifacts"]["train_tokens"], "prepare_data.artifacts.train_tokens")
     val_ids = load_tokens(data["artifacts"]["eval_tokens"], "prepare_data.artifacts.eval_tokens")
-    check_block_size(block_size, int(train_ids.shape[1]))
+    check_block_size(block_size, int(train_ids[0].shape[1]))
     if cfg.max_steps < 1:
         raise ValueError(f"train.max_steps={cfg.max_steps}: must be at least 1")
+    if cfg.noise_on not in ("all", "answers"):
+        raise ValueError(f"train.noise_on={cfg.noise_on!r}: expected 'all' or 'answers'")
     factory = TwoTowerFactory(attach["artifacts"]["model"], tt, attach.get("dtype", "float32"))
     module, trainer, seconds = fit(cfg, factory, block_size, train_ids, val_ids, ctx)
     out = Path(ctx.out_dir)
@@ -339,7 +366,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     save_denoiser(module.model, out / "denoiser.safetensors")
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     steps = int(trainer.global_step)
-    tokens = steps * cfg.batch_size * cfg.grad_accum * int(train_ids.shape[1])
+    tokens = steps * cfg.batch_size * cfg.grad_accum * int(train_ids[0].shape[1])
     metrics = {"steps": steps, "resumed_from_step": module.resumed_from_step,
                "train_minutes": module.elapsed() / 60.0,
                "tokens_per_second": tokens / max(seconds, 1e-9),

@@ -1,0 +1,199 @@
+"""The adaptation stages end to end on a tiny real backbone, called directly (no engine, no Ray).
+
+duplicate_backbone -> freeze_context -> attach_conditioning -> train_denoiser (a few steps, with a
+checkpoint and a resume) -> calibrate_gamma -> evaluate -> export, then `pipeline generate` on the
+export. The model is random-ish, so quality is not asserted; the contracts are: manifest keys,
+verified invariants, files, the resume, MLflow metrics, and the export round trip.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_stages_fixtures import BLOCK, SEQ_LEN, make_ctx, tiny_backbone, tiny_data
+
+from stages import attach_conditioning as A
+from stages import calibrate_gamma as C
+from stages import duplicate_backbone as D
+from stages import evaluate as E
+from stages import export as X
+from stages import freeze_context as F
+from stages import train_denoiser as T
+
+TRAIN = dict(max_steps=4, batch_size=8, val_every=2, val_batches=1, checkpoint_every=2, progress_bar=False,
+             num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("chain")
+    bb = tiny_backbone(root / "backbone")
+    data = tiny_data(root / "data", bb)
+    events: list = []
+    m = {"prepare_data": data, "pretrain_backbone": {"artifacts": {"model": str(bb)}}}
+    m["duplicate_backbone"] = D.run(D.Config(), m, make_ctx(root, "dup"))
+    m["freeze_context"] = F.run(F.Config(), {"duplicate_backbone": m["duplicate_backbone"]}, make_ctx(root, "freeze"))
+    m["attach_conditioning"] = A.run(A.Config(block_size=BLOCK), {"freeze_context": m["freeze_context"]},
+                                     make_ctx(root, "attach"))
+    tctx = make_ctx(root, "train", events=events)
+    m["train_denoiser"] = T.run(T.Config(**TRAIN), m, tctx)
+    m["calibrate_gamma"] = C.run(C.Config(gammas=[0.5, 0.9], prompts_per_task=2, repeats=1, max_new_tokens=12),
+                                 m, make_ctx(root, "calibrate"))
+    m["evaluate"] = E.run(E.Config(prompts_per_task=2, repeats=1, max_new_tokens=12), m, make_ctx(root, "evaluate"))
+    m["export"] = X.run(X.Config(verify_prompts=2, max_new_tokens=12), m, make_ctx(root, "export"))
+    return {"root": root, "backbone": bb, "m": m, "events": events, "train_ctx": tctx}
+
+
+def test_duplicate_records_layer_map_counts_and_plan(chain):
+    d = chain["m"]["duplicate_backbone"]
+    assert [e["kind"] for e in d["layer_map"]] == ["mamba", "attention", "moe", "mlp"]
+    mt = d["metrics"]
+    assert 0 < mt["params_active_per_token"] < mt["params_total_per_tower"]  # top-2 of 4 experts
+    assert mt["params_both_towers"] == 2 * mt["params_total_per_tower"]
+    assert Path(d["artifacts"]["memory_plan"]).exists() and d["memory_plan"]["context_device"] == "cpu"
+    assert not any(Path(d["artifacts"]["layer_map"]).parent.glob("*.safetensors"))  # no weights here
+
+
+def test_duplicate_needs_a_backbone(tmp_path):
+    with pytest.raises(ValueError, match="backbone.name_or_path"):
+        D.run(D.Config(), {}, make_ctx(tmp_path, "dup"))
+    with pytest.raises(ValueError, match="no config.json"):
+        D.run(D.Config(name_or_path=str(tmp_path)), {}, make_ctx(tmp_path, "dup"))
+
+
+def test_freeze_verifies_trainable_set(chain):
+    f = chain["m"]["freeze_context"]
+    groups = f["trainable_groups"]
+    assert all(g["trainable"] == 0 for k, g in groups.items() if k.startswith("context_tower"))
+    assert all(g["frozen"] == 0 for k, g in groups.items() if k.startswith("denoiser"))
+    assert f["metrics"]["params_frozen"] == chain["m"]["duplicate_backbone"]["metrics"]["params_total_per_tower"]
+
+
+def test_attach_checks_zero_init_identity_and_records_conditioning(chain):
+    a = chain["m"]["attach_conditioning"]
+    assert a["metrics"]["zero_init_max_abs_delta"] <= 1e-5
+    assert a["metrics"]["params_new_total"] > 0
+    kinds = {r["kind"]: r["conditioning"] for r in a["conditioning_map"]}
+    assert "context_kv" in kinds["attention"] and "seeded_state" in kinds["mamba"]
+    assert a["twotower"]["block_size"] == BLOCK
+
+
+def test_attach_rejects_block_size_not_fitting_seq_len(chain, tmp_path):
+    up = dict(chain["m"]["freeze_context"], seq_len=SEQ_LEN)
+    with pytest.raises(ValueError, match=f"block_size=12 does not fit data.seq_len={SEQ_LEN}"):
+        A.run(A.Config(block_size=12), {"freeze_context": up}, make_ctx(tmp_path, "attach"))
+
+
+def test_train_writes_denoiser_checkpoints_and_reports(chain):
+    t = chain["m"]["train_denoiser"]
+    assert t["metrics"]["steps"] == TRAIN["max_steps"] and t["metrics"]["resumed_from_step"] == 0
+    assert {"val_loss", "val_elbo", "val_masked_acc"} <= set(t["metrics"])
+    assert Path(t["artifacts"]["denoiser"]).exists()
+    assert (Path(chain["train_ctx"].work_dir) / "checkpoints" / "last.ckpt").exists()
+    assert any(e["kind"] == "progress" for e in chain["events"])
+
+
+def test_train_resumes_from_last_checkpoint(chain):
+    m = chain["m"]
+    ctx = chain["train_ctx"]  # same work_dir: the checkpoint of the first run is there
+    out = T.run(T.Config(**{**TRAIN, "max_steps": 6}), m, ctx)
+    assert out["metrics"]["resumed_from_step"] == TRAIN["max_steps"]
+    assert out["metrics"]["steps"] == 6
+
+
+def test_trained_model_keeps_context_tower_bit_identical(chain):
+    from transformers import AutoModelForCausalLM
+    from twotower import checks
+
+    model, _ = T.load_trained(chain["m"]["train_denoiser"])
+    backbone = AutoModelForCausalLM.from_pretrained(chain["backbone"])
+    assert checks.context_matches(model, backbone)
+
+
+def test_train_logs_to_the_stages_mlflow_run(chain, tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("t")
+    run_id = client.create_run(exp).info.run_id
+    ctx = make_ctx(tmp_path, "train")
+    ctx.tracking_uri, ctx.mlflow_run_id = uri, run_id
+    T.run(T.Config(**{**TRAIN, "max_steps": 2, "val_every": 1}), chain["m"], ctx)
+    keys = set(client.get_run(run_id).data.metrics)
+    assert {"train/loss", "val/loss", "val/elbo"} <= keys
+
+
+def test_train_answers_only_noise(chain, tmp_path):
+    out = T.run(T.Config(**{**TRAIN, "max_steps": 1, "noise_on": "answers"}), chain["m"], make_ctx(tmp_path, "train"))
+    assert out["metrics"]["steps"] == 1
+
+
+def test_train_rejects_empty_token_file(chain, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": torch.zeros(0, SEQ_LEN, dtype=torch.long)}, str(tmp_path / "empty.safetensors"))
+    data = dict(chain["m"]["prepare_data"])
+    data["artifacts"] = dict(data["artifacts"], train_tokens=str(tmp_path / "empty.safetensors"))
+    with pytest.raises(ValueError, match="train_tokens.*empty"):
+        T.run(T.Config(**TRAIN), {**chain["m"], "prepare_data": data}, make_ctx(tmp_path, "train"))
+
+
+def test_calibrate_records_gamma_points_and_plot(chain):
+    c = chain["m"]["calibrate_gamma"]
+    assert c["metrics"]["gamma"] in (0.5, 0.9)
+    assert len(c["points"]) == 2 and all("speedup" in p and "tokens_per_forward" in p for p in c["points"])
+    assert c["metrics"]["target_met"] in (0.0, 1.0)
+    assert Path(c["artifacts"]["pareto"]).stat().st_size > 1000
+
+
+def test_evaluate_has_contract_metrics(chain):
+    e = chain["m"]["evaluate"]["metrics"]
+    for key in ("ar_quality", "diffusion_quality", "relative_quality", "speedup", "tokens_per_forward", "per_task"):
+        assert key in e
+    assert set(e["per_task"]) == {"copy", "reverse"}
+    assert e["speedup"] > 0 and e["tokens_per_forward"] > 0 and e["peak_rss_mb"] > 0
+    assert Path(chain["m"]["evaluate"]["artifacts"]["bar_chart"]).exists()
+
+
+def test_export_reloads_and_generates_in_all_modes(chain):
+    from transformers import AutoTokenizer
+    from twotower import TwoTowerForDiffusionLM
+
+    x = chain["m"]["export"]
+    path = Path(x["metrics"]["path"])
+    assert x["metrics"]["mock_ar_equals_ar"] == 1.0 and x["metrics"]["reload_max_abs_logit_diff"] == 0.0
+    gen_cfg = json.loads((path / "generation_config.json").read_text())
+    assert gen_cfg["mode"] == "diffusion" and gen_cfg["block_size"] == BLOCK
+    assert gen_cfg["gamma"] == chain["m"]["calibrate_gamma"]["metrics"]["gamma"]
+    assert json.loads((path / "config.json").read_text())["model_type"] == "twotower"
+    card = (path / "README.md").read_text()
+    assert "| relative_quality |" in card and "pareto.png" in card and (path / "pareto.png").exists()
+    model = TwoTowerForDiffusionLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = torch.tensor([tok("copy abc=")["input_ids"]])
+    outs = {mode: model.generate(ids, mode=mode, gamma=0.9, max_new_tokens=12).sequences for mode in
+            ("diffusion", "mock_ar", "ar")}
+    assert torch.equal(outs["mock_ar"], outs["ar"])
+    assert outs["diffusion"].shape[1] > ids.shape[1]
+
+
+def test_generate_cli_prints_steps(chain, capsys):
+    from pipeline.generate import main
+
+    path = chain["m"]["export"]["metrics"]["path"]
+    assert main([path, "--prompt", "copy abc=", "--show-steps", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "block 0:" in out and "step  1" in out and out.strip().splitlines()[-1].startswith("copy abc=")
+    assert main([path, "--prompt", "copy abc=", "--mode", "ar", "--max-new-tokens", "8"]) == 0
+
+
+def test_generate_cli_rejects_bad_input(tmp_path, capsys):
+    from pipeline.generate import main
+
+    assert main([str(tmp_path), "--prompt", "x"]) == 2
+    assert "not an export directory" in capsys.readouterr().err

@@ -1,0 +1,95 @@
+"""Fast unit tests of the stages' pure parts: γ choice, config validation, schedule, summaries.
+
+No model is built here; the stage chain on a real tiny backbone is in test_stages_chain.py.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from stages import calibrate_gamma as C
+from stages import decoding_eval as de
+from stages.train_denoiser import check_block_size, lr_factor
+
+
+def _pt(gamma, rq, speed):
+    return {"gamma": gamma, "block_size": None, "relative_quality": rq, "speedup": speed}
+
+
+def test_choose_picks_smallest_gamma_meeting_target():
+    points = [_pt(0.5, 0.90, 3.0), _pt(0.7, 0.99, 2.5), _pt(0.9, 1.0, 1.5), _pt(0.6, 0.95, 2.8)]
+    chosen, met = C.choose(points, 0.987)
+    assert met and chosen["gamma"] == 0.7
+
+
+def test_choose_falls_back_to_best_and_says_so():
+    points = [_pt(0.5, 0.80, 3.0), _pt(0.9, 0.93, 1.5), _pt(0.95, 0.93, 1.2)]
+    chosen, met = C.choose(points, 0.987)
+    assert not met and chosen["gamma"] == 0.9  # best quality; ties broken by speed
+
+
+@pytest.mark.parametrize("target", [0.0, -0.1, 1.01, 2.0])
+def test_calibration_target_outside_unit_interval_is_rejected(target):
+    with pytest.raises(ValueError, match="calibrate.target_relative_quality"):
+        C.Config(target_relative_quality=target)
+
+
+def test_calibration_gammas_validated():
+    with pytest.raises(ValueError, match="calibrate.gammas"):
+        C.Config(gammas=[0.5, 1.5])
+    C.Config(target_relative_quality=1.0)  # the closed end is allowed
+
+
+@pytest.mark.parametrize("block,seq", [(16, 120), (12, 128), (1, 16), (32, 16)])
+def test_block_size_that_does_not_fit_is_rejected(block, seq):
+    with pytest.raises(ValueError, match="block_size"):
+        check_block_size(block, seq)
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    assert lr_factor(0.0, 0.1, 0.1) < 0.01
+    assert math.isclose(lr_factor(0.1, 0.1, 0.1), 1.0)
+    assert lr_factor(0.5, 0.1, 0.1) < 1.0
+    assert math.isclose(lr_factor(1.0, 0.1, 0.1), 0.1)
+
+
+def _row(task, setting, correct, secs, den=1, new=4, kind="global"):
+    return de.Row(task=task, kind=kind, setting=setting, text="", correct=correct, new_tokens=new,
+                  denoiser_forwards=den, context_forwards=1, seconds=secs)
+
+
+def test_summarise_quality_speed_and_per_task():
+    rows = [_row("copy", "ar", 1.0, 1.0, den=0), _row("copy", "g0.9", 1.0, 0.25, den=2),
+            _row("add", "ar", 1.0, 1.0, den=0, kind="ltr"), _row("add", "g0.9", 0.0, 0.25, den=4, kind="ltr")]
+    s = de.summarise(rows, "g0.9")
+    assert s["ar_quality"] == 1.0 and s["diffusion_quality"] == 0.5
+    assert s["relative_quality"] == 0.5 and s["speedup"] == pytest.approx(4.0)
+    assert s["tokens_per_forward"] == pytest.approx(8 / 6)
+    assert s["per_task"]["add"]["relative_quality"] == 0.0 and s["per_task"]["add"]["kind"] == "ltr"
+    assert de.losers(s["per_task"]) == ["add", "copy"]
+
+
+def test_relative_quality_when_ar_scores_zero():
+    assert de.relative(0.0, 0.0) == 1.0
+
+
+def test_load_examples_slices_per_task(tmp_path):
+    f = tmp_path / "ex.jsonl"
+    rows = [{"task": t, "kind": "global", "prompt": f"{t}{i}", "answer": str(i)} for i in range(5) for t in "ab"]
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    first = de.load_examples(str(f), 2)
+    rest = de.load_examples(str(f), 2, offset=2)
+    assert [r["prompt"] for r in first] == ["a0", "b0", "a1", "b1"]
+    assert [r["prompt"] for r in rest] == ["a2", "b2", "a3", "b3"]
+    with pytest.raises(ValueError, match="no examples"):
+        de.load_examples(str(f), 2, offset=5)
+    with pytest.raises(ValueError, match="does not exist"):
+        de.load_examples(str(tmp_path / "missing.jsonl"))
+
+
+def test_pareto_plot_is_written(tmp_path):
+    points = [_pt(0.5, 0.9, 3.0), _pt(0.9, 1.0, 1.5)]
+    C.pareto_plot(points, 0.987, points[1], tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
