@@ -69,7 +69,8 @@ class CombineConfig:
     transient_failures: int = 0
     """Raise ConnectionError on the first N attempts (counted in ctx.work_dir)."""
     sleep_s: float = 0.0
-    """Sleep this long after writing a partial file (to be killed mid-stage)."""
+    """Sleep this long after writing a partial file, on the first attempt only (to be killed mid-stage;
+    the attempt count lives in ctx.work_dir, which survives the kill)."""
     steps: int = 3
     """Progress steps reported."""
 
@@ -85,7 +86,8 @@ def run_combine(cfg: CombineConfig, inputs: dict[str, dict], ctx: StageContext) 
         raise ValueError("combine exploded: the answer is 42")
     (ctx.out_dir / "partial.bin").write_bytes(b"x" * 1000)
     (ctx.run_dir / "combine.started").write_text(str(os.getpid()))
-    time.sleep(cfg.sleep_s)
+    if n == 1:
+        time.sleep(cfg.sleep_s)
     numbers = json.loads(Path(inputs["source"]["artifacts"]["numbers"]).read_text())
     scaled = json.loads(Path(inputs["scale"]["artifacts"]["scaled"]).read_text())
     for step in range(cfg.steps):
