@@ -234,3 +234,29 @@ def test_layer_map_lists_every_kind():
     assert kinds == ["mamba", "attention", "moe", "mamba", "mlp"]
     assert model.layer_map()[1]["conditioning"].startswith("context_kv")
     assert model.layer_map()[0]["conditioning"].startswith("seeded_state")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inv6_block_aligned_left_padded_training_equals_decoding(name):
+    """With answers left-aligned to block boundaries (pads as exact no-ops), the training logits
+    of the first answer block equal the decode path's logits right after prefilling the prompt."""
+    from twotower.data import block_aligned_batch
+
+    model = tiny_twotower(name, perturb=0.05)
+    prompts = [rand_ids(1, n, seed=n)[0].tolist() for n in (3, 6)]
+    answers = [rand_ids(1, 6, seed=10 + i)[0].tolist() for i in range(2)]
+    batch = block_aligned_batch(prompts, answers, B, pad_id=0)
+    starts = [4, 8]
+    mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    for i, s in enumerate(starts):
+        mask[i, s + 1], mask[i, s + 3] = True, True
+    t = torch.full((2, batch["input_ids"].shape[1] // B), 0.4)
+    with torch.no_grad():
+        train = model(batch["input_ids"], noise_mask=mask, t=t, attention_mask=batch["attention_mask"]).logits
+        for i, (p, s) in enumerate(zip(prompts, starts)):
+            _, cache = context_forward(model.context_walk, torch.tensor([p]), TowerCache.empty(1, "cpu"), chunk=B)
+            block = batch["input_ids"][i:i + 1, s:s + B]
+            m = mask[i:i + 1, s:s + B]
+            dec = model.denoiser(block.masked_fill(m, 0), m, t[i:i + 1, 0], cache.next_pos[:, None] + torch.arange(B),
+                                 DecodeContext(cache, model.tt_config, B))
+            torch.testing.assert_close(dec, train[i:i + 1, s:s + B], atol=2e-5, rtol=1e-5)

@@ -124,7 +124,7 @@ class DenoiserTower(nn.Module):
                 out = adapter.attn_out(sub, ctx.attend(i, q, k, v, adapter.attn_scale(sub)))
             elif sub.kind == "mamba":
                 conv, ssm = ctx.seed(i)
-                out, _, _ = mamba2_mixer(walk.mamba[i], x, conv, ssm, None, tokens.shape[1])
+                out, _, _ = mamba2_mixer(walk.mamba[i], x, conv, ssm, ctx.block_valid, tokens.shape[1])
             else:
                 out = adapter.ffn(sub, x)
             if self.cfg.cross_attention:
@@ -135,6 +135,9 @@ class DenoiserTower(nn.Module):
 
 class BlockContext(Protocol):
     """What a denoised block may see of the context tower, per sublayer."""
+
+    block_valid: torch.Tensor | None
+    """`[N, B]` real (non-pad) block positions, or None when all are real."""
 
     def attend(self, i: int, q, k, v, scale: float) -> torch.Tensor:
         """Block q/k/v `[N, H(kv), B, hd]` -> attention output `[N, B, H·hd]`."""
@@ -158,6 +161,13 @@ class TrainingContext:
         self.b, self.n, self.B = batch, n_blocks, cfg.block_size
         self.L = n_blocks * cfg.block_size
         self.mask = block_training_mask(self.L, self.B, cache.valid.device)  # [L, 2L]
+        valid = cache.valid  # [b, L]: pads (left or right) are never keys, but see themselves
+        self.block_valid = None if bool(valid.all()) else valid.reshape(batch * n_blocks, self.B)
+        if self.block_valid is not None:
+            own = torch.eye(self.L, dtype=torch.bool, device=valid.device)
+            keys = torch.cat([valid[:, None, :] & self.mask[None, :, : self.L],
+                              (valid[:, None, :] | own) & self.mask[None, :, self.L:]], dim=2)
+            self.mask = keys[:, None]  # [b, 1, L, 2L]
 
     def _to_seq(self, x):  # [b·n, H, B, hd] -> [b, H, L, hd]
         _, heads, _, hd = x.shape
@@ -170,7 +180,7 @@ class TrainingContext:
             v = torch.cat([self.cache.values[i].to(v.dtype), v], dim=2)
             mask = self.mask
         else:
-            mask = self.mask[:, self.L:]
+            mask = self.mask[..., self.L:]
         return attention(q, k, v, mask, scale).view(self.b * self.n, self.B, -1)
 
     def seed(self, i):
@@ -186,11 +196,14 @@ class TrainingContext:
     def cross(self, i, module, x):
         ctx = self.cache.hidden[i]  # [b, L, d]
         xs = x.view(self.b, self.L, -1)
-        return module(xs, ctx, self.mask[:, : self.L][None, None]).view(self.b * self.n, self.B, -1)
+        mask = self.mask[..., : self.L]
+        return module(xs, ctx, mask if mask.dim() == 4 else mask[None, None]).view(self.b * self.n, self.B, -1)
 
 
 class DecodeContext:
     """One block per sequence on top of the context tower's cache (moved to the denoiser's device)."""
+
+    block_valid = None  # decoded blocks hold no pads
 
     def __init__(self, cache: TowerCache, cfg: TwoTowerConfig, block_len: int):
         self.cache, self.cfg = cache, cfg

@@ -26,7 +26,7 @@ import adapters
 from twotower.config import TwoTowerConfig, TwoTowerHFConfig
 from twotower.denoiser import DenoiserTower, TrainingContext
 from twotower.cache import TowerCache
-from twotower.walk import Walk, context_forward
+from twotower.walk import Walk, context_forward, positions_for
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -132,12 +132,17 @@ class TwoTowerForDiffusionLM(nn.Module):
         noise_mask: torch.Tensor | None = None,
         t: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> TwoTowerOutput:
         """Training forward over `input_ids` `[b, L]` (L padded internally to whole blocks).
 
         noise_mask `[b, L]` bool and t `[b, n_blocks]` replace the random draw (both or neither).
-        attention_mask `[b, L]` (1 = real, right padding only): pads are never masked or scored.
+        attention_mask `[b, L]` (1 = real token, 0 = pad, left and/or right): pads are exact no-ops
+        (masked keys, zeroed Mamba inputs, per-sequence positions), never masked or scored.
+        Left-pad each row so its answer starts on a block boundary to match decoding, where the
+        first block starts right after the prompt (`twotower.data.block_aligned_batch`).
+        loss_mask `[b, L]`: only these positions may be masked and scored (e.g. the answer).
         """
         B = self.block_size
         b, L0 = input_ids.shape
@@ -148,7 +153,8 @@ class TwoTowerForDiffusionLM(nn.Module):
         ids = F.pad(input_ids, (0, L - L0), value=pad_id)
         real = F.pad(real, (0, L - L0), value=False)
         first = self.tt_config.token_shift
-        maskable = real.view(b, n, B).clone()
+        maskable = real if loss_mask is None else real & F.pad(loss_mask.bool(), (0, L - L0), value=False)
+        maskable = maskable.view(b, n, B).clone()
         if first:
             maskable[:, :, 0] = False
         if (noise_mask is None) != (t is None):
@@ -166,15 +172,18 @@ class TwoTowerForDiffusionLM(nn.Module):
         ctx_device = next(self.context_tower.parameters()).device
         with torch.no_grad():
             record: dict = {}
+            real_ctx = real.to(ctx_device)
             _, cache = context_forward(self.context_walk, ids.to(ctx_device), TowerCache.empty(b, ctx_device),
-                                       chunk=B, record=record, keep_hidden=self.tt_config.cross_attention)
+                                       valid=real_ctx, chunk=B, record=record,
+                                       keep_hidden=self.tt_config.cross_attention)
+            positions = positions_for(TowerCache.empty(b, ctx_device), real_ctx)
         den_device = next(self.denoiser.parameters()).device
         if ctx_device != den_device:
             cache = cache.to(den_device)
             record = {k: {i: x.to(den_device) for i, x in v.items()} for k, v in record.items()}
         ids, mask, t = ids.to(den_device), mask.to(den_device), t.to(den_device)
         noisy = ids.view(b, n, B).masked_fill(mask, self.tt_config.mask_token_id or 0)
-        positions = torch.arange(L, device=den_device).expand(b, L).reshape(b * n, B)
+        positions = positions.to(den_device).reshape(b * n, B)
         ctx = TrainingContext(cache, record, self.tt_config, b, n)
         t_rows = t.reshape(b * n)
         logits = self.denoiser(noisy.view(b * n, B), mask.view(b * n, B), t_rows, positions, ctx).view(b, L, -1)

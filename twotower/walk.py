@@ -63,6 +63,7 @@ def context_forward(
     mamba sublayer. Returns (final-normed hidden `[N, T, d]`, extended cache).
     """
     n, length = input_ids.shape
+    mamba_valid = valid  # None: no pads, skip the zeroing multiplies
     if valid is None:
         valid = torch.ones(n, length, dtype=torch.bool, device=input_ids.device)
     positions = positions_for(cache, valid)
@@ -83,7 +84,7 @@ def context_forward(
             out = walk.adapter.attn_out(sub, attention(q, k, v, mask, walk.adapter.attn_scale(sub)))
         elif sub.kind == "mamba":
             p = walk.mamba[i]
-            out, xbc, states = mamba2_mixer(p, x, cache.conv.get(i), cache.ssm.get(i), valid, chunk)
+            out, xbc, states = mamba2_mixer(p, x, cache.conv.get(i), cache.ssm.get(i), mamba_valid, chunk)
             new.conv[i] = xbc[..., xbc.shape[-1] - (p.conv1d.weight.shape[-1] - 1):]
             new.ssm[i] = states[:, -1]
             if record is not None:

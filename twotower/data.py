@@ -1,0 +1,35 @@
+"""Batch layout helpers for training the denoiser on prompt/answer pairs.
+
+Decoding starts its first block right after the prompt (block position 0 = the context tower's
+greedy first answer token). Training matches that when each row is left-padded so its answer
+starts on a block boundary; `attention_mask` makes the pads exact no-ops and `loss_mask` keeps
+the prompt clean (only answer tokens are masked and scored).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def block_aligned_batch(
+    prompts: list[list[int]], answers: list[list[int]], block_size: int, pad_id: int, length: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Rows `[pads][prompt][answer][pads]` with every answer starting at a multiple of block_size.
+
+    Returns `input_ids`, `attention_mask` (1 at prompt and answer) and `loss_mask` (1 at answer),
+    each `[b, length]`; length defaults to the smallest multiple of block_size that fits all rows.
+    """
+    if len(prompts) != len(answers):
+        raise ValueError(f"block_aligned_batch: {len(prompts)} prompts but {len(answers)} answers")
+    starts = [-(-len(p) // block_size) * block_size for p in prompts]
+    need = max(s + len(a) for s, a in zip(starts, answers))
+    length = length or -(-need // block_size) * block_size
+    if need > length:
+        raise ValueError(f"block_aligned_batch: rows need {need} positions, length is {length}")
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(prompts), length, dtype=torch.long)
+    loss = torch.zeros(len(prompts), length, dtype=torch.long)
+    for i, (p, a, s) in enumerate(zip(prompts, answers, starts)):
+        ids[i, s - len(p): s], ids[i, s: s + len(a)] = torch.tensor(p), torch.tensor(a)
+        attn[i, s - len(p): s + len(a)] = 1
+        loss[i, s: s + len(a)] = 1
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
