@@ -139,12 +139,14 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
 
 
 def _train_shape(cfg: Any, block_size: int, num_gpus: int | None):
+    """The training job to size: GPUs from `train.num_workers` / `train.devices` (16 if unset)."""
     from twotower.sizing import TrainShape
 
-    workers = num_gpus or int(_select(cfg, "train.num_workers", 0) or 0)
+    workers = num_gpus or max(int(_select(cfg, "train.num_workers", 0) or 0),
+                              int(_select(cfg, "train.devices", 0) or 0))
     seq_len = int(_select(cfg, "train.seq_len", 0) or _select(cfg, "data.seq_len", 4096))
     micro = int(_select(cfg, "train.micro_batch_size", 0) or _select(cfg, "train.batch_size", 1))
-    return TrainShape(num_gpus=max(workers, 1) if workers else 16, micro_batch=micro,
+    return TrainShape(num_gpus=workers if workers > 1 else 16, micro_batch=micro,
                       seq_len=seq_len - seq_len % block_size or block_size, block_size=block_size)
 
 
@@ -155,7 +157,7 @@ def _new_parameters(cfg: Any, backbone, config, block_size: int) -> tuple[dict, 
     try:
         from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
     except ImportError as err:
-        return sizing.formula_new_parameters(config, block_size=block_size), f"formula ({err})"
+        return _formula(cfg, config, block_size), f"formula ({err})"
     import torch
 
     section = _plain(_select(cfg, "twotower", {}) or {})
@@ -164,5 +166,12 @@ def _new_parameters(cfg: Any, backbone, config, block_size: int) -> tuple[dict, 
         with torch.device("meta"):
             model = TwoTowerForDiffusionLM.from_backbone(backbone, tt_cfg)
     except Exception as err:  # noqa: BLE001 - report, never fail the plan on the optional build
-        return sizing.formula_new_parameters(config, block_size=block_size), f"formula (meta build: {err})"
+        return _formula(cfg, config, block_size), f"formula (meta build: {err})"
     return sizing.new_parameters_by_kind(model.denoiser, backbone), "TwoTowerForDiffusionLM on meta"
+
+
+def _formula(cfg: Any, config, block_size: int) -> dict:
+    from twotower import sizing
+
+    return sizing.formula_new_parameters(config, block_size=block_size,
+                                         time_embed_dim=int(_select(cfg, "twotower.time_embed_dim", 128)))

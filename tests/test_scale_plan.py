@@ -122,3 +122,42 @@ def test_training_memory_shrinks_with_gpus_and_rejects_bad_shapes():
     assert big > small
     with pytest.raises(ValueError, match="seq_len"):
         sizing.training_memory(*args, sizing.TrainShape(8, 1, 4095, 16))
+
+
+def test_formula_matches_the_runtime_on_meta():
+    """The config-only fallback counts what `TwoTowerForDiffusionLM` actually adds."""
+    from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
+
+    config = config_from_json(NANO_JSON)
+    backbone = sizing.build_on_meta(config)
+    with torch.device("meta"):
+        model = TwoTowerForDiffusionLM.from_backbone(backbone, TwoTowerConfig(block_size=16))
+    built = sizing.new_parameters_by_kind(model.denoiser, backbone)
+    assert built["other"] == 0, built  # every new parameter is classified
+    assert built == sizing.formula_new_parameters(config, block_size=16, time_embed_dim=128)
+    assert built["adaln"] > 0 and built["embeddings"] == 2688 * 17
+
+
+def test_plan_cli_on_the_nano_recipe(tmp_path):
+    """`python -m pipeline plan recipes/nemotron_nano.yaml --json`: offline, <= 60 s, right numbers."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RUN_ROOT": str(tmp_path)}
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "plan", "recipes/nemotron_nano.yaml", "--json"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    wall = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads(proc.stdout)
+    est = plan["estimate"]
+    assert wall < 60
+    assert est["new_params"]["source"] == "TwoTowerForDiffusionLM on meta"
+    assert within(est["params"]["context_tower"]["total"], 31.6e9)
+    assert within(est["params"]["context_tower"]["active_without_embeddings"], 3.2e9)
+    assert within(est["decode_memory"]["batch_1"]["diffusion"]["context_weights_gib"], 59.0)
+    assert est["train_memory"]["num_gpus"] == 16 and est["train_memory"]["total_gib"] < 80
+    assert plan["stages"]["calibrate_gamma"]["resources"]["num_gpus"] == 2

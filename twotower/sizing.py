@@ -123,7 +123,7 @@ def _num_layers(config) -> int:
 _KIND_MARKERS = (
     ("adaln", ("adaln", "ada_ln", "time_embed", "timestep", "t_embed", "time_mlp", "modulation")),
     ("cross_attention", ("cross_attn", "xattn", "cross_attention")),
-    ("embeddings", ("embed", "mask_token", "pos_emb", "position")),
+    ("embeddings", ("embed", "mask_token", "pos_emb", "position", "block_pos")),
 )
 
 
@@ -154,9 +154,14 @@ def _kind_of(name: str) -> str:
 
 
 def _strip_wrapper(name: str, base: dict[str, int]) -> str:
-    """The backbone name a wrapped parameter keeps (wrappers may insert `.layer.`/`.inner.`)."""
+    """The backbone name a wrapped parameter keeps: the name itself, or it with leading prefixes
+    (`backbone.`, `denoiser.`) or inner wrapper components (`.layer.`, `.inner.`) removed."""
     if name in base:
         return name
+    parts = name.split(".")
+    for start in range(1, len(parts)):
+        if ".".join(parts[start:]) in base:
+            return ".".join(parts[start:])
     for token in (".layer.", ".inner.", ".wrapped.", ".module."):
         cand = name.replace(token, ".")
         if cand in base:
@@ -164,15 +169,17 @@ def _strip_wrapper(name: str, base: dict[str, int]) -> str:
     return name
 
 
-def formula_new_parameters(config, *, block_size: int, time_embed_dim: int = 256) -> dict[str, int]:
-    """New parameters from the config alone, for when no runtime model can be built.
+def formula_new_parameters(config, *, block_size: int, time_embed_dim: int = 128) -> dict[str, int]:
+    """New parameters from the config alone, for when the runtime cannot be built (default
+    `TwoTowerConfig`: no extra cross-attention modules).
 
-    AdaLN-zero: a sinusoidal-t MLP (time_embed_dim -> hidden -> hidden) and per layer a linear
-    hidden -> 3*hidden (shift, scale, gate). Embeddings: one [MASK] row and a B x hidden in-block
-    position table. Layer-aligned attention and seeded Mamba states add nothing.
+    AdaLN-zero: a time MLP (two time_embed_dim x time_embed_dim linears) and one linear from the
+    time embedding to every layer's shift, scale and gate (n_layers x 3 x hidden outputs).
+    Embeddings: one [MASK] row and a B x hidden in-block position table. Layer-aligned attention
+    to the context K/V and seeded Mamba states add no parameters.
     """
-    d, n = int(config.hidden_size), _num_layers(config)
-    adaln = (time_embed_dim * d + d) + (d * d + d) + n * (d * 3 * d + 3 * d)
+    d, n, t = int(config.hidden_size), _num_layers(config), int(time_embed_dim)
+    adaln = 2 * (t * t + t) + (t * n * 3 * d + n * 3 * d)
     emb = d + block_size * d
     return {"adaln": adaln, "cross_attention": 0, "embeddings": emb, "other": 0, "total": adaln + emb}
 
