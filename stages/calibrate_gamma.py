@@ -112,6 +112,10 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     torch.manual_seed(ctx.seed)
     examples = de.load_examples(inputs["prepare_data"]["artifacts"]["eval_examples"], cfg.prompts_per_task)
     model, tokenizer = load_trained(inputs["train_denoiser"])
+    trained_b = int(inputs["train_denoiser"]["twotower"]["block_size"])
+    too_big = [b for b in (cfg.block_sizes or []) if b > trained_b]
+    if too_big:
+        raise ValueError(f"calibrate.block_sizes: {too_big} exceed the trained block size {trained_b}")
     settings = [de.Setting(g, b) for b in (cfg.block_sizes or [None]) for g in sorted(cfg.gammas)]
     rows = de.measure(model, tokenizer, examples, settings, repeats=cfg.repeats,
                       max_new_tokens=cfg.max_new_tokens,

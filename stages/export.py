@@ -119,6 +119,14 @@ def verify(path: Path, tokenizer, prompts: list[str], gamma: float, max_new_toke
     return result
 
 
+def _is_export(path: Path) -> bool:
+    """A directory an earlier export wrote (safe to replace)."""
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "twotower"
+    except (OSError, ValueError):
+        return False
+
+
 def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     """Save the model, tokenizer, generation config, plots and card; reload and verify."""
     from stages import decoding_eval as de
@@ -133,9 +141,12 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     else:
         path = Path(ctx.out_dir) / "model"
         reported = ctx.artifact_path("model")
-    if path.exists():
+    if path.exists() and any(path.iterdir()):
+        if not _is_export(path):
+            raise ValueError(f"export.dir={cfg.dir!r}: {path} exists and is not a two-tower export; "
+                             "choose an empty or new directory")
         shutil.rmtree(path)
-    path.mkdir(parents=True)
+    path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     gen_cfg = generation_config(gamma, block_size, tokenizer, cfg.max_new_tokens)

@@ -66,8 +66,8 @@ class Config:
     progress_bar: bool = True
     """Show Lightning's progress bar."""
     noise_on: str = "all"
-    """Which tokens may be masked: `all` (every non-pad token) or `answers` (the data's `loss_mask`:
-    answer tokens and their EOS; falls back to `all` when the token file has no loss_mask)."""
+    """Which tokens may be masked: `all` (every non-pad token) or `answers` (from the first answer
+    token of a block, per the data's `loss_mask`, to the block's end: what decoding has to fill)."""
 
 
 @dataclass
@@ -158,7 +158,10 @@ def _module_class():
                 return self.model(x, attention_mask=real, generator=generator)
             b, L = x.shape
             B = self.block_size
-            maskable = (loss_mask.bool() & real).view(b, L // B, B).clone()
+            # from the block's first answer token on: at decoding time everything after the
+            # answer's start is masked too (EOS, then what follows it), so noise it in training
+            started = loss_mask.view(b, L // B, B).int().cummax(-1).values.bool()
+            maskable = started & real.view(b, L // B, B)
             maskable[:, :, 0] = False  # token shift: position 0 is the context tower's token
             t, mask = self.model.sample_noise(maskable, generator)
             return self.model(x, noise_mask=mask.view(b, L), t=t, attention_mask=real)

@@ -197,3 +197,15 @@ def test_generate_cli_rejects_bad_input(tmp_path, capsys):
 
     assert main([str(tmp_path), "--prompt", "x"]) == 2
     assert "not an export directory" in capsys.readouterr().err
+
+
+def test_calibrate_rejects_block_sizes_above_trained(chain, tmp_path):
+    with pytest.raises(ValueError, match="calibrate.block_sizes"):
+        C.run(C.Config(block_sizes=[BLOCK * 2]), chain["m"], make_ctx(tmp_path, "calibrate"))
+
+
+def test_export_refuses_to_overwrite_a_foreign_directory(chain, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a two-tower export"):
+        X.run(X.Config(dir=str(tmp_path)), chain["m"], make_ctx(tmp_path / "x", "export"))
+    assert (tmp_path / "keep.txt").exists()
