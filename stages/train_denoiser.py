@@ -93,12 +93,12 @@ class TwoTowerFactory:
         return TwoTowerForDiffusionLM.from_backbone(backbone, TwoTowerConfig(**self.twotower))
 
 
-def lr_factor(progress: float, warmup_fraction: float, min_ratio: float) -> float:
-    """Warmup then cosine: the LR multiplier at `progress` in [0, 1] of the budget."""
-    if progress < warmup_fraction:
-        return max(progress / warmup_fraction, 1e-3)
-    p = min(1.0, (progress - warmup_fraction) / max(1e-9, 1.0 - warmup_fraction))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+def lr_factor(step: int, warmup_steps: int, progress: float, min_ratio: float) -> float:
+    """LR multiplier: linear warmup over `warmup_steps` optimizer steps, times a cosine decay from 1
+    to `min_ratio` over `progress` in [0, 1] of the budget (steps or time, whichever is further)."""
+    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+    cos = min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+    return warm * cos
 
 
 def _module_class():
@@ -143,9 +143,9 @@ def _module_class():
             params = [p for p in self.model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
                                     betas=(0.9, 0.95))
-            warm = min(0.5, self.cfg.warmup_steps / max(1, self.cfg.max_steps))
             sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda _: lr_factor(self.progress_fraction(), warm, self.cfg.min_lr_ratio))
+                opt, lambda step: lr_factor(step, self.cfg.warmup_steps, self.progress_fraction(),
+                                            self.cfg.min_lr_ratio))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
         # steps --------------------------------------------------------------------------------
