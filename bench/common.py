@@ -1,0 +1,178 @@
+"""Shared pieces of the benchmarks: Nemotron-H-pattern configs, synthetic data, timed loops.
+
+The data is a copy task (a random segment repeated to fill the row): learnable in a few hundred
+steps by attention and by the denoiser alike, so decode measurements run on a model that is
+confident enough for diffusion decoding to commit several tokens per forward. Timings synchronise
+the accelerator around each measured region and drop a warm-up.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+# The Nano pattern's first 25 layers: Mamba-2 / MoE alternating, attention every ~7 layers.
+PATTERN_1B = "MEMEM*EMEMEM*EMEMEM*EMEME"
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Widths of a Nemotron-H-pattern backbone."""
+
+    hidden: int
+    """Hidden size."""
+    pattern: str
+    """Layer pattern: M Mamba-2, E MoE, * attention, - MLP."""
+    vocab: int
+    """Vocabulary size."""
+    experts: int
+    """Routed experts per MoE layer."""
+    top_k: int
+    """Experts per token."""
+    expert_width: int
+    """Routed expert intermediate size (shared expert: twice this)."""
+    heads: int
+    """Attention heads (KV heads: a quarter)."""
+    head_dim: int
+    """Attention head dim."""
+    mamba_heads: int
+    """Mamba-2 heads."""
+    mamba_head_dim: int
+    """Mamba-2 head dim."""
+    state: int
+    """SSM state size."""
+    chunk: int
+    """Mamba chunk size (keep near the block size on CPU: the torch fallback pads to it)."""
+
+
+SIZES = {
+    # ~1.17 B parameters in total, ~0.44 B active per token.
+    "1b": ModelSize(hidden=1536, pattern=PATTERN_1B, vocab=32768, experts=32, top_k=4, expert_width=768,
+                    heads=16, head_dim=96, mamba_heads=48, mamba_head_dim=64, state=64, chunk=128),
+    # A CPU model that learns the copy task in a couple of minutes (decode benchmark on CPU).
+    "small": ModelSize(hidden=96, pattern="MEM*EME*", vocab=32, experts=4, top_k=2, expert_width=96,
+                       heads=4, head_dim=24, mamba_heads=4, mamba_head_dim=24, state=16, chunk=16),
+    # The same pattern kinds at a width a 2-core CPU runs in seconds.
+    "tiny": ModelSize(hidden=32, pattern="MEM*EME", vocab=64, experts=4, top_k=2, expert_width=16,
+                      heads=4, head_dim=8, mamba_heads=4, mamba_head_dim=8, state=8, chunk=16),
+}
+
+
+def nemotron_h_config(size: ModelSize):
+    """A transformers `NemotronHConfig` with the Nano's kinds of layers at `size`."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        "nemotron_h", hidden_size=size.hidden, hybrid_override_pattern=size.pattern,
+        num_hidden_layers=len(size.pattern), vocab_size=size.vocab, tie_word_embeddings=False,
+        num_attention_heads=size.heads, num_key_value_heads=max(1, size.heads // 4), head_dim=size.head_dim,
+        mamba_num_heads=size.mamba_heads, mamba_head_dim=size.mamba_head_dim, ssm_state_size=size.state,
+        n_groups=max(1, size.mamba_heads // 16), conv_kernel=4, chunk_size=size.chunk,
+        n_routed_experts=size.experts, num_experts_per_tok=size.top_k, moe_intermediate_size=size.expert_width,
+        moe_shared_expert_intermediate_size=2 * size.expert_width, intermediate_size=size.expert_width,
+        routed_scaling_factor=2.5, mlp_hidden_act="relu2", max_position_embeddings=8192,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+
+
+def copy_task_batch(batch: int, length: int, vocab: int, generator: torch.Generator,
+                    period: tuple[int, int] = (8, 24)) -> torch.Tensor:
+    """[batch, length] rows: a random segment (ids >= 3) of a random period, repeated."""
+    rows = []
+    for _ in range(batch):
+        p = int(torch.randint(period[0], period[1] + 1, (1,), generator=generator))
+        seg = torch.randint(3, vocab, (p,), generator=generator)
+        rows.append(seg.repeat(length // p + 1)[:length])
+    return torch.stack(rows)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def timed(device: torch.device, out: dict, key: str):
+    """Adds the wall time of the block, accelerator synchronised, to `out[key]`."""
+    sync(device)
+    start = time.perf_counter()
+    yield
+    sync(device)
+    out[key] = out.get(key, 0.0) + time.perf_counter() - start
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on the device (fp32 master weights), or a no-op."""
+    if not bf16:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def train_steps(step_fn, params, *, steps: int, warmup: int, tokens_per_step: int, lr: float,
+                device: torch.device, bf16: bool) -> dict:
+    """Run `steps` AdamW steps of `loss = step_fn(i)`; tokens/s over the steps after `warmup`."""
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    losses: list[float] = []
+    timing: dict[str, float] = {}
+    for i in range(steps):
+        key = "measured" if i >= warmup else "warmup"
+        with timed(device, timing, key):
+            with autocast(device, bf16):
+                loss = step_fn(i)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        losses.append(loss.item())
+    measured = max(steps - warmup, 0)
+    seconds = timing.get("measured", 0.0)
+    return {
+        "steps": steps,
+        "first_loss": losses[0],
+        "last_loss": sum(losses[-5:]) / len(losses[-5:]),
+        "tokens_per_s": measured * tokens_per_step / seconds if seconds else None,
+    }
+
+
+def decode_side_by_side(model, prompts: torch.Tensor, *, gamma: float, max_new_tokens: int,
+                        device: torch.device, bf16: bool, repeats: int = 2) -> dict:
+    """AR vs diffusion on the same prompts, same process: tokens/s, forwards, agreement."""
+    out: dict[str, dict] = {}
+    for mode in ("ar", "diffusion"):
+        timing: dict[str, float] = {}
+        with autocast(device, bf16):
+            model.generate(prompts, mode=mode, gamma=gamma, max_new_tokens=max_new_tokens)  # warm-up
+            for _ in range(repeats):
+                with timed(device, timing, "s"):
+                    gen = model.generate(prompts, mode=mode, gamma=gamma, max_new_tokens=max_new_tokens)
+        tokens = int(gen.num_generated.sum())
+        seconds = timing["s"] / repeats
+        out[mode] = {"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens,
+                     "denoiser_forwards": gen.num_denoiser_forwards,
+                     "context_forwards": gen.num_context_forwards, "generated": gen.generated.cpu()}
+    ar, dif = out["ar"], out["diffusion"]
+    width = min(ar["generated"].shape[1], dif["generated"].shape[1])
+    agree = (ar["generated"][:, :width] == dif["generated"][:, :width]).float().mean().item()
+    forwards = dif["denoiser_forwards"] + dif["context_forwards"]
+    return {
+        "batch": len(prompts),
+        "ar_tokens_per_s": ar["tokens_per_s"],
+        "diffusion_tokens_per_s": dif["tokens_per_s"],
+        "speedup": dif["tokens_per_s"] / ar["tokens_per_s"],
+        "ar_forwards": ar["context_forwards"],
+        "diffusion_forwards": forwards,
+        "tokens_per_diffusion_forward": dif["tokens"] / max(1, forwards) / len(prompts),
+        "agreement_with_ar": agree,
+    }
+
+
+def format_decode_table(rows: list[dict]) -> str:
+    """AR and diffusion side by side, one line per batch size."""
+    head = f"{'batch':>5} {'AR tok/s':>10} {'diff tok/s':>10} {'speedup':>8} {'tok/fwd':>8} {'agree':>6}"
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r['batch']:>5} {r['ar_tokens_per_s']:>10.1f} {r['diffusion_tokens_per_s']:>10.1f} "
+                     f"{r['speedup']:>7.2f}x {r['tokens_per_diffusion_forward']:>8.2f} {r['agreement_with_ar']:>6.2f}")
+    return "\n".join(lines)

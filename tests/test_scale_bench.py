@@ -1,0 +1,48 @@
+"""The GPU check script and the CPU decode benchmark, run for real at a tiny size on CPU.
+
+No GPU here: `bench/gpu_check.py --tiny --device cpu` takes the same code path (training, decode
+side by side, the two-device placement with both towers on one device) as the 1 B GPU run.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from bench import decode_cpu, gpu_check
+from bench.common import SIZES, nemotron_h_config
+from twotower import sizing
+
+
+def test_gpu_check_tiny_on_cpu(tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "gpu_check.json"
+    args = ["--tiny", "--device", "cpu", "--ar-steps", "6", "--steps", "6", "--max-new-tokens", "16",
+            "--out", str(out)]
+    assert gpu_check.main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["placement"] == {"same_device": "cpu", "mock_ar_equals_ar": True,
+                                   "diffusion_unchanged_by_placement": True}
+    assert [r["batch"] for r in report["decode"]] == [1, 8]
+    for row in report["decode"]:
+        assert row["ar_tokens_per_s"] > 0 and row["diffusion_tokens_per_s"] > 0
+        assert row["tokens_per_diffusion_forward"] >= 1.0 - 1e-9
+    for key in ("train_backbone", "train_denoiser"):
+        assert report[key]["tokens_per_s"] > 0 and report[key]["steps"] == 6
+
+
+def test_the_gpu_size_is_about_one_billion_parameters():
+    config = nemotron_h_config(SIZES["1b"])
+    counts = sizing.count_parameters(sizing.build_on_meta(config), config)
+    assert 0.9e9 < counts.total < 1.3e9
+    assert sizing.layer_kinds(config)["attention"] > 0 and sizing.layer_kinds(config)["moe"] > 0
+    assert sizing.layer_kinds(config)["mamba"] > 0
+
+
+def test_decode_cpu_quick_side_by_side(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    rows = decode_cpu.run(decode_cpu.parse_args(["--quick", "--gammas", "0.8", "--batches", "1", "2",
+                                                 "--repeats", "1", "--out", str(out)]))
+    assert [(r["gamma"], r["batch"]) for r in rows] == [(0.8, 1), (0.8, 2)]
+    assert json.loads(out.read_text())[0]["speedup"] > 0
+    assert "AR tok/s" in capsys.readouterr().out
