@@ -170,7 +170,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from pipeline.tracking import default_tracking_uri
     uri = args.uri or default_tracking_uri(args.root)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--host", "127.0.0.1", "--port", str(args.port)]
+           "--host", "127.0.0.1", "--port", str(args.port), "--workers", str(args.workers)]
     print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}", flush=True)
     os.execv(sys.executable, cmd)
     return 0  # not reached
@@ -233,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="runs", help="run root holding mlflow.db (default: runs)")
     p.add_argument("--uri", default=None, help="another tracking URI")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--workers", type=int, default=1, help="server processes (one is plenty locally)")
     p.set_defaults(func=cmd_ui)
 
     sub.add_parser("generate", add_help=False, help="decode with an exported model: generate EXPORT_DIR "
