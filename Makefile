@@ -1,4 +1,5 @@
-# Two commands a newcomer needs: `make run` (the embedded default recipe, offline) and `make test`.
+# Two commands a newcomer needs on a fresh machine: `make run` (the embedded default recipe,
+# offline, CPU) and `make test` (the whole test suite, slow tests included, as CI runs it).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install run test
+.PHONY: install run test test-fast plan clean
 install: $(BIN)/.installed
 
 run: install
@@ -19,3 +20,13 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Day-to-day: skip the tests marked slow (CI still runs them through `make test`).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+plan: install
+	$(BIN)/python -m pipeline plan recipes/nemotron_nano.yaml
+
+clean:
+	rm -rf runs .pytest_cache
