@@ -70,18 +70,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def plan_of(cfg: PipelineConfig, with_estimate: bool = True) -> dict[str, Any]:
     """The plan: resolved config, DAG in order with resources and cache state, and the estimate."""
-    from pipeline.runner import Runner  # noqa: F401  (light: no Ray, no MLflow)
-    from pipeline.store import ArtifactStore, cache_key
+    from pipeline.runner import stage_keys
+    from pipeline.store import ArtifactStore
     store = ArtifactStore(cfg.run.root)
-    keys: dict[str, str] = {}
+    keys = stage_keys(cfg)
     stages = {}
     for name, stage in cfg.stages.items():
-        keys[name] = cache_key(name, stage.code_version, stage.config,
-                               {n: keys[n] for n in stage.spec.needs}, cfg.run.seed)
         stages[name] = {"needs": list(stage.spec.needs), "module": stage.module, "section": stage.section,
                         "resources": cfg.resolved["graph"][name]["resources"], "retries": stage.spec.retries,
-                        "cache_key": keys[name],
-                        "cached": store.lookup(name, keys[name]) is not None}
+                        "cache_key": keys[name], "cached": store.lookup(name, keys[name]) is not None}
     plan: dict[str, Any] = {"name": cfg.name, "sources": cfg.sources, "runner": cfg.run.runner,
                             "order": list(cfg.stages), "stages": stages, "config": cfg.resolved}
     if with_estimate:

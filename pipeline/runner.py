@@ -104,6 +104,15 @@ class RunResult:
     """The content of `summary.json`."""
 
 
+def stage_keys(cfg: PipelineConfig) -> dict[str, str]:
+    """Every stage's cache key, in topological order (a key covers its upstream keys)."""
+    keys: dict[str, str] = {}
+    for name, stage in cfg.stages.items():
+        upstream = {n: keys[n] for n in stage.spec.needs}
+        keys[name] = cache_key(name, stage.code_version, stage.config, upstream, cfg.run.seed)
+    return keys
+
+
 def _call(hooks: list[Any], method: str, *args: Any) -> None:
     for hook in hooks:
         fn = getattr(hook, method, None)
@@ -176,13 +185,11 @@ class Runner:
                  from_stage: str | None):
         self.cfg, self.executor, self.hooks = cfg, executor, hooks
         self.store = ArtifactStore(cfg.run.root, cfg.run.verify_checksums)
-        self.run_dir = new_run_dir(self.store.root, cfg.name)
         self.forced = cfg.dag.descendants(force | ({from_stage} if from_stage else set()))
         self.from_stage = from_stage
-        keys: dict[str, str] = {}
-        for name, stage in cfg.stages.items():  # topological order: upstream keys exist
-            upstream = {n: keys[n] for n in stage.spec.needs}
-            keys[name] = cache_key(name, stage.code_version, stage.config, upstream, cfg.run.seed)
+        keys = stage_keys(cfg)
+        self._check_from(keys)
+        self.run_dir = new_run_dir(self.store.root, cfg.name)
         self.run = RunInfo(cfg=cfg, run_dir=self.run_dir,
                            states={n: StageState(name=n, key=k) for n, k in keys.items()})
         self.tails = {n: EventTail(self.run_dir / "events" / f"{n}.jsonl") for n in keys}
@@ -204,11 +211,10 @@ class Runner:
                 "final_dir": str(self.store.final_dir(stage.name, st.key)),
                 "work_dir": str(self.store.work_dir(stage.name, st.key))}
 
-    def _check_from(self) -> None:
+    def _check_from(self, keys: dict[str, str]) -> None:
         if self.from_stage is None:
             return
-        missing = [n for n in self.cfg.dag.ancestors(self.from_stage)
-                   if self.store.lookup(n, self.run.states[n].key) is None]
+        missing = [n for n in self.cfg.dag.ancestors(self.from_stage) if self.store.lookup(n, keys[n]) is None]
         if missing:
             raise PipelineError(f"--from {self.from_stage}: upstream stage(s) {', '.join(sorted(missing))} "
                                 "have no complete cached artifact for this config; run without --from")
@@ -280,7 +286,6 @@ class Runner:
     def execute(self) -> RunResult:
         """Run every stage (or serve it from the cache); raise `StageFailed` on a stage's failure."""
         (self.run_dir / "events").mkdir(exist_ok=True)
-        self._check_from()
         _call(self.hooks, "on_run_start", self.run)
         failure: StageFailed | None = None
         try:
