@@ -65,9 +65,13 @@ class Config:
     """torch intra-op threads on CPU; 0 leaves torch's default."""
     progress_bar: bool = True
     """Show Lightning's progress bar."""
-    noise_on: str = "all"
-    """Which tokens may be masked: `all` (every non-pad token) or `answers` (from the first answer
-    token of a block, per the data's `loss_mask`, to the block's end: what decoding has to fill)."""
+    layout: str = "auto"
+    """Row layout: `block_aligned` re-lays each prompt/answer example as `[pads][prompt][answer]`
+    with the answer starting on a block boundary, as decoding sees it (`twotower.data`);
+    `packed` keeps prepare_data's packed rows; `auto`: block_aligned when the data has answers."""
+    noise_on: str = "answers"
+    """Which tokens may be masked and scored: `answers` (the data's `loss_mask`: answer + EOS) or
+    `all` (every non-pad token)."""
 
 
 @dataclass
@@ -124,8 +128,6 @@ def _module_class():
             self.cfg = cfg
             self.block_size = block_size
             self.strict_loading = False  # checkpoints omit the frozen context tower
-            pad = getattr(self.model.context_tower.config, "pad_token_id", None)
-            self.pad_id = -1 if pad is None else int(pad)
             self.elapsed_before = 0.0  # seconds trained in earlier sessions (resume)
             self.started = time.monotonic()
 
@@ -150,21 +152,9 @@ def _module_class():
 
         # steps --------------------------------------------------------------------------------
         def _forward(self, batch, generator=None):
-            """Training forward; pads are excluded, and with `noise_on=answers` only answers are noised."""
-            x, loss_mask = batch
-            # right padding: everything up to the last non-pad token is real (pad may equal EOS)
-            real = (x != self.pad_id).flip(1).cumsum(1).flip(1) > 0
-            if self.cfg.noise_on != "answers":
-                return self.model(x, attention_mask=real, generator=generator)
-            b, L = x.shape
-            B = self.block_size
-            # from the block's first answer token on: at decoding time everything after the
-            # answer's start is masked too (EOS, then what follows it), so noise it in training
-            started = loss_mask.view(b, L // B, B).int().cummax(-1).values.bool()
-            maskable = started & real.view(b, L // B, B)
-            maskable[:, :, 0] = False  # token shift: position 0 is the context tower's token
-            t, mask = self.model.sample_noise(maskable, generator)
-            return self.model(x, noise_mask=mask.view(b, L), t=t, attention_mask=real)
+            """Training forward on a (ids, attention_mask, loss_mask) batch; pads are no-ops."""
+            x, attn, loss_mask = batch
+            return self.model(x, attention_mask=attn, loss_mask=loss_mask, generator=generator)
 
         def training_step(self, batch, batch_idx):
             out = self._forward(batch)
@@ -239,7 +229,53 @@ def load_tokens(path: str, key_name: str) -> tuple[Any, Any]:
     if ids.ndim != 2 or ids.shape[0] == 0:
         raise ValueError(f"{key_name}: {path} is empty (shape {tuple(ids.shape)})")
     mask = tensors.get("loss_mask")
-    return ids.long(), (torch.ones_like(ids, dtype=torch.int8) if mask is None else mask.to(torch.int8))
+    return ids.long(), (torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool())
+
+
+def right_pad_mask(ids, pad_id: int):
+    """[N, L] bool: everything up to each row's last non-pad token (pad may equal EOS)."""
+    return (ids != pad_id).flip(1).cumsum(1).flip(1) > 0
+
+
+def split_examples(ids, loss_mask, pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Packed rows -> (prompts, answers): each example is a run of prompt tokens (loss_mask 0,
+    not pad) followed by its answer run (loss_mask 1, EOS included)."""
+    prompts, answers = [], []
+    for row, lm in zip(ids.tolist(), loss_mask.tolist()):
+        i, n = 0, len(row)
+        while i < n:
+            j = i
+            while j < n and not lm[j] and row[j] != pad_id:
+                j += 1
+            k = j
+            while k < n and lm[k]:
+                k += 1
+            if k > j and j > i:
+                prompts.append(row[i:j])
+                answers.append(row[j:k])
+            i = max(k, i + 1)
+    return prompts, answers
+
+
+def build_rows(tokens: tuple[Any, Any], layout: str, noise_on: str, block_size: int, pad_id: int):
+    """(ids, attention_mask, loss_mask) tensors for training, in the configured layout."""
+    from twotower.data import block_aligned_batch
+
+    ids, lm = tokens
+    real = right_pad_mask(ids, pad_id)
+    has_answers = bool((real & ~lm).any())
+    if layout == "auto":
+        layout = "block_aligned" if has_answers else "packed"
+    if layout == "block_aligned":
+        prompts, answers = split_examples(ids, lm, pad_id)
+        if not prompts:
+            raise ValueError("train.layout=block_aligned: the token file has no prompt/answer examples "
+                             "(loss_mask marks no answers); use train.layout=packed")
+        rows = block_aligned_batch(prompts, answers, block_size, pad_id)
+        attn = rows["attention_mask"].bool()
+        loss = rows["loss_mask"].bool() if noise_on == "answers" else attn
+        return rows["input_ids"], attn, loss
+    return ids, real, (lm & real) if noise_on == "answers" else real
 
 
 def check_block_size(block_size: int, seq_len: int) -> None:
@@ -277,7 +313,7 @@ def fit(cfg: Config, factory: TwoTowerFactory, block_size: int, train_ids, val_i
     module = __getattr__("DenoiserModule")(factory, cfg, block_size)
     g = torch.Generator().manual_seed(ctx.seed)
     train_dl = DataLoader(TensorDataset(*train_ids), batch_size=cfg.batch_size, shuffle=True,
-                          generator=g, drop_last=len(train_ids[0]) >= cfg.batch_size)
+                          generator=g, drop_last=len(train_ids[0]) >= cfg.batch_size)  # (ids, attn, loss)
     val_dl = DataLoader(TensorDataset(*val_ids), batch_size=cfg.batch_size)
     ckpt_dir = Path(ctx.work_dir) / "checkpoints"
     callbacks = [ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=cfg.checkpoint_every,
@@ -362,6 +398,11 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
         raise ValueError(f"train.max_steps={cfg.max_steps}: must be at least 1")
     if cfg.noise_on not in ("all", "answers"):
         raise ValueError(f"train.noise_on={cfg.noise_on!r}: expected 'all' or 'answers'")
+    if cfg.layout not in ("auto", "packed", "block_aligned"):
+        raise ValueError(f"train.layout={cfg.layout!r}: expected 'auto', 'packed' or 'block_aligned'")
+    pad_id = int(data.get("pad_token_id", 0) or 0)
+    train_ids = build_rows(train_ids, cfg.layout, cfg.noise_on, block_size, pad_id)
+    val_ids = build_rows(val_ids, cfg.layout, cfg.noise_on, block_size, pad_id)
     factory = TwoTowerFactory(attach["artifacts"]["model"], tt, attach.get("dtype", "float32"))
     module, trainer, seconds = fit(cfg, factory, block_size, train_ids, val_ids, ctx)
     out = Path(ctx.out_dir)
@@ -370,10 +411,11 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     steps = int(trainer.global_step)
     tokens = steps * cfg.batch_size * cfg.grad_accum * int(train_ids[0].shape[1])
+    metrics_layout = {"train_rows": int(train_ids[0].shape[0]), "row_len": int(train_ids[0].shape[1])}
     metrics = {"steps": steps, "resumed_from_step": module.resumed_from_step,
                "train_minutes": module.elapsed() / 60.0,
                "tokens_per_second": tokens / max(seconds, 1e-9),
-               **{k.replace("/", "_"): v for k, v in logged.items()}}
+               **metrics_layout, **{k.replace("/", "_"): v for k, v in logged.items()}}
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
     return {"metrics": metrics,
             "artifacts": {"denoiser": ctx.artifact_path("denoiser.safetensors"),

@@ -60,17 +60,20 @@ def tiny_data(root: Path, tokenizer_dir: Path, n_train: int = 48, n_eval: int = 
     root.mkdir(parents=True, exist_ok=True)
 
     def pack(rows):
+        """One example per row, `<bos> prompt answer <eos>` then pads; loss_mask on answer + EOS."""
         out = torch.full((len(rows), SEQ_LEN), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), SEQ_LEN), dtype=torch.int8)
         for i, r in enumerate(rows):
-            ids = (tok(r["prompt"])["input_ids"] + tok(r["answer"], add_special_tokens=False)["input_ids"]
-                   + [tok.eos_token_id])[:SEQ_LEN]
+            prompt = tok(r["prompt"])["input_ids"]
+            ids = (prompt + tok(r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id])[:SEQ_LEN]
             out[i, : len(ids)] = torch.tensor(ids)
-        return out
+            mask[i, len(prompt): len(ids)] = 1
+        return {"input_ids": out, "loss_mask": mask}
 
     train = generate(list(TASKS), n_train // len(TASKS), seed=1)
     held = generate(list(TASKS), n_eval, seed=2)
-    save_file({"input_ids": pack(train)}, str(root / "train.safetensors"))
-    save_file({"input_ids": pack(held)}, str(root / "eval.safetensors"))
+    save_file(pack(train), str(root / "train.safetensors"))
+    save_file(pack(held), str(root / "eval.safetensors"))
     with open(root / "eval_examples.jsonl", "w") as f:
         for r in held:
             f.write(json.dumps(r) + "\n")

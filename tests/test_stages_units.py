@@ -94,3 +94,23 @@ def test_pareto_plot_is_written(tmp_path):
     points = [_pt(0.5, 0.9, 3.0), _pt(0.9, 1.0, 1.5)]
     C.pareto_plot(points, 0.987, points[1], tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_block_aligned_rows_put_answers_on_block_boundaries():
+    import torch
+
+    from stages.train_denoiser import build_rows, split_examples
+
+    pad = 0
+    # two packed examples: [bos p p | a a eos] [bos p | a eos] then pads
+    ids = torch.tensor([[1, 7, 8, 9, 9, 2, 1, 7, 9, 2, 0, 0]])
+    lm = torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0, 1, 1, 0, 0]]).bool()
+    prompts, answers = split_examples(ids, lm, pad)
+    assert prompts == [[1, 7, 8], [1, 7]] and answers == [[9, 9, 2], [9, 2]]
+    x, attn, loss = build_rows((ids, lm), "auto", "answers", 4, pad)
+    assert x.shape[1] % 4 == 0
+    for row, l in zip(x, loss):
+        first = int(l.nonzero()[0])
+        assert first % 4 == 0 and row[first] == 9  # the answer starts a block
+    x2, attn2, loss2 = build_rows((ids, lm), "packed", "all", 4, pad)
+    assert torch.equal(x2, ids) and attn2.sum() == 10 and torch.equal(loss2, attn2)
