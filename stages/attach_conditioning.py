@@ -76,6 +76,8 @@ def run(cfg, inputs: dict[str, dict], ctx: StageContext) -> dict:
                **{f"params_new_{k}": v for k, v in new.items() if k != "total"},
                "params_trainable": report["trainable"], "params_frozen": report["frozen"],
                "block_size": cfg.block_size}
+    ctx.log_artifact(out / "conditioning_map.json")
+    ctx.log_artifact(out / "twotower_config.json")
     return {"metrics": metrics,
             "artifacts": {"model": up["artifacts"]["model"], "tokenizer": up["artifacts"]["tokenizer"],
                           "conditioning_map": ctx.artifact_path("conditioning_map.json"),

@@ -129,6 +129,8 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
                "n_sublayers": len(lmap), "weights_gib_per_tower": plan["weights_gib_per_tower"],
                "train_gib_per_gpu": plan["train_bf16_fsdp"]["total_gib"],
                **{f"layers_{k}": kinds.count(k) for k in sorted(set(kinds))}}
+    ctx.log_artifact(out / "layer_map.json")
+    ctx.log_artifact(out / "memory_plan.json")
     return {"metrics": metrics,
             "artifacts": {"model": path, "tokenizer": path,
                           "layer_map": ctx.artifact_path("layer_map.json"),

@@ -69,6 +69,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     metrics = {"params_trainable": report["trainable"], "params_frozen": report["frozen"],
                "context_matches_backbone": 1.0,
                "trainable_fraction": report["trainable"] / (report["trainable"] + report["frozen"])}
+    ctx.log_artifact(out / "trainable_set.json")
     return {"metrics": metrics,
             "artifacts": {"model": path, "tokenizer": up["artifacts"]["tokenizer"],
                           "trainable_set": ctx.artifact_path("trainable_set.json")},
