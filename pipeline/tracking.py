@@ -19,6 +19,8 @@ from typing import Any
 from pipeline.config import PipelineConfig
 
 MAX_PARAM_CHARS = 6000
+FIGURE_SUFFIXES = {".png", ".svg", ".pdf", ".md", ".csv"}
+"""Manifest artifacts logged to the stage's MLflow run when they are files under 5 MiB."""
 
 
 def default_tracking_uri(root: str | Path) -> str:
@@ -59,6 +61,7 @@ class MlflowHook:
         self.artifact_root = (Path(cfg.run.root).resolve() / "mlartifacts").as_uri()
         self.client: Any = None
         self.broken = False
+        self.pending: dict[str, list[str]] = {}
 
     def _guard(self, fn: Any, *args: Any) -> None:
         """Tracking must not kill a long run: warn once and stop tracking."""
@@ -121,8 +124,11 @@ class MlflowHook:
             return
         if event.get("kind") == "metrics":
             self._log(st.mlflow_run_id, metrics=numeric(event.get("metrics", {})), step=event.get("step"))
-        elif event.get("kind") == "artifact" and Path(event.get("path", "")).exists():
-            self.client.log_artifact(st.mlflow_run_id, event["path"])
+        elif event.get("kind") == "artifact":
+            if Path(event["path"]).is_file():
+                self.client.log_artifact(st.mlflow_run_id, event["path"])
+            else:  # inside the artifact directory, which exists once the stage has finished
+                self.pending.setdefault(st.name, []).append(event["path"])
 
     def on_stage_end(self, run: Any, st: Any) -> None:
         self._guard(self._stage_end, run, st)
@@ -133,10 +139,25 @@ class MlflowHook:
         metrics = numeric(st.metrics)
         self._log(st.mlflow_run_id, metrics=metrics)
         self._log(run.mlflow_run_id, metrics={f"{st.name}.{k}": v for k, v in metrics.items()})
+        for path in self.pending.pop(st.name, []) + self._figures(st):
+            if Path(path).is_file():
+                self.client.log_artifact(st.mlflow_run_id, path)
         self.client.set_tag(st.mlflow_run_id, "pipeline.status", st.status)
         if st.error:
             self.client.set_tag(st.mlflow_run_id, "pipeline.error", st.error[:5000])
         self.client.set_terminated(st.mlflow_run_id, "FAILED" if st.status == "failed" else "FINISHED")
+
+    @staticmethod
+    def _figures(st: Any) -> list[str]:
+        """Small human-readable files named in the manifest's `artifacts` (plots, tables, cards)."""
+        if st.status != "done":
+            return []
+        out = []
+        for value in flatten((st.manifest or {}).get("artifacts") or {}).values():
+            path = Path(str(value))
+            if path.suffix in FIGURE_SUFFIXES and path.is_file() and path.stat().st_size < 5 * 2**20:
+                out.append(str(path))
+        return out
 
     def on_run_end(self, run: Any, summary: dict[str, Any]) -> None:
         self._guard(self._end, run)

@@ -29,12 +29,16 @@ PROGRESS_INTERVAL_S = 0.2
 class EventWriter:
     """`ctx.report` for a worker: appends each event as one JSON line (progress is throttled)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, tmp_dir: Path | None = None, final_dir: Path | None = None):
         self.path = Path(path)
         self.last_progress = 0.0
+        self.tmp, self.final = (str(tmp_dir), str(final_dir)) if tmp_dir and final_dir else (None, None)
 
     def __call__(self, event: dict[str, Any]) -> None:
         now = time.time()
+        if event.get("kind") == "artifact" and self.tmp and str(event.get("path", "")).startswith(self.tmp):
+            # a file in ctx.out_dir moves to the final directory: name it where it will be
+            event = {**event, "path": self.final + str(event["path"])[len(self.tmp):]}
         if event.get("kind") == "progress":
             final = event.get("total") is not None and event.get("done") == event.get("total")
             if now - self.last_progress < PROGRESS_INTERVAL_S and not final:
@@ -65,7 +69,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         ctx = StageContext(name=job["stage"], out_dir=tmp, work_dir=Path(job["work_dir"]),
                            run_dir=Path(job["run_dir"]), seed=job["seed"],
                            tracking_uri=job.get("tracking_uri"), mlflow_run_id=job.get("mlflow_run_id"),
-                           final_dir=final, report=EventWriter(job["events_path"]))
+                           final_dir=final, report=EventWriter(job["events_path"], tmp, final))
         manifest = module.run(cfg, job["inputs"], ctx)
         if not isinstance(manifest, dict):
             raise TypeError(f"run() must return a manifest dict, got {type(manifest).__name__}")

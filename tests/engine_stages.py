@@ -95,8 +95,12 @@ def run_combine(cfg: CombineConfig, inputs: dict[str, dict], ctx: StageContext) 
         ctx.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
     result = [a + b for a, b in zip(numbers, scaled)]
     (ctx.out_dir / "result.json").write_text(json.dumps(result))
+    (ctx.out_dir / "plot.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
+    ctx.log_artifact(ctx.out_dir / "plot.svg")  # logged once the artifact is in place
+    (ctx.out_dir / "table.csv").write_text("a,b\n1,2\n")
     return {"metrics": {"sum": sum(result), "nested": {"first": result[0]}},
-            "artifacts": {"result": ctx.artifact_path("result.json")}, "pid": os.getpid()}
+            "artifacts": {"result": ctx.artifact_path("result.json"), "table": ctx.artifact_path("table.csv")},
+            "pid": os.getpid()}
 
 
 source = SimpleNamespace(SECTION="source", Config=SourceConfig, run=run_source)

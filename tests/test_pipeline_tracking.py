@@ -36,6 +36,7 @@ def test_mlflow_parent_and_nested_runs(engine_defaults: Path, tmp_path: Path) ->
     assert [m.step for m in curve] == [0, 1, 2] and curve[-1].value == pytest.approx(1 / 3)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"config.yaml", "summary.json"} <= artifacts
+    assert {"plot.svg", "table.csv"} <= {a.path for a in client.list_artifacts(combine.info.run_id)}
     # a second run: new parent, stages marked cached, the same metrics logged again
     run_pipeline(load_config(None, ["tracking.enabled=true", "tracking.experiment=engine-test"],
                              defaults=engine_defaults), runner="local")
