@@ -1,4 +1,4 @@
-"""Shared test fixtures: the engine's test graph, one local Ray per session, a CLI runner.
+"""Shared test fixtures: the engine's test graph, one local Ray per test module, a CLI runner.
 
 `tests/` is on sys.path (pytest's rootdir insertion), so `engine_stages` imports as a top-level module;
 `cli()` passes the same path to subprocesses. GPU-marked tests are skipped without CUDA.
@@ -36,9 +36,10 @@ def engine_defaults(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session():
-    """One local Ray for every Ray test of the session (~3-5 s and ~850 MB to start)."""
+    """One local Ray for a module's Ray tests (~3-5 s and ~850 MB to start), shut down after the module
+    so that other modules may start their own (`ray.init` twice in a process raises)."""
     import logging
 
     import ray

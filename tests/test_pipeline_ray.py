@@ -1,4 +1,4 @@
-"""The Ray runner on a real local Ray (one per session): stages run in worker processes, their events
+"""The Ray runner on a real local Ray (one for the module): stages run in worker processes, their events
 reach the driver's hooks, a stage's exception arrives with its name and message, a GPU stage on a
 GPU-less cluster fails at once, and the cache is shared with the in-process runner.
 """
