@@ -43,11 +43,16 @@ def ray_session():
     import logging
 
     import ray
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), os.environ.get("PYTHONPATH", "")])
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), saved or ""])
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
              logging_level=logging.WARNING, configure_logging=False)
     yield ray
     ray.shutdown()
+    if saved is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = saved
 
 
 def cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None
