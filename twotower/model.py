@@ -59,7 +59,10 @@ class TwoTowerForDiffusionLM(nn.Module):
         self.config = config
         self.tt_config = config.twotower_config()
         if backbone is None:
-            backbone = AutoModelForCausalLM.from_config(config.backbone_config())
+            bcfg = config.backbone_config()
+            dtype = getattr(bcfg, "dtype", None) or torch.float32
+            dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+            backbone = AutoModelForCausalLM.from_config(bcfg, dtype=dtype)
         self.adapter = adapters.get(backbone)
         self.context_tower = backbone
         self.context_tower.requires_grad_(False)
@@ -219,6 +222,8 @@ class TwoTowerForDiffusionLM(nn.Module):
         d.mkdir(parents=True, exist_ok=True)
         self.config.twotower = self.tt_config.to_dict()
         self.config.backbone = self.context_tower.config.to_dict()
+        dtype = next(self.context_tower.parameters()).dtype
+        self.config.backbone["dtype"] = str(dtype).removeprefix("torch.")  # what the weights are
         self.config.architectures = [type(self).__name__]
         self.config.save_pretrained(d)
         save_model(self, str(d / WEIGHTS_NAME), metadata={"format": "pt"})
