@@ -14,7 +14,7 @@ CHOICES = {
     "mamba_conditioning": ("seeded_state", "zero_state"),
     "time_conditioning": ("adaln", "none"),
     "loss_weighting": ("uniform", "elbo"),
-    "router_dtype": ("float32", "float64"),
+    "router_dtype": ("float32",),
 }
 
 
@@ -51,7 +51,8 @@ class TwoTowerConfig:
     t_min: float = 1e-3
     """Block times are drawn in [t_min, 1) (low-discrepancy across the batch)."""
     router_dtype: str = "float32"
-    """Precision of MoE routing (HF Nemotron-H routes in float32; float64 casts router inputs)."""
+    """Precision of MoE routing. Recorded and validated: the Nemotron-H router computes its logits
+    in float32 whatever the model dtype (so training and decoding route alike); wider is not wired."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 2:
