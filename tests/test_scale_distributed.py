@@ -1,9 +1,11 @@
 """The distributed training path (Ray Train + Lightning) on the Nemotron-3-Nano layer pattern.
 
-The model is the real 52-layer Nano pattern (23 Mamba-2, 23 MoE, 6 attention) at a tiny width. Two
-CPU workers (DDP over gloo) under a local Ray each take half of the global batch; the first step's
-loss, and the loss after one optimizer step, must equal a single-process run on the whole batch.
-Then a second `fit_distributed` with the same name resumes from the checkpoint on storage.
+The model is `TwoTowerForDiffusionLM` over the real 52-layer Nano pattern (23 Mamba-2, 23 MoE,
+6 attention) at a tiny width. Two CPU workers (DDP over gloo) under a local Ray each take half of
+the global batch; the first step's loss, and the loss after one optimizer step, must equal a
+single-process run on the whole batch. Then a second `fit_distributed` with the same name resumes
+from the checkpoint on storage. FSDP is checked on two GPUs when present: torch's FSDP refuses a
+CPU-only process group ("FSDP needs a non-CPU accelerator device").
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pipeline.estimate import SHIPPED_BACKBONES
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-SEQ, BATCH, LR = 32, 4, 0.05
+SEQ, BATCH, LR = 16, 4, 0.05
 
 
 def tiny_nano_config():
@@ -33,29 +35,6 @@ def tiny_nano_config():
     return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
-def make_module():
-    import pytorch_lightning as pl
-    from transformers import AutoModelForCausalLM
-
-    class LM(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            # float32: the shipped config says bfloat16, which from_config would honour.
-            self.model = AutoModelForCausalLM.from_config(tiny_nano_config(), dtype=torch.float32)
-
-        def training_step(self, batch, batch_idx):
-            (x,) = batch
-            loss = self.model(input_ids=x, labels=x).loss  # mean over equal-size halves
-            self.log("loss", loss, sync_dist=True, on_step=True)
-            return loss
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=LR)
-
-    return LM()
-
-
 def tokens() -> torch.Tensor:
     return torch.randint(0, 64, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
 
@@ -64,21 +43,6 @@ def make_data(per_worker: int = BATCH // 2):
     from torch.utils.data import DataLoader, TensorDataset
 
     return DataLoader(TensorDataset(tokens()), batch_size=per_worker, shuffle=False)
-
-
-def single_process_losses(steps: int) -> list[float]:
-    torch.manual_seed(0)
-    module = make_module()
-    opt = module.configure_optimizers()
-    x = tokens()
-    out = []
-    for _ in range(steps):
-        loss = module.model(input_ids=x, labels=x).loss
-        out.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -105,30 +69,104 @@ def test_tiny_config_keeps_the_nano_pattern():
     assert layer_kinds(config) == {"attention": 6, "mamba": 23, "moe": 23, "mlp": 0}
 
 
-def test_two_workers_match_single_process_and_resume(local_ray, tmp_path):
-    from stages.train_distributed import DistributedConfig, fit_distributed
-
-    expected = single_process_losses(3)
-    cfg = DistributedConfig(storage_path=str(tmp_path), name="nano-tiny", num_workers=2, strategy="ddp",
-                            max_steps=2, report_every=1, checkpoint_every=2, cpus_per_worker=1)
-    first = fit_distributed(make_module, make_data, cfg)
-    losses = [r["loss"] for r in first.history]
-    assert [r["step"] for r in first.history] == [1, 2]  # step-based reports
-    assert losses == pytest.approx(expected[:2], abs=1e-5)
-    assert first.checkpoint_path is not None and str(tmp_path) in first.checkpoint_path
-
-    # Restart with a larger budget under the same name: resumes at step 2, does one more step.
-    more = DistributedConfig(**{**cfg.__dict__, "max_steps": 3})
-    second = fit_distributed(make_module, make_data, more)
-    steps = [r["step"] for r in second.history]
-    assert steps == [1, 2, 3]
-    assert second.history[-1]["loss"] == pytest.approx(expected[2], abs=1e-5)
-    state = second.load_state_dict()
-    assert any(k.startswith("model.") for k in state)
-
-
 def test_bad_config_names_the_key():
     from stages.train_distributed import DistributedConfig
 
     with pytest.raises(ValueError, match="train.strategy"):
         DistributedConfig(storage_path="/tmp/x", strategy="zero3")
+
+
+BLOCK = 8
+
+
+def fixed_noise(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same mask and times for every row: each half of the batch masks as many positions,
+    so the mean over masked positions of the whole batch is the mean of the two halves' means."""
+    g = torch.Generator().manual_seed(2)
+    n = SEQ // BLOCK
+    mask = torch.rand(1, SEQ, generator=g) < 0.5
+    mask.view(1, n, BLOCK)[..., 0] = False  # position 0 of a block is the AR token: never masked
+    mask.view(1, n, BLOCK)[..., 1] = True  # at least one per block
+    t = torch.rand(1, n, generator=g) * 0.9 + 0.1
+    return mask.expand(batch, SEQ), t.expand(batch, n)
+
+
+def make_twotower_module():
+    import pytorch_lightning as pl
+    from transformers import AutoModelForCausalLM
+
+    from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
+
+    class TwoTowerLM(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            backbone = AutoModelForCausalLM.from_config(tiny_nano_config(), dtype=torch.float32)
+            self.model = TwoTowerForDiffusionLM.from_backbone(backbone, TwoTowerConfig(block_size=BLOCK))
+
+        def training_step(self, batch, batch_idx):
+            (x,) = batch
+            mask, t = fixed_noise(x.shape[0])
+            loss = self.model(x, noise_mask=mask.to(x.device), t=t.to(x.device)).loss
+            self.log("loss", loss, sync_dist=True, on_step=True)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=LR)
+
+    return TwoTowerLM()
+
+
+def single_process_twotower_losses(steps: int) -> list[float]:
+    module = make_twotower_module()
+    opt = module.configure_optimizers()
+    x = tokens()
+    mask, t = fixed_noise(BATCH)
+    out = []
+    for _ in range(steps):
+        loss = module.model(x, noise_mask=mask, t=t).loss
+        out.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return out
+
+
+def test_two_workers_match_single_process_and_resume(local_ray, tmp_path):
+    """2 CPU workers (DDP over gloo), each on half the batch: the two-tower training loss of step 1,
+    and of step 2 after one optimizer step, equal the single-process run on the whole batch. A
+    second fit under the same name resumes from the checkpoint on storage and does step 3."""
+    from stages.train_distributed import DistributedConfig, fit_distributed
+
+    expected = single_process_twotower_losses(3)
+    cfg = DistributedConfig(storage_path=str(tmp_path), name="nano-tiny", num_workers=2, strategy="ddp",
+                            max_steps=2, report_every=1, checkpoint_every=2)
+    first = fit_distributed(make_twotower_module, make_data, cfg)
+    assert [r["step"] for r in first.history] == [1, 2]  # step-based reports
+    assert [r["loss"] for r in first.history] == pytest.approx(expected[:2], abs=1e-5)
+    assert first.checkpoint_path is not None and first.checkpoint_path.startswith(str(tmp_path))
+
+    more = DistributedConfig(**{**cfg.__dict__, "max_steps": 3})
+    second = fit_distributed(make_twotower_module, make_data, more)
+    assert [r["step"] for r in second.history] == [1, 2, 3]  # resumed at 2, one more step
+    assert second.history[-1]["loss"] == pytest.approx(expected[2], abs=1e-5)
+    state = second.load_state_dict()
+    assert any(k.startswith("model.denoiser.") for k in state)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="FSDP needs accelerators (torch's FSDP refuses CPU-only process groups)")
+def test_fsdp_two_gpus_match_single_process(tmp_path):
+    import ray
+
+    from stages.train_distributed import DistributedConfig, fit_distributed
+
+    expected = single_process_twotower_losses(2)
+    cfg = DistributedConfig(storage_path=str(tmp_path), name="twotower-fsdp", num_workers=2, use_gpu=True,
+                            strategy="fsdp", precision="32-true", max_steps=2, report_every=1, checkpoint_every=2)
+    try:
+        result = fit_distributed(make_twotower_module, make_data, cfg)
+    finally:
+        ray.shutdown()
+    assert [r["loss"] for r in result.history] == pytest.approx(expected, abs=1e-4)
