@@ -115,6 +115,8 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
                                             block_size=block_size)
         for b in (1, 8)
     }
+    traffic = {f"batch_{b}": sizing.decode_traffic(counts, config, batch=b, block_size=block_size,
+                                                    new_params=new["total"]) for b in (1, 8)}
     train = sizing.training_memory(context["total"], denoiser["total"], largest, config, shape)
     fit = sizing.min_gpus(context["total"], denoiser["total"], largest, config, shape, gpu_gib)
     return {
@@ -125,6 +127,7 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
                    "both_towers_total": context["total"] + denoiser["total"]},
         "new_params": {**new, "source": new_source},
         "decode_memory": decode,
+        "decode_traffic": traffic,
         "train_memory": {**train, "largest_layer_params": largest},
         "train_memory_by_gpus": {
             str(n): round(sizing.training_memory(context["total"], denoiser["total"], largest, config,

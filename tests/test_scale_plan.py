@@ -161,3 +161,15 @@ def test_plan_cli_on_the_nano_recipe(tmp_path):
     assert within(est["decode_memory"]["batch_1"]["diffusion"]["context_weights_gib"], 59.0)
     assert est["train_memory"]["num_gpus"] == 16 and est["train_memory"]["total_gib"] < 80
     assert plan["stages"]["calibrate_gamma"]["resources"]["num_gpus"] == 2
+
+
+def test_decode_traffic_moe_block_reads_more_experts(nano_plan):
+    config = config_from_json(NANO_JSON)
+    assert sizing.expert_fraction_touched(config, 1) == pytest.approx(6 / 128)
+    assert sizing.expert_fraction_touched(config, 16) == pytest.approx(1 - (122 / 128) ** 16)
+    t1, t8 = nano_plan["decode_traffic"]["batch_1"], nano_plan["decode_traffic"]["batch_8"]
+    # One AR token reads the active weights: ~3.2 B dense-equivalent params (+ LM head) in bf16.
+    assert t1["ar_forward_gib"] == pytest.approx(
+        2 * (nano_plan["params"]["context_tower"]["active"] - 352321536) / sizing.GIB, rel=1e-6)
+    assert t1["denoiser_forward_gib"] > 5 * t1["ar_forward_gib"]  # a 16-token block touches ~54% of experts
+    assert 1.0 < t1["break_even_denoiser_steps"] < t8["break_even_denoiser_steps"] < 16

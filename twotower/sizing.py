@@ -254,6 +254,46 @@ def decode_memory(
     }
 
 
+def expert_fraction_touched(config, tokens: int) -> float:
+    """Expected fraction of a MoE layer's routed experts that `tokens` tokens touch (uniform
+    routing): 1 - (1 - k/E)^tokens. One token reads k/E of them; a block of 16 reads about half."""
+    n_experts, top_k = moe_sizes(config)
+    if not n_experts:
+        return 1.0
+    return 1.0 - (1.0 - top_k / n_experts) ** tokens
+
+
+def weight_bytes_per_forward(counts: ParamCounts, config, tokens: int, extra_params: int = 0) -> float:
+    """BF16 weight bytes one forward over `tokens` tokens reads: every dense weight (the LM head
+    included, the embedding table only by rows, neglected), the routed experts those tokens touch.
+    Small-batch decoding is bound by this traffic, not by FLOPs."""
+    dense = counts.total - counts.embeddings - counts.routed_experts + extra_params
+    return BF16_BYTES * (dense + counts.routed_experts * expert_fraction_touched(config, tokens))
+
+
+def decode_traffic(counts: ParamCounts, config, *, batch: int, block_size: int, new_params: int = 0) -> dict:
+    """Weight traffic of AR vs diffusion decoding of one block per sequence, memory-bound regime.
+
+    AR: `block_size` forwards over `batch` tokens. Diffusion: s denoiser forwards over
+    batch x block_size tokens plus one context forward over the same tokens (commit). On a MoE
+    backbone a block forward touches many more experts than a one-token forward, so diffusion
+    saves traffic only while s stays below `break_even_denoiser_steps`.
+    """
+    ar = weight_bytes_per_forward(counts, config, batch)
+    block_ctx = weight_bytes_per_forward(counts, config, batch * block_size)
+    block_den = weight_bytes_per_forward(counts, config, batch * block_size, new_params)
+    return {
+        "batch": batch,
+        "ar_forward_gib": ar / GIB,
+        "ar_block_gib": block_size * ar / GIB,
+        "denoiser_forward_gib": block_den / GIB,
+        "context_commit_gib": block_ctx / GIB,
+        "expert_fraction_ar": expert_fraction_touched(config, batch),
+        "expert_fraction_block": expert_fraction_touched(config, batch * block_size),
+        "break_even_denoiser_steps": (block_size * ar - block_ctx) / block_den,
+    }
+
+
 @dataclass(frozen=True)
 class TrainShape:
     """The training job whose per-GPU memory is estimated."""
