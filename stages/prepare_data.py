@@ -14,7 +14,8 @@ Outputs (see docs/architecture.md, "prepare_data manifest"): `tokenizer/` (the c
 tokenizer of `stages/tokenizer.py` unless `tokenizer` names another), `train.safetensors` and
 `eval.safetensors` (`input_ids` int64 [N, seq_len], plus `loss_mask` int8 [N, seq_len] marking answer
 tokens and their EOS; 1 everywhere but padding for plain text), and `eval_examples.jsonl` (rows
-`{"task", "kind", "prompt", "answer"}`). The eval split is held out: a synthetic training example
+`{"task", "kind", "prompt", "answer"}`; for plain text `answer` is "" and `reference` holds the
+document's continuation). The eval split is held out: a synthetic training example
 whose prompt is also an eval prompt is dropped (except closed-book families such as `facts`).
 
 Bad input raises `ValueError` naming the key, file or column before anything is trained.
@@ -281,16 +282,20 @@ def pair_splits(rows: list[dict[str, Any]], cfg: Config, default_task: str, seed
 
 
 def text_eval_examples(docs: list[list[int]], tok: Any, cfg: Config) -> list[dict[str, str]]:
-    """Prompt/continuation pairs cut from held-out documents (scored against AR, not verifiable)."""
+    """Prompts cut from held-out documents; not verifiable (`answer` is ""), the document's next
+    `eval_answer_tokens` are kept as `reference`."""
     need = cfg.eval_prompt_tokens + cfg.eval_answer_tokens
     out = []
     for d in docs:
         if len(d) - 1 >= need:  # d ends in EOS
             body = d[: need]
+            # answer "" marks the row as not verifiable (scored by agreement with AR greedy);
+            # the document's own continuation is kept as `reference`.
             out.append({
                 "task": "text", "kind": "global",
                 "prompt": tok.decode(body[: cfg.eval_prompt_tokens], skip_special_tokens=True),
-                "answer": tok.decode(body[cfg.eval_prompt_tokens :], skip_special_tokens=True),
+                "answer": "",
+                "reference": tok.decode(body[cfg.eval_prompt_tokens :], skip_special_tokens=True),
             })
         if len(out) >= cfg.eval_examples_per_task:
             break

@@ -62,11 +62,15 @@ class Config:
     """Hidden size of each routed expert."""
     moe_shared_expert_intermediate_size: int = 128
     """Hidden size of the MoE layer's shared expert."""
+    initializer_range: float = 0.06
+    """Std of the normal init of linear and embedding weights. Larger than HF's 0.02: at 0.02 the
+    tiny model sits for hundreds of steps on the plateau before attention learns to copy (measured:
+    copy alone still at chance after 200 steps with 0.02, loss 0.13 after 250 with 0.06)."""
     max_steps: int = 1200
     """Optimizer steps at most (training stops earlier once the target is met, see stop_at_target)."""
     batch_size: int = 16
     """Packed rows per step."""
-    lr: float = 3e-3
+    lr: float = 5e-3
     """Peak learning rate (AdamW)."""
     min_lr_ratio: float = 0.1
     """The cosine schedule decays to lr x min_lr_ratio at max_steps."""
@@ -86,8 +90,8 @@ class Config:
     """Stop once a quick check has every family at >= target_em + stop_margin."""
     stop_margin: float = 0.05
     """Safety margin of the early stop (the quick check sees only `eval_subset` prompts)."""
-    max_new_tokens: int = 20
-    """Generation budget per answer in evaluation (synthetic answers are at most 16 characters)."""
+    max_new_tokens: int = 16
+    """Generation budget per answer in evaluation (synthetic answers are at most 14 characters + EOS)."""
     eval_batch_size: int = 128
     """Prompts per batched greedy generation."""
     checkpoint_every: int = 100
@@ -143,6 +147,7 @@ def build_config(cfg: Config, data: dict[str, Any]) -> Any:
         moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
         max_position_embeddings=max(4096, int(data["seq_len"])),
         tie_word_embeddings=False,
+        initializer_range=cfg.initializer_range,
         pad_token_id=int(data["pad_token_id"]),
         bos_token_id=data.get("bos_token_id"),
         eos_token_id=int(data["eos_token_id"]),
@@ -213,6 +218,9 @@ def ar_exact_match(model: Any, tok: Any, examples: list[dict[str, str]], *, max_
     """Per-task AR greedy exact match of `examples` (rows with `task`, `prompt`, `answer`)."""
     from stages.tasks import exact_match
 
+    examples = [e for e in examples if e.get("answer")]  # plain-text rows ("" answer) are not verifiable
+    if not examples:
+        return {}
     preds = ar_generate(model, tok, [e["prompt"] for e in examples], max_new_tokens=max_new_tokens,
                         batch_size=batch_size)
     hits: dict[str, list[bool]] = {}

@@ -9,7 +9,7 @@ Each family is a small generator `make(rng) -> (prompt, answer)` plus a label:
   reverse, sort, recall, memorised facts), so a block can be filled in any order.
 
 Everything is deterministic given a `random.Random`: the same seed gives the same examples.
-Answers are 3-16 characters, so that a 16-token block has several tokens to fill in parallel.
+Answers are 3-14 characters, so that a 16-token block has several tokens to fill in parallel.
 Addition writes its numbers least-significant digit first (both operands and the sum): the carry
 then flows left to right through the answer, which is what makes the family `ltr`. Addition and
 the running sum tag each digit with an index letter ("A5B8C2"): Nemotron-H attention has no
@@ -75,7 +75,7 @@ def make_add(rng: random.Random) -> tuple[str, str]:
 
 
 def make_scan(rng: random.Random) -> tuple[str, str]:
-    digits = _random_word(rng, DIGITS, 5, 8)
+    digits = _random_word(rng, DIGITS, 5, 7)
     running, out = 0, []
     for d in digits:
         running = (running + int(d)) % 10
@@ -135,7 +135,7 @@ FAMILIES: dict[str, TaskFamily] = {
     f.name: f
     for f in (
         TaskFamily("add", "ltr", make_add, "sum of two 3-4 digit numbers, least-significant digit first, index hints"),
-        TaskFamily("scan", "ltr", make_scan, "running sum mod 10 of 5-8 digits, index hints"),
+        TaskFamily("scan", "ltr", make_scan, "running sum mod 10 of 5-7 digits, index hints"),
         TaskFamily("sort", "global", make_sort, "6-10 digits in ascending order"),
         TaskFamily("copy", "global", make_copy, "repeat a 6-10 letter word"),
         TaskFamily("reverse", "global", make_reverse, "a 6-10 letter word backwards"),

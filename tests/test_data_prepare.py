@@ -98,7 +98,8 @@ def test_files_source_jsonl_text(tmp_path):
     m = prepare_data.run(cfg, {}, _ctx(tmp_path))
     assert m["verifiable"] is False and m["tasks"] == {"text": "global"}
     rows = [json.loads(line) for line in open(m["artifacts"]["eval_examples"])]
-    assert rows and len(rows[0]["prompt"]) == 15 and len(rows[0]["answer"]) == 8  # char tokens, <bos> dropped
+    assert rows and len(rows[0]["prompt"]) == 15 and len(rows[0]["reference"]) == 8  # char tokens, <bos> dropped
+    assert rows[0]["answer"] == ""  # not verifiable: scored by agreement with AR
     assert m["metrics"]["train_rows"] > 0 and m["metrics"]["eval_rows"] > 0
 
 
