@@ -108,15 +108,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     from rich.console import Console
     from rich.table import Table
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=120)
     table = Table(title=f"plan: {cfg.name}  ({' <- '.join(reversed(cfg.sources))})")
     for col in ("stage", "needs", "cpus", "gpus", "memory", "section", "cache"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("stage", "cache"))
     for name, st in plan["stages"].items():
         res = st["resources"]
         mem = f"{res['memory_gb']:g} GiB" if res.get("memory_gb") else "-"
         table.add_row(name, ", ".join(st["needs"]) or "-", f"{res['num_cpus']:g}", f"{res['num_gpus']:g}",
-                      mem, st["section"], "cached" if st["cached"] else f"run ({st['cache_key'][:8]})")
+                      mem, st["section"], "cached" if st["cached"] else "to run")
     console.print(table)
     if plan.get("estimate") is not None:
         console.print("[bold]estimate[/]")

@@ -40,14 +40,13 @@ def test_run_status_plan(engine_defaults: Path, tmp_path: Path) -> None:
     assert summary["status"] == "done" and summary["stages"]["combine"]["metrics"]["sum"] == 18.0
     proc = cli("status", str(run_dir))
     assert proc.returncode == 0 and "combine" in proc.stdout and "done" in proc.stdout
-    proc = cli("plan", "source.n=3", "--json", *defaults)
+    proc = cli("plan", "source.n=3", "--json", "--no-estimate", *defaults)
     plan = json.loads(proc.stdout)
     assert plan["order"] == ["source", "scale", "combine"]
     assert plan["stages"]["combine"]["needs"] == ["source", "scale"] and plan["stages"]["combine"]["cached"]
     assert plan["stages"]["scale"]["resources"] == {"num_cpus": 0.5, "num_gpus": 0.0, "memory_gb": None}
-    assert "estimate" in plan
     proc = cli("plan", "source.n=5", "--no-estimate", *defaults)  # the table: changed stages will run
-    assert proc.returncode == 0 and "combine" in proc.stdout and "run" in proc.stdout
+    assert proc.returncode == 0 and "combine" in proc.stdout and "to run" in proc.stdout
 
 
 def test_failing_stage_exit_1_with_its_message(engine_defaults: Path) -> None:

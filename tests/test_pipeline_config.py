@@ -122,6 +122,10 @@ def test_every_recipe_validates(recipe: Path | None) -> None:
     assert cfg.stages and cfg.dag.order
 
 
-def test_default_pipeline_yaml_validates() -> None:
+def test_default_pipeline_yaml_validates_and_plans() -> None:
+    from pipeline.cli import plan_of
     cfg = load_config(None)
     assert "prepare_data" in cfg.stages and cfg.dag.order[0] == "prepare_data"
+    plan = plan_of(cfg)  # with pipeline/estimate.py: its dict (or its error) under "estimate"
+    assert plan["order"] == list(cfg.stages) and "estimate" in plan
+    assert plan["stages"]["train_denoiser"]["needs"] == ["prepare_data", "attach_conditioning"]
