@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,14 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
     traffic = {f"batch_{b}": sizing.decode_traffic(counts, config, batch=b, block_size=block_size,
                                                     new_params=new["total"]) for b in (1, 8)}
     train = sizing.training_memory(context["total"], denoiser["total"], largest, config, shape)
+    ctx_counts = counts
+    den_counts = sizing.ParamCounts(**{k: v + (new["total"] if k in ("total", "active") else 0)
+                                       for k, v in asdict(counts).items()})
+    step_time = sizing.training_step_time(ctx_counts, den_counts, shape,
+                                          grad_accum=int(_select(cfg, "train.grad_accum", 1)))
+    steps = int(_select(cfg, "train.max_steps", 0) or 0)
+    step_time["max_steps"] = steps
+    step_time["hours_for_max_steps"] = steps * step_time["step_s"] / 3600
     fit = sizing.min_gpus(context["total"], denoiser["total"], largest, config, shape, gpu_gib)
     return {
         "backbone": {"name_or_path": str(name), "model_type": config.model_type,
@@ -135,6 +143,7 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
             for n in (8, 16, 32, 64)
         },
         "train_min_gpus": {"gpu_gib": gpu_gib, "num_gpus": fit},
+        "train_time": step_time,
         "placement": {"diffusion": {"context_tower": "cuda:0", "denoiser": "cuda:1"},
                       "ar_only": {"context_tower": "cuda:0"}},
         "seconds": round(time.perf_counter() - started, 2),

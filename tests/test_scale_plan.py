@@ -173,3 +173,15 @@ def test_decode_traffic_moe_block_reads_more_experts(nano_plan):
         2 * (nano_plan["params"]["context_tower"]["active"] - 352321536) / sizing.GIB, rel=1e-6)
     assert t1["denoiser_forward_gib"] > 5 * t1["ar_forward_gib"]  # a 16-token block touches ~54% of experts
     assert 1.0 < t1["break_even_denoiser_steps"] < t8["break_even_denoiser_steps"] < 16
+
+
+def test_training_step_time_intra_vs_inter_node(nano_plan):
+    ctx = sizing.ParamCounts(**{k: nano_plan["params"]["context_tower"][k]
+                                for k in ("total", "embeddings", "lm_head", "routed_experts", "active")})
+    one_node = sizing.training_step_time(ctx, ctx, sizing.TrainShape(8, 1, 4096, 16))
+    two_nodes = sizing.training_step_time(ctx, ctx, sizing.TrainShape(16, 1, 4096, 16))
+    # FLOPs per token: 8 x active (denoiser fwd + bwd + recompute) + 2 x active (context fwd).
+    assert one_node["flops_per_token_g"] == pytest.approx(10 * ctx.active_without_embeddings / 1e9)
+    assert two_nodes["comm_s_per_microbatch"] > one_node["comm_s_per_microbatch"]  # slower link
+    assert two_nodes["bound"] == "communication"
+    assert nano_plan["train_time"]["tokens_per_s"] > 0

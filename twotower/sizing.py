@@ -346,6 +346,52 @@ def training_memory(
     }
 
 
+@dataclass(frozen=True)
+class Cluster:
+    """Assumed hardware for wall-clock estimates (H100 SXM nodes of 8 GPUs by default)."""
+
+    gpu_tflops: float = 989.0
+    """Dense bf16 peak per GPU, TFLOP/s."""
+    mfu: float = 0.25
+    """Model FLOPs utilisation reached on the compute (MoE with a Python expert loop: low)."""
+    gpus_per_node: int = 8
+    """GPUs sharing a fast intra-node link."""
+    intra_node_gbs: float = 450.0
+    """Per-GPU intra-node bandwidth, GB/s (NVLink 4)."""
+    inter_node_gbs: float = 50.0
+    """Per-GPU inter-node bandwidth, GB/s (one 400 Gb/s NIC per GPU)."""
+
+
+def training_step_time(ctx: ParamCounts, den: ParamCounts, shape: TrainShape, *, grad_accum: int = 1,
+                       cluster: Cluster = Cluster()) -> dict:
+    """Where a training step's wall-clock goes, FSDP FULL_SHARD, per GPU (estimate, not measured).
+
+    Compute per token: denoiser forward + backward (6 x active) + its recompute under activation
+    checkpointing (2 x active) + the frozen context forward (2 x active). Communication per
+    micro-batch: all-gather of the context tower once, of the denoiser twice (forward, backward),
+    reduce-scatter of its bf16 grads once; the slowest link sets the pace once the job spans nodes.
+    """
+    tokens = shape.micro_batch * shape.seq_len
+    flops_per_token = 8 * den.active_without_embeddings + 2 * ctx.active_without_embeddings
+    compute_s = tokens * flops_per_token / (cluster.gpu_tflops * 1e12 * cluster.mfu)
+    n = shape.num_gpus
+    moved = BF16_BYTES * (ctx.total + 3 * den.total) * (n - 1) / n
+    link = cluster.inter_node_gbs if n > cluster.gpus_per_node else cluster.intra_node_gbs
+    comm_s = moved / (link * 1e9)
+    micro_s = max(compute_s, comm_s)  # FSDP overlaps the two at best
+    step_tokens = tokens * n * grad_accum
+    return {
+        "flops_per_token_g": flops_per_token / 1e9,
+        "compute_s_per_microbatch": compute_s,
+        "comm_gb_per_microbatch": moved / 1e9,
+        "comm_s_per_microbatch": comm_s,
+        "bound": "communication" if comm_s > compute_s else "compute",
+        "step_s": micro_s * grad_accum,
+        "tokens_per_step": step_tokens,
+        "tokens_per_s": step_tokens / (micro_s * grad_accum),
+    }
+
+
 def min_gpus(context_params: int, denoiser_params: int, largest_layer: int, config, shape: TrainShape,
              gpu_gib: float = 80.0) -> int:
     """The smallest power-of-two GPU count whose per-GPU estimate fits in `gpu_gib` (0: none <= 1024)."""
