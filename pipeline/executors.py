@@ -74,7 +74,12 @@ class RayExecutor:
                                           configure_logging=False)
             if address is None and not os.environ.get("RAY_ADDRESS"):
                 kwargs.update(num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20)
-            ray.init(address=address, **kwargs)
+            try:
+                ray.init(address=address, **kwargs)
+            except Exception as err:  # no cluster at that address, a version mismatch, ...
+                where = address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
+                raise PipelineError(f"cannot start or join Ray ({where}): {type(err).__name__}: {err}; "
+                                    "check ray.address / RAY_ADDRESS, or use --runner local") from None
             self.owns = True
         self.remote = ray.remote(execute)
         self.running: dict[Any, str] = {}

@@ -49,6 +49,14 @@ class EventWriter:
             fh.write(line + "\n")
 
 
+def _plain(obj: Any) -> Any:
+    """JSON for the few non-JSON values a manifest may hold (paths); anything else is an error."""
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"the manifest holds a {type(obj).__name__}: manifests are small plain JSON "
+                    "(heavy data goes to files under ctx.out_dir)")
+
+
 def _failure(err: BaseException, started: float) -> dict[str, Any]:
     return {"ok": False, "error_type": type(err).__name__,
             "error_bases": [c.__name__ for c in type(err).__mro__],
@@ -73,7 +81,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         manifest = module.run(cfg, job["inputs"], ctx)
         if not isinstance(manifest, dict):
             raise TypeError(f"run() must return a manifest dict, got {type(manifest).__name__}")
-        json.dumps(manifest)  # a manifest must be plain JSON: fail here, with the stage's name
+        manifest = json.loads(json.dumps(manifest, default=_plain))  # plain JSON, or fail here, named
         store.commit(tmp, final, job["stage"], job["key"], manifest)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written artifact behind

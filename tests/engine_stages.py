@@ -39,7 +39,8 @@ def run_source(cfg: SourceConfig, inputs: dict[str, dict], ctx: StageContext) ->
     _log_call(ctx)
     numbers = [cfg.start + (i if cfg.mode == "linear" else i * i) for i in range(cfg.n)]
     (ctx.out_dir / "numbers.json").write_text(json.dumps(numbers))
-    return {"metrics": {"count": cfg.n}, "artifacts": {"numbers": ctx.artifact_path("numbers.json")}}
+    return {"metrics": {"count": cfg.n}, "artifacts": {"numbers": ctx.artifact_path("numbers.json")},
+            "numbers_path": Path(ctx.artifact_path("numbers.json"))}  # a Path: stored as a string
 
 
 @dataclass
@@ -73,6 +74,8 @@ class CombineConfig:
     the attempt count lives in ctx.work_dir, which survives the kill)."""
     steps: int = 3
     """Progress steps reported."""
+    bad_manifest: bool = False
+    """Return a manifest holding a non-JSON object (the engine must refuse it, naming the stage)."""
 
 
 def run_combine(cfg: CombineConfig, inputs: dict[str, dict], ctx: StageContext) -> dict[str, Any]:
@@ -98,6 +101,8 @@ def run_combine(cfg: CombineConfig, inputs: dict[str, dict], ctx: StageContext) 
     (ctx.out_dir / "plot.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
     ctx.log_artifact(ctx.out_dir / "plot.svg")  # logged once the artifact is in place
     (ctx.out_dir / "table.csv").write_text("a,b\n1,2\n")
+    if cfg.bad_manifest:
+        return {"metrics": {}, "weights": object()}
     return {"metrics": {"sum": sum(result), "nested": {"first": result[0]}},
             "artifacts": {"result": ctx.artifact_path("result.json"), "table": ctx.artifact_path("table.csv")},
             "pid": os.getpid()}

@@ -96,6 +96,15 @@ def test_transient_failures_are_retried(engine_defaults: Path) -> None:
         _run(engine_defaults, "combine.transient_failures=5", "combine.steps=4")
 
 
+def test_manifest_must_be_plain_json(engine_defaults: Path, tmp_path: Path) -> None:
+    result = _run(engine_defaults)
+    manifest = json.loads((result.run_dir / "stages" / "source.json").read_text())
+    assert manifest["numbers_path"] == manifest["artifacts"]["numbers"]  # a Path became its string
+    with pytest.raises(StageFailed, match="stage 'combine' failed: TypeError: the manifest holds a object"):
+        _run(engine_defaults, "combine.bad_manifest=true")
+    assert not list((tmp_path / "runs" / "cache" / "combine").glob(".tmp-*"))
+
+
 def test_damaged_artifact_is_not_reused(engine_defaults: Path, tmp_path: Path) -> None:
     first = _run(engine_defaults)
     result_file = Path(first.summary["stages"]["combine"]["artifact_dir"]) / "result.json"
