@@ -27,6 +27,7 @@ No Ray or Lightning import at module load (both are slow): they happen inside th
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import tempfile
@@ -110,6 +111,51 @@ class DistributedResult:
             raise ValueError(f"{self.run_dir}: no checkpoint was reported")
         ckpt = torch.load(Path(self.checkpoint_path) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
         return ckpt["state_dict"]
+
+
+@dataclass
+class LazyFactory:
+    """A picklable factory: imports `target` ("package.module:attribute") on the worker and calls it.
+
+    Lets a caller hand over classes that only exist after a lazy import, e.g.
+    `LazyFactory("stages.train_denoiser:DenoiserModule", (model_factory, train_cfg, block_size))`.
+    """
+
+    target: str
+    """`module:attribute` to import and call."""
+    args: tuple = ()
+    """Positional arguments (picklable)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments (picklable)."""
+
+    def __call__(self) -> Any:
+        module, _, attr = self.target.partition(":")
+        if not attr:
+            raise ValueError(f"LazyFactory target {self.target!r}: expected 'package.module:attribute'")
+        return getattr(importlib.import_module(module), attr)(*self.args, **self.kwargs)
+
+
+def config_from_train(train_cfg: Any, *, storage_path: str, name: str, num_workers: int | None = None,
+                      seed: int = 0) -> DistributedConfig:
+    """A `DistributedConfig` from `train_denoiser`'s `train` section (fields read when present):
+    `num_workers` (else `devices`), `accelerator`, `strategy`, `precision`, `max_steps`,
+    `grad_accum`, `grad_clip`, `checkpoint_every`. `auto` strategy means FSDP on GPU, DDP on CPU."""
+    import torch
+
+    get = lambda key, default: getattr(train_cfg, key, default)  # noqa: E731
+    workers = num_workers or int(get("num_workers", 0) or get("devices", 1) or 1)
+    accelerator = str(get("accelerator", "auto"))
+    use_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    strategy = str(get("strategy", "auto"))
+    if strategy == "auto":
+        strategy = "fsdp" if use_gpu else "ddp"
+    return DistributedConfig(
+        storage_path=storage_path, name=name, num_workers=workers, use_gpu=use_gpu, strategy=strategy,
+        precision=str(get("precision", "auto")), max_steps=int(get("max_steps", 100)),
+        grad_accum=int(get("grad_accum", 1)), grad_clip=float(get("grad_clip", 0.0) or 0.0),
+        checkpoint_every=int(get("checkpoint_every", 100)), seed=seed,
+        report_every=max(1, min(10, int(get("checkpoint_every", 100)))),
+    )
 
 
 def fit_distributed(

@@ -170,3 +170,23 @@ def test_fsdp_two_gpus_match_single_process(tmp_path):
     finally:
         ray.shutdown()
     assert [r["loss"] for r in result.history] == pytest.approx(expected, abs=1e-4)
+
+
+def test_lazy_factory_and_train_section_mapping():
+    import pickle
+
+    from stages.train_distributed import LazyFactory, config_from_train
+
+    make = pickle.loads(pickle.dumps(LazyFactory("twotower.sizing:TrainShape", (8,), {"seq_len": 32})))
+    assert make().num_gpus == 8 and make().seq_len == 32
+    with pytest.raises(ValueError, match="package.module:attribute"):
+        LazyFactory("twotower.sizing")()
+
+    class Train:  # the fields of train_denoiser's `train` section that the runner reads
+        devices, accelerator, strategy, precision = 16, "gpu", "fsdp", "bf16-mixed"
+        max_steps, grad_accum, grad_clip, checkpoint_every = 2000, 8, 1.0, 500
+
+    cfg = config_from_train(Train(), storage_path="/shared/runs", name="nano")
+    assert (cfg.num_workers, cfg.use_gpu, cfg.strategy, cfg.max_steps, cfg.grad_accum) == (16, True, "fsdp", 2000, 8)
+    Train.accelerator, Train.strategy = "cpu", "auto"
+    assert config_from_train(Train(), storage_path="/tmp", name="x", num_workers=2).strategy == "ddp"
