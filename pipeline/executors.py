@@ -17,6 +17,10 @@ from pipeline.runner import PipelineError
 from pipeline.worker import execute
 
 
+SHIP_EXCLUDES = ["runs/", ".venv/", ".git/", "**/__pycache__/", "*.egg-info/", "mlruns/", ".pytest_cache/"]
+"""What `ray.ship_code` leaves out of the uploaded repository."""
+
+
 class ResourceError(PipelineError):
     """A stage asks for resources no node of the cluster has (it would stay pending forever)."""
 
@@ -65,15 +69,19 @@ def _worker_pythonpath(stages: list[Stage]) -> str:
 class RayExecutor:
     """Each stage is a Ray task with its resources; a local Ray is started unless one is reachable."""
 
-    def __init__(self, address: str | None = None, num_cpus: int | None = None, object_store_mb: int = 256):
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, object_store_mb: int = 256,
+                 ship_code: bool = False):
         import ray
         self.ray = ray
         self.owns = False
+        self.ship_code = ship_code
         if not ray.is_initialized():
             kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING,
                                           configure_logging=False)
             if address is None and not os.environ.get("RAY_ADDRESS"):
                 kwargs.update(num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20)
+            if ship_code:  # Ray uploads a directory only for a whole job (ray.init), not per task
+                kwargs["runtime_env"] = {"working_dir": str(REPO_ROOT), "excludes": SHIP_EXCLUDES}
             try:
                 ray.init(address=address, **kwargs)
             except Exception as err:  # no cluster at that address, a version mismatch, ...
@@ -81,6 +89,9 @@ class RayExecutor:
                 raise PipelineError(f"cannot start or join Ray ({where}): {type(err).__name__}: {err}; "
                                     "check ray.address / RAY_ADDRESS, or use --runner local") from None
             self.owns = True
+        elif ship_code:
+            raise PipelineError("ray.ship_code=true needs the engine to start or join Ray itself, but Ray "
+                                "is already initialized in this process")
         self.remote = ray.remote(execute)
         self.running: dict[Any, str] = {}
         self.pythonpath = str(REPO_ROOT)
@@ -114,9 +125,11 @@ class RayExecutor:
     def submit(self, name: str, job: dict[str, Any], stage: Stage) -> None:
         """Submit the stage as a Ray task (application errors come back as data, never retried by Ray)."""
         res = stage.spec.resources
+        path = self.pythonpath if not self.ship_code else os.pathsep.join([".", self.pythonpath])
+        # env_vars merge with the job's runtime_env (so a shipped working_dir stays the worker's cwd)
+        runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": path}}
         options: dict[str, Any] = dict(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=0,
-                                       name=f"stage:{name}",
-                                       runtime_env={"env_vars": {"PYTHONPATH": self.pythonpath}})
+                                       name=f"stage:{name}", runtime_env=runtime_env)
         if res.memory_gb:
             options["memory"] = int(res.memory_gb * 2**30)
         self.running[self.remote.options(**options).remote(job)] = name
@@ -160,6 +173,6 @@ def make_executor(kind: str, ray_cfg: Any) -> LocalExecutor | RayExecutor:
     if kind == "local":
         return LocalExecutor()
     if kind == "ray":
-        return RayExecutor(ray_cfg.address, ray_cfg.num_cpus, ray_cfg.object_store_mb)
+        return RayExecutor(ray_cfg.address, ray_cfg.num_cpus, ray_cfg.object_store_mb, ray_cfg.ship_code)
     raise ValueError(f"run.runner: unknown runner '{kind}' (valid: ray, local)")
 

@@ -74,6 +74,10 @@ class RayConfig:
     """CPUs of the embedded local Ray; None: all cores."""
     object_store_mb: int = 256
     """Object store of the embedded local Ray, in MiB (manifests are small; tensors stay on disk)."""
+    ship_code: bool = False
+    """Upload the repository to the cluster (Ray `runtime_env.working_dir`, without runs/, .venv/,
+    .git/) instead of relying on it being at the same path on every node. `run.root` must still be
+    a filesystem every node mounts."""
 
 
 @dataclass

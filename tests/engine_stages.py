@@ -105,7 +105,7 @@ def run_combine(cfg: CombineConfig, inputs: dict[str, dict], ctx: StageContext) 
         return {"metrics": {}, "weights": object()}
     return {"metrics": {"sum": sum(result), "nested": {"first": result[0]}},
             "artifacts": {"result": ctx.artifact_path("result.json"), "table": ctx.artifact_path("table.csv")},
-            "pid": os.getpid()}
+            "pid": os.getpid(), "cwd": os.getcwd()}
 
 
 source = SimpleNamespace(SECTION="source", Config=SourceConfig, run=run_source)

@@ -65,6 +65,20 @@ def test_generate_is_wired() -> None:
     assert proc.returncode == 0 and "--prompt" in proc.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_run_ships_the_repository(engine_defaults: Path, tmp_path: Path) -> None:
+    """`ray.ship_code=true`: the workers run from Ray's uploaded copy of the repo, not from REPO."""
+    proc = cli("run", "ray.ship_code=true", "--runner", "ray", "--quiet", "--defaults", str(engine_defaults),
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    manifest = json.loads((run_dir / "stages" / "combine.json").read_text())
+    assert Path(manifest["cwd"]).resolve() != REPO
+    assert (Path(manifest["cwd"]) / "pipeline" / "runner.py").is_file()  # the uploaded copy
+    assert not (Path(manifest["cwd"]) / ".venv").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

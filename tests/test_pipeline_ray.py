@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pipeline import StageFailed, load_config, run_pipeline
+from pipeline import PipelineError, StageFailed, load_config, run_pipeline
 from pipeline.executors import ResourceError
 
 pytestmark = pytest.mark.ray
@@ -45,6 +45,12 @@ def test_ray_runner_runs_stages_in_worker_processes(ray_session: Any, engine_def
     # the same cache serves the in-process runner: no work the second time
     again = run_pipeline(load_config(None, defaults=engine_defaults), runner="local")
     assert [s["status"] for s in again.summary["stages"].values()] == ["cached"] * 3
+
+
+def test_ray_ship_code_needs_its_own_ray(ray_session: Any, engine_defaults: Path) -> None:
+    cfg = load_config(None, ["ray.ship_code=true"], defaults=engine_defaults)
+    with pytest.raises(PipelineError, match="already initialized"):
+        run_pipeline(cfg, runner="ray")
 
 
 def test_ray_stage_error_names_stage_and_message(ray_session: Any, engine_defaults: Path) -> None:
