@@ -157,9 +157,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     console.print(f"run directory: {run_dir}", highlight=False)
     console.print(summary_table(summary))
     if summary.get("status") == "running":
-        console.print("[magenta]status 'running': the run is in progress, or was killed; "
-                      "`python -m pipeline run` with the same recipe resumes it from the cache[/]")
+        alive = _driver_alive(summary.get("driver") or {})
+        state = {True: "in progress", False: "killed (its driver process is gone)", None: "in progress, "
+                 "or killed"}[alive]
+        console.print(f"[magenta]the run is {state}; `python -m pipeline run` with the same recipe and "
+                      "overrides resumes from the cache[/]")
     return 0
+
+
+def _driver_alive(driver: dict[str, Any]) -> bool | None:
+    """Whether the run's driver process still exists (None: another host, cannot tell)."""
+    import socket
+    if driver.get("host") != socket.gethostname() or not driver.get("pid"):
+        return None
+    try:
+        os.kill(int(driver["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

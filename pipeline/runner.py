@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -153,6 +154,7 @@ def summary_of(run: RunInfo) -> dict[str, Any]:
             entry["mlflow_run_id"] = st.mlflow_run_id
         stages[name] = entry
     return {"run": run.run_dir.name, "name": run.cfg.name, "status": run.status,
+            "driver": {"host": socket.gethostname(), "pid": os.getpid()},
             "started": datetime.fromtimestamp(run.started, timezone.utc).isoformat(),
             "duration_s": round(time.time() - run.started, 3), "sources": run.cfg.sources,
             "mlflow": {"tracking_uri": run.tracking_uri, "run_id": run.mlflow_run_id},

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TESTS
+from conftest import REPO, TESTS, cli
 
 from pipeline import StageFailed, load_config, run_pipeline
 from pipeline.runner import PipelineError
@@ -137,6 +137,8 @@ def test_sigkill_mid_stage_then_resume(engine_defaults: Path, tmp_path: Path) ->
     assert not list((root / "cache" / "combine").glob("*/" + MARKER))
     summary = json.loads((root / "latest" / "summary.json").read_text())
     assert summary["stages"]["combine"]["status"] == "running" and summary["status"] == "running"
+    status = cli("status", "--root", str(root))
+    assert status.returncode == 0 and "killed (its driver process is gone)" in status.stdout
     result = _run(engine_defaults, "combine.sleep_s=60")  # the same config: the same cache keys
     assert _statuses(result) == {"source": "cached", "scale": "cached", "combine": "done"}
     assert list((root / "cache" / "combine").glob("*/" + MARKER))
