@@ -123,6 +123,18 @@ def evaluate(model, examples, mode: str, gamma: float) -> dict:
             "tokens_per_den_forward": tokens / den if den else float("nan"), "ctx_forwards": ctx, "den_forwards": den}
 
 
+def batched_speed(model, examples, mode: str, gamma: float, batch: int) -> float:
+    """ms per generated token when decoding `batch` prompts at once (left-padded)."""
+    tokens, wall = 0, 0.0
+    for i in range(0, len(examples), batch):
+        prompts = [p for _, p, _ in examples[i:i + batch]]
+        t0 = time.perf_counter()
+        gen = model.generate(prompts, mode=mode, gamma=gamma, max_new_tokens=32)
+        wall += time.perf_counter() - t0
+        tokens += int(gen.num_generated.sum())
+    return 1000 * wall / tokens
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pretrain-s", type=float, default=600, help="backbone pretraining budget (s)")
@@ -170,6 +182,11 @@ def main() -> None:
         g = "   - " if gamma is None else f"{gamma:5.2f}"
         print(f"{mode:10s} {g}  {r['exact']:5.3f}  {rel:5.3f}  {tasks}   {r['tokens_per_den_forward']:11.2f}  "
               f"{r['ms_per_token']:8.2f}  {ar['ms_per_token'] / r['ms_per_token']:6.2f}x")
+    with torch.inference_mode():
+        for batch in (1, 4, 16):
+            ar_ms = batched_speed(model, examples, "ar", 1.0, batch)
+            d_ms = batched_speed(model, examples, "diffusion", 0.8, batch)
+            print(f"batch {batch:2d}: ms/token AR {ar_ms:6.2f}  diffusion(0.8) {d_ms:6.2f}  speedup {ar_ms / d_ms:5.2f}x")
 
 
 if __name__ == "__main__":

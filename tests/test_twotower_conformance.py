@@ -209,6 +209,7 @@ def test_diffusion_decoding_batch_counts_and_eos(name):
     # 3 blocks of 4 cover 10 tokens: 1 prefill + 2 commits; each block needs 1..3 denoiser steps
     assert g.num_context_forwards == 3 and 3 <= g.num_denoiser_forwards <= 9
     assert len(g.trace) == 3 and all(not any(map(any, s[-1]["masked"])) for s in g.trace)
+    assert all(any(map(any, s[0]["masked"])) for s in g.trace)  # each block starts masked
     # gamma=1 can still commit (at least one position per step): B-1 steps per block
     g1 = model.generate(prompts, mode="diffusion", gamma=1.0, max_new_tokens=8, eos_token_id=-1)
     assert g1.num_denoiser_forwards in (4, 6)

@@ -155,7 +155,7 @@ def generate(
         while True:
             block = torch.full((b, B), pad, dtype=torch.long, device=ctx_dev)
             block[:, 0] = first
-            steps: list = []
+            steps: list | None = [] if trace is not None else None
             if mode == "diffusion":
                 block = _denoise_block(model, block, finished, cache, gamma, eos_token_id, pad, den_dev, state, steps)
             else:
@@ -203,6 +203,8 @@ def _denoise_block(model, block, finished, cache, gamma, eos, pad, den_dev, stat
     positions = dcache.next_pos[:, None] + torch.arange(B, device=den_dev)
     ctx = DecodeContext(dcache, cfg, B)
     rows = torch.arange(b, device=den_dev)
+    if steps is not None:  # the block before the first denoiser step
+        steps.append({"tokens": block.tolist(), "masked": is_mask.tolist()})
     while bool(is_mask.any()):
         t = is_mask.sum(1).float() / maskable
         logits = model.denoiser(block, is_mask, t, positions, ctx)
@@ -219,7 +221,8 @@ def _denoise_block(model, block, finished, cache, gamma, eos, pad, den_dev, stat
         after = _after_eos(block, ~is_mask, eos)
         block = block.masked_fill(after & is_mask, pad)
         is_mask = is_mask & ~after
-        steps.append({"tokens": block.tolist(), "masked": is_mask.tolist()})
+        if steps is not None:
+            steps.append({"tokens": block.tolist(), "masked": is_mask.tolist()})
     return block
 
 
