@@ -190,3 +190,38 @@ def test_lazy_factory_and_train_section_mapping():
     assert (cfg.num_workers, cfg.use_gpu, cfg.strategy, cfg.max_steps, cfg.grad_accum) == (16, True, "fsdp", 2000, 8)
     Train.accelerator, Train.strategy = "cpu", "auto"
     assert config_from_train(Train(), storage_path="/tmp", name="x", num_workers=2).strategy == "ddp"
+
+
+def tiny_twotower():
+    from transformers import AutoModelForCausalLM
+
+    from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
+
+    torch.manual_seed(0)
+    backbone = AutoModelForCausalLM.from_config(tiny_nano_config(), dtype=torch.float32)
+    return TwoTowerForDiffusionLM.from_backbone(backbone, TwoTowerConfig(block_size=BLOCK))
+
+
+def denoiser_rows():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = tokens()
+    ones = torch.ones_like(x, dtype=torch.bool)
+    return DataLoader(TensorDataset(x, ones, ones), batch_size=BATCH // 2, shuffle=False)
+
+
+def test_train_denoiser_module_under_the_runner(local_ray, tmp_path):
+    """`train_denoiser`'s own DenoiserModule, built on each worker through LazyFactory."""
+    from stages.train_denoiser import Config as TrainConfig
+    from stages.train_distributed import LazyFactory, config_from_train, fit_distributed
+
+    train = TrainConfig(max_steps=2, batch_size=BATCH // 2, checkpoint_every=2, accelerator="cpu",
+                        warmup_steps=1, progress_bar=False)
+    cfg = config_from_train(train, storage_path=str(tmp_path), name="denoiser", num_workers=2)
+    make_module = LazyFactory("stages.train_denoiser:DenoiserModule", (tiny_twotower, train, BLOCK))
+    result = fit_distributed(make_module, denoiser_rows, cfg)
+    assert result.history[-1]["step"] == 2  # report_every = min(10, checkpoint_every)
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in result.history)
+    state = result.load_state_dict()
+    assert any(k.startswith("model.denoiser.") for k in state)
+    assert not any(k.startswith("model.context_tower.") for k in state)  # the frozen tower is not saved
