@@ -3,6 +3,7 @@ key and the file, all at once, with exit status 2 and no traceback from the CLI.
 """
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -118,6 +119,8 @@ def test_every_recipe_validates(recipe: Path | None) -> None:
         pytest.skip("no recipe in recipes/ yet")
     first = recipe.read_text().lstrip().splitlines()[0]
     assert first.startswith("#"), f"{recipe.name} must start with a comment giving its launch command"
+    for expr in re.findall(r"\$\{([^}]*)\}", recipe.read_text()):  # data only: no resolvers but env
+        assert expr.startswith("oc.env:") or re.fullmatch(r"[A-Za-z_][\w.]*", expr), expr
     cfg = load_config(recipe)
     assert cfg.stages and cfg.dag.order
 
