@@ -199,10 +199,11 @@ def _has(layer: Any, parts: list[str]) -> int:
 def _origin(key: str, layers: list[tuple[str, Any]]) -> str:
     """The file (or `command line`) a key most likely came from: the latest layer reaching deepest."""
     parts = [p.split("[")[0] for p in key.split(".")]
-    best, best_depth = layers[-1][0], -1
+    files = [source for source, _ in layers if source != CLI]
+    best, best_depth = (files[-1] if files else CLI), 0  # unset anywhere: the recipe should set it
     for source, raw in layers:
         depth = _has(raw, parts)
-        if depth >= best_depth and depth > 0:
+        if depth > 0 and depth >= best_depth:
             best, best_depth = source, depth
     return best
 
