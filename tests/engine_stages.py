@@ -108,7 +108,22 @@ def run_combine(cfg: CombineConfig, inputs: dict[str, dict], ctx: StageContext) 
             "pid": os.getpid(), "cwd": os.getcwd()}
 
 
+@dataclass
+class ShiftConfig:
+    """Config of the `shift` stage, which shares the `scale` section with a different schema."""
+
+    factor: float = 2.0
+    """Read from the shared section too."""
+    offset: float = 0.0
+    """Only `shift` reads it."""
+
+
+def run_shift(cfg: ShiftConfig, inputs: dict[str, dict], ctx: StageContext) -> dict[str, Any]:
+    return {"metrics": {"offset": cfg.offset, "factor": cfg.factor}}
+
+
 source = SimpleNamespace(SECTION="source", Config=SourceConfig, run=run_source)
+shift = SimpleNamespace(SECTION="scale", Config=ShiftConfig, run=run_shift)
 scale = SimpleNamespace(SECTION="scale", Config=ScaleConfig, run=run_scale)
 combine = SimpleNamespace(SECTION="combine", Config=CombineConfig, run=run_combine)
 

@@ -40,6 +40,16 @@ def test_env_interpolation_and_deletion(engine_defaults: Path, tmp_path: Path,
     assert cfg.stages["source"].config["n"] == 4 and "combine" not in cfg.stages  # back to the default
 
 
+def test_section_shared_by_two_stages_accepts_the_union(engine_defaults: Path, tmp_path: Path) -> None:
+    recipe = _write(tmp_path / "r.yaml", "graph: {shift: {needs: [scale], module: 'engine_stages:shift'}}\n"
+                    "scale: {factor: 3, offset: 1.5}\n")
+    cfg = load_config(recipe, defaults=engine_defaults)
+    assert cfg.stages["scale"].config == {"factor": 3.0, "tags": None}  # each stage: its own fields
+    assert cfg.stages["shift"].config == {"factor": 3.0, "offset": 1.5}
+    with pytest.raises(ConfigError, match=r"scale.ofset: unknown key; did you mean 'offset'"):
+        load_config(recipe, ["scale.ofset=2"], defaults=engine_defaults)
+
+
 def test_recipe_null_removes_a_stage(engine_defaults: Path, tmp_path: Path) -> None:
     recipe = _write(tmp_path / "r.yaml", "graph: {combine: null}\n")
     assert list(load_config(recipe, defaults=engine_defaults).stages) == ["source", "scale"]
