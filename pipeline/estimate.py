@@ -94,6 +94,7 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
     from twotower import sizing
 
     started = time.perf_counter()
+    gpu_gib = float(_select(cfg, "plan.gpu_memory_gib", 0) or _select(cfg, "backbone.device_memory_gb", 0) or gpu_gib)
     name = _select(cfg, "backbone.name_or_path")
     if not name:
         return {"backbone": None, "note": "backbone.name_or_path is not set (the backbone is pretrained "
@@ -151,10 +152,11 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
 
 
 def _train_shape(cfg: Any, block_size: int, num_gpus: int | None):
-    """The training job to size: GPUs from `train.num_workers` / `train.devices` (16 if unset)."""
+    """The training job to size: GPUs from `plan.num_gpus`, else `train.num_workers` /
+    `train.devices` (16 if none is set above 1)."""
     from twotower.sizing import TrainShape
 
-    workers = num_gpus or max(int(_select(cfg, "train.num_workers", 0) or 0),
+    workers = num_gpus or int(_select(cfg, "plan.num_gpus", 0) or 0) or max(int(_select(cfg, "train.num_workers", 0) or 0),
                               int(_select(cfg, "train.devices", 0) or 0))
     seq_len = int(_select(cfg, "train.seq_len", 0) or _select(cfg, "data.seq_len", 4096))
     micro = int(_select(cfg, "train.micro_batch_size", 0) or _select(cfg, "train.batch_size", 1))

@@ -147,14 +147,18 @@ def test_plan_cli_on_the_nano_recipe(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RUN_ROOT": str(tmp_path)}
-    started = time.perf_counter()
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, "-m", "pipeline", "plan", "recipes/nemotron_nano.yaml", "--json"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=120)
-    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert proc.returncode == 0, proc.stderr[-2000:]
     plan = json.loads(proc.stdout)
     est = plan["estimate"]
-    assert wall < 60
+    # <= 60 s on a laptop: CPU seconds, since wall time on a shared CI box depends on its neighbours.
+    assert cpu_s < 60
     assert est["new_params"]["source"] == "TwoTowerForDiffusionLM on meta"
     assert within(est["params"]["context_tower"]["total"], 31.6e9)
     assert within(est["params"]["context_tower"]["active_without_embeddings"], 3.2e9)
