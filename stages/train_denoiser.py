@@ -287,6 +287,57 @@ def check_block_size(block_size: int, seq_len: int) -> None:
                          "the sequence length must be a multiple of the block size")
 
 
+def bucket_batches(attn, block_size: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Row indices grouped into batches of rows with the same real-block pattern, shuffled.
+
+    Block-aligned rows differ in how many prompt/answer blocks they use; batching alike rows lets
+    `trim_blocks` drop the all-pad blocks, so no step computes on padding blocks."""
+    import torch
+
+    n_rows, length = attn.shape
+    sig = attn.view(n_rows, length // block_size, block_size).any(-1)
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    groups: dict[tuple, list[int]] = {}
+    for i, key in enumerate(map(tuple, sig.tolist())):
+        groups.setdefault(key, []).append(i)
+    batches = []
+    for rows in groups.values():
+        order = [rows[j] for j in torch.randperm(len(rows), generator=g).tolist()]
+        batches += [order[k: k + batch_size] for k in range(0, len(order), batch_size)]
+    return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+
+
+class BucketSampler:
+    """A batch sampler over `bucket_batches`, reshuffled every epoch (deterministic in the seed)."""
+
+    def __init__(self, attn, block_size: int, batch_size: int, seed: int):
+        self.attn, self.block_size, self.batch_size, self.seed, self.epoch = attn, block_size, batch_size, seed, 0
+        self.n = len(bucket_batches(attn, block_size, batch_size, seed, 0))
+
+    def __iter__(self):
+        batches = bucket_batches(self.attn, self.block_size, self.batch_size, self.seed, self.epoch)
+        self.epoch += 1
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def trim_blocks(block_size: int):
+    """A collate function stacking (ids, attn, loss) rows and dropping blocks that are padding in
+    every row of the batch (pads are exact no-ops, so the result is unchanged, only cheaper)."""
+    import torch
+
+    def collate(items):
+        ids, attn, loss = (torch.stack(t) for t in zip(*items))
+        b, length = ids.shape
+        keep = attn.view(b, length // block_size, block_size).any(-1).any(0)  # [n_blocks]
+        cols = keep.repeat_interleave(block_size)
+        return ids[:, cols], attn[:, cols], loss[:, cols]
+
+    return collate
+
+
 def _logger(ctx: StageContext):
     if ctx.tracking_uri and ctx.mlflow_run_id:
         from pytorch_lightning.loggers import MLFlowLogger
@@ -311,10 +362,11 @@ def fit(cfg: Config, factory: TwoTowerFactory, block_size: int, train_ids, val_i
     gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if gpu else "32-true")
     module = __getattr__("DenoiserModule")(factory, cfg, block_size)
-    g = torch.Generator().manual_seed(ctx.seed)
-    train_dl = DataLoader(TensorDataset(*train_ids), batch_size=cfg.batch_size, shuffle=True,
-                          generator=g, drop_last=len(train_ids[0]) >= cfg.batch_size)  # (ids, attn, loss)
-    val_dl = DataLoader(TensorDataset(*val_ids), batch_size=cfg.batch_size)
+    # (ids, attn, loss) rows; alike rows batched together and all-pad blocks trimmed per batch
+    collate = trim_blocks(block_size)
+    train_dl = DataLoader(TensorDataset(*train_ids), collate_fn=collate,
+                          batch_sampler=BucketSampler(train_ids[1], block_size, cfg.batch_size, ctx.seed))
+    val_dl = DataLoader(TensorDataset(*val_ids), batch_size=cfg.batch_size, collate_fn=collate)
     ckpt_dir = Path(ctx.work_dir) / "checkpoints"
     callbacks = [ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=cfg.checkpoint_every,
                                  save_last=True, save_top_k=1, save_on_exception=False)

@@ -114,3 +114,22 @@ def test_block_aligned_rows_put_answers_on_block_boundaries():
         assert first % 4 == 0 and row[first] == 9  # the answer starts a block
     x2, attn2, loss2 = build_rows((ids, lm), "packed", "all", 4, pad)
     assert torch.equal(x2, ids) and attn2.sum() == 10 and torch.equal(loss2, attn2)
+
+
+def test_bucketed_batches_group_alike_rows_and_trim_pad_blocks():
+    import torch
+
+    from stages.train_denoiser import BucketSampler, trim_blocks
+
+    attn = torch.zeros(6, 8, dtype=torch.bool)
+    attn[:3, :4] = True  # rows 0-2 use block 0 and 1 (B=2)... of 4 blocks
+    attn[3:, :6] = True  # rows 3-5 use blocks 0-2
+    sampler = BucketSampler(attn, 2, 2, seed=0)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(6)) and len(sampler) == len(batches)
+    assert all(len({i < 3 for i in b}) == 1 for b in batches)  # never mixes the two patterns
+    ids = torch.arange(48).view(6, 8)
+    x, a, l = trim_blocks(2)([(ids[i], attn[i], attn[i]) for i in (0, 1)])
+    assert x.shape == (2, 4) and bool(a.all())
+    x, a, l = trim_blocks(2)([(ids[i], attn[i], attn[i]) for i in (0, 4)])
+    assert x.shape == (2, 6)
