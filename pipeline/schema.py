@@ -98,6 +98,10 @@ class PlanConfig:
 
     context_len: int = 4096
     """Context length (prompt + generated tokens) the decoding memory estimate is sized for."""
+    num_gpus: int | None = None
+    """GPUs the training estimate is sized for; None: from `train` (workers x devices)."""
+    gpu_memory_gib: float | None = None
+    """Memory of one accelerator in GiB; None: `backbone.device_memory_gb`, else 80."""
 
 
 ENGINE_SECTIONS: dict[str, type] = {"run": RunConfig, "ray": RayConfig, "tracking": TrackingConfig,
