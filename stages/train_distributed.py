@@ -9,9 +9,11 @@
     result.checkpoint_path, result.history          # last checkpoint dir, step-based reports
 
 What it sets up, and why:
-- **FSDP FULL_SHARD** wrapping each decoder layer (both towers: the frozen context tower is sharded
-  too, and run without grad by the model), activation checkpointing on the same layers, bf16-mixed
-  on GPU; `use_orig_params=True` because frozen and trainable parameters share the root unit.
+- **FSDP FULL_SHARD** wrapping the units whose forward the model calls (`layer_classes`: the MoE
+  / MLP mixers of both towers for `TwoTowerForDiffusionLM`, decoder layers for a plain HF model),
+  activation checkpointing on the same units, bf16-mixed on GPU; the frozen context tower is
+  sharded too and run without grad by the model; `use_orig_params=True` because frozen and
+  trainable parameters share the root unit.
   `strategy="ddp"` replicates instead (small models; CPU CI over gloo).
 - **Checkpoints on shared storage**: every `checkpoint_every` steps Lightning writes a full
   checkpoint that is handed to `ray.train.report`, which copies it under
@@ -285,21 +287,34 @@ def _precision(cfg: DistributedConfig) -> str:
 
 
 def layer_classes(module: Any, names: tuple[str, ...] = ()) -> set[type]:
-    """The decoder-layer classes FSDP wraps: named ones, else those filling the longest ModuleLists."""
+    """The module classes FSDP wraps (and checkpoints): named ones, else found by structure.
+
+    FSDP gathers a wrapped unit's parameters in that unit's `forward`, so only modules whose
+    forward is *called* may be wrapped. `TwoTowerForDiffusionLM` walks each backbone layer through
+    its adapter — norm, then the mixer's projections for attention and Mamba-2, but the MoE / MLP
+    module as a whole — so there the units are the MoE/MLP mixers (93% of Nemotron-3-Nano's
+    parameters); the rest stays in the root unit (sharded at rest, gathered for the forward). For
+    a plain HF model the units are the decoder layers filling its longest ModuleList.
+    """
     from torch import nn
 
-    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
-    found = {type(x) for m in lists for x in m}
+    all_classes = {type(m) for m in module.modules()}
     if names:
-        picked = {c for c in {type(m) for m in module.modules()} if c.__name__ in names}
+        picked = {c for c in all_classes if c.__name__ in names}
         missing = set(names) - {c.__name__ for c in picked}
         if missing:
             raise ValueError(f"train.wrap_layer_classes: {sorted(missing)} not in the model")
         return picked
+    walk = next((getattr(m, "context_walk") for m in module.modules() if hasattr(m, "context_walk")), None)
+    if walk is not None:
+        called = {type(sub.mixer) for sub in walk.subs if sub.kind in ("moe", "mlp")}
+        if called:
+            return called
+    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
     if not lists:
         raise ValueError(f"{type(module).__name__}: no layer list to wrap; set train.wrap_layer_classes")
     longest = max(len(m) for m in lists)
-    return {type(x) for m in lists if len(m) == longest for x in m} or found
+    return {type(x) for m in lists if len(m) == longest for x in m}
 
 
 def _strategy(cfg: DistributedConfig, module: Any):

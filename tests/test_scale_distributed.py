@@ -225,3 +225,18 @@ def test_train_denoiser_module_under_the_runner(local_ray, tmp_path):
     state = result.load_state_dict()
     assert any(k.startswith("model.denoiser.") for k in state)
     assert not any(k.startswith("model.context_tower.") for k in state)  # the frozen tower is not saved
+
+
+def test_fsdp_units_are_modules_whose_forward_is_called():
+    """The two-tower walk calls MoE mixers as modules but Mamba/attention projections piecewise:
+    only the former can be FSDP units. A plain HF model's units are its decoder layers."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.train_distributed import layer_classes
+
+    assert {c.__name__ for c in layer_classes(tiny_twotower())} == {"NemotronHMoE"}
+    plain = AutoModelForCausalLM.from_config(tiny_nano_config())
+    assert {c.__name__ for c in layer_classes(plain)} == {"NemotronHBlock"}
+    assert {c.__name__ for c in layer_classes(plain, ("NemotronHMoE",))} == {"NemotronHMoE"}
+    with pytest.raises(ValueError, match="wrap_layer_classes"):
+        layer_classes(plain, ("NoSuchLayer",))
