@@ -125,7 +125,7 @@ def test_sigkill_mid_stage_then_resume(engine_defaults: Path, tmp_path: Path) ->
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(engine_defaults), "combine.sleep_s=60"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
+    deadline = time.time() + 120
     while not list(root.glob("*/combine.started")):
         assert proc.poll() is None, proc.stderr.read()
         assert time.time() < deadline, "combine never started"

@@ -26,7 +26,7 @@ def test_cli_imports_stay_light() -> None:
     started = time.time()
     proc = cli("--help")
     assert proc.returncode == 0 and "plan" in proc.stdout and "generate" in proc.stdout
-    assert time.time() - started < 5  # ~0.2 s on an idle machine
+    assert time.time() - started < 10  # ~0.2 s on an idle machine
 
 
 def test_run_status_plan(engine_defaults: Path, tmp_path: Path) -> None:

@@ -109,7 +109,7 @@ def test_cli_config_errors_exit_2_without_traceback(engine_defaults: Path, args:
     proc = cli("validate", *args, "--defaults", str(engine_defaults))
     assert proc.returncode == 2, proc.stderr
     assert key in proc.stderr and "Traceback" not in proc.stderr
-    assert time.time() - started < 10  # no heavy import (the contract: about a second when idle)
+    assert time.time() - started < 20  # no heavy import: ~0.5 s idle (loose for a loaded CI machine)
 
 
 def test_cli_bad_recipe_file_is_named(engine_defaults: Path, tmp_path: Path) -> None:

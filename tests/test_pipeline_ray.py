@@ -76,5 +76,5 @@ def test_gpu_stage_on_gpu_less_cluster_fails_at_once(ray_session: Any, engine_de
     started = time.time()
     with pytest.raises(ResourceError, match=r"stage 'scale' needs .*1 GPU.*graph.scale.resources"):
         run_pipeline(cfg, runner="ray")
-    assert time.time() - started < 10
+    assert time.time() - started < 30  # not pending forever
     assert not (tmp_path / "runs" / "cache").exists()  # nothing was submitted
