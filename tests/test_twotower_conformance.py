@@ -319,3 +319,20 @@ def test_bf16_round_trip_keeps_dtype(tmp_path):
     mask, t = fixed_noise(1, 8)
     with torch.no_grad():
         assert torch.equal(first(ids, noise_mask=mask, t=t).logits, second(ids, noise_mask=mask, t=t).logits)
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    """Export may write several shards (`context_tower.*`, `denoiser.*`); tied weights stored once."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_twotower("llama", perturb=0.05)  # tied embeddings
+    model.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors").unlink()
+    for prefix in ("context_tower.", "denoiser."):
+        save_file({k: v for k, v in state.items() if k.startswith(prefix)}, str(tmp_path / f"{prefix[:-1]}.safetensors"))
+    loaded = TwoTowerForDiffusionLM.from_pretrained(tmp_path)
+    ids = rand_ids(1, 8)
+    mask, t = fixed_noise(1, 8)
+    with torch.no_grad():
+        assert torch.equal(model(ids, noise_mask=mask, t=t).logits, loaded(ids, noise_mask=mask, t=t).logits)

@@ -254,8 +254,12 @@ class TwoTowerForDiffusionLM(nn.Module):
             for f in files:
                 state.update(load_file(str(f)))
             missing, unexpected = model.load_state_dict(state, strict=False)
-            if unexpected:
-                raise ValueError(f"{d}: unexpected weights {unexpected[:5]}")
+            sd = model.state_dict()
+            loaded_ptrs = {sd[k].data_ptr() for k in state if k in sd}
+            truly_missing = [k for k in missing if sd[k].data_ptr() not in loaded_ptrs]  # tied: fine
+            if unexpected or truly_missing:
+                raise ValueError(f"{d}: weights do not match the config: missing {truly_missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
         model.context_tower.requires_grad_(False)
         return model.eval()
 
