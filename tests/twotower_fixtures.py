@@ -6,7 +6,7 @@ by adding one entry here (its model_type must be in `adapters.REGISTRY`).
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, NemotronHConfig, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, NemotronHConfig, Qwen2Config, Qwen3Config
 
 VOCAB = 48
 EOS = 2
@@ -44,10 +44,31 @@ def qwen3_config() -> Qwen3Config:
     )
 
 
+def qwen2_config() -> Qwen2Config:
+    """Qwen2: biases on q/k/v."""
+    return Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=False,
+        initializer_range=0.2,
+    )
+
+
+def mistral_config() -> MistralConfig:
+    return MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256, sliding_window=None,
+        pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=False,
+        initializer_range=0.2,
+    )
+
+
 TINY_CONFIGS = {
     "nemotron_h": nemotron_h_config,
     "llama": llama_config,
     "qwen3": qwen3_config,
+    "qwen2": qwen2_config,
+    "mistral": mistral_config,
 }
 
 
