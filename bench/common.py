@@ -111,12 +111,16 @@ def autocast(device: torch.device, bf16: bool):
 
 
 def train_steps(step_fn, params, *, steps: int, warmup: int, tokens_per_step: int, lr: float,
-                device: torch.device, bf16: bool) -> dict:
-    """Run `steps` AdamW steps of `loss = step_fn(i)`; tokens/s over the steps after `warmup`."""
+                device: torch.device, bf16: bool, max_seconds: float | None = None) -> dict:
+    """Run `steps` AdamW steps of `loss = step_fn(i)` (fewer if `max_seconds` runs out first);
+    tokens/s over the steps after `warmup`."""
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     losses: list[float] = []
     timing: dict[str, float] = {}
+    done = 0
     for i in range(steps):
+        if max_seconds is not None and sum(timing.values()) > max_seconds:
+            break
         key = "measured" if i >= warmup else "warmup"
         with timed(device, timing, key):
             with autocast(device, bf16):
@@ -126,10 +130,11 @@ def train_steps(step_fn, params, *, steps: int, warmup: int, tokens_per_step: in
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
         losses.append(loss.item())
-    measured = max(steps - warmup, 0)
+        done += 1
+    measured = max(done - warmup, 0)
     seconds = timing.get("measured", 0.0)
     return {
-        "steps": steps,
+        "steps": done,
         "first_loss": losses[0],
         "last_loss": sum(losses[-5:]) / len(losses[-5:]),
         "tokens_per_s": measured * tokens_per_step / seconds if seconds else None,

@@ -1,6 +1,6 @@
 """One-GPU check of the runtime at a ~1 B-parameter Nemotron-H pattern; `--tiny` runs it on CPU.
 
-    python bench/gpu_check.py                        # on a GPU: ~1.17 B params, a few hundred bf16 steps
+    python bench/gpu_check.py                        # on a GPU: ~1.17 B params, <= 300 bf16 steps, ~10 min
     python bench/gpu_check.py --tiny --device cpu    # the same code path in ~a minute on a laptop
     python bench/gpu_check.py --out gpu_check.json   # also write the numbers as JSON
 
@@ -40,7 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--ar-steps", type=int, default=None, help="backbone AR steps (default 300; tiny 30)")
     p.add_argument("--steps", type=int, default=None, help="denoiser steps (default 300; tiny 30)")
-    p.add_argument("--batch", type=int, default=None, help="training sequences per step (default 16; tiny 8)")
+    p.add_argument("--minutes", type=float, default=3.0,
+                   help="time cap per training phase (a device budget is short): fewer steps if reached")
+    p.add_argument("--batch", type=int, default=None, help="training sequences per step (default 8; tiny 8)")
     p.add_argument("--seq-len", type=int, default=None, help="training sequence length (default 512; tiny 64)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--gamma", type=float, default=0.8)
@@ -53,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _defaults(args: argparse.Namespace) -> argparse.Namespace:
     tiny = args.tiny
-    for key, big, small in (("ar_steps", 300, 30), ("steps", 300, 30), ("batch", 16, 8), ("seq_len", 512, 64),
+    for key, big, small in (("ar_steps", 300, 30), ("steps", 300, 30), ("batch", 8, 8), ("seq_len", 512, 64),
                             ("max_new_tokens", 256, 32), ("prompt_len", 128, 32)):
         if getattr(args, key) is None:
             setattr(args, key, small if tiny else big)
@@ -90,7 +92,8 @@ def train_backbone(model, config, args, device) -> dict:
     model.train()
     out = train_steps(step, [p for p in model.parameters() if p.requires_grad], steps=args.ar_steps,
                       warmup=min(5, args.ar_steps // 3), tokens_per_step=args.batch * args.seq_len,
-                      lr=1e-3 if args.tiny else 3e-4, device=device, bf16=device.type == "cuda")
+                      lr=1e-3 if args.tiny else 3e-4, device=device, bf16=device.type == "cuda",
+                      max_seconds=60 * args.minutes)
     model.eval()
     return out
 
@@ -106,7 +109,7 @@ def train_denoiser(model, config, args, device) -> dict:
     params = [p for p in model.denoiser.parameters() if p.requires_grad]
     out = train_steps(step, params, steps=args.steps, warmup=min(5, args.steps // 3),
                       tokens_per_step=args.batch * args.seq_len, lr=1e-3 if args.tiny else 3e-4,
-                      device=device, bf16=device.type == "cuda")
+                      device=device, bf16=device.type == "cuda", max_seconds=60 * args.minutes)
     model.eval()
     return out
 

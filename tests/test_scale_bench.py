@@ -46,3 +46,15 @@ def test_decode_cpu_quick_side_by_side(tmp_path, capsys):
     assert [(r["gamma"], r["batch"]) for r in rows] == [(0.8, 1), (0.8, 2)]
     assert json.loads(out.read_text())[0]["speedup"] > 0
     assert "AR tok/s" in capsys.readouterr().out
+
+
+def test_train_steps_respects_the_time_cap():
+    from bench.common import train_steps
+
+    w = torch.nn.Parameter(torch.ones(3))
+    out = train_steps(lambda i: (w ** 2).sum(), [w], steps=50, warmup=0, tokens_per_step=1, lr=0.1,
+                      device=torch.device("cpu"), bf16=False, max_seconds=0.0)
+    assert out["steps"] == 1  # the cap is checked before each step: a device budget is never overrun
+    full = train_steps(lambda i: (w ** 2).sum(), [w], steps=5, warmup=1, tokens_per_step=1, lr=0.1,
+                       device=torch.device("cpu"), bf16=False)
+    assert full["steps"] == 5 and full["last_loss"] < out["first_loss"]
