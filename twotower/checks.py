@@ -47,7 +47,7 @@ def _sublayer(walk, sub, h, positions, mask, B, mod=None):
         q, k, v = walk.adapter.qkv(walk.model, sub, x, positions)
         out = walk.adapter.attn_out(sub, attention(q, k, v, mask, walk.adapter.attn_scale(sub)))
     elif sub.kind == "mamba":
-        out, _, _ = mamba2_mixer(walk.mamba[sub.index], x, None, None, None, B)
+        out, _, _ = mamba2_mixer(walk.mamba(sub), x, None, None, None, B)
     else:
         out = walk.adapter.ffn(sub, x)
     return out if mod is None else out * (1 + mod[:, 2, None])

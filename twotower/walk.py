@@ -27,14 +27,14 @@ class Walk:
     """The HF `*ForCausalLM` this walk reads."""
     subs: list[Sublayer]
     """The ordered sublayers of `model`."""
-    mamba: dict[int, Mamba2Params]
-    """Mamba-2 parameters per mamba sublayer."""
 
     @classmethod
     def of(cls, adapter: Adapter, model: nn.Module) -> "Walk":
-        subs = adapter.sublayers(model)
-        mamba = {s.index: adapter.mamba(s) for s in subs if s.kind == "mamba"}
-        return cls(adapter, model, subs, mamba)
+        return cls(adapter, model, adapter.sublayers(model))
+
+    def mamba(self, sub: Sublayer) -> Mamba2Params:
+        """Read at call time (not cached), so moved, cast or re-wrapped parameters are seen."""
+        return self.adapter.mamba(sub)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden -> float32 logits."""
@@ -83,7 +83,7 @@ def context_forward(
             new.keys[i], new.values[i] = k, v
             out = walk.adapter.attn_out(sub, attention(q, k, v, mask, walk.adapter.attn_scale(sub)))
         elif sub.kind == "mamba":
-            p = walk.mamba[i]
+            p = walk.mamba(sub)
             out, xbc, states = mamba2_mixer(p, x, cache.conv.get(i), cache.ssm.get(i), mamba_valid, chunk)
             new.conv[i] = xbc[..., xbc.shape[-1] - (p.conv1d.weight.shape[-1] - 1):]
             new.ssm[i] = states[:, -1]
