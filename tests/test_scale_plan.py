@@ -189,3 +189,16 @@ def test_training_step_time_intra_vs_inter_node(nano_plan):
     assert two_nodes["comm_s_per_microbatch"] > one_node["comm_s_per_microbatch"]  # slower link
     assert two_nodes["bound"] == "communication"
     assert nano_plan["train_time"]["tokens_per_s"] > 0
+
+
+def test_new_parameters_with_cross_attention_are_all_classified():
+    from transformers import AutoModelForCausalLM
+
+    from test_scale_distributed import tiny_nano_config
+    from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
+
+    backbone = AutoModelForCausalLM.from_config(tiny_nano_config())
+    model = TwoTowerForDiffusionLM.from_backbone(backbone, TwoTowerConfig(block_size=8, cross_attention=True))
+    kinds = sizing.new_parameters_by_kind(model.denoiser, backbone)
+    assert kinds["other"] == 0 and kinds["cross_attention"] > 0 and kinds["adaln"] > 0
+    assert kinds["total"] == sum(p.numel() for n, p in model.named_parameters() if n in set(model.new_parameter_names()))
