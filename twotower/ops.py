@@ -76,6 +76,12 @@ def ssd_scan(x, dt, A, B, C, D, initial_state, chunk: int):
     B = B.float().repeat_interleave(rep, dim=2)
     C = C.float().repeat_interleave(rep, dim=2)
     skip = x * D.float()[:, None]
+    if length == 1:  # one token (AR steps): the recurrence itself, a handful of ops
+        init = initial_state.float() if initial_state is not None else x.new_zeros(n, heads, head_dim, B.shape[-1])
+        decay = torch.exp(dt[:, 0] * A.float())[..., None, None]  # [N, H, 1, 1]
+        state = init * decay + (dt[:, 0, :, None] * x[:, 0])[..., None] * B[:, 0, :, None, :]
+        y = (state @ C[:, 0, :, :, None]).squeeze(-1) + skip[:, 0]  # [N, H, P]
+        return y[:, None], torch.stack([init, state], dim=1)
     xdt = x * dt[..., None]
     adt = dt * A.float()
     pad = (-length) % chunk
@@ -106,6 +112,20 @@ def ssd_scan(x, dt, A, B, C, D, initial_state, chunk: int):
     return y, states
 
 
+def _depthwise_conv(x, weight, bias):
+    """Valid depthwise conv1d, x `[N, Cd, K-1+T]` -> `[N, Cd, T]`. For a few positions a sum of
+    K shifted slices beats `F.conv1d` (~0.5 ms of fixed overhead on CPU) by several times."""
+    K = weight.shape[-1]
+    T = x.shape[-1] - K + 1
+    if x.shape[0] * T > 64 or x.device.type != "cpu":
+        return F.conv1d(x, weight, bias, groups=x.shape[1])
+    w = weight[:, 0]  # [Cd, K]
+    y = x[..., :T] * w[:, :1]
+    for k in range(1, K):
+        y = y + x[..., k:k + T] * w[:, k:k + 1]
+    return y if bias is None else y + bias[:, None]
+
+
 def mamba2_mixer(p: Mamba2Params, h, conv_state, ssm_state, valid, chunk: int):
     """One Mamba-2 mixer on normed hidden h `[N, T, d]`.
 
@@ -128,7 +148,7 @@ def mamba2_mixer(p: Mamba2Params, h, conv_state, ssm_state, valid, chunk: int):
     if conv_state is None:
         conv_state = xbc.new_zeros(n, xbc.shape[-1], kernel - 1)
     xbc = torch.cat([conv_state.to(xbc.dtype), xbc.transpose(1, 2)], dim=-1)  # [N, Cd, K-1+T]
-    conv = F.conv1d(xbc.to(p.conv1d.weight.dtype), p.conv1d.weight, p.conv1d.bias, groups=xbc.shape[1])
+    conv = _depthwise_conv(xbc.to(p.conv1d.weight.dtype), p.conv1d.weight, p.conv1d.bias)
     conv = ACT2FN[p.activation](conv).transpose(1, 2).to(h.dtype)  # [N, T, Cd]
     if valid is not None:
         conv = conv * valid[..., None].to(conv.dtype)
