@@ -145,8 +145,7 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
         },
         "train_min_gpus": {"gpu_gib": gpu_gib, "num_gpus": fit},
         "train_time": step_time,
-        "placement": {"diffusion": {"context_tower": "cuda:0", "denoiser": "cuda:1"},
-                      "ar_only": {"context_tower": "cuda:0"}},
+        "placement": _placement(cfg, decode["batch_1"]),
         "seconds": round(time.perf_counter() - started, 2),
     }
 
@@ -189,3 +188,22 @@ def _formula(cfg: Any, config, block_size: int) -> dict:
 
     return sizing.formula_new_parameters(config, block_size=block_size,
                                          time_embed_dim=int(_select(cfg, "twotower.time_embed_dim", 128)))
+
+
+def _placement(cfg: Any, decode: dict) -> dict:
+    """Where the recipe puts each tower (`auto`: cuda:0 / cuda:1) and whether each device fits."""
+    ctx = str(_select(cfg, "backbone.context_device", "auto"))
+    den = str(_select(cfg, "backbone.denoiser_device", "auto"))
+    ctx = "cuda:0" if ctx == "auto" else ctx
+    den = "cuda:1" if den == "auto" else den
+    gib = float(_select(cfg, "backbone.device_memory_gb", GPU_GIB) or GPU_GIB)
+    dif = decode["diffusion"]
+    same = ctx == den
+    need_ctx = dif["context_device_gib"] + (dif["denoiser_device_gib"] if same else 0.0)
+    return {
+        "diffusion": {"context_tower": ctx, "denoiser": den, "device_memory_gib": gib,
+                      "fits": need_ctx <= gib and dif["denoiser_device_gib"] <= gib},
+        "ar_only": {"context_tower": ctx, "fits": decode["ar_only"]["device_gib"] <= gib},
+        "crosses_devices_per_block": "the block's new context K/V, the Mamba states at its start, "
+                                     "the committed token ids" if not same else "nothing (one device)",
+    }

@@ -202,3 +202,11 @@ def test_new_parameters_with_cross_attention_are_all_classified():
     kinds = sizing.new_parameters_by_kind(model.denoiser, backbone)
     assert kinds["other"] == 0 and kinds["cross_attention"] > 0 and kinds["adaln"] > 0
     assert kinds["total"] == sum(p.numel() for n, p in model.named_parameters() if n in set(model.new_parameter_names()))
+
+
+def test_placement_two_devices_fit_one_does_not(nano_plan):
+    assert nano_plan["placement"]["diffusion"] == {"context_tower": "cuda:0", "denoiser": "cuda:1",
+                                                   "device_memory_gib": 80.0, "fits": True}
+    assert nano_plan["placement"]["ar_only"]["fits"] is True
+    one = estimate({"backbone": {"name_or_path": NANO, "context_device": "cuda:0", "denoiser_device": "cuda:0"}})
+    assert one["placement"]["diffusion"]["fits"] is False  # 117.7 GiB of weights on one 80 GB card
