@@ -389,9 +389,10 @@ def fit(cfg: Config, factory: TwoTowerFactory, block_size: int, train_ids, val_i
         default_root_dir=str(ctx.work_dir))
     last = ckpt_dir / "last.ckpt"
     module.resumed_from_step = _checkpoint_step(last)
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
     trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if last.exists() else None)
     seconds = time.monotonic() - t0
+    module.cpu_seconds = time.process_time() - cpu0  # all threads: a contention-free cost estimate
     if cfg.val_every:  # a final validation on the finished model
         trainer.validate(module, val_dl, verbose=False)
     return module, trainer, seconds
@@ -465,7 +466,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     tokens = steps * cfg.batch_size * cfg.grad_accum * int(train_ids[0].shape[1])
     metrics_layout = {"train_rows": int(train_ids[0].shape[0]), "row_len": int(train_ids[0].shape[1])}
     metrics = {"steps": steps, "resumed_from_step": module.resumed_from_step,
-               "train_minutes": module.elapsed() / 60.0,
+               "train_minutes": module.elapsed() / 60.0, "train_cpu_minutes": module.cpu_seconds / 60.0,
                "tokens_per_second": tokens / max(seconds, 1e-9),
                **metrics_layout, **{k.replace("/", "_"): v for k, v in logged.items()}}
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
