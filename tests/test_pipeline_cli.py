@@ -93,7 +93,7 @@ def test_ui_serves_the_run_store(tmp_path: Path) -> None:
                              str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
-        deadline, body = time.time() + 120, ""
+        deadline, body = time.time() + 240, ""  # ~15 s idle; minutes on a loaded machine
         while time.time() < deadline and proc.poll() is None:
             try:
                 body = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read().decode()
