@@ -32,6 +32,8 @@ from stages.api import StageContext
 from stages.tasks import FAMILIES, get_families
 
 SECTION = "data"
+DEFAULT_TASKS = ("add", "sort", "copy", "reverse", "recall", "facts")
+DEFAULT_WEIGHTS = {"add": 2.5, "reverse": 1.5, "facts": 0.5}
 SOURCES = ("synthetic", "files", "hf")
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
@@ -42,10 +44,14 @@ class Config:
 
     source: str = "synthetic"
     """Where examples come from: `synthetic` (built in, offline), `files` (local) or `hf` (hub)."""
-    tasks: list[str] = field(default_factory=lambda: list(FAMILIES))
-    """Synthetic task families to generate (names in `stages/tasks.py`)."""
-    train_examples_per_task: int = 6000
-    """Synthetic training examples per family (before removing eval prompts)."""
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    """Synthetic task families to generate (names in `stages/tasks.py`; `scan` is also available)."""
+    train_examples_per_task: int = 10000
+    """Synthetic training examples per family (before removing eval prompts), times its weight."""
+    task_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    """Relative share of training examples per family (1.0 when absent). The tiny backbone learns
+    lookups (copy, recall) first and addition last: addition gets more examples, the memorised
+    facts fewer, so that every family reaches the target within the same few minutes."""
     eval_examples_per_task: int = 100
     """Held-out examples per family (synthetic) or eval prompts in total (files / hf)."""
     seq_len: int = 128
@@ -98,6 +104,11 @@ def validate(cfg: Config) -> None:
         )
     if cfg.source == "synthetic":
         get_families(cfg.tasks)
+        unknown = sorted(set(cfg.task_weights) - set(FAMILIES))
+        if unknown:
+            raise ValueError(f"data.task_weights: unknown task family {unknown}; valid: {sorted(FAMILIES)}")
+        if any(w <= 0 for w in cfg.task_weights.values()):
+            raise ValueError(f"data.task_weights: weights must be > 0, got {dict(cfg.task_weights)}")
         if cfg.train_examples_per_task <= 0 or cfg.eval_examples_per_task <= 0:
             raise ValueError("data.train_examples_per_task and data.eval_examples_per_task must be > 0")
     if cfg.source == "files" and not cfg.paths:
@@ -184,7 +195,11 @@ def synthetic_examples(cfg: Config, seed: int) -> tuple[list[dict[str, str]], li
     from stages import tasks
 
     eval_rows = tasks.generate(cfg.tasks, cfg.eval_examples_per_task, seed=seed * 1000 + 1)
-    train_rows = tasks.generate(cfg.tasks, cfg.train_examples_per_task, seed=seed * 1000 + 2)
+    train_rows = []
+    for name in cfg.tasks:  # each family has its own stream: generating them apart changes nothing
+        n = max(1, round(cfg.train_examples_per_task * cfg.task_weights.get(name, 1.0)))
+        train_rows += tasks.generate([name], n, seed=seed * 1000 + 2)
+    random.Random(seed * 1000 + 3).shuffle(train_rows)
     held_out = {r["prompt"] for r in eval_rows if not FAMILIES[r["task"]].closed_book}
     return [r for r in train_rows if r["prompt"] not in held_out], eval_rows
 

@@ -84,17 +84,17 @@ def make_scan(rng: random.Random) -> tuple[str, str]:
 
 
 def make_sort(rng: random.Random) -> tuple[str, str]:
-    digits = _random_word(rng, DIGITS, 6, 10)
+    digits = _random_word(rng, DIGITS, 5, 8)
     return f"sort {digits}=", "".join(sorted(digits))
 
 
 def make_copy(rng: random.Random) -> tuple[str, str]:
-    word = _random_word(rng, LETTERS, 6, 10)
+    word = _random_word(rng, LETTERS, 5, 8)
     return f"copy {word}=", word
 
 
 def make_reverse(rng: random.Random) -> tuple[str, str]:
-    word = _random_word(rng, LETTERS, 6, 10)
+    word = _random_word(rng, LETTERS, 5, 8)
     return f"rev {word}=", word[::-1]
 
 
@@ -136,9 +136,9 @@ FAMILIES: dict[str, TaskFamily] = {
     for f in (
         TaskFamily("add", "ltr", make_add, "sum of two 3-4 digit numbers, least-significant digit first, index hints"),
         TaskFamily("scan", "ltr", make_scan, "running sum mod 10 of 5-7 digits, index hints"),
-        TaskFamily("sort", "global", make_sort, "6-10 digits in ascending order"),
-        TaskFamily("copy", "global", make_copy, "repeat a 6-10 letter word"),
-        TaskFamily("reverse", "global", make_reverse, "a 6-10 letter word backwards"),
+        TaskFamily("sort", "global", make_sort, "5-8 digits in ascending order"),
+        TaskFamily("copy", "global", make_copy, "repeat a 5-8 letter word"),
+        TaskFamily("reverse", "global", make_reverse, "a 5-8 letter word backwards"),
         TaskFamily("recall", "global", make_recall, "the 3-digit value of a key among 4 key:value pairs"),
         TaskFamily("facts", "global", make_facts, "templated English facts (capital, language) of 24 countries",
                    closed_book=True),

@@ -35,7 +35,7 @@ def test_synthetic_manifest_files_and_determinism(tmp_path):
     for key in ("tokenizer", "train_tokens", "eval_tokens", "eval_examples"):
         assert Path(m["artifacts"][key]).exists(), key
     assert m["seq_len"] == 64 and m["block_size"] == 16
-    assert set(m["tasks"]) == set(prepare_data.FAMILIES) and m["tasks"]["add"] == "ltr"
+    assert list(m["tasks"]) == list(prepare_data.DEFAULT_TASKS) and m["tasks"]["add"] == "ltr"
     tok = AutoTokenizer.from_pretrained(m["artifacts"]["tokenizer"])
     assert m["vocab_size"] == len(tok) and m["eos_token_id"] == tok.eos_token_id
     assert m["pad_token_id"] == tok.pad_token_id and m["mask_token_id"] == tok.mask_token_id
@@ -57,7 +57,7 @@ def test_synthetic_manifest_files_and_determinism(tmp_path):
     assert mask[ids == tok.pad_token_id].sum() == 0
 
     rows = [json.loads(line) for line in open(m["artifacts"]["eval_examples"])]
-    assert len(rows) == 6 * len(prepare_data.FAMILIES)
+    assert len(rows) == 6 * len(prepare_data.DEFAULT_TASKS)
     assert set(rows[0]) == {"task", "kind", "prompt", "answer"}
     # same seeds -> byte-identical files; another seed -> different data
     m2 = prepare_data.run(_small(), {}, _ctx(tmp_path, "b"))
@@ -74,6 +74,16 @@ def test_eval_prompts_are_held_out_of_training():
     assert not leaked
     # facts are a closed book: training must teach the facts that evaluation asks
     assert any(r["prompt"] in train_prompts for r in evals if r["task"] == "facts")
+
+
+def test_task_weights_set_each_family_share():
+    cfg = _small(tasks=["copy", "add", "scan"], train_examples_per_task=100, task_weights={"add": 2.0, "scan": 0.5})
+    train, _ = prepare_data.synthetic_examples(cfg, 0)
+    counts = {t: sum(r["task"] == t for r in train) for t in cfg.tasks}
+    assert counts == {"copy": 100, "add": 200, "scan": 50}
+    assert [r["task"] for r in train[:30]] != sorted(r["task"] for r in train[:30])  # shuffled, not blocked
+    with pytest.raises(ValueError, match=r"data.task_weights: unknown task family \['mul'\]"):
+        prepare_data.validate(_small(task_weights={"mul": 1.0}))
 
 
 def test_packing_keeps_examples_whole():
