@@ -104,35 +104,42 @@ def train_denoiser(model, seconds: float, batch: int) -> None:
     print(f"  denoiser: {step} steps in {time.time() - start:.0f}s")
 
 
-def evaluate(model, examples, mode: str, gamma: float) -> dict:
-    """Batch-1 decoding of every example: exact match per task, forwards, wall clock."""
-    hits, counts = defaultdict(int), defaultdict(int)
-    tokens = den = ctx = 0
-    wall = 0.0
-    for task, prompt, answer in examples:
-        t0 = time.perf_counter()
-        gen = model.generate([prompt], mode=mode, gamma=gamma, max_new_tokens=32)
-        wall += time.perf_counter() - t0
-        n = int(gen.num_generated[0])
-        out = gen.generated[0, :n].tolist()
-        hits[task] += int(out == answer)
-        counts[task] += 1
-        tokens, den, ctx = tokens + n, den + gen.num_denoiser_forwards, ctx + gen.num_context_forwards
-    per_task = {t: hits[t] / counts[t] for t in counts}
-    return {"exact": sum(hits.values()) / len(examples), "per_task": per_task, "ms_per_token": 1000 * wall / tokens,
-            "tokens_per_den_forward": tokens / den if den else float("nan"), "ctx_forwards": ctx, "den_forwards": den}
+def evaluate(model, examples, settings: list[tuple[str, float]]) -> list[dict]:
+    """Batch-1 decoding of every example under every (mode, gamma), interleaved prompt by prompt
+    (order alternating) so machine-load drift hits all settings alike: exact match per task,
+    forwards, wall clock."""
+    stats = [{"hits": defaultdict(int), "counts": defaultdict(int), "tokens": 0, "den": 0, "ctx": 0, "wall": 0.0}
+             for _ in settings]
+    for n, (task, prompt, answer) in enumerate(examples):
+        order = list(enumerate(settings))
+        for i, (mode, gamma) in (order if n % 2 == 0 else order[::-1]):
+            st = stats[i]
+            t0 = time.perf_counter()
+            gen = model.generate([prompt], mode=mode, gamma=gamma, max_new_tokens=32)
+            st["wall"] += time.perf_counter() - t0
+            k = int(gen.num_generated[0])
+            st["hits"][task] += int(gen.generated[0, :k].tolist() == answer)
+            st["counts"][task] += 1
+            st["tokens"] += k
+            st["den"] += gen.num_denoiser_forwards
+            st["ctx"] += gen.num_context_forwards
+    return [{"exact": sum(st["hits"].values()) / len(examples),
+             "per_task": {t: st["hits"][t] / st["counts"][t] for t in st["counts"]},
+             "ms_per_token": 1000 * st["wall"] / st["tokens"],
+             "tokens_per_den_forward": st["tokens"] / st["den"] if st["den"] else float("nan")} for st in stats]
 
 
-def batched_speed(model, examples, mode: str, gamma: float, batch: int) -> float:
-    """ms per generated token when decoding `batch` prompts at once (left-padded)."""
-    tokens, wall = 0, 0.0
+def batched_speed(model, examples, gamma: float, batch: int) -> tuple[float, float]:
+    """ms per generated token (AR, diffusion) decoding `batch` prompts at once, interleaved."""
+    tokens, wall = [0, 0], [0.0, 0.0]
     for i in range(0, len(examples), batch):
         prompts = [p for _, p, _ in examples[i:i + batch]]
-        t0 = time.perf_counter()
-        gen = model.generate(prompts, mode=mode, gamma=gamma, max_new_tokens=32)
-        wall += time.perf_counter() - t0
-        tokens += int(gen.num_generated.sum())
-    return 1000 * wall / tokens
+        for j, mode in enumerate(("ar", "diffusion")):
+            t0 = time.perf_counter()
+            gen = model.generate(prompts, mode=mode, gamma=gamma, max_new_tokens=32)
+            wall[j] += time.perf_counter() - t0
+            tokens[j] += int(gen.num_generated.sum())
+    return 1000 * wall[0] / tokens[0], 1000 * wall[1] / tokens[1]
 
 
 def main() -> None:
@@ -163,17 +170,17 @@ def main() -> None:
     print(f"denoiser new parameters: {sum(p.numel() for n, p in model.named_parameters() if n in model.new_parameter_names()) / 1e6:.3f}M")
     examples = sample(args.eval_n, seed=999_999_999)  # held out: seeds never used in training
     with torch.inference_mode():
-        ar = evaluate(model, examples, "ar", 1.0)
+        ar = evaluate(model, examples, [("ar", 1.0)])[0]
     print(f"AR exact match after pretraining: {ar['exact']:.3f}  {ar['per_task']}")
     train_denoiser(model, args.denoise_s, args.batch)
 
-    rows = [("ar", None, ar)]
+    gammas = [float(g) for g in args.gammas.split(",")]
     with torch.inference_mode():
-        ar = evaluate(model, examples, "ar", 1.0)  # re-measured next to the diffusion runs
-        rows = [("ar", None, ar)]
-        for gamma in [float(g) for g in args.gammas.split(",")]:
-            rows.append(("diffusion", gamma, evaluate(model, examples, "diffusion", gamma)))
-    print(f"\n{args.eval_n} held-out prompts, batch 1, block {BLOCK}, 1 CPU thread")
+        model.generate([examples[0][1]], mode="diffusion", max_new_tokens=8)  # warm-up, untimed
+        results = evaluate(model, examples, [("ar", 1.0)] + [("diffusion", g) for g in gammas])
+    ar = results[0]
+    rows = [("ar", None, ar)] + [("diffusion", g, r) for g, r in zip(gammas, results[1:])]
+    print(f"\n{args.eval_n} held-out prompts, batch 1, block {BLOCK}, 1 CPU thread, settings interleaved per prompt")
     head = "mode        gamma  exact  rel.q  " + "  ".join(f"{t:>7s}" for t in TASKS) + "   tok/den-fwd  ms/token  speedup"
     print(head)
     for mode, gamma, r in rows:
@@ -184,8 +191,7 @@ def main() -> None:
               f"{r['ms_per_token']:8.2f}  {ar['ms_per_token'] / r['ms_per_token']:6.2f}x")
     with torch.inference_mode():
         for batch in (1, 4, 16):
-            ar_ms = batched_speed(model, examples, "ar", 1.0, batch)
-            d_ms = batched_speed(model, examples, "diffusion", 0.8, batch)
+            ar_ms, d_ms = batched_speed(model, examples, 0.8, batch)
             print(f"batch {batch:2d}: ms/token AR {ar_ms:6.2f}  diffusion(0.8) {d_ms:6.2f}  speedup {ar_ms / d_ms:5.2f}x")
 
 
