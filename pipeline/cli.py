@@ -3,6 +3,7 @@
     python -m pipeline run                              # the embedded default recipe (recipes/tiny.yaml)
     python -m pipeline run recipes/tiny.yaml train.max_steps=20 ~graph.export --runner local
     python -m pipeline run tiny --force train_denoiser  # rerun a stage and everything downstream
+    python -m pipeline run --resume [RUN_DIR]           # a failed/killed run, from its saved config
     python -m pipeline plan recipes/nano.yaml --json    # resolved DAG, resources, size estimate
     python -m pipeline validate recipes/*.yaml
     python -m pipeline status [RUN_DIR]                 # default: runs/latest
@@ -22,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import DEFAULT_RECIPE, REPO_ROOT, ConfigError, PipelineConfig, load_config
+from pipeline.config import CLI, DEFAULT_RECIPE, REPO_ROOT, ConfigError, PipelineConfig, Problem, load_config
 
 
 def resolve_recipe(arg: str | None, defaults: str | None = None) -> Path | None:
@@ -125,14 +126,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run the pipeline."""
-    cfg, _ = _load(args)
+    """Run the pipeline (or, with --resume, rerun a previous run's saved config: same cache keys)."""
+    if args.resume is not None:
+        cfg = _load_resume(args)
+    else:
+        cfg, _ = _load(args)
     from pipeline.runner import run_pipeline
     result = run_pipeline(cfg, runner=args.runner, force=args.force or [], from_stage=args.from_stage,
                           display=not args.quiet, tracking=False if args.no_track else None)
     if args.quiet:
         print(result.run_dir)
     return 0
+
+
+def _load_resume(args: argparse.Namespace) -> PipelineConfig:
+    """The resolved `config.yaml` of a previous run (default: runs/latest), plus any overrides."""
+    recipe, overrides = split_args(args.args)
+    if recipe is not None:
+        raise ConfigError([Problem(recipe, "--resume takes the run's saved config: give no recipe", CLI)])
+    run_dir = find_run_dir(args.resume or None, "runs")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cfg = load_config(None, overrides, defaults=run_dir / "config.yaml")
+    cfg.name = summary.get("name") or cfg.name
+    return cfg
 
 
 def find_run_dir(arg: str | None, root: str) -> Path:
@@ -160,8 +176,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         alive = _driver_alive(summary.get("driver") or {})
         state = {True: "in progress", False: "killed (its driver process is gone)", None: "in progress, "
                  "or killed"}[alive]
-        console.print(f"[magenta]the run is {state}; `python -m pipeline run` with the same recipe and "
-                      "overrides resumes from the cache[/]")
+        console.print(f"[magenta]the run is {state}; `python -m pipeline run --resume {run_dir}` "
+                      "resumes it from the cache[/]")
     return 0
 
 
@@ -223,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rerun STAGE and everything downstream (repeatable)")
     p.add_argument("--from", dest="from_stage", metavar="STAGE",
                    help="rerun from STAGE on: upstream stages must be cached")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
+                   help="rerun a previous run's saved config (default: runs/latest): finished stages "
+                        "come from the cache, the failed or killed one reruns")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.add_argument("--quiet", action="store_true", help="no live display; print the run directory")
     p.set_defaults(func=cmd_run)

@@ -139,7 +139,12 @@ def test_sigkill_mid_stage_then_resume(engine_defaults: Path, tmp_path: Path) ->
     assert summary["stages"]["combine"]["status"] == "running" and summary["status"] == "running"
     status = cli("status", "--root", str(root))
     assert status.returncode == 0 and "killed (its driver process is gone)" in status.stdout
-    result = _run(engine_defaults, "combine.sleep_s=60")  # the same config: the same cache keys
-    assert _statuses(result) == {"source": "cached", "scale": "cached", "combine": "done"}
+    killed = (root / "latest").resolve()
+    resumed = cli("run", "--resume", str(killed), "--runner", "local", "--quiet")  # its saved config
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((Path(resumed.stdout.split()[-1]) / "summary.json").read_text())
+    assert {n: s["status"] for n, s in summary["stages"].items()} == {
+        "source": "cached", "scale": "cached", "combine": "done"}
+    assert summary["name"] == "default" and summary["stages"]["combine"]["metrics"]["sum"] == 30.0
     assert list((root / "cache" / "combine").glob("*/" + MARKER))
     assert not list((root / "cache" / "combine").glob(".tmp-*"))  # the stale partial was cleaned
