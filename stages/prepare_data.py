@@ -33,7 +33,7 @@ from stages.tasks import FAMILIES, get_families
 
 SECTION = "data"
 DEFAULT_TASKS = ("add", "sort", "copy", "reverse", "recall", "facts")
-DEFAULT_WEIGHTS = {"add": 2.5, "reverse": 1.5, "facts": 0.5}
+DEFAULT_WEIGHTS = {"add": 3.0, "sort": 1.5, "reverse": 1.5, "facts": 0.5}
 SOURCES = ("synthetic", "files", "hf")
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
@@ -50,7 +50,7 @@ class Config:
     """Synthetic training examples per family (before removing eval prompts), times its weight."""
     task_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     """Relative share of training examples per family (1.0 when absent). The tiny backbone learns
-    lookups (copy, recall) first and addition last: addition gets more examples, the memorised
+    lookups (copy, recall) first, then reverse and sort, and addition last: those get more examples, the memorised
     facts fewer, so that every family reaches the target within the same few minutes."""
     eval_examples_per_task: int = 100
     """Held-out examples per family (synthetic) or eval prompts in total (files / hf)."""
@@ -141,13 +141,30 @@ def load_tokenizer(name: str | None) -> Any:
     return tok
 
 
+def _char_encoder(tok: Any) -> Any:
+    """For the char tokenizer of stages/tokenizer.py, a plain-Python encoder equal to `tok(text)`
+    (`<bos>` + one id per character); None for any other tokenizer."""
+    from stages.tokenizer import BOS, UNK, vocabulary
+
+    vocab = vocabulary()
+    if tok.get_vocab() != vocab:
+        return None
+    bos, unk = vocab[BOS], vocab[UNK]
+    return lambda text: [bos] + [vocab.get(c, unk) for c in text]
+
+
 def encode_pairs(tok: Any, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
     """Token ids of `<bos> prompt answer <eos>` per pair, and a mask that is 1 on the answer and
     its EOS (batched: one tokenizer call for all prompts, one for all full texts)."""
     if not pairs:
         return []
-    prompts = tok([p for p, _ in pairs]).input_ids
-    fulls = tok([p + a for p, a in pairs]).input_ids
+    encode = _char_encoder(tok)
+    if encode is not None:  # the char tokenizer: a dict lookup, ~20x faster than the HF call
+        prompts = [encode(p) for p, _ in pairs]
+        fulls = [encode(p + a) for p, a in pairs]
+    else:
+        prompts = tok([p for p, _ in pairs]).input_ids
+        fulls = tok([p + a for p, a in pairs]).input_ids
     out = []
     for (_, answer), p, full in zip(pairs, prompts, fulls):
         if full[: len(p)] != p:  # a subword tokenizer merged across the boundary: encode apart

@@ -68,7 +68,7 @@ class Config:
     """Std of the normal init of linear and embedding weights. Larger than HF's 0.02: at 0.02 the
     tiny model sits for hundreds of steps on the plateau before attention learns to copy (measured:
     copy alone still at chance after 200 steps with 0.02, loss 0.13 after 250 with 0.06)."""
-    max_steps: int = 800
+    max_steps: int = 1000
     """Optimizer steps at most (training stops earlier once the target is met, see stop_at_target)."""
     batch_size: int = 32
     """Packed rows per step."""

@@ -69,7 +69,7 @@ def _indexed(digits: str) -> str:
 
 
 def make_add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(100, 9999), rng.randint(100, 9999)
+    a, b = rng.randint(100, 999), rng.randint(100, 999)
     # Least-significant digit first, so the carry flows left to right through the answer.
     return f"add {_indexed(str(a)[::-1])}+{_indexed(str(b)[::-1])}=", _indexed(str(a + b)[::-1])
 
@@ -134,7 +134,7 @@ def make_facts(rng: random.Random) -> tuple[str, str]:
 FAMILIES: dict[str, TaskFamily] = {
     f.name: f
     for f in (
-        TaskFamily("add", "ltr", make_add, "sum of two 3-4 digit numbers, least-significant digit first, index hints"),
+        TaskFamily("add", "ltr", make_add, "sum of two 3-digit numbers, least-significant digit first, index hints"),
         TaskFamily("scan", "ltr", make_scan, "running sum mod 10 of 5-7 digits, index hints"),
         TaskFamily("sort", "global", make_sort, "5-8 digits in ascending order"),
         TaskFamily("copy", "global", make_copy, "repeat a 5-8 letter word"),

@@ -86,6 +86,13 @@ def test_task_weights_set_each_family_share():
         prepare_data.validate(_small(task_weights={"mul": 1.0}))
 
 
+def test_fast_char_encoding_equals_the_tokenizer():
+    tok = prepare_data.load_tokenizer(None)
+    encode = prepare_data._char_encoder(tok)
+    for text in ["add A1B2+A3B4=A4B6", "the capital of peru is lima", "caf\u00e9\n\t~"]:
+        assert encode(text) == tok(text).input_ids
+
+
 def test_packing_keeps_examples_whole():
     ex = [([1, 5, 6, 2], [0, 0, 1, 1]), ([1, 7, 2], [0, 1, 1]), ([1, 8, 9, 9, 2], [0, 0, 0, 1, 1])]
     rows, masks = prepare_data.pack_examples(ex, 8, pad_id=0)
