@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from bench import decode_cpu, gpu_check
@@ -58,3 +59,14 @@ def test_train_steps_respects_the_time_cap():
     full = train_steps(lambda i: (w ** 2).sum(), [w], steps=5, warmup=1, tokens_per_step=1, lr=0.1,
                        device=torch.device("cpu"), bf16=False)
     assert full["steps"] == 5 and full["last_loss"] < out["first_loss"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_check_tiny_on_cuda(tmp_path):
+    """The tiny run on the GPU: bf16 autocast training and the same-device placement on cuda:0."""
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--tiny", "--device", "cuda", "--ar-steps", "6", "--steps", "6", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["placement"]["same_device"] == "cuda"
+    assert report["peak_memory_gib"] > 0
