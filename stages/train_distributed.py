@@ -166,13 +166,16 @@ def fit_distributed(
     cfg: DistributedConfig,
     *,
     ray_address: str | None = None,
+    on_report: Callable[[dict[str, float]], None] | None = None,
 ) -> DistributedResult:
     """Fit `make_module()` on `make_data()` with `cfg.num_workers` Ray Train workers.
 
     `make_data()` returns a LightningDataModule, a training DataLoader, or `(train, val)` loaders;
     Lightning shards map-style loaders across workers with a DistributedSampler. Both factories are
     pickled to the workers (top-level callables, `functools.partial`, or dataclass instances).
-    Joins the running Ray (or `ray_address`), else starts a local one.
+    Joins the running Ray (or `ray_address`), else starts a local one. `on_report` is called in
+    this process with each step-based report as rank 0 writes it (e.g. `ctx.progress` and
+    `ctx.log_metrics` of the calling stage), for storage paths this process can read.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -195,10 +198,54 @@ def fit_distributed(
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
     )
-    result = trainer.fit()
+    with _ReportTail(run_dir, on_report):
+        result = trainer.fit()
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     return DistributedResult(metrics=dict(result.metrics or {}), checkpoint_path=checkpoint,
                              history=read_reports(run_dir), run_dir=run_dir)
+
+
+class _ReportTail:
+    """Follows `run_dir/reports.jsonl` from a thread while the fit runs; calls `callback` per new
+    line (only lines appended after it started: a resumed run does not replay old reports)."""
+
+    def __init__(self, run_dir: str, callback: Callable[[dict[str, float]], None] | None,
+                 interval_s: float = 1.0) -> None:
+        import threading
+
+        self.path = Path(run_dir) / REPORTS_FILE
+        self.callback = callback if "://" not in run_dir else None
+        self.interval_s = interval_s
+        self.offset = self.path.stat().st_size if self.callback and self.path.exists() else 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> "_ReportTail":
+        if self.callback:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.callback:
+            self.stop.set()
+            self.thread.join()
+            self._poll()  # whatever landed after the last poll
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.interval_s):
+            self._poll()
+
+    def _poll(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path) as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind("\n") + 1]  # never a half-written line
+        self.offset += len(complete.encode())
+        for line in complete.splitlines():
+            if line.strip():
+                self.callback(json.loads(line))
 
 
 def read_reports(run_dir: str | Path) -> list[dict[str, float]]:

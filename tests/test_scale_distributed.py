@@ -141,8 +141,10 @@ def test_two_workers_match_single_process_and_resume(local_ray, tmp_path):
     expected = single_process_twotower_losses(3)
     cfg = DistributedConfig(storage_path=str(tmp_path), name="nano-tiny", num_workers=2, strategy="ddp",
                             max_steps=2, report_every=1, checkpoint_every=2)
-    first = fit_distributed(make_twotower_module, make_data, cfg)
+    live: list[dict] = []
+    first = fit_distributed(make_twotower_module, make_data, cfg, on_report=live.append)
     assert [r["step"] for r in first.history] == [1, 2]  # step-based reports
+    assert live == first.history  # followed live by the driver, e.g. for ctx.progress
     assert [r["loss"] for r in first.history] == pytest.approx(expected[:2], abs=1e-5)
     assert first.checkpoint_path is not None and first.checkpoint_path.startswith(str(tmp_path))
 
@@ -240,3 +242,21 @@ def test_fsdp_units_are_modules_whose_forward_is_called():
     assert {c.__name__ for c in layer_classes(plain, ("NemotronHMoE",))} == {"NemotronHMoE"}
     with pytest.raises(ValueError, match="wrap_layer_classes"):
         layer_classes(plain, ("NoSuchLayer",))
+
+
+def test_report_tail_follows_new_complete_lines(tmp_path):
+    import time
+
+    from stages.train_distributed import REPORTS_FILE, _ReportTail
+
+    path = tmp_path / REPORTS_FILE
+    path.write_text(json.dumps({"step": 0}) + "\n")  # from an earlier session: not replayed
+    got: list[dict] = []
+    with _ReportTail(str(tmp_path), got.append, interval_s=0.02):
+        with open(path, "a") as f:
+            f.write('{"step": 1}\n{"step":')  # a line still being written is not read
+            f.flush()
+            time.sleep(0.1)
+            assert got == [{"step": 1}]
+            f.write(" 2}\n")
+    assert got == [{"step": 1}, {"step": 2}]
