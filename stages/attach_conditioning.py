@@ -30,6 +30,20 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
+def check(sections: dict) -> None:
+    """Cross-section check for the engine to call at config time (before anything trains): the
+    block size must divide `data.seq_len` and match `data.block_size`. ValueError naming the keys."""
+    from stages.train_denoiser import check_block_size
+
+    block = (sections.get("twotower") or {}).get("block_size", 16)
+    data = sections.get("data") or {}
+    if "seq_len" in data:
+        check_block_size(int(block), int(data["seq_len"]))
+    if "block_size" in data and int(data["block_size"]) != int(block):
+        raise ValueError(f"twotower.block_size={block} differs from data.block_size={data['block_size']}: "
+                         "the data is laid out for the denoiser's blocks; set them equal")
+
+
 def probe_ids(vocab_size: int, block_size: int, seed: int, n_blocks: int = 3):
     """Deterministic token ids [2, n_blocks*B] avoiding the first 5 (special) ids when possible."""
     import torch

@@ -133,3 +133,13 @@ def test_bucketed_batches_group_alike_rows_and_trim_pad_blocks():
     assert x.shape == (2, 4) and bool(a.all())
     x, a, l = trim_blocks(2)([(ids[i], attn[i], attn[i]) for i in (0, 4)])
     assert x.shape == (2, 6)
+
+
+def test_cross_section_block_size_check():
+    from stages.attach_conditioning import check
+
+    check({"twotower": {"block_size": 16}, "data": {"seq_len": 128, "block_size": 16}})
+    with pytest.raises(ValueError, match="does not fit data.seq_len"):
+        check({"twotower": {"block_size": 12}, "data": {"seq_len": 128}})
+    with pytest.raises(ValueError, match="differs from data.block_size"):
+        check({"twotower": {"block_size": 8}, "data": {"seq_len": 128, "block_size": 16}})
