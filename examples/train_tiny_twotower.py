@@ -145,7 +145,7 @@ def batched_speed(model, examples, gamma: float, batch: int) -> tuple[float, flo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pretrain-s", type=float, default=600, help="backbone pretraining budget (s)")
-    ap.add_argument("--denoise-s", type=float, default=300, help="denoiser training budget (s)")
+    ap.add_argument("--denoise-s", type=float, default=420, help="denoiser training budget (s)")
     ap.add_argument("--eval-n", type=int, default=100, help="held-out prompts (round-robin over tasks)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--gammas", default="0.5,0.7,0.8,0.9")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from twotower.cache import TowerCache
 from twotower.ops import attention, causal_mask, mamba2_mixer
 
 
@@ -27,12 +26,10 @@ def zero_init_identity(model, input_ids: torch.Tensor, t: float = 0.5) -> float:
     worst = 0.0
     for sub_c, sub_d in zip(ctx.subs, den.walk.subs):
         ref = _sublayer(ctx, sub_c, h, positions, mask, B=model.block_size)
-        x_in = h
-        out = _sublayer(den.walk, sub_d, x_in, positions, mask, B=model.block_size,
+        out = _sublayer(den.walk, sub_d, h, positions, mask, B=model.block_size,
                         mod=None if mod is None else mod[:, sub_d.index])
-        if model.tt_config.cross_attention:
-            # zero gate: the module's output is exactly zero
-            out = out + den.cross_attn[sub_d.index](sub_d.norm(h), h, mask[:, :, :, :]) * 1.0
+        if model.tt_config.cross_attention:  # zero gate: the module must add exactly nothing
+            out = out + den.cross_attn[sub_d.index](sub_d.norm(h), h, mask)
         worst = max(worst, (out - ref).abs().max().item())
         h = h + ref
     return worst

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from twotower.cache import TowerCache
 from twotower.denoiser import DecodeContext

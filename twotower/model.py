@@ -97,7 +97,7 @@ class TwoTowerForDiffusionLM(nn.Module):
         """One dict per sublayer: index, backbone layer, kind, how the denoiser is conditioned."""
         cfg = self.tt_config
         how = {
-            "attention": f"context_kv" if cfg.attention_conditioning == "context_kv" else "block_local",
+            "attention": "context_kv" if cfg.attention_conditioning == "context_kv" else "block_local",
             "mamba": cfg.mamba_conditioning,
             "moe": "none",
             "mlp": "none",
