@@ -128,7 +128,20 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
     step_time["max_steps"] = steps
     step_time["hours_for_max_steps"] = steps * step_time["step_s"] / 3600
     fit = sizing.min_gpus(context["total"], denoiser["total"], largest, config, shape, gpu_gib)
+    summary = {
+        "params_per_tower_b": round(context["total"] / 1e9, 2),
+        "active_per_token_b_without_embeddings": round(context["active_without_embeddings"] / 1e9, 2),
+        "new_params_m": round(new["total"] / 1e6, 1),
+        "diffusion_gib_per_device_batch1": [round(decode["batch_1"]["diffusion"]["context_device_gib"], 1),
+                                            round(decode["batch_1"]["diffusion"]["denoiser_device_gib"], 1)],
+        "ar_only_gib_batch1": round(decode["batch_1"]["ar_only"]["device_gib"], 1),
+        "train_gib_per_gpu": round(train["total_gib"], 1),
+        "train_gpus": shape.num_gpus,
+        "train_min_gpus": fit,
+        "train_hours_for_max_steps": round(step_time["hours_for_max_steps"], 1),
+    }
     return {
+        "summary": summary,
         "backbone": {"name_or_path": str(name), "model_type": config.model_type,
                      "layers": sizing.layer_kinds(config), "hidden_size": int(config.hidden_size),
                      "vocab_size": int(config.vocab_size)},

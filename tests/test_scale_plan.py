@@ -210,3 +210,10 @@ def test_placement_two_devices_fit_one_does_not(nano_plan):
     assert nano_plan["placement"]["ar_only"]["fits"] is True
     one = estimate({"backbone": {"name_or_path": NANO, "context_device": "cuda:0", "denoiser_device": "cuda:0"}})
     assert one["placement"]["diffusion"]["fits"] is False  # 117.7 GiB of weights on one 80 GB card
+
+
+def test_summary_headline(nano_plan):
+    s = nano_plan["summary"]
+    assert (s["params_per_tower_b"], s["active_per_token_b_without_embeddings"]) == (31.58, 3.23)
+    assert s["diffusion_gib_per_device_batch1"][0] == pytest.approx(58.9, abs=0.05)
+    assert s["train_min_gpus"] == nano_plan["train_min_gpus"]["num_gpus"]
