@@ -1,17 +1,29 @@
 """The two-tower block-diffusion runtime (no Ray, MLflow or pipeline imports).
 
     from twotower import TwoTowerConfig, TwoTowerForDiffusionLM, place_towers_on_devices
-"""
-from twotower.config import TwoTowerConfig, TwoTowerHFConfig
-from twotower.model import TwoTowerForDiffusionLM, TwoTowerOutput
-from twotower.generate import GenerateOutput
-from twotower.devices import place_towers_on_devices
 
-__all__ = [
-    "GenerateOutput",
-    "TwoTowerConfig",
-    "TwoTowerForDiffusionLM",
-    "TwoTowerHFConfig",
-    "TwoTowerOutput",
-    "place_towers_on_devices",
-]
+Names are resolved lazily (PEP 562): `from twotower import TwoTowerConfig` does not import torch
+or transformers, so the pipeline can validate a recipe's `twotower` section in well under a second.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "TwoTowerConfig": "twotower.config",
+    "TwoTowerHFConfig": "twotower.hf_config",
+    "TwoTowerForDiffusionLM": "twotower.model",
+    "TwoTowerOutput": "twotower.model",
+    "GenerateOutput": "twotower.generate",
+    "place_towers_on_devices": "twotower.devices",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'twotower' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

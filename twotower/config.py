@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from transformers import PretrainedConfig
-
 CHOICES = {
     "attention_conditioning": ("context_kv", "none"),
     "mamba_conditioning": ("seeded_state", "zero_state"),
@@ -75,24 +73,11 @@ class TwoTowerConfig:
         return cls(**data)
 
 
-class TwoTowerHFConfig(PretrainedConfig):
-    """The `config.json` of a saved two-tower model: our fields plus the nested backbone config."""
+def __getattr__(name: str):
+    """`TwoTowerHFConfig` needs transformers; load it on first use so that reading the typed
+    `TwoTowerConfig` (the pipeline validates recipes against it) stays instant."""
+    if name == "TwoTowerHFConfig":
+        from twotower.hf_config import TwoTowerHFConfig
 
-    model_type = "twotower"
-
-    def __init__(self, twotower: dict | None = None, backbone: dict | None = None, **kwargs):
-        self.twotower = dict(twotower or {})
-        self.backbone = dict(backbone or {})
-        super().__init__(**kwargs)
-
-    def twotower_config(self) -> TwoTowerConfig:
-        return TwoTowerConfig.from_dict(self.twotower)
-
-    def backbone_config(self) -> PretrainedConfig:
-        from transformers import AutoConfig
-
-        data = dict(self.backbone)
-        model_type = data.pop("model_type", None)
-        if model_type is None:
-            raise ValueError("twotower config.json: `backbone` has no model_type")
-        return AutoConfig.for_model(model_type, **data)
+        return TwoTowerHFConfig
+    raise AttributeError(f"module 'twotower.config' has no attribute {name!r}")
