@@ -221,6 +221,29 @@ def code_version(stage: Any) -> str:
     return "sha:" + hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
+def _semantic_checks(order: list[str], modules: dict[str, ModuleType], sections: dict[str, dict[str, Any]],
+                     problems: list[tuple[str, str]]) -> dict[str, Any]:
+    """Value checks the types cannot express, before any stage runs (a bad calibration target must
+    not surface after pretraining). Three hooks a stage module may offer: its `Config`'s own
+    `__post_init__`, `validate(cfg)` for its section alone, and `check(sections)` across sections
+    (e.g. the block size against `data.seq_len`). Each raises ValueError naming the key."""
+    built: dict[str, Any] = {}
+    checked: set[Any] = set()  # by id: test stages may be unhashable namespaces
+    for name in order:
+        module = modules[name]
+        section = module.SECTION
+        try:
+            built[name] = build(module.Config, sections[section])
+            if hasattr(module, "validate") and (id(module), section) not in checked:
+                module.validate(built[name])
+            if hasattr(module, "check") and id(module) not in checked:
+                module.check(sections)
+        except ValueError as err:
+            problems.append((section, str(err)))
+        checked.update({(id(module), section), id(module)})
+    return built
+
+
 def registry(extra: dict[str, str] | None = None) -> dict[str, str]:
     """`stages.REGISTRY` plus `extra` (name -> module path), e.g. stages defined by tests."""
     try:
@@ -381,10 +404,13 @@ def _validate(plain: dict[str, Any], problems: list[tuple[str, str]], reg: dict[
     if problems:
         return None
     dag = build_dag({n: list(s.needs) for n, s in specs.items()}, requires)
+    built = _semantic_checks(dag.order, modules, sections, problems)
+    if problems:
+        return None
     stages = {}
     for name in dag.order:
         module = modules[name]
-        config = to_plain(build(module.Config, sections[module.SECTION]))
+        config = to_plain(built[name])
         path = specs[name].module or reg[name]
         stages[name] = Stage(name=name, spec=specs[name], module=path, section=module.SECTION,
                              config=config, code_version=code_version(module))

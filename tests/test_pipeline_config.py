@@ -142,3 +142,15 @@ def test_default_pipeline_yaml_validates_and_plans() -> None:
     plan = plan_of(cfg)  # with pipeline/estimate.py: its dict (or its error) under "estimate"
     assert plan["order"] == list(cfg.stages) and "estimate" in plan
     assert plan["stages"]["train_denoiser"]["needs"] == ["prepare_data", "attach_conditioning"]
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("calibrate.target_relative_quality=1.5", "calibrate", "(0, 1]"),
+    ("twotower.block_size=12", "twotower", "data.seq_len=128"),
+    ("data.seq_len=100", "data", "not a multiple"),
+])
+def test_value_checks_of_real_stages_fail_before_anything_runs(override: str, key: str, words: str) -> None:
+    """Stage `validate`/`check` hooks run at config time: a bad value cannot surface after pretraining."""
+    with pytest.raises(ConfigError) as err:
+        load_config(Path("recipes/tiny.yaml"), [override])
+    assert any(p.key == key and words in p.message for p in err.value.problems), str(err.value)
