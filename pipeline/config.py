@@ -218,7 +218,25 @@ def code_version(stage: Any) -> str:
         source = inspect.getsource(target)
     except (OSError, TypeError):
         return "unknown"
-    return "sha:" + hashlib.sha256(source.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source.encode())
+    for dependency in getattr(stage, "DEPENDS", ()):
+        for path in _source_files(dependency):
+            digest.update(path.name.encode() + path.read_bytes())
+    return "sha:" + digest.hexdigest()[:16]
+
+
+def _source_files(dotted: str) -> list[Path]:
+    """The .py files of a module or package named in a stage's `DEPENDS` (found without importing
+    it), so that an edit to shared code such as `twotower` invalidates the stages that run it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(dotted)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"stage DEPENDS names {dotted!r}, which is not an importable module")
+    origin = Path(spec.origin)
+    if spec.submodule_search_locations:
+        return sorted(p for loc in spec.submodule_search_locations for p in Path(loc).rglob("*.py"))
+    return [origin]
 
 
 def _semantic_checks(order: list[str], modules: dict[str, ModuleType], sections: dict[str, dict[str, Any]],

@@ -17,6 +17,8 @@ from pathlib import Path
 from stages.api import StageContext
 
 SECTION = "twotower"
+DEPENDS = ("twotower", "adapters", "stages.duplicate_backbone", "stages.train_denoiser")
+"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
 
 IDENTITY_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-2}
 

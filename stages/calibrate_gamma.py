@@ -21,6 +21,8 @@ from pathlib import Path
 from stages.api import StageContext
 
 SECTION = "calibrate"
+DEPENDS = ("twotower", "adapters", "stages.duplicate_backbone", "stages.train_denoiser", "stages.decoding_eval", "stages.tasks")
+"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
 log = logging.getLogger(__name__)
 
 

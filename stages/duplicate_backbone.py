@@ -19,6 +19,8 @@ from typing import Any
 from stages.api import StageContext
 
 SECTION = "backbone"
+DEPENDS = ("twotower", "adapters")
+"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
 
 # Bytes per parameter for the dtypes a tower can be held in.
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -16,6 +16,8 @@ from pathlib import Path
 from stages.api import StageContext
 
 SECTION = "evaluate"
+DEPENDS = ("twotower", "adapters", "stages.duplicate_backbone", "stages.train_denoiser", "stages.decoding_eval", "stages.tasks")
+"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
 
 
 @dataclass

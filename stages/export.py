@@ -19,6 +19,8 @@ from typing import Any
 from stages.api import StageContext
 
 SECTION = "export"
+DEPENDS = ("twotower", "adapters", "stages.duplicate_backbone", "stages.train_denoiser")
+"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
 
 
 @dataclass

@@ -15,6 +15,8 @@ from stages.api import StageContext
 from stages.duplicate_backbone import Config, load_backbone  # the shared `backbone` section
 
 SECTION = "backbone"
+DEPENDS = ("twotower", "adapters", "stages.duplicate_backbone", "stages.train_denoiser")
+"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
 __all__ = ["SECTION", "Config", "run", "trainable_report"]
 
 

@@ -32,6 +32,8 @@ from stages.api import StageContext
 from stages.tasks import FAMILIES, get_families
 
 SECTION = "data"
+DEPENDS = ("stages.tasks", "stages.tokenizer")
+"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
 DEFAULT_TASKS = ("add", "sort", "copy", "reverse", "recall", "facts")
 DEFAULT_WEIGHTS = {"add": 3.0, "sort": 1.5, "reverse": 1.5, "facts": 0.5}
 SOURCES = ("synthetic", "files", "hf")

@@ -28,6 +28,8 @@ from typing import Any
 from stages.api import StageContext
 
 SECTION = "pretrain"
+DEPENDS = ("stages.tasks", "stages.tokenizer")
+"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
 LAYER_CODES = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 
 

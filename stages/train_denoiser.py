@@ -22,6 +22,8 @@ from typing import Any, Callable
 from stages.api import StageContext
 
 SECTION = "train"
+DEPENDS = ("twotower", "adapters", "stages.duplicate_backbone", "stages.train_denoiser")
+"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
 
 
 

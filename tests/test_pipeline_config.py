@@ -154,3 +154,27 @@ def test_value_checks_of_real_stages_fail_before_anything_runs(override: str, ke
     with pytest.raises(ConfigError) as err:
         load_config(Path("recipes/tiny.yaml"), [override])
     assert any(p.key == key and words in p.message for p in err.value.problems), str(err.value)
+
+
+def test_depends_puts_shared_code_into_the_cache_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage's `DEPENDS` packages are hashed into its code version: editing them reruns it."""
+    import types
+
+    from pipeline.config import code_version
+
+    pkg = tmp_path / "sharedlib"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "maths.py").write_text("def f():\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stage_file = tmp_path / "somestage.py"
+    stage_file.write_text("DEPENDS = ('sharedlib',)\ndef run(cfg, inputs, ctx):\n    return {}\n")
+    import importlib
+
+    stage = importlib.import_module("somestage")
+    before = code_version(stage)
+    assert code_version(stage) == before
+    (pkg / "maths.py").write_text("def f():\n    return 2\n")
+    assert code_version(stage) != before
+    with pytest.raises(ValueError, match="no_such_module"):
+        code_version(types.SimpleNamespace(DEPENDS=("no_such_module",), run=stage.run))
