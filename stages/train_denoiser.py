@@ -63,6 +63,10 @@ class Config:
     """Devices for the Trainer."""
     strategy: str = "auto"
     """Lightning strategy (`auto`, `ddp`, `fsdp`)."""
+    num_workers: int = 1
+    """Ray Train workers. Above 1 the fit runs through `stages.train_distributed.fit_distributed`
+    (one worker per GPU, FSDP on GPU, DDP over gloo on CPU; checkpoints in the stage's work dir on
+    shared storage, resumed after a restart)."""
     num_threads: int = 0
     """torch intra-op threads on CPU; 0 leaves torch's default."""
     progress_bar: bool = True
@@ -400,6 +404,49 @@ def fit(cfg: Config, factory: TwoTowerFactory, block_size: int, train_ids, val_i
     return module, trainer, seconds
 
 
+@dataclass
+class RowLoaders:
+    """Picklable `(train, val)` loader factory for Ray Train workers (Lightning adds the
+    DistributedSampler that shards the rows across workers)."""
+
+    train_ids: tuple
+    val_ids: tuple
+    block_size: int
+    batch_size: int
+
+    def __call__(self):
+        from torch.utils.data import DataLoader, TensorDataset
+
+        collate = trim_blocks(self.block_size)
+        return (DataLoader(TensorDataset(*self.train_ids), batch_size=self.batch_size, shuffle=True,
+                           collate_fn=collate, drop_last=True),
+                DataLoader(TensorDataset(*self.val_ids), batch_size=self.batch_size, collate_fn=collate))
+
+
+def fit_on_workers(cfg: Config, factory: TwoTowerFactory, block_size: int, train_ids, val_ids,
+                   ctx: StageContext):
+    """`fit` across `cfg.num_workers` Ray Train workers; returns (module with the trained weights
+    loaded, metrics of the last step report, seconds)."""
+    from stages.train_distributed import LazyFactory, config_from_train, fit_distributed
+
+    dist = config_from_train(cfg, storage_path=str(Path(ctx.work_dir).resolve()), name="distributed",
+                             seed=ctx.seed)
+    make_module = LazyFactory("stages.train_denoiser:DenoiserModule", (factory, cfg, block_size))
+
+    def on_report(report: dict) -> None:
+        ctx.progress(report.get("step", 0), cfg.max_steps, "distributed")
+        ctx.log_metrics({k.replace("/", "_"): float(v) for k, v in report.items() if k != "step"},
+                        step=int(report.get("step", 0)))
+
+    t0 = time.monotonic()
+    result = fit_distributed(make_module, RowLoaders(train_ids, val_ids, block_size, cfg.batch_size),
+                             dist, on_report=on_report)
+    seconds = time.monotonic() - t0
+    module = make_module()
+    module.load_state_dict(result.load_state_dict(), strict=False)  # the frozen tower is not saved
+    return module, dict(result.metrics), seconds
+
+
 def _checkpoint_step(path: Path) -> int:
     """The optimizer step a resumable checkpoint was written at (0 when there is none)."""
     if not path.exists():
@@ -459,18 +506,24 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     train_ids = build_rows(train_ids, cfg.layout, cfg.noise_on, block_size, pad_id)
     val_ids = build_rows(val_ids, cfg.layout, cfg.noise_on, block_size, pad_id)
     factory = TwoTowerFactory(attach["artifacts"]["model"], tt, attach.get("dtype", "float32"))
-    module, trainer, seconds = fit(cfg, factory, block_size, train_ids, val_ids, ctx)
+    if cfg.num_workers > 1:
+        module, logged, seconds = fit_on_workers(cfg, factory, block_size, train_ids, val_ids, ctx)
+        steps = int(logged.pop("step", cfg.max_steps))
+        timing = {"train_minutes": seconds / 60.0, "num_workers": cfg.num_workers}
+    else:
+        module, trainer, seconds = fit(cfg, factory, block_size, train_ids, val_ids, ctx)
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        steps = int(trainer.global_step)
+        timing = {"resumed_from_step": module.resumed_from_step, "train_minutes": module.elapsed() / 60.0,
+                  "train_cpu_minutes": module.cpu_seconds / 60.0}
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_denoiser(module.model, out / "denoiser.safetensors")
-    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    steps = int(trainer.global_step)
-    tokens = steps * cfg.batch_size * cfg.grad_accum * int(train_ids[0].shape[1])
+    tokens = steps * cfg.batch_size * cfg.grad_accum * int(train_ids[0].shape[1]) * cfg.num_workers
     metrics_layout = {"train_rows": int(train_ids[0].shape[0]), "row_len": int(train_ids[0].shape[1])}
-    metrics = {"steps": steps, "resumed_from_step": module.resumed_from_step,
-               "train_minutes": module.elapsed() / 60.0, "train_cpu_minutes": module.cpu_seconds / 60.0,
-               "tokens_per_second": tokens / max(seconds, 1e-9),
-               **metrics_layout, **{k.replace("/", "_"): v for k, v in logged.items()}}
+    metrics = {"steps": steps, **timing, "tokens_per_second": tokens / max(seconds, 1e-9),
+               **metrics_layout, **{k.replace("/", "_"): float(v) for k, v in logged.items()
+                                    if isinstance(v, (int, float))}}
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
     return {"metrics": metrics,
             "artifacts": {"denoiser": ctx.artifact_path("denoiser.safetensors"),

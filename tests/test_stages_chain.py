@@ -209,3 +209,29 @@ def test_export_refuses_to_overwrite_a_foreign_directory(chain, tmp_path):
     with pytest.raises(ValueError, match="not a two-tower export"):
         X.run(X.Config(dir=str(tmp_path)), chain["m"], make_ctx(tmp_path / "x", "export"))
     assert (tmp_path / "keep.txt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_train_on_two_ray_workers_writes_a_trained_denoiser(chain, tmp_path):
+    """`train.num_workers > 1`: the stage fits through Ray Train (DDP over gloo on CPU) and saves
+    the trained denoiser; the context tower stays the backbone's."""
+    import ray
+    from safetensors.torch import load_file
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}})
+    try:
+        events: list = []
+        out = T.run(T.Config(**{**TRAIN, "max_steps": 2, "num_workers": 2, "accelerator": "cpu"}),
+                    chain["m"], make_ctx(tmp_path, "train", events=events))
+    finally:
+        ray.shutdown()
+    assert out["metrics"]["steps"] == 2 and out["metrics"]["num_workers"] == 2
+    trained = load_file(out["artifacts"]["denoiser"])
+    model, _ = T.load_trained(out)
+    initial = T.TwoTowerFactory(out["artifacts"]["model"], out["twotower"])()
+    moved = [k for k, v in initial.denoiser.state_dict().items() if not torch.equal(v, trained[k])]
+    assert moved, "two optimizer steps left every denoiser weight unchanged"
+    assert all(torch.equal(a, b) for a, b in zip(model.context_tower.state_dict().values(),
+                                                initial.context_tower.state_dict().values()))
