@@ -78,6 +78,11 @@ class Config:
     noise_on: str = "answers"
     """Which tokens may be masked and scored: `answers` (the data's `loss_mask`: answer + EOS) or
     `all` (every non-pad token)."""
+    fill_after_eos: bool = True
+    """block_aligned layout: fill the rest of each answer's last block with EOS, real and scored, so
+    the denoiser learns where the answer ends (decoding denoises all B positions of a block; see
+    `twotower.data.block_aligned_batch`). False leaves pads there (the answer length is then
+    visible to the denoiser in training but not when decoding)."""
 
 
 @dataclass
@@ -263,8 +268,10 @@ def split_examples(ids, loss_mask, pad_id: int) -> tuple[list[list[int]], list[l
     return prompts, answers
 
 
-def build_rows(tokens: tuple[Any, Any], layout: str, noise_on: str, block_size: int, pad_id: int):
-    """(ids, attention_mask, loss_mask) tensors for training, in the configured layout."""
+def build_rows(tokens: tuple[Any, Any], layout: str, noise_on: str, block_size: int, pad_id: int,
+               fill_id: int | None = None):
+    """(ids, attention_mask, loss_mask) tensors for training, in the configured layout
+    (`fill_id`: block_aligned rows complete each answer's last block with it)."""
     from twotower.data import block_aligned_batch
 
     ids, lm = tokens
@@ -277,7 +284,7 @@ def build_rows(tokens: tuple[Any, Any], layout: str, noise_on: str, block_size: 
         if not prompts:
             raise ValueError("train.layout=block_aligned: the token file has no prompt/answer examples "
                              "(loss_mask marks no answers); use train.layout=packed")
-        rows = block_aligned_batch(prompts, answers, block_size, pad_id)
+        rows = block_aligned_batch(prompts, answers, block_size, pad_id, fill_id=fill_id)
         attn = rows["attention_mask"].bool()
         loss = rows["loss_mask"].bool() if noise_on == "answers" else attn
         return rows["input_ids"], attn, loss
@@ -503,8 +510,9 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     if cfg.layout not in ("auto", "packed", "block_aligned"):
         raise ValueError(f"train.layout={cfg.layout!r}: expected 'auto', 'packed' or 'block_aligned'")
     pad_id = int(data.get("pad_token_id", 0) or 0)
-    train_ids = build_rows(train_ids, cfg.layout, cfg.noise_on, block_size, pad_id)
-    val_ids = build_rows(val_ids, cfg.layout, cfg.noise_on, block_size, pad_id)
+    fill_id = data.get("eos_token_id") if cfg.fill_after_eos else None
+    train_ids = build_rows(train_ids, cfg.layout, cfg.noise_on, block_size, pad_id, fill_id)
+    val_ids = build_rows(val_ids, cfg.layout, cfg.noise_on, block_size, pad_id, fill_id)
     factory = TwoTowerFactory(attach["artifacts"]["model"], tt, attach.get("dtype", "float32"))
     if cfg.num_workers > 1:
         module, logged, seconds = fit_on_workers(cfg, factory, block_size, train_ids, val_ids, ctx)

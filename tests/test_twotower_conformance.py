@@ -169,7 +169,7 @@ def test_inv6_training_logits_equal_decode_logits(name):
     ids = rand_ids(2, 16, seed=3)
     mask, t = fixed_noise(2, 16, seed=3)
     with torch.no_grad():
-        train = model(ids, noise_mask=mask, t=t).logits
+        train = model(ids, noise_mask=mask, t=t, skip_unmasked_blocks=False).logits  # every block's logits
         cache = TowerCache.empty(2, "cpu")
         for k in range(4):
             block = ids[:, k * B:(k + 1) * B]
@@ -336,3 +336,57 @@ def test_sharded_checkpoint_loads(tmp_path):
     mask, t = fixed_noise(1, 8)
     with torch.no_grad():
         assert torch.equal(model(ids, noise_mask=mask, t=t).logits, loaded(ids, noise_mask=mask, t=t).logits)
+
+
+SKIP_CASES = [(name, {}) for name in NAMES] + [
+    ("nemotron_h", dict(cross_attention=True)),
+    ("nemotron_h", dict(attention_conditioning="none", mamba_conditioning="zero_state")),
+    ("nemotron_h", dict(mask_token_id=3, token_shift=False)),
+]
+
+
+@pytest.mark.parametrize("name,cfg", SKIP_CASES, ids=[f"{n}-{'-'.join(c) or 'default'}" for n, c in SKIP_CASES])
+def test_skipping_unmasked_blocks_changes_neither_logits_nor_gradients(name, cfg):
+    """Training on left-padded prompt/answer rows denoises only the answer blocks: the masked
+    positions' logits, the loss and every gradient equal the all-blocks reference path."""
+    from twotower.data import block_aligned_batch
+
+    model = tiny_twotower(name, perturb=0.05, **cfg).train()
+    prompts = [rand_ids(1, n, seed=n)[0].tolist() for n in (3, 9, 13)]
+    answers = [rand_ids(1, k, seed=20 + k)[0].tolist() + [EOS] for k in (2, 5, 7)]
+    batch = block_aligned_batch(prompts, answers, B, pad_id=0, fill_id=EOS)
+    kw = dict(attention_mask=batch["attention_mask"], loss_mask=batch["loss_mask"])
+    outs, grads = [], []
+    for skip in (True, False):
+        model.zero_grad()
+        out = model(batch["input_ids"], generator=torch.Generator().manual_seed(3), skip_unmasked_blocks=skip, **kw)
+        out.loss.backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    sparse, dense = outs
+    assert torch.equal(sparse.noise_mask, dense.noise_mask) and sparse.noise_mask.any()
+    n_blocks = batch["input_ids"].shape[1] // B
+    active = sparse.noise_mask.view(3, n_blocks, B).any(-1)
+    assert 0 < int(active.sum()) < active.numel()  # some blocks really are skipped
+    sel = sparse.noise_mask
+    torch.testing.assert_close(sparse.logits[sel], dense.logits[sel], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse.loss, dense.loss, atol=1e-6, rtol=1e-6)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for pname in grads[0]:
+        torch.testing.assert_close(grads[0][pname], grads[1][pname], atol=1e-5, rtol=1e-4, msg=pname)
+
+
+def test_block_aligned_fill_completes_the_answer_block():
+    """fill_id completes each answer's last block (real and scored); the prompt stays unscored."""
+    from twotower.data import block_aligned_batch
+
+    batch = block_aligned_batch([[5, 6, 7], [5] * 6], [[9, EOS], [8, 8, 8, 8, 9, EOS]], B, pad_id=0, fill_id=EOS)
+    ids, attn, loss = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    assert ids.shape == (2, 16)
+    assert ids[0].tolist() == [0, 5, 6, 7, 9, EOS, EOS, EOS] + [0] * 8
+    assert loss[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1] + [0] * 8
+    assert attn[0].tolist() == [0, 1, 1, 1, 1, 1, 1, 1] + [0] * 8
+    assert ids[1].tolist() == [0, 0, 5, 5, 5, 5, 5, 5, 8, 8, 8, 8, 9, EOS, EOS, EOS]
+    assert loss[1, 8:].tolist() == [1] * 8 and attn[1, :2].tolist() == [0, 0]
+    plain = block_aligned_batch([[5, 6, 7]], [[9, EOS]], B, pad_id=0)
+    assert plain["input_ids"][0].tolist() == [0, 5, 6, 7, 9, EOS, 0, 0] and plain["loss_mask"][0, 6:].sum() == 0

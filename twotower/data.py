@@ -4,6 +4,13 @@ Decoding starts its first block right after the prompt (block position 0 = the c
 greedy first answer token). Training matches that when each row is left-padded so its answer
 starts on a block boundary; `attention_mask` makes the pads exact no-ops and `loss_mask` keeps
 the prompt clean (only answer tokens are masked and scored).
+
+With `fill_id` (the EOS id) the rest of the answer's last block is filled with it, real and
+scored. Decoding denoises all B positions of a block, so the denoiser must learn what comes after
+the end: without the fill, training shows it exactly the answer's positions (the pads are
+invisible), i.e. it learns with the answer length given away, and at decoding time it has to guess
+the length it never had to predict (measured: most diffusion errors were answers one character too
+long or too short).
 """
 from __future__ import annotations
 
@@ -11,12 +18,14 @@ import torch
 
 
 def block_aligned_batch(
-    prompts: list[list[int]], answers: list[list[int]], block_size: int, pad_id: int, length: int | None = None
+    prompts: list[list[int]], answers: list[list[int]], block_size: int, pad_id: int, length: int | None = None,
+    fill_id: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Rows `[pads][prompt][answer][pads]` with every answer starting at a multiple of block_size.
+    """Rows `[pads][prompt][answer][fill][pads]` with every answer starting at a multiple of block_size.
 
-    Returns `input_ids`, `attention_mask` (1 at prompt and answer) and `loss_mask` (1 at answer),
-    each `[b, length]`; length defaults to the smallest multiple of block_size that fits all rows.
+    Returns `input_ids`, `attention_mask` (1 at prompt, answer and fill) and `loss_mask` (1 at
+    answer and fill), each `[b, length]`; length defaults to the smallest multiple of block_size
+    that fits all rows. `fill_id` None: no fill (the answer's block ends in pads).
     """
     if len(prompts) != len(answers):
         raise ValueError(f"block_aligned_batch: {len(prompts)} prompts but {len(answers)} answers")
@@ -32,4 +41,8 @@ def block_aligned_batch(
         ids[i, s - len(p): s], ids[i, s: s + len(a)] = torch.tensor(p), torch.tensor(a)
         attn[i, s - len(p): s + len(a)] = 1
         loss[i, s: s + len(a)] = 1
+        if fill_id is not None:
+            end = s + len(a)
+            block_end = -(-end // block_size) * block_size
+            ids[i, end:block_end], attn[i, end:block_end], loss[i, end:block_end] = fill_id, 1, 1
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}

@@ -200,6 +200,54 @@ class TrainingContext:
         return module(xs, ctx, mask if mask.dim() == 4 else mask[None, None]).view(self.b * self.n, self.B, -1)
 
 
+class SelectedBlocksContext:
+    """Only some blocks of a clean batch, `[S, B]` (flat block indices into `b·n`): the blocks
+    that hold a masked position. Block-aligned prompt/answer rows put the answer in one block and
+    the prompt in the others, so training on the selected blocks alone skips most of the
+    denoiser's work; every selected block sees exactly what `TrainingContext` shows it (the
+    context keys before its start, its own block, its boundary states), so the logits are equal.
+    """
+
+    def __init__(self, cache: TowerCache, record: dict, cfg: TwoTowerConfig, batch: int, n_blocks: int,
+                 blocks: torch.Tensor):
+        self.cache, self.record, self.cfg = cache, record, cfg
+        self.b, self.n, self.B = batch, n_blocks, cfg.block_size
+        self.rows, self.ks = blocks // n_blocks, blocks % n_blocks
+        valid = cache.valid  # [b, L]
+        starts = self.ks * self.B
+        self.span = int(starts.max()) if starts.numel() else 0  # context keys any selected block sees
+        pos = torch.arange(self.span, device=valid.device)
+        sees = (pos[None, :] < starts[:, None]) & valid[self.rows, : self.span]
+        self.ctx_mask = sees[:, None, None, :].expand(-1, 1, self.B, -1)  # [S, 1, B, span]
+        bv = valid.reshape(batch * n_blocks, self.B)[blocks]
+        self.block_valid = None if bool(bv.all()) else bv
+        own = torch.eye(self.B, dtype=torch.bool, device=valid.device)
+        self.own_mask = (own[None] | bv[:, None, :])[:, None]  # [S, 1, B, B]
+
+    def attend(self, i, q, k, v, scale):
+        if self.cfg.attention_conditioning == "context_kv" and self.span:
+            k = torch.cat([self.cache.keys[i][self.rows, :, : self.span].to(k.dtype), k], dim=2)
+            v = torch.cat([self.cache.values[i][self.rows, :, : self.span].to(v.dtype), v], dim=2)
+            mask = torch.cat([self.ctx_mask, self.own_mask], dim=-1)
+        else:
+            mask = self.own_mask
+        return attention(q, k, v, mask, scale)
+
+    def seed(self, i):
+        if self.cfg.mamba_conditioning != "seeded_state":
+            return None, None
+        states = self.record["states"][i][self.rows, self.ks]  # state before each block start
+        xbc = self.record["xbc"][i]  # [b, Cd, K-1+L]
+        width = xbc.shape[-1] - self.n * self.B
+        conv = xbc.unfold(-1, width, self.B)[self.rows, :, self.ks]  # [S, Cd, K-1]
+        return conv, states
+
+    def cross(self, i, module, x):
+        ctx = self.cache.hidden[i][self.rows, : max(self.span, 1)]
+        mask = self.ctx_mask if self.span else self.ctx_mask.new_zeros(x.shape[0], 1, self.B, 1)
+        return module(x, ctx, mask)
+
+
 class DecodeContext:
     """One block per sequence on top of the context tower's cache (moved to the denoiser's device)."""
 

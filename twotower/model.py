@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import adapters
 from twotower.config import TwoTowerConfig, TwoTowerHFConfig
-from twotower.denoiser import DenoiserTower, TrainingContext
+from twotower.denoiser import DenoiserTower, SelectedBlocksContext, TrainingContext
 from twotower.cache import TowerCache
 from twotower.walk import Walk, context_forward, positions_for
 
@@ -38,7 +38,9 @@ class TwoTowerOutput:
     loss: torch.Tensor
     """Scalar training loss (weighting per `loss_weighting`)."""
     logits: torch.Tensor
-    """`[batch, L, V]` float32 denoiser outputs; with token shift `logits[:, i]` predicts token i+1."""
+    """`[batch, L, V]` float32 denoiser outputs; with token shift `logits[:, i]` predicts token i+1.
+    Blocks without a masked position are not denoised (their logits are zeros) unless no block is
+    masked or every block is."""
     masked_accuracy: torch.Tensor
     """Scalar: argmax accuracy over masked positions."""
     elbo: torch.Tensor
@@ -137,6 +139,7 @@ class TwoTowerForDiffusionLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        skip_unmasked_blocks: bool = True,
     ) -> TwoTowerOutput:
         """Training forward over `input_ids` `[b, L]` (L padded internally to whole blocks).
 
@@ -146,6 +149,9 @@ class TwoTowerForDiffusionLM(nn.Module):
         Left-pad each row so its answer starts on a block boundary to match decoding, where the
         first block starts right after the prompt (`twotower.data.block_aligned_batch`).
         loss_mask `[b, L]`: only these positions may be masked and scored (e.g. the answer).
+        skip_unmasked_blocks: denoise only the blocks holding a masked position (the same logits
+        there, ~n_blocks/answer_blocks times less denoiser work on prompt/answer rows); False runs
+        every block (the reference path).
         """
         B = self.block_size
         b, L0 = input_ids.shape
@@ -185,11 +191,18 @@ class TwoTowerForDiffusionLM(nn.Module):
             cache = cache.to(den_device)
             record = {k: {i: x.to(den_device) for i, x in v.items()} for k, v in record.items()}
         ids, mask, t = ids.to(den_device), mask.to(den_device), t.to(den_device)
-        noisy = ids.view(b, n, B).masked_fill(mask, self.tt_config.mask_token_id or 0)
+        noisy = ids.view(b, n, B).masked_fill(mask, self.tt_config.mask_token_id or 0).view(b * n, B)
         positions = positions.to(den_device).reshape(b * n, B)
-        ctx = TrainingContext(cache, record, self.tt_config, b, n)
-        t_rows = t.reshape(b * n)
-        logits = self.denoiser(noisy.view(b * n, B), mask.view(b * n, B), t_rows, positions, ctx).view(b, L, -1)
+        t_rows, block_mask = t.reshape(b * n), mask.view(b * n, B)
+        active = block_mask.any(-1)
+        if not skip_unmasked_blocks or bool(active.all()) or not bool(active.any()):
+            ctx = TrainingContext(cache, record, self.tt_config, b, n)
+            logits = self.denoiser(noisy, block_mask, t_rows, positions, ctx).view(b, L, -1)
+        else:  # denoise only the blocks holding a masked position (the others add nothing to the loss)
+            blocks = active.nonzero().squeeze(1)
+            ctx = SelectedBlocksContext(cache, record, self.tt_config, b, n, blocks)
+            out = self.denoiser(noisy[blocks], block_mask[blocks], t_rows[blocks], positions[blocks], ctx)
+            logits = out.new_zeros(b * n, B, out.shape[-1]).index_copy(0, blocks, out).view(b, L, -1)
         return self._loss(logits, ids, mask.view(b, L), t, L0)
 
     def _loss(self, logits, ids, mask, t, L0) -> TwoTowerOutput:
