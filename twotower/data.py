@@ -34,15 +34,21 @@ def block_aligned_batch(
     length = length or -(-need // block_size) * block_size
     if need > length:
         raise ValueError(f"block_aligned_batch: rows need {need} positions, length is {length}")
-    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(prompts), length, dtype=torch.long)
-    loss = torch.zeros(len(prompts), length, dtype=torch.long)
-    for i, (p, a, s) in enumerate(zip(prompts, answers, starts)):
-        ids[i, s - len(p): s], ids[i, s: s + len(a)] = torch.tensor(p), torch.tensor(a)
-        attn[i, s - len(p): s + len(a)] = 1
-        loss[i, s: s + len(a)] = 1
-        if fill_id is not None:
-            end = s + len(a)
-            block_end = -(-end // block_size) * block_size
-            ids[i, end:block_end], attn[i, end:block_end], loss[i, end:block_end] = fill_id, 1, 1
+    # One scatter for all rows (a per-row loop costs ~9 s on the 85 k rows of the tiny recipe).
+    n = len(prompts)
+    plen = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    alen = torch.tensor([len(a) for a in answers], dtype=torch.long)
+    start = torch.tensor(starts, dtype=torch.long)
+    end = start + alen
+    stop = -(-end // block_size) * block_size if fill_id is not None else end
+    cols = torch.arange(length)[None, :]
+    attn = ((cols >= (start - plen)[:, None]) & (cols < stop[:, None])).long()
+    loss = ((cols >= start[:, None]) & (cols < stop[:, None])).long()
+    ids = torch.full((n, length), pad_id if fill_id is None else fill_id, dtype=torch.long)
+    ids[(cols >= stop[:, None]) | (cols < (start - plen)[:, None])] = pad_id
+    for tokens, lens, first in ((prompts, plen, start - plen), (answers, alen, start)):
+        flat = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
+        row = torch.repeat_interleave(torch.arange(n), lens)
+        offset = torch.arange(int(lens.sum())) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+        ids[row, first[row] + offset] = flat
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
