@@ -80,6 +80,9 @@ class LiveDisplay:
         from rich.live import Live
         self.run = run
         self.console.print(f"run directory: {run.run_dir}", highlight=False)
+        if run.cache_only:
+            started = "Ray not started" if run.runner == "ray" else "nothing to run"
+            self.console.print(f"all {len(run.states)} stages cached; {started}", highlight=False)
         if self.console.is_terminal:
             self.live = Live(self._table(), console=self.console, refresh_per_second=4, transient=True)
             self.live.start()

@@ -10,6 +10,10 @@ path between them run concurrently on Ray. A failed stage stops new submissions,
 ones finish (their artifacts are cached for the resume), and raises `StageFailed` carrying the
 stage's own exception type and message. Tracking and display are hooks (`pipeline.tracking`,
 `pipeline.display`); the stages know nothing of them.
+
+Before any executor starts, the driver reads every stage's completion marker (`cache_hits`): when
+the cache serves the whole plan, no executor is created at all, so an unchanged re-run never pays
+for Ray's start-up; a run with any stage to execute uses its executor exactly as before.
 """
 from __future__ import annotations
 
@@ -93,6 +97,10 @@ class RunInfo:
     """MLflow tracking URI (set by the tracking hook)."""
     mlflow_run_id: str | None = None
     """The parent MLflow run (set by the tracking hook)."""
+    runner: str = "local"
+    """The runner asked for: `ray` or `local`."""
+    cache_only: bool = False
+    """Every stage was a verified cache hit before the run started: no executor (no Ray) was started."""
 
 
 @dataclass
@@ -112,6 +120,22 @@ def stage_keys(cfg: PipelineConfig) -> dict[str, str]:
         upstream = {n: keys[n] for n in stage.spec.needs}
         keys[name] = cache_key(name, stage.code_version, stage.config, upstream, cfg.run.seed)
     return keys
+
+
+def cache_hits(cfg: PipelineConfig, store: ArtifactStore, keys: dict[str, str], forced: set[str]
+               ) -> dict[str, dict[str, Any]] | None:
+    """Every stage's cached manifest when the cache serves the whole plan, else None.
+
+    Read in the driver before any executor starts; it stops at the first miss (a forced stage, or
+    no complete artifact), so a run with work to do pays for a few marker reads only.
+    """
+    hits: dict[str, dict[str, Any]] = {}
+    for name in cfg.stages:
+        manifest = None if name in forced else store.lookup(name, keys[name])
+        if manifest is None:
+            return None
+        hits[name] = manifest
+    return hits
 
 
 def _call(hooks: list[Any], method: str, *args: Any) -> None:
@@ -184,15 +208,17 @@ class Runner:
     """Runs one pipeline: owns the run directory, the states, the executor and the hooks."""
 
     def __init__(self, cfg: PipelineConfig, executor: Any, hooks: list[Any], force: set[str],
-                 from_stage: str | None):
+                 from_stage: str | None, hits: dict[str, dict[str, Any]] | None = None,
+                 runner: str = "local"):
         self.cfg, self.executor, self.hooks = cfg, executor, hooks
         self.store = ArtifactStore(cfg.run.root, cfg.run.verify_checksums)
         self.forced = cfg.dag.descendants(force | ({from_stage} if from_stage else set()))
         self.from_stage = from_stage
+        self.hits = dict(hits or {})  # manifests `cache_hits` already read (not looked up twice)
         keys = stage_keys(cfg)
         self._check_from(keys)
         self.run_dir = new_run_dir(self.store.root, cfg.name)
-        self.run = RunInfo(cfg=cfg, run_dir=self.run_dir,
+        self.run = RunInfo(cfg=cfg, run_dir=self.run_dir, runner=runner, cache_only=hits is not None,
                            states={n: StageState(name=n, key=k) for n, k in keys.items()})
         self.tails = {n: EventTail(self.run_dir / "events" / f"{n}.jsonl") for n in keys}
 
@@ -232,7 +258,10 @@ class Runner:
                     continue
                 if not all(self.run.states[n].status in FINISHED for n in stage.spec.needs):
                     continue
-                manifest = None if name in self.forced else self.store.lookup(name, st.key)
+                if name in self.hits:
+                    manifest = self.hits.pop(name)
+                else:
+                    manifest = None if name in self.forced else self.store.lookup(name, st.key)
                 if manifest is not None:
                     st.status, st.manifest = "cached", manifest
                     st.artifact_dir = str(self.store.final_dir(name, st.key))
@@ -333,7 +362,6 @@ def run_pipeline(cfg: PipelineConfig, *, runner: str | None = None, force: list[
         if name not in cfg.stages:
             raise PipelineError(f"unknown stage '{name}'{suggest(name, cfg.stages)} "
                                 f"(stages: {', '.join(cfg.stages)})")
-    from pipeline.executors import make_executor
     all_hooks: list[Any] = []
     if cfg.tracking.enabled if tracking is None else tracking:
         from pipeline.tracking import MlflowHook
@@ -342,14 +370,34 @@ def run_pipeline(cfg: PipelineConfig, *, runner: str | None = None, force: list[
         from pipeline.display import LiveDisplay
         all_hooks.append(LiveDisplay())
     all_hooks += list(hooks or [])
-    executor = make_executor(runner or cfg.run.runner, cfg.ray)
+    kind = runner or cfg.run.runner
+    forced = cfg.dag.descendants(set(force) | ({from_stage} if from_stage else set()))
+    hits = cache_hits(cfg, ArtifactStore(cfg.run.root, cfg.run.verify_checksums), stage_keys(cfg), forced)
+    if hits is not None:  # nothing to run: no executor, so no Ray start-up (seconds) for a re-run
+        runner_ = Runner(cfg, NoExecutor(), all_hooks, set(force), from_stage, hits, kind)
+        write_atomic(runner_.run_dir / "config.yaml", dump_yaml(cfg.resolved))
+        return runner_.execute()
+    from pipeline.executors import make_executor
+    executor = make_executor(kind, cfg.ray)
     try:
         executor.check(list(cfg.stages.values()))  # before any run directory or stage exists
-        runner_ = Runner(cfg, executor, all_hooks, set(force), from_stage)
+        runner_ = Runner(cfg, executor, all_hooks, set(force), from_stage, runner=kind)
         write_atomic(runner_.run_dir / "config.yaml", dump_yaml(cfg.resolved))
         return runner_.execute()
     finally:
         executor.close()
+
+
+class NoExecutor:
+    """The executor of a run served entirely from the cache: it is never asked to run a stage."""
+
+    def submit(self, name: str, job: dict[str, Any], stage: Stage) -> None:
+        """Unreachable: every stage of the plan was a cache hit before the run started."""
+        raise PipelineError(f"stage '{name}' was to come from the cache, but no executor was started")
+
+    def wait(self, timeout: float) -> list[tuple[str, dict[str, Any]]]:
+        """Nothing ever runs."""
+        return []
 
 
 def dump_yaml(data: dict[str, Any]) -> str:

@@ -62,6 +62,7 @@ class MlflowHook:
         self.client: Any = None
         self.broken = False
         self.pending: dict[str, list[str]] = {}
+        self.parent_metrics: dict[str, float] = {}  # cached stages' metrics, logged once at run end
 
     def _guard(self, fn: Any, *args: Any) -> None:
         """Tracking must not kill a long run: warn once and stop tracking."""
@@ -95,7 +96,8 @@ class MlflowHook:
             name, artifact_location=self.artifact_root)
         parent = self.client.create_run(exp_id, run_name=run.run_dir.name, tags={
             "pipeline.name": self.cfg.name, "pipeline.run_dir": str(run.run_dir),
-            "pipeline.sources": " ".join(self.cfg.sources)[:5000]})
+            "pipeline.sources": " ".join(self.cfg.sources)[:5000], "pipeline.runner": run.runner,
+            "pipeline.cache_only": str(run.cache_only).lower()})
         self.exp_id = exp_id
         run.tracking_uri, run.mlflow_run_id = self.uri, parent.info.run_id
         self._log(parent.info.run_id, params=flatten(self.cfg.resolved))
@@ -108,13 +110,18 @@ class MlflowHook:
 
     def _stage_start(self, run: Any, st: Any) -> None:
         stage = self.cfg.stages[st.name]
-        child = self.client.create_run(self.exp_id, run_name=st.name, tags={
-            "mlflow.parentRunId": run.mlflow_run_id, "pipeline.stage": st.name,
-            "pipeline.cache_key": st.key, "pipeline.code_version": stage.code_version})
+        tags = {"mlflow.parentRunId": run.mlflow_run_id, "pipeline.stage": st.name,
+                "pipeline.cache_key": st.key, "pipeline.code_version": stage.code_version}
+        cached = st.status == "cached"
+        if cached:  # its outcome is known already: record it in as few SQLite writes as possible
+            tags["pipeline.status"] = st.status
+        child = self.client.create_run(self.exp_id, run_name=st.name, tags=tags)
         st.mlflow_run_id = child.info.run_id
         params = {f"{stage.section}.{k}": v for k, v in flatten(stage.config).items()}
         params.update({f"resources.{k}": v for k, v in flatten(self.cfg.resolved["graph"][st.name]).items()})
-        self._log(child.info.run_id, params=params)
+        metrics = numeric(st.metrics) if cached else {}
+        self._log(child.info.run_id, metrics=metrics, params=params)
+        self.parent_metrics.update({f"{st.name}.{k}": v for k, v in metrics.items()})
 
     def on_stage_event(self, run: Any, st: Any, event: dict[str, Any]) -> None:
         self._guard(self._event, st, event)
@@ -135,6 +142,9 @@ class MlflowHook:
 
     def _stage_end(self, run: Any, st: Any) -> None:
         if st.mlflow_run_id is None:
+            return
+        if st.status == "cached":  # params, metrics and tags went in with `_stage_start`
+            self.client.set_terminated(st.mlflow_run_id, "FINISHED")
             return
         metrics = numeric(st.metrics)
         self._log(st.mlflow_run_id, metrics=metrics)
@@ -165,6 +175,9 @@ class MlflowHook:
     def _end(self, run: Any) -> None:
         if run.mlflow_run_id is None:
             return
+        if self.parent_metrics:
+            self._log(run.mlflow_run_id, metrics=self.parent_metrics)
+            self.parent_metrics = {}
         for st in run.states.values():  # stages cut short by an interrupt
             if st.status == "interrupted" and st.mlflow_run_id:
                 self.client.set_terminated(st.mlflow_run_id, "KILLED")
