@@ -390,3 +390,21 @@ def test_block_aligned_fill_completes_the_answer_block():
     assert loss[1, 8:].tolist() == [1] * 8 and attn[1, :2].tolist() == [0, 0]
     plain = block_aligned_batch([[5, 6, 7]], [[9, EOS]], B, pad_id=0)
     assert plain["input_ids"][0].tolist() == [0, 5, 6, 7, 9, EOS, 0, 0] and plain["loss_mask"][0, 6:].sum() == 0
+
+
+def test_adaln_memo_follows_weight_updates():
+    """Decoding memoises the AdaLN modulation per t; an in-place weight update (optimizer step,
+    weight load) must invalidate it, and a hit must equal a fresh computation."""
+    model = tiny_twotower("nemotron_h", perturb=0.05)
+    den = model.denoiser
+    t = torch.tensor([1.0, 0.4])
+    with torch.no_grad():
+        first = den.sublayer_modulation(t)
+        assert den.sublayer_modulation(t) is first  # memo hit
+        den.adaln.bias.add_(0.5)
+        after = den.sublayer_modulation(t)
+    assert after is not first
+    fresh = den.sublayer_modulation(t)  # grad enabled: never memoised
+    for (s0, a0, g0), (s1, a1, g1) in zip(after, fresh):
+        torch.testing.assert_close(s0, s1), torch.testing.assert_close(a0, a1), torch.testing.assert_close(g0, g1)
+    assert not torch.allclose(first[0][0], after[0][0])
