@@ -1,6 +1,7 @@
 """The runtime's primitives against brute force: masks densified, the SSD scan vs the recurrence."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from twotower.ops import attention, block_training_mask, causal_mask, ssd_scan
@@ -41,16 +42,18 @@ def test_attention_with_mask_equals_loop_over_queries():
             torch.testing.assert_close(got[0, i, h], w @ v[0, h // 2, keys], atol=1e-5, rtol=1e-5)
 
 
-def test_ssd_scan_matches_recurrence_and_boundary_states():
+@pytest.mark.parametrize("T,chunk,with_init", [(11, 4, True), (11, 4, False), (11, 16, True), (16, 16, False), (1, 4, True)])
+def test_ssd_scan_matches_recurrence_and_boundary_states(T, chunk, with_init):
+    """Multi-chunk, single-chunk (a decoded block) and one-token paths all equal the recurrence."""
     g = torch.Generator().manual_seed(0)
-    N, T, H, P, G, S, chunk = 2, 11, 4, 3, 2, 5, 4
+    N, H, P, G, S = 2, 4, 3, 2, 5
     x = torch.randn(N, T, H, P, generator=g)
     dt = torch.rand(N, T, H, generator=g) + 0.1
     A = -torch.rand(H, generator=g) - 0.5
     Bm, Cm = torch.randn(N, T, G, S, generator=g), torch.randn(N, T, G, S, generator=g)
     D = torch.randn(H, generator=g)
-    init = torch.randn(N, H, P, S, generator=g)
-    y, states = ssd_scan(x, dt, A, Bm, Cm, D, init, chunk)
+    init = torch.randn(N, H, P, S, generator=g) if with_init else torch.zeros(N, H, P, S)
+    y, states = ssd_scan(x, dt, A, Bm, Cm, D, init if with_init else None, chunk)
     h = init.clone()
     Bh, Ch = Bm.repeat_interleave(H // G, 2), Cm.repeat_interleave(H // G, 2)
     ref_states = [h.clone()]
@@ -59,6 +62,6 @@ def test_ssd_scan_matches_recurrence_and_boundary_states():
         torch.testing.assert_close(y[:, s], (h * Ch[:, s, :, None, :]).sum(-1) + D[:, None] * x[:, s], atol=1e-4, rtol=1e-4)
         if (s + 1) % chunk == 0 or s == T - 1:
             ref_states.append(h.clone())
-    assert states.shape[1] == len(ref_states) == 4
+    assert states.shape[1] == len(ref_states) == -(-T // chunk) + 1
     for got, ref in zip(states.unbind(1), ref_states):
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
