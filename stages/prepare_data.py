@@ -35,7 +35,7 @@ SECTION = "data"
 DEPENDS = ("stages.tasks", "stages.tokenizer")
 """Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
 DEFAULT_TASKS = ("add", "sort", "copy", "reverse", "recall", "facts")
-DEFAULT_WEIGHTS = {"add": 3.0, "sort": 1.5, "reverse": 1.5, "facts": 0.5}
+DEFAULT_WEIGHTS = {"add": 1.0, "sort": 1.5, "reverse": 1.5, "facts": 0.5}
 SOURCES = ("synthetic", "files", "hf")
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
@@ -52,8 +52,9 @@ class Config:
     """Synthetic training examples per family (before removing eval prompts), times its weight."""
     task_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     """Relative share of training examples per family (1.0 when absent). The tiny backbone learns
-    lookups (copy, recall) first, then reverse and sort, and addition last: those get more examples, the memorised
-    facts fewer, so that every family reaches the target within the same few minutes."""
+    addition (with its scratchpad) and lookups (copy, recall) first, then reverse and sort: those
+    get more examples, the memorised facts fewer, so that every family reaches the target within the
+    same few minutes (docs/data.md)."""
     eval_examples_per_task: int = 100
     """Held-out examples per family (synthetic) or eval prompts in total (files / hf)."""
     seq_len: int = 128

@@ -10,11 +10,18 @@ Each family is a small generator `make(rng) -> (prompt, answer)` plus a label:
 
 Everything is deterministic given a `random.Random`: the same seed gives the same examples.
 Answers are 3-14 characters, so that a 16-token block has several tokens to fill in parallel.
-Addition writes its numbers least-significant digit first (both operands and the sum): the carry
-then flows left to right through the answer, which is what makes the family `ltr`. Addition and
-the running sum tag each digit with an index letter ("A5B8C2"): Nemotron-H attention has no
-positional encoding, and the hints turn "the i-th digit" into a content lookup, which a
-~1 M-parameter model learns in a few minutes of CPU training.
+Addition writes its numbers least-significant digit first (operands and sum): the carry then flows
+left to right through the answer, which is what makes the family `ltr`. Its prompt interleaves the
+operands column by column (`A72B38C26` is 237 + 682), and its answer is a scratchpad that repeats
+each column's two digits before their sum digit (`A729B381C269D0`: sum 919, final carry 0). Plain
+sums sat on a parity-like plateau (a sum digit is independent of either operand digit alone, so
+neither lookup gets gradient until both do); with the scratchpad, copying the digits is learnt
+first, like `copy`, and each sum digit is then a function of the answer characters just before
+it: the two digits it sums (inside the 4-token causal conv window of the Mamba layer) and the
+previous column, a few characters earlier, which decides the carry. Addition and the running sum tag each digit with an
+index letter ("A5B8C2"): Nemotron-H attention has no positional encoding, and the hints turn
+"the i-th digit" into a content lookup, which a ~0.5 M-parameter model learns in a few minutes of
+CPU training (addition: ~200 steps, see docs/data.md).
 
 Run `python -m stages.tasks` to print a few examples of every family.
 """
@@ -68,10 +75,27 @@ def _indexed(digits: str) -> str:
     return "".join(INDEX[i] + d for i, d in enumerate(digits))
 
 
+ADD_DIGITS = 3
+"""Operand digits of `add` (the answer is 4 x ADD_DIGITS + 2 characters: at most 14)."""
+
+
 def make_add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(100, 999), rng.randint(100, 999)
+    """Two 3-digit numbers written column by column, least-significant column first, each column
+    as its index letter and the two operand digits ("A72" = 7 and 2): 237 + 682 is
+    `add A72B38C26=`. The answer is a scratchpad per column, the index letter, both digits again
+    and the sum digit with the carry from the previous column, then the final carry:
+    `A729B381C269D0` (sum digits 9, 1, 9 and carry 0: 919)."""
+    lo, hi = 10 ** (ADD_DIGITS - 1), 10**ADD_DIGITS - 1
+    a, b = rng.randint(lo, hi), rng.randint(lo, hi)
     # Least-significant digit first, so the carry flows left to right through the answer.
-    return f"add {_indexed(str(a)[::-1])}+{_indexed(str(b)[::-1])}=", _indexed(str(a + b)[::-1])
+    da, db = str(a)[::-1], str(b)[::-1]
+    carry, out = 0, []
+    for i in range(ADD_DIGITS):
+        total = int(da[i]) + int(db[i]) + carry
+        carry = total // 10
+        out.append(f"{INDEX[i]}{da[i]}{db[i]}{total % 10}")
+    prompt = "add " + "".join(f"{INDEX[i]}{da[i]}{db[i]}" for i in range(ADD_DIGITS)) + "="
+    return prompt, "".join(out) + f"{INDEX[ADD_DIGITS]}{carry}"
 
 
 def make_scan(rng: random.Random) -> tuple[str, str]:
@@ -134,7 +158,9 @@ def make_facts(rng: random.Random) -> tuple[str, str]:
 FAMILIES: dict[str, TaskFamily] = {
     f.name: f
     for f in (
-        TaskFamily("add", "ltr", make_add, "sum of two 3-digit numbers, least-significant digit first, index hints"),
+        TaskFamily("add", "ltr", make_add,
+                   "sum of two 3-digit numbers with carries: columns interleaved, least-significant first, "
+                   "index hints, a scratchpad (each column's digits, then their sum digit)"),
         TaskFamily("scan", "ltr", make_scan, "running sum mod 10 of 5-7 digits, index hints"),
         TaskFamily("sort", "global", make_sort, "5-8 digits in ascending order"),
         TaskFamily("copy", "global", make_copy, "repeat a 5-8 letter word"),

@@ -17,12 +17,28 @@ def _unindex(s: str) -> str:
     return digits
 
 
+def _add_operands(prompt: str) -> tuple[int, int]:
+    """`add A72B38C26=` -> (237, 682): columns least-significant first, index letter + a digit + b digit."""
+    m = re.fullmatch(r"add A(\d)(\d)B(\d)(\d)C(\d)(\d)=", prompt)
+    assert m, prompt
+    a0, b0, a1, b1, a2, b2 = map(int, m.groups())
+    return a0 + 10 * a1 + 100 * a2, b0 + 10 * b1 + 100 * b2
+
+
+def _add_answer_value(answer: str) -> int:
+    """The sum an `add` answer states: `A729B381C269D0` -> sum digits 9, 1, 9 + final carry 0 -> 919."""
+    m = re.fullmatch(r"A\d\d(\d)B\d\d(\d)C\d\d(\d)D([01])", answer)
+    assert m, answer
+    return sum(int(d) * 10**i for i, d in enumerate(m.groups()))
+
+
 def _solve(task: str, prompt: str) -> str:
     """An independent solver per family, to check that generators write correct answers."""
     body = prompt.split(" ", 1)[1].rstrip("=")
     if task == "add":
-        a, b = body.split("+")
-        return tasks._indexed(str(int(_unindex(a)[::-1]) + int(_unindex(b)[::-1]))[::-1])
+        a, b = _add_operands(prompt)
+        da, db, ds = str(a)[::-1], str(b)[::-1], str(a + b).zfill(4)[::-1]  # integer sum, LSB first
+        return "".join(tasks.INDEX[i] + da[i] + db[i] + ds[i] for i in range(3)) + "D" + ds[3]
     if task == "scan":
         digits = _unindex(body)
         return tasks._indexed("".join(str(sum(map(int, digits[: i + 1])) % 10) for i in range(len(digits))))
@@ -100,3 +116,22 @@ def test_char_tokenizer_round_trip(tmp_path):
     # char-level: the encoding of prompt + answer is the prompt's encoding followed by the answer's
     assert tok("ab" + "cd").input_ids == tok("ab").input_ids + tok("cd", add_special_tokens=False).input_ids
     assert tok("é").input_ids == [tok.bos_token_id, tok.unk_token_id]
+
+
+def test_add_states_the_sum_with_carries():
+    """The `add` answer is the real sum: parsed back it equals a + b, for every column's carry case."""
+    rng = random.Random(7)
+    carried = [0, 0, 0]  # examples with a carry out of column A, B, C
+    for _ in range(2000):
+        prompt, answer = tasks.make_add(rng)
+        a, b = _add_operands(prompt)
+        assert 100 <= a <= 999 and 100 <= b <= 999
+        assert _add_answer_value(answer) == a + b, (prompt, answer)
+        for i in range(3):  # the scratchpad repeats each column's operand digits before its sum digit
+            assert answer[4 * i : 4 * i + 3] == prompt[4 + 3 * i : 7 + 3 * i]
+            carried[i] += (a % 10 ** (i + 1)) + (b % 10 ** (i + 1)) >= 10 ** (i + 1)
+        assert len(prompt) == 14 and len(answer) == 14
+    assert min(carried) > 500  # carries into B, into C and out of C are all exercised
+    # a worked example: 964 + 494 = 1458, carries out of every column
+    assert tasks.make_add(random.Random(0)) == ("add A44B69C94=", "A448B695C944D1")
+    assert _add_operands("add A44B69C94=") == (964, 494) and _add_answer_value("A448B695C944D1") == 1458
