@@ -408,3 +408,23 @@ def test_adaln_memo_follows_weight_updates():
     for (s0, a0, g0), (s1, a1, g1) in zip(after, fresh):
         torch.testing.assert_close(s0, s1), torch.testing.assert_close(a0, a1), torch.testing.assert_close(g0, g1)
     assert not torch.allclose(first[0][0], after[0][0])
+
+
+def test_suffix_masks_mask_the_last_fraction_t():
+    """suffix_mask_prob=1: every block masks exactly its last floor-complement of maskable positions
+    (never position 0 under token shift), at least one; 0 keeps i.i.d. draws (some non-suffix)."""
+    model = tiny_twotower("nemotron_h", suffix_mask_prob=1.0)
+    maskable = torch.ones(64, 3, B, dtype=torch.bool)
+    maskable[..., 0] = False
+    t, mask = model.sample_noise(maskable, torch.Generator().manual_seed(0))
+    n_mask = mask.sum(-1)
+    assert (n_mask >= 1).all()
+    first = torch.where(mask.any(-1), mask.float().argmax(-1), torch.full_like(n_mask, B))
+    assert torch.equal(first + n_mask, torch.full_like(n_mask, B))  # a contiguous suffix
+    assert not mask[..., 0].any()
+    expected = (B - 1) - ((1 - t) * (B - 1)).floor().long()
+    assert torch.equal(n_mask, expected.clamp(min=1))
+    iid = tiny_twotower("nemotron_h")
+    _, m2 = iid.sample_noise(maskable, torch.Generator().manual_seed(0))
+    f2 = torch.where(m2.any(-1), m2.float().argmax(-1), torch.full_like(n_mask, B))
+    assert not torch.equal(f2 + m2.sum(-1), torch.full_like(n_mask, B))

@@ -48,6 +48,12 @@ class TwoTowerConfig:
     The ELBO is reported in `out.elbo` either way."""
     t_min: float = 1e-3
     """Block times are drawn in [t_min, 1) (low-discrepancy across the batch)."""
+    suffix_mask_prob: float = 0.0
+    """Training only: the fraction of blocks whose masked positions are a suffix (the last
+    fraction t of the maskable positions) instead of independent draws. Confidence-ordered
+    decoding often finishes a dependency chain (a carry, a running sum) left to right, i.e. with
+    the prefix committed and the rest masked, a pattern i.i.d. masks rarely show; these blocks
+    train it and keep the copied backbone's left-to-right skill (docs/model.md)."""
     router_dtype: str = "float32"
     """Precision of MoE routing. Recorded and validated: the Nemotron-H router computes its logits
     in float32 whatever the model dtype (so training and decoding route alike); wider is not wired."""
@@ -60,6 +66,8 @@ class TwoTowerConfig:
                 raise ValueError(f"twotower.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if not 0.0 <= self.t_min < 1.0:
             raise ValueError(f"twotower.t_min must be in [0, 1), got {self.t_min!r}")
+        if not 0.0 <= self.suffix_mask_prob <= 1.0:
+            raise ValueError(f"twotower.suffix_mask_prob must be in [0, 1], got {self.suffix_mask_prob!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

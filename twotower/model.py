@@ -126,6 +126,12 @@ class TwoTowerForDiffusionLM(nn.Module):
         t = (self.tt_config.t_min + (1 - self.tt_config.t_min) * u).view(b, n)
         draw = torch.rand(b, n, B, generator=generator).to(dev)
         mask = (draw < t[..., None]) & maskable
+        if self.tt_config.suffix_mask_prob > 0:  # some blocks: the last fraction t of the maskable positions
+            rank = maskable.long().cumsum(-1) - 1
+            keep = ((1 - t) * maskable.sum(-1)).floor()  # leading maskable positions left clean
+            suffix = maskable & (rank >= keep[..., None])
+            pick_suffix = torch.rand(b, n, generator=generator).to(dev) < self.tt_config.suffix_mask_prob
+            mask = torch.where(pick_suffix[..., None], suffix, mask)
         # at least one masked position in every block that has a maskable one
         empty = ~mask.any(-1) & maskable.any(-1)
         pick = F.one_hot((draw.masked_fill(~maskable, -1.0)).argmax(-1), B).bool()
