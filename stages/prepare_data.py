@@ -35,7 +35,7 @@ SECTION = "data"
 DEPENDS = ("stages.tasks", "stages.tokenizer")
 """Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
 DEFAULT_TASKS = ("add", "sort", "copy", "reverse", "recall", "facts")
-DEFAULT_WEIGHTS = {"add": 1.0, "sort": 1.5, "reverse": 1.5, "facts": 0.5}
+DEFAULT_WEIGHTS = {"add": 1.0, "sort": 1.5, "reverse": 2.0, "facts": 0.5}
 SOURCES = ("synthetic", "files", "hf")
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
