@@ -21,7 +21,7 @@ it: the two digits it sums (inside the 4-token causal conv window of the Mamba l
 previous column, a few characters earlier, which decides the carry. Addition and the running sum tag each digit with an
 index letter ("A5B8C2"): Nemotron-H attention has no positional encoding, and the hints turn
 "the i-th digit" into a content lookup, which a ~0.5 M-parameter model learns in a few minutes of
-CPU training (addition: ~200 steps, see docs/data.md).
+CPU training (addition alone: ~150 steps, in the default mixture 500-600; docs/data.md).
 
 Run `python -m stages.tasks` to print a few examples of every family.
 """
