@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from bench import decode_cpu, gpu_check
+from bench import decode_cpu, forward_cost, gpu_check
 from bench.common import SIZES, nemotron_h_config
 from twotower import sizing
 
@@ -70,3 +70,14 @@ def test_gpu_check_tiny_on_cuda(tmp_path):
     report = json.loads(out.read_text())
     assert report["placement"]["same_device"] == "cuda"
     assert report["peak_memory_gib"] > 0
+
+
+def test_forward_cost_times_the_three_decoding_forwards(tmp_path):
+    """bench/forward_cost.py on a saved tiny Nemotron-H: positive times and a consistent ratio."""
+    from twotower_fixtures import tiny_backbone
+
+    tiny_backbone("nemotron_h").save_pretrained(tmp_path / "bb")
+    ms = forward_cost.main([str(tmp_path / "bb"), "--block-size", "4", "--prompt-len", "6", "--rounds", "1"])
+    assert set(ms) == {"prefill", "ar_step", "denoiser_forward", "denoiser_per_ar_step"}
+    assert all(v > 0 for v in ms.values())
+    assert ms["denoiser_per_ar_step"] == pytest.approx(ms["denoiser_forward"] / ms["ar_step"])

@@ -44,8 +44,9 @@ def block_aligned_batch(
     cols = torch.arange(length)[None, :]
     attn = ((cols >= (start - plen)[:, None]) & (cols < stop[:, None])).long()
     loss = ((cols >= start[:, None]) & (cols < stop[:, None])).long()
-    ids = torch.full((n, length), pad_id if fill_id is None else fill_id, dtype=torch.long)
-    ids[(cols >= stop[:, None]) | (cols < (start - plen)[:, None])] = pad_id
+    ids = torch.full((n, length), pad_id, dtype=torch.long)
+    if fill_id is not None:
+        ids[(cols >= end[:, None]) & (cols < stop[:, None])] = fill_id
     for tokens, lens, first in ((prompts, plen, start - plen), (answers, alen, start)):
         flat = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
         row = torch.repeat_interleave(torch.arange(n), lens)
