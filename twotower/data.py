@@ -34,7 +34,7 @@ def block_aligned_batch(
     length = length or -(-need // block_size) * block_size
     if need > length:
         raise ValueError(f"block_aligned_batch: rows need {need} positions, length is {length}")
-    # One scatter for all rows (a per-row loop costs ~9 s on the 85 k rows of the tiny recipe).
+    # One scatter for all rows (tiny recipe, 70 k rows: 2.8 CPU-s with a per-row loop, 0.7 s this way).
     n = len(prompts)
     plen = torch.tensor([len(p) for p in prompts], dtype=torch.long)
     alen = torch.tensor([len(a) for a in answers], dtype=torch.long)
