@@ -37,6 +37,9 @@ class SourceConfig:
 
 def run_source(cfg: SourceConfig, inputs: dict[str, dict], ctx: StageContext) -> dict[str, Any]:
     _log_call(ctx)
+    import torch  # fixes this worker's thread pool, as a real stage does
+
+    torch.zeros(2).sum()
     numbers = [cfg.start + (i if cfg.mode == "linear" else i * i) for i in range(cfg.n)]
     (ctx.out_dir / "numbers.json").write_text(json.dumps(numbers))
     return {"metrics": {"count": cfg.n}, "artifacts": {"numbers": ctx.artifact_path("numbers.json")},
@@ -105,7 +108,13 @@ def run_combine(cfg: CombineConfig, inputs: dict[str, dict], ctx: StageContext) 
         return {"metrics": {}, "weights": object()}
     return {"metrics": {"sum": sum(result), "nested": {"first": result[0]}},
             "artifacts": {"result": ctx.artifact_path("result.json"), "table": ctx.artifact_path("table.csv")},
-            "pid": os.getpid(), "cwd": os.getcwd()}
+            "pid": os.getpid(), "cwd": os.getcwd(), "torch_threads": _torch_threads()}
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 @dataclass

@@ -47,6 +47,17 @@ def test_ray_runner_runs_stages_in_worker_processes(ray_session: Any, engine_def
     assert [s["status"] for s in again.summary["stages"].values()] == ["cached"] * 3
 
 
+def test_ray_stage_gets_the_threads_of_its_cpu_request(ray_session: Any, engine_defaults: Path) -> None:
+    # source (1 CPU) imports torch first; a worker reused for combine (2 CPUs) would keep 1 thread
+    cfg = load_config(None, ["run.runner=ray", "graph.source.resources.num_cpus=1",
+                             "graph.scale.resources.num_cpus=1", "graph.combine.resources.num_cpus=2"],
+                      defaults=engine_defaults)
+    result = run_pipeline(cfg)
+    manifest = __import__("json").loads((result.run_dir / "stages" / "combine.json").read_text())
+    expected = int(os.environ.get("OMP_NUM_THREADS", 2))
+    assert manifest["torch_threads"] == expected
+
+
 def test_ray_ship_code_needs_its_own_ray(ray_session: Any, engine_defaults: Path) -> None:
     cfg = load_config(None, ["ray.ship_code=true"], defaults=engine_defaults)
     with pytest.raises(PipelineError, match="already initialized"):
