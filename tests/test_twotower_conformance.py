@@ -34,16 +34,23 @@ def fixed_noise(b, length, seed=0):
     return mask, torch.rand(b, n, generator=g) * 0.9 + 0.05
 
 
+@pytest.mark.parametrize("length", [13, 70])  # one scan chunk (<= ONE_CHUNK_MAX), chunks of B
 @pytest.mark.parametrize("name", NAMES)
-def test_context_walk_matches_hf_forward(name):
-    """Our layer walk of the context tower reproduces the HF model's own logits."""
+def test_context_walk_matches_hf_forward(name, length):
+    """Our layer walk of the context tower reproduces the HF model's own logits, and recording the
+    block-boundary states (training) changes neither the output nor the cache."""
     backbone = tiny_backbone(name)
     model = TwoTowerForDiffusionLM.from_backbone(backbone)
-    ids = rand_ids(2, 13)
+    ids = rand_ids(2, length)
     with torch.no_grad():
         ref = backbone(ids).logits
-        hidden, _ = context_forward(model.context_walk, ids, TowerCache.empty(2, "cpu"), chunk=B)
+        hidden, cache = context_forward(model.context_walk, ids, TowerCache.empty(2, "cpu"), chunk=B)
+        rec_hidden, rec_cache = context_forward(model.context_walk, ids, TowerCache.empty(2, "cpu"), chunk=B,
+                                                record={})
     torch.testing.assert_close(model.context_walk.logits(hidden), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rec_hidden, hidden, atol=1e-5, rtol=1e-5)
+    for i in cache.ssm:
+        torch.testing.assert_close(rec_cache.ssm[i], cache.ssm[i], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", NAMES)

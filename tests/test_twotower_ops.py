@@ -65,3 +65,17 @@ def test_ssd_scan_matches_recurrence_and_boundary_states(T, chunk, with_init):
     assert states.shape[1] == len(ref_states) == -(-T // chunk) + 1
     for got, ref in zip(states.unbind(1), ref_states):
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("T,chunk", [(16, 16), (11, 4)])
+def test_ssd_scan_without_states_gives_the_same_outputs(T, chunk):
+    """`want_states=False` (the denoiser) changes nothing but dropping the boundary states."""
+    g = torch.Generator().manual_seed(1)
+    N, H, P, G, S = 2, 4, 3, 2, 5
+    args = (torch.randn(N, T, H, P, generator=g), torch.rand(N, T, H, generator=g) + 0.1,
+            -torch.rand(H, generator=g) - 0.5, torch.randn(N, T, G, S, generator=g),
+            torch.randn(N, T, G, S, generator=g), torch.randn(H, generator=g), torch.randn(N, H, P, S, generator=g))
+    y, states = ssd_scan(*args, chunk)
+    y2, none = ssd_scan(*args, chunk, want_states=False)
+    assert states is not None and none is None
+    torch.testing.assert_close(y2, y, atol=0, rtol=0)

@@ -149,7 +149,8 @@ class DenoiserTower(nn.Module):
                 out = adapter.attn_out(sub, ctx.attend(i, q, k, v, adapter.attn_scale(sub)))
             elif sub.kind == "mamba":
                 conv, ssm = ctx.seed(i)
-                out, _, _ = mamba2_mixer(walk.mamba(sub), x, conv, ssm, ctx.block_valid, tokens.shape[1])
+                out, _, _ = mamba2_mixer(walk.mamba(sub), x, conv, ssm, ctx.block_valid, tokens.shape[1],
+                                         want_states=False)
             else:
                 out = adapter.ffn(sub, x)
             if self.cfg.cross_attention:

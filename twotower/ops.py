@@ -61,7 +61,7 @@ def _segsum_exp(a: torch.Tensor) -> torch.Tensor:
     return torch.exp(seg.masked_fill(~keep, float("-inf")))
 
 
-def ssd_scan(x, dt, A, B, C, D, initial_state, chunk: int):
+def ssd_scan(x, dt, A, B, C, D, initial_state, chunk: int, want_states: bool = True):
     """Mamba-2 SSD chunk scan in float32.
 
     x `[N, T, H, P]`, dt `[N, T, H]` (after bias, softplus, clamp), A `[H]` (negative),
@@ -69,6 +69,9 @@ def ssd_scan(x, dt, A, B, C, D, initial_state, chunk: int):
     Returns y `[N, T, H, P]` and the states at every chunk boundary `[N, c+1, H, P, S]`:
     index k is the state before position k·chunk, the last one the state after all T tokens.
     Use chunk = block size and the boundaries are exactly the block starts.
+    want_states=False returns (y, None) and skips the end-state work of a one-chunk input, ~30 %
+    of its cost (the denoiser never reads its own states: its blocks are seeded from the context
+    tower's).
     """
     n, length, heads, head_dim = x.shape
     rep = heads // B.shape[2]
@@ -92,6 +95,8 @@ def ssd_scan(x, dt, A, B, C, D, initial_state, chunk: int):
         init = initial_state.float() if initial_state is not None else None
         if init is not None:
             y = y + torch.einsum("nlhs,nhps->nlhp", C, init) * torch.exp(acum).transpose(1, 2)[..., None]
+        if not want_states:
+            return y + skip, None
         decay_to_end = torch.exp(acum[..., -1:] - acum)  # [N, H, T]
         final = torch.einsum("nlhs,nhl,nlhp->nhps", B, decay_to_end, xdt)
         if init is None:
@@ -124,7 +129,7 @@ def ssd_scan(x, dt, A, B, C, D, initial_state, chunk: int):
     # 4. contribution of each chunk's start state
     y = y + torch.einsum("nclhs,nchps->nclhp", C, states[:, :-1]) * torch.exp(acum).permute(0, 2, 3, 1)[..., None]
     y = y.reshape(n, c * chunk, heads, head_dim)[:, :length] + skip
-    return y, states
+    return y, states if want_states else None
 
 
 def _depthwise_conv(x, weight, bias):
@@ -141,14 +146,14 @@ def _depthwise_conv(x, weight, bias):
     return y if bias is None else y + bias[:, None]
 
 
-def mamba2_mixer(p: Mamba2Params, h, conv_state, ssm_state, valid, chunk: int):
+def mamba2_mixer(p: Mamba2Params, h, conv_state, ssm_state, valid, chunk: int, want_states: bool = True):
     """One Mamba-2 mixer on normed hidden h `[N, T, d]`.
 
     conv_state `[N, Cd, K-1]` holds the last K-1 *pre-convolution* xBC inputs (None: zeros),
     ssm_state `[N, H, P, S]` (None: zeros). valid `[N, T]` (None: all real) zeroes the inputs at
     pads so a left-padded sequence ends in exactly the state of the unpadded one.
     Returns (out `[N, T, d]`, xbc `[N, Cd, K-1+T]` = conv_state ++ new pre-conv inputs,
-    boundary states `[N, c+1, H, P, S]`). The caller keeps `xbc[..., -(K-1):]` as the new conv
+    boundary states `[N, c+1, H, P, S]`, None when not `want_states`). The caller keeps `xbc[..., -(K-1):]` as the new conv
     state (a fresh tensor, never updated in place).
     """
     n, length, _ = h.shape
@@ -173,7 +178,7 @@ def mamba2_mixer(p: Mamba2Params, h, conv_state, ssm_state, valid, chunk: int):
     y, states = ssd_scan(
         x.reshape(n, length, p.num_heads, p.head_dim), dt, A,
         B.reshape(n, length, p.n_groups, p.state_size), C.reshape(n, length, p.n_groups, p.state_size),
-        p.D, ssm_state, chunk=min(chunk, length),
+        p.D, ssm_state, chunk=min(chunk, length), want_states=want_states,
     )
     y = p.norm(y.reshape(n, length, inner), gate)
     return p.out_proj(y.to(h.dtype)), xbc, states
