@@ -188,6 +188,36 @@ def test_inv6_training_logits_equal_decode_logits(name):
             _, cache = context_forward(model.context_walk, block, cache, chunk=B)
 
 
+@pytest.mark.parametrize("name", ["nemotron_h", "llama"])
+def test_context_position_keys_train_equals_decode_and_act(name):
+    """With (perturbed) context position keys, block k's training logits still equal the decode
+    path's on an incrementally built cache, the keys change those logits, and at zero init they
+    change nothing."""
+    model = tiny_twotower(name, perturb=0.05, context_position_keys=8)
+    ids = rand_ids(2, 16, seed=3)
+    mask, t = fixed_noise(2, 16, seed=3)
+    with torch.no_grad():
+        train = model(ids, noise_mask=mask, t=t, skip_unmasked_blocks=False).logits
+        cache = TowerCache.empty(2, "cpu")
+        for k in range(4):
+            block = ids[:, k * B:(k + 1) * B]
+            noisy = block.masked_fill(mask[:, k * B:(k + 1) * B], 0)
+            positions = cache.next_pos[:, None] + torch.arange(B)
+            ctx = DecodeContext(cache, model.tt_config, B)
+            dec = model.denoiser(noisy, mask[:, k * B:(k + 1) * B], t[:, k], positions, ctx)
+            torch.testing.assert_close(dec, train[:, k * B:(k + 1) * B], atol=2e-5, rtol=1e-5)
+            _, cache = context_forward(model.context_walk, block, cache, chunk=B)
+        for p in model.denoiser.context_key_pos.values():
+            p.zero_()
+        plain = model(ids, noise_mask=mask, t=t, skip_unmasked_blocks=False).logits
+    reference = tiny_twotower(name, perturb=0.05)  # the same perturbation of every other new module
+    with torch.no_grad():
+        ref = reference(ids, noise_mask=mask, t=t, skip_unmasked_blocks=False).logits
+    later = slice(B, None)  # block 0 has no context keys to shift
+    assert (train[:, later] - plain[:, later]).abs().max() > 1e-3
+    torch.testing.assert_close(plain, ref, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_inv7_export_round_trip(name, tmp_path):
     model = tiny_twotower(name, perturb=0.05)
@@ -349,6 +379,8 @@ SKIP_CASES = [(name, {}) for name in NAMES] + [
     ("nemotron_h", dict(cross_attention=True)),
     ("nemotron_h", dict(attention_conditioning="none", mamba_conditioning="zero_state")),
     ("nemotron_h", dict(mask_token_id=3, token_shift=False)),
+    ("nemotron_h", dict(context_position_keys=8)),
+    ("llama", dict(context_position_keys=8)),
 ]
 
 

@@ -33,6 +33,13 @@ def test_bad_choice_and_unknown_key():
         TwoTowerConfig.from_dict({"blok_size": 4})
 
 
+def test_context_position_keys_checked():
+    with pytest.raises(ValueError, match="context_position_keys must be an integer >= 0"):
+        TwoTowerConfig(context_position_keys=-1)
+    with pytest.raises(ValueError, match="context_position_keys needs attention_conditioning=context_kv"):
+        TwoTowerConfig(context_position_keys=8, attention_conditioning="none")
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_twotower("llama")

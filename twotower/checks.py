@@ -32,6 +32,8 @@ def zero_init_identity(model, input_ids: torch.Tensor, t: float = 0.5) -> float:
             out = out + den.cross_attn[sub_d.index](sub_d.norm(h), h, mask)
         worst = max(worst, (out - ref).abs().max().item())
         h = h + ref
+    if model.tt_config.context_position_keys:  # zero offsets: the context keys stay the tower's own
+        worst = max([worst] + [p.abs().max().item() for p in den.context_key_pos.values()])
     return worst
 
 

@@ -40,6 +40,13 @@ class TwoTowerConfig:
     """Width of the timestep embedding that feeds AdaLN."""
     block_position_embedding: bool = True
     """Add a zero-initialised learned in-block position embedding to the denoiser's input."""
+    context_position_keys: int = 0
+    """R > 0: add zero-initialised learned offsets to the context keys every attention sublayer of the
+    denoiser reads, from two tables of R rows: one indexed by the key's distance to the block start,
+    one by its absolute position (both clipped at R-1). Backbones without positional encodings
+    (Nemotron-H's attention has no RoPE) give a block's masked positions no way to find "the
+    source character j places after the start" (copy) or "j places before the block" (reverse);
+    with these, a query can. 0 = off (the paper's wiring). Needs attention_conditioning=context_kv."""
     token_shift: bool = True
     """Denoiser output j predicts token j+1; block position 0 is the context tower's greedy token.
     False: every block position is masked and output j predicts token j."""
@@ -66,6 +73,11 @@ class TwoTowerConfig:
                 raise ValueError(f"twotower.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if not 0.0 <= self.t_min < 1.0:
             raise ValueError(f"twotower.t_min must be in [0, 1), got {self.t_min!r}")
+        if not isinstance(self.context_position_keys, int) or self.context_position_keys < 0:
+            raise ValueError(f"twotower.context_position_keys must be an integer >= 0, got {self.context_position_keys!r}")
+        if self.context_position_keys and self.attention_conditioning != "context_kv":
+            raise ValueError("twotower.context_position_keys needs attention_conditioning=context_kv "
+                             f"(got {self.attention_conditioning!r}): it shifts the context keys")
         if not 0.0 <= self.suffix_mask_prob <= 1.0:
             raise ValueError(f"twotower.suffix_mask_prob must be in [0, 1], got {self.suffix_mask_prob!r}")
 

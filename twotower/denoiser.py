@@ -26,7 +26,7 @@ from adapters import Adapter
 from twotower.cache import TowerCache
 from twotower.config import TwoTowerConfig
 from twotower.ops import attention, block_training_mask, mamba2_mixer
-from twotower.walk import Walk
+from twotower.walk import Walk, positions_for
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -87,6 +87,27 @@ class DenoiserTower(nn.Module):
         if cfg.cross_attention:
             heads = max(1, d // 32)
             self.cross_attn = nn.ModuleList(CrossAttention(d, heads) for _ in range(n_sub)).to(emb.dtype)
+        if cfg.context_position_keys:
+            self.context_key_pos = nn.ParameterDict({
+                str(sub.index): nn.Parameter(torch.zeros(2, cfg.context_position_keys, *self._kv_shape(sub), dtype=emb.dtype))
+                for sub in self.walk.subs if sub.kind == "attention"})
+            """Per attention sublayer `[2, R, Hkv, hd]`: row 0 by distance to the block start, row 1
+            by absolute position; zero-init (the keys are the context tower's until trained)."""
+
+    @torch.no_grad()
+    def _kv_shape(self, sub) -> tuple[int, int]:
+        """(key heads, head dim) of an attention sublayer, read off one probe token (adapter-agnostic)."""
+        p = next(self.backbone.parameters())
+        x = torch.zeros(1, 1, self.hidden_size, dtype=p.dtype, device=p.device)
+        _, k, _ = self.adapter.qkv(self.backbone, sub, x, torch.zeros(1, 1, dtype=torch.long, device=p.device))
+        return k.shape[1], k.shape[3]
+
+    def context_key_shift(self, i: int, index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """`[N, Hkv, Tc, hd]` offsets for the context keys of sublayer i, from `(distance, absolute)`
+        position indices `[N, Tc]` (see `BlockContext.context_key_index`)."""
+        table = self.context_key_pos[str(i)]
+        rel, pos = index
+        return (table[0][rel] + table[1][pos]).transpose(1, 2)
 
     @classmethod
     def from_backbone(cls, backbone: nn.Module, adapter: Adapter, cfg: TwoTowerConfig) -> "DenoiserTower":
@@ -139,6 +160,7 @@ class DenoiserTower(nn.Module):
         walk, adapter = self.walk, self.adapter
         h = self.embed(tokens, is_mask)
         mod = self.sublayer_modulation(t)
+        key_index = ctx.context_key_index(self.cfg.context_position_keys) if self.cfg.context_position_keys else None
         for sub in walk.subs:
             i = sub.index
             x = sub.norm(h)
@@ -146,7 +168,8 @@ class DenoiserTower(nn.Module):
                 x = torch.addcmul(mod[i][0], x, mod[i][1])
             if sub.kind == "attention":
                 q, k, v = adapter.qkv(self.backbone, sub, x, positions)
-                out = adapter.attn_out(sub, ctx.attend(i, q, k, v, adapter.attn_scale(sub)))
+                shift = None if key_index is None else self.context_key_shift(i, key_index)
+                out = adapter.attn_out(sub, ctx.attend(i, q, k, v, adapter.attn_scale(sub), shift))
             elif sub.kind == "mamba":
                 conv, ssm = ctx.seed(i)
                 out, _, _ = mamba2_mixer(walk.mamba(sub), x, conv, ssm, ctx.block_valid, tokens.shape[1],
@@ -165,8 +188,14 @@ class BlockContext(Protocol):
     block_valid: torch.Tensor | None
     """`[N, B]` real (non-pad) block positions, or None when all are real."""
 
-    def attend(self, i: int, q, k, v, scale: float) -> torch.Tensor:
-        """Block q/k/v `[N, H(kv), B, hd]` -> attention output `[N, B, H·hd]`."""
+    def attend(self, i: int, q, k, v, scale: float, key_shift: torch.Tensor | None = None) -> torch.Tensor:
+        """Block q/k/v `[N, H(kv), B, hd]` -> attention output `[N, B, H·hd]`; key_shift
+        `[N, Hkv, Tc, hd]` is added to the context keys (`context_position_keys`)."""
+        ...
+
+    def context_key_index(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(distance to the block start, absolute position)` of every context key `attend` reads,
+        `[N, Tc]` each, clipped to `rows - 1`."""
         ...
 
     def seed(self, i: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -199,7 +228,11 @@ class TrainingContext:
         _, heads, _, hd = x.shape
         return x.view(self.b, self.n, heads, self.B, hd).transpose(1, 2).reshape(self.b, heads, self.L, hd)
 
-    def attend(self, i, q, k, v, scale):
+    def context_key_index(self, rows):
+        raise NotImplementedError("context_position_keys: each block sees the context at its own offsets; "
+                                  "the model uses SelectedBlocksContext over every block instead")
+
+    def attend(self, i, q, k, v, scale, key_shift=None):
         q, k, v = self._to_seq(q), self._to_seq(k), self._to_seq(v)
         if self.cfg.attention_conditioning == "context_kv":
             k = torch.cat([self.cache.keys[i].to(k.dtype), k], dim=2)
@@ -250,9 +283,18 @@ class SelectedBlocksContext:
         own = torch.eye(self.B, dtype=torch.bool, device=valid.device)
         self.own_mask = (own[None] | bv[:, None, :])[:, None]  # [S, 1, B, B]
 
-    def attend(self, i, q, k, v, scale):
+    def context_key_index(self, rows):
+        pos = positions_for(TowerCache.empty(self.b, self.cache.valid.device), self.cache.valid)  # as decoding numbers them
+        keys = pos[self.rows, : self.span]
+        start = pos[self.rows, self.ks * self.B]
+        return (start[:, None] - keys).clamp(0, rows - 1), keys.clamp(0, rows - 1)
+
+    def attend(self, i, q, k, v, scale, key_shift=None):
         if self.cfg.attention_conditioning == "context_kv" and self.span:
-            k = torch.cat([self.cache.keys[i][self.rows, :, : self.span].to(k.dtype), k], dim=2)
+            ctx_k = self.cache.keys[i][self.rows, :, : self.span]
+            if key_shift is not None:
+                ctx_k = ctx_k + key_shift
+            k = torch.cat([ctx_k.to(k.dtype), k], dim=2)
             v = torch.cat([self.cache.values[i][self.rows, :, : self.span].to(v.dtype), v], dim=2)
             mask = torch.cat([self.ctx_mask, self.own_mask], dim=-1)
         else:
@@ -284,10 +326,16 @@ class DecodeContext:
         ones = torch.ones(cache.valid.shape[0], block_len, dtype=torch.bool, device=cache.valid.device)
         self.mask = torch.cat([cache.valid, ones], dim=1)[:, None, None, :]  # [N, 1, 1, T+B]
 
-    def attend(self, i, q, k, v, scale):
+    def context_key_index(self, rows):
+        valid = self.cache.valid.long()
+        keys = valid.cumsum(1) - valid  # each key's position id (a left pad: the next real one's)
+        return (self.cache.next_pos[:, None] - keys).clamp(0, rows - 1), keys.clamp(0, rows - 1)
+
+    def attend(self, i, q, k, v, scale, key_shift=None):
         mask = self.mask
         if self.cfg.attention_conditioning == "context_kv" and i in self.cache.keys:
-            k = torch.cat([self.cache.keys[i].to(k.dtype), k], dim=2)
+            ctx_k = self.cache.keys[i] if key_shift is None else self.cache.keys[i] + key_shift
+            k = torch.cat([ctx_k.to(k.dtype), k], dim=2)
             v = torch.cat([self.cache.values[i].to(v.dtype), v], dim=2)
         else:
             mask = mask[..., self.cache.length:]

@@ -201,11 +201,13 @@ class TwoTowerForDiffusionLM(nn.Module):
         positions = positions.to(den_device).reshape(b * n, B)
         t_rows, block_mask = t.reshape(b * n), mask.view(b * n, B)
         active = block_mask.any(-1)
-        if not skip_unmasked_blocks or bool(active.all()) or not bool(active.any()):
+        per_block_keys = self.tt_config.context_position_keys > 0  # each block shifts the context keys its own way
+        if not per_block_keys and (not skip_unmasked_blocks or bool(active.all()) or not bool(active.any())):
             ctx = TrainingContext(cache, record, self.tt_config, b, n)
             logits = self.denoiser(noisy, block_mask, t_rows, positions, ctx).view(b, L, -1)
         else:  # denoise only the blocks holding a masked position (the others add nothing to the loss)
-            blocks = active.nonzero().squeeze(1)
+            run_all = not skip_unmasked_blocks or not bool(active.any())
+            blocks = torch.arange(b * n, device=active.device) if run_all else active.nonzero().squeeze(1)
             ctx = SelectedBlocksContext(cache, record, self.tt_config, b, n, blocks)
             out = self.denoiser(noisy[blocks], block_mask[blocks], t_rows[blocks], positions[blocks], ctx)
             logits = out.new_zeros(b * n, B, out.shape[-1]).index_copy(0, blocks, out).view(b, L, -1)
