@@ -127,7 +127,8 @@ class RayExecutor:
         res = stage.spec.resources
         path = self.pythonpath if not self.ship_code else os.pathsep.join([".", self.pythonpath])
         # env_vars merge with the job's runtime_env (so a shipped working_dir stays the worker's cwd)
-        runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": path, **thread_env(res.num_cpus)}}
+        runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": path}}
+        job = {**job, "num_threads": stage_threads(res.num_cpus)}
         options: dict[str, Any] = dict(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=0,
                                        name=f"stage:{name}", runtime_env=runtime_env)
         if res.memory_gb:
@@ -161,21 +162,19 @@ class RayExecutor:
             self.ray.shutdown()
 
 
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-"""Thread-count variables torch (OpenMP, MKL) reads once, when it is first imported in a process."""
+def stage_threads(num_cpus: float) -> int | None:
+    """The intra-op threads a stage's Ray task runs with: its CPU request, rounded down, at least 1;
+    None when the driver's environment sets OMP_NUM_THREADS (the user asked for that count).
 
-
-def thread_env(num_cpus: float) -> dict[str, str]:
-    """The thread counts a stage's worker process starts with: its CPU request, rounded down, at least 1.
-
-    Why it is set per task: Ray reuses a worker process for any later task with the same runtime_env,
-    and torch fixes its thread pool when first imported. Without this, `pretrain_backbone`
-    (2 CPUs) ran in the worker where `prepare_data` (1 CPU) had imported torch: one busy core, 0.47
-    s per step instead of 0.35 (measured, 2-core box). Different values give different runtime_envs,
-    hence separate worker pools. A value set in the driver's environment wins (the user asked).
+    Why it is set per task: Ray reuses a worker process for later tasks, and torch keeps the thread
+    count it had: `pretrain_backbone` (2 CPUs) ran in the worker where `prepare_data` (1 CPU) had
+    imported torch with one thread — one busy core, 0.47 s per step instead of 0.35 (measured, 2-core
+    box). `pipeline.worker.execute` applies it at the start of each task (an env var per task
+    instead would split the worker pool, and each new worker pays ~7 s of imports).
     """
-    n = str(max(1, int(num_cpus)))
-    return {var: os.environ.get(var, n) for var in THREAD_VARS}
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, int(num_cpus))
 
 
 def _fmt(resources: dict[str, float]) -> str:

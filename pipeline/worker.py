@@ -64,9 +64,24 @@ def _failure(err: BaseException, started: float) -> dict[str, Any]:
             "duration_s": time.time() - started, "pid": os.getpid()}
 
 
+def set_threads(n: int) -> None:
+    """Intra-op threads for this process from now on: for a torch imported later (the env vars it
+    reads at import) and for one already imported (a reused Ray worker)."""
+    import sys
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 def execute(job: dict[str, Any]) -> dict[str, Any]:
-    """Run the stage described by `job` (plain data, see `Runner._job`) and commit its artifact."""
+    """Run the stage described by `job` (plain data, see `Runner._job`) and commit its artifact.
+    `num_threads` (set by the Ray executor from the stage's CPUs) fixes the intra-op threads first."""
     started = time.time()
+    if job.get("num_threads"):
+        set_threads(int(job["num_threads"]))
     store = ArtifactStore(job["root"])
     tmp, final = Path(job["tmp_dir"]), Path(job["final_dir"])
     try:

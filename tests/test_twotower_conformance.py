@@ -175,10 +175,16 @@ def test_inv6_training_logits_equal_decode_logits(name):
     model = tiny_twotower(name, perturb=0.05)
     ids = rand_ids(2, 16, seed=3)
     mask, t = fixed_noise(2, 16, seed=3)
+    assert_training_logits_equal_decode_logits(model, ids, mask, t)
+
+
+def assert_training_logits_equal_decode_logits(model, ids, mask, t) -> torch.Tensor:
+    """Each block's logits in one training forward (every block) == the denoiser's on that block with
+    a DecodeContext over the cache built block by block; returns the training logits."""
     with torch.no_grad():
         train = model(ids, noise_mask=mask, t=t, skip_unmasked_blocks=False).logits  # every block's logits
-        cache = TowerCache.empty(2, "cpu")
-        for k in range(4):
+        cache = TowerCache.empty(ids.shape[0], "cpu")
+        for k in range(ids.shape[1] // B):
             block = ids[:, k * B:(k + 1) * B]
             noisy = block.masked_fill(mask[:, k * B:(k + 1) * B], 0)
             positions = cache.next_pos[:, None] + torch.arange(B)
@@ -186,6 +192,7 @@ def test_inv6_training_logits_equal_decode_logits(name):
             dec = model.denoiser(noisy, mask[:, k * B:(k + 1) * B], t[:, k], positions, ctx)
             torch.testing.assert_close(dec, train[:, k * B:(k + 1) * B], atol=2e-5, rtol=1e-5)
             _, cache = context_forward(model.context_walk, block, cache, chunk=B)
+    return train
 
 
 @pytest.mark.parametrize("name", ["nemotron_h", "llama"])
@@ -196,17 +203,8 @@ def test_context_position_keys_train_equals_decode_and_act(name):
     model = tiny_twotower(name, perturb=0.05, context_position_keys=8)
     ids = rand_ids(2, 16, seed=3)
     mask, t = fixed_noise(2, 16, seed=3)
+    train = assert_training_logits_equal_decode_logits(model, ids, mask, t)
     with torch.no_grad():
-        train = model(ids, noise_mask=mask, t=t, skip_unmasked_blocks=False).logits
-        cache = TowerCache.empty(2, "cpu")
-        for k in range(4):
-            block = ids[:, k * B:(k + 1) * B]
-            noisy = block.masked_fill(mask[:, k * B:(k + 1) * B], 0)
-            positions = cache.next_pos[:, None] + torch.arange(B)
-            ctx = DecodeContext(cache, model.tt_config, B)
-            dec = model.denoiser(noisy, mask[:, k * B:(k + 1) * B], t[:, k], positions, ctx)
-            torch.testing.assert_close(dec, train[:, k * B:(k + 1) * B], atol=2e-5, rtol=1e-5)
-            _, cache = context_forward(model.context_walk, block, cache, chunk=B)
         for p in model.denoiser.context_key_pos.values():
             p.zero_()
         plain = model(ids, noise_mask=mask, t=t, skip_unmasked_blocks=False).logits
