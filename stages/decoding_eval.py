@@ -221,11 +221,34 @@ def summarise(rows: list[Row], setting: str) -> dict[str, Any]:
     }
 
 
-def peak_memory_mb() -> dict[str, float]:
-    """Peak resident memory of this process (and peak CUDA allocation when on a GPU), in MB."""
+def reset_peak_memory() -> bool:
+    """Start a new peak-memory window for this process: Linux's `clear_refs` 5 resets VmHWM, so a
+    Ray worker reused from an earlier stage (training) does not report that stage's peak; the
+    CUDA peak too. Returns False where the RSS peak cannot be reset (then it is the process's)."""
     import torch
 
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process since `reset_peak_memory` (VmHWM; the whole process
+    life where /proc is missing), and peak CUDA allocation when on a GPU, in MB."""
+    import torch
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    try:
+        with open("/proc/self/status") as fh:
+            peak = next(int(line.split()[1]) / 1024.0 for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    out = {"peak_rss_mb": peak}
     if torch.cuda.is_available():
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out

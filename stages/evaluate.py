@@ -88,8 +88,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     setting = de.Setting(gamma, calib.get("block_size"))
     examples = _examples(inputs["prepare_data"]["artifacts"]["eval_examples"], cfg, calib)
     model, tokenizer = load_trained(inputs["train_denoiser"])
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    de.reset_peak_memory()  # this stage's peak, not that of a stage that ran before in this worker
     rows = de.measure(model, tokenizer, examples, [setting], repeats=cfg.repeats,
                       max_new_tokens=cfg.max_new_tokens, progress=lambda d, t: ctx.progress(d, t, "evaluating"))
     summ = de.summarise(rows, setting.label)

@@ -143,3 +143,16 @@ def test_cross_section_block_size_check():
         check({"twotower": {"block_size": 12}, "data": {"seq_len": 128}})
     with pytest.raises(ValueError, match="differs from data.block_size"):
         check({"twotower": {"block_size": 8}, "data": {"seq_len": 128, "block_size": 16}})
+
+
+def test_peak_memory_window_forgets_an_earlier_peak():
+    """evaluate reports its own peak even in a Ray worker an earlier stage (training) used."""
+    import torch
+
+    big = torch.ones(200 * 2**20 // 4)  # 200 MB resident
+    before = de.peak_memory_mb()["peak_rss_mb"]
+    del big
+    if not de.reset_peak_memory():
+        pytest.skip("no /proc/self/clear_refs here: the peak is the process's")
+    after = de.peak_memory_mb()["peak_rss_mb"]
+    assert after < before - 150
