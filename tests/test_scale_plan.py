@@ -110,8 +110,9 @@ def test_new_parameters_by_kind_classifies_names():
     denoiser.adaln_modulation = torch.nn.Linear(4, 12)
     denoiser.cross_attn_gate = torch.nn.Parameter(torch.zeros(4))
     denoiser.mystery = torch.nn.Parameter(torch.zeros(3))
+    denoiser.context_key_pos = torch.nn.Parameter(torch.zeros(2))  # twotower.context_position_keys
     out = sizing.new_parameters_by_kind(denoiser, backbone)
-    assert out == {"adaln": 60, "cross_attention": 4, "embeddings": 4, "other": 3, "total": 71}
+    assert out == {"adaln": 60, "cross_attention": 4, "embeddings": 6, "other": 3, "total": 73}
 
 
 def test_training_memory_shrinks_with_gpus_and_rejects_bad_shapes():

@@ -123,7 +123,7 @@ def _num_layers(config) -> int:
 _KIND_MARKERS = (
     ("adaln", ("adaln", "ada_ln", "time_embed", "timestep", "t_embed", "time_mlp", "modulation")),
     ("cross_attention", ("cross_attn", "xattn", "cross_attention")),
-    ("embeddings", ("embed", "mask_token", "pos_emb", "position", "block_pos")),
+    ("embeddings", ("embed", "mask_token", "pos_emb", "position", "block_pos", "key_pos")),
 )
 
 
