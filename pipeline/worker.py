@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -67,8 +68,6 @@ def _failure(err: BaseException, started: float) -> dict[str, Any]:
 def set_threads(n: int) -> None:
     """Intra-op threads for this process from now on: for a torch imported later (the env vars it
     reads at import) and for one already imported (a reused Ray worker)."""
-    import sys
-
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(n)
     torch = sys.modules.get("torch")

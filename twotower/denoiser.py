@@ -207,6 +207,18 @@ class BlockContext(Protocol):
         ...
 
 
+def key_positions(valid: torch.Tensor) -> torch.Tensor:
+    """Position ids of cached keys `[N, T]` from their validity, numbered as decoding numbers them
+    (a left pad gets the next real token's)."""
+    return positions_for(TowerCache.empty(valid.shape[0], valid.device), valid)
+
+
+def clipped_key_index(block_start: torch.Tensor, keys: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(distance to the block start, absolute position)` of keys `[N, Tc]` for blocks starting at
+    position `block_start` `[N]`, both clipped to the `rows` of the position-key tables."""
+    return (block_start[:, None] - keys).clamp(0, rows - 1), keys.clamp(0, rows - 1)
+
+
 class TrainingContext:
     """All n blocks of a clean batch at once: block layout `[b·n, B]`, context from one clean
     context-tower pass over the whole sequence (K/V of every position, boundary states)."""
@@ -284,10 +296,8 @@ class SelectedBlocksContext:
         self.own_mask = (own[None] | bv[:, None, :])[:, None]  # [S, 1, B, B]
 
     def context_key_index(self, rows):
-        pos = positions_for(TowerCache.empty(self.b, self.cache.valid.device), self.cache.valid)  # as decoding numbers them
-        keys = pos[self.rows, : self.span]
-        start = pos[self.rows, self.ks * self.B]
-        return (start[:, None] - keys).clamp(0, rows - 1), keys.clamp(0, rows - 1)
+        pos = key_positions(self.cache.valid)
+        return clipped_key_index(pos[self.rows, self.ks * self.B], pos[self.rows, : self.span], rows)
 
     def attend(self, i, q, k, v, scale, key_shift=None):
         if self.cfg.attention_conditioning == "context_kv" and self.span:
@@ -325,11 +335,13 @@ class DecodeContext:
         self.cache, self.cfg = cache, cfg
         ones = torch.ones(cache.valid.shape[0], block_len, dtype=torch.bool, device=cache.valid.device)
         self.mask = torch.cat([cache.valid, ones], dim=1)[:, None, None, :]  # [N, 1, 1, T+B]
+        self._key_index: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def context_key_index(self, rows):
-        valid = self.cache.valid.long()
-        keys = valid.cumsum(1) - valid  # each key's position id (a left pad: the next real one's)
-        return (self.cache.next_pos[:, None] - keys).clamp(0, rows - 1), keys.clamp(0, rows - 1)
+        if self._key_index is None or self._key_index[0] != rows:  # one per block, not per step
+            index = clipped_key_index(self.cache.next_pos, key_positions(self.cache.valid), rows)
+            self._key_index = (rows, index)
+        return self._key_index[1]
 
     def attend(self, i, q, k, v, scale, key_shift=None):
         mask = self.mask
