@@ -81,3 +81,18 @@ def test_forward_cost_times_the_three_decoding_forwards(tmp_path):
     assert set(ms) == {"prefill", "ar_step", "denoiser_forward", "denoiser_per_ar_step"}
     assert all(v > 0 for v in ms.values())
     assert ms["denoiser_per_ar_step"] == pytest.approx(ms["denoiser_forward"] / ms["ar_step"])
+
+
+def test_scan_cost_times_both_cuts_against_the_old_paths(tmp_path):
+    """bench/scan_cost.py on a saved tiny Nemotron-H: both pairs timed, ratios consistent, and the
+    one-chunk limit restored afterwards."""
+    from twotower_fixtures import tiny_backbone
+
+    from bench import scan_cost
+    from twotower import walk
+
+    tiny_backbone("nemotron_h").save_pretrained(tmp_path / "bb")
+    out = scan_cost.main([str(tmp_path / "bb"), "--block-size", "4", "--prompt-len", "10", "--rounds", "1"])
+    assert out["block scan/ratio"] == pytest.approx(out["block scan/no_states_us"] / out["block scan/with_states_us"])
+    assert out["prefill 10 tok/one_chunk_us"] > 0 and out["prefill 10 tok/chunks_of_B_us"] > 0
+    assert walk.ONE_CHUNK_MAX == 64
