@@ -12,14 +12,13 @@ contract) to read their `SECTION` and `Config`; nothing heavy is imported.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from pipeline.codeversion import ImportGraph, code_version
 from pipeline.dag import Dag, build_dag, dag_problems
 from pipeline.schema import (ENGINE_SECTIONS, MISSING, RayConfig, RunConfig, StageSpec, TrackingConfig,
                              build, check, check_dataclass, suggest, to_plain)
@@ -66,7 +65,8 @@ class Stage:
     config: dict[str, Any]
     """Its resolved section as plain data, defaults filled in, restricted to its `Config`'s fields."""
     code_version: str
-    """The module's `VERSION` if it declares one, else a hash of its source file."""
+    """The module's `VERSION` if it declares one, else a hash of every project file it imports
+    (pipeline/codeversion.py)."""
 
 
 @dataclass
@@ -206,37 +206,6 @@ def _origin(key: str, layers: list[tuple[str, Any]]) -> str:
         if depth > 0 and depth >= best_depth:
             best, best_depth = source, depth
     return best
-
-
-def code_version(stage: Any) -> str:
-    """The stage's `VERSION` when declared, else the sha256 of its source (any edit invalidates)."""
-    declared = getattr(stage, "VERSION", None)
-    if declared is not None:
-        return f"v:{declared}"
-    target = stage if isinstance(stage, ModuleType) else stage.run
-    try:
-        source = inspect.getsource(target)
-    except (OSError, TypeError):
-        return "unknown"
-    digest = hashlib.sha256(source.encode())
-    for dependency in getattr(stage, "DEPENDS", ()):
-        for path in _source_files(dependency):
-            digest.update(path.name.encode() + path.read_bytes())
-    return "sha:" + digest.hexdigest()[:16]
-
-
-def _source_files(dotted: str) -> list[Path]:
-    """The .py files of a module or package named in a stage's `DEPENDS` (found without importing
-    it), so that an edit to shared code such as `twotower` invalidates the stages that run it."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(dotted)
-    if spec is None or spec.origin is None:
-        raise ValueError(f"stage DEPENDS names {dotted!r}, which is not an importable module")
-    origin = Path(spec.origin)
-    if spec.submodule_search_locations:
-        return sorted(p for loc in spec.submodule_search_locations for p in Path(loc).rglob("*.py"))
-    return [origin]
 
 
 def _semantic_checks(order: list[str], modules: dict[str, ModuleType], sections: dict[str, dict[str, Any]],
@@ -426,12 +395,13 @@ def _validate(plain: dict[str, Any], problems: list[tuple[str, str]], reg: dict[
     if problems:
         return None
     stages = {}
+    imports = ImportGraph()  # files parsed once for all stages
     for name in dag.order:
         module = modules[name]
         config = to_plain(built[name])
         path = specs[name].module or reg[name]
         stages[name] = Stage(name=name, spec=specs[name], module=path, section=module.SECTION,
-                             config=config, code_version=code_version(module))
+                             config=config, code_version=code_version(module, imports))
     resolved = {key: to_plain(engine[key]) for key in ENGINE_SECTIONS}
     resolved["graph"] = {n: to_plain(specs[n]) for n in specs}
     for section in others:

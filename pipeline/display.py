@@ -95,6 +95,8 @@ class LiveDisplay:
     def on_stage_event(self, run: Any, st: Any, event: dict[str, Any]) -> None:
         if event.get("kind") == "retry":
             self._line(st, f"retrying after {event.get('error')}")
+        elif event.get("kind") == "warning":  # printed above the live table too: it must be seen
+            self.console.print(f"[bold yellow]WARNING[/] {st.name}: {event.get('message', '')}", highlight=False)
         self._refresh()
 
     def on_stage_end(self, run: Any, st: Any) -> None:

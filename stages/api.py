@@ -23,6 +23,43 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric config field, checked by `validate` before anything runs.
+
+    Used as `Annotated` metadata in a stage's `Config`:
+
+        max_steps: Annotated[int, Range(1)] = 300          # 1 or more
+        min_lr_ratio: Annotated[float, Range(0, 1)] = 0.1   # 0 to 1, both included
+        gamma: Annotated[float, Range(0, 1, low_open=True)] # (0, 1]
+    """
+
+    low: float | None = None
+    """Smallest allowed value (None: no lower bound)."""
+    high: float | None = None
+    """Largest allowed value (None: no upper bound)."""
+    low_open: bool = False
+    """Exclude `low` itself."""
+    high_open: bool = False
+    """Exclude `high` itself."""
+
+    def __str__(self) -> str:
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        return f"{'(' if self.low_open or self.low is None else '['}{low}, {high}{')' if self.high_open or self.high is None else ']'}"
+
+    def allows(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+    def violation(self, value: Any) -> str | None:
+        """None when `value` is allowed, else the message the config error shows."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or self.allows(value):
+            return None
+        return f"must be in {self}, got {value!r}"
+
+
 def _ignore(_: dict[str, Any]) -> None:
     return None
 
@@ -64,6 +101,11 @@ class StageContext:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Log scalar metrics to the stage's MLflow run (through the engine's tracking hook)."""
         self.report({"kind": "metrics", "metrics": dict(metrics), "step": step})
+
+    def warn(self, message: str) -> None:
+        """Tell the user something went wrong but the stage goes on (e.g. no γ met the target):
+        the one path to the user, shown by the live display and kept in the run's events."""
+        self.report({"kind": "warning", "message": message})
 
     def log_artifact(self, path: str | Path) -> None:
         """Ask the engine to log a file (a plot, a table) as an MLflow artifact of this stage."""

@@ -9,28 +9,27 @@ memory, plus a per-task bar chart. The metrics keys `ar_quality`, `diffusion_qua
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
-from stages.api import StageContext
+from stages.api import Range, StageContext
 
 SECTION = "evaluate"
-DEPENDS = ("twotower", "adapters", "stages.duplicate_backbone", "stages.train_denoiser", "stages.decoding_eval", "stages.tasks")
-"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
+REQUIRES = ("prepare_data", "train_denoiser", "calibrate_gamma")
 
 
 @dataclass
 class Config:
     """The `evaluate` section."""
 
-    prompts_per_task: int = 24
+    prompts_per_task: Annotated[int, Range(1)] = 24
     """Held-out prompts per task (after the calibration slice)."""
-    repeats: int = 3
+    repeats: Annotated[int, Range(1)] = 3
     """Timing repeats per prompt and mode (medians are kept)."""
-    max_new_tokens: int = 32
+    max_new_tokens: Annotated[int, Range(1)] = 32
     """Generation cap per prompt (decoding stops earlier at EOS)."""
-    num_threads: int = 0
+    num_threads: Annotated[int, Range(0)] = 0
     """torch intra-op threads; 0 leaves torch's default."""
 
     def __post_init__(self) -> None:
@@ -61,15 +60,15 @@ def bar_chart(per_task: dict[str, dict], path: Path, gamma: float) -> None:
     plt.close(fig)
 
 
-def _examples(path: str, cfg: Config, calib: dict) -> list[dict]:
+def _examples(path: str, cfg: Config, calib: dict, ctx: StageContext) -> list[dict]:
     from stages import decoding_eval as de
 
     offset = int(calib.get("calibration_examples", {}).get("per_task", 0))
     try:
         return de.load_examples(path, cfg.prompts_per_task, offset=offset)
     except ValueError:
-        warnings.warn(f"evaluate: no held-out examples after the {offset} calibration prompts per task "
-                      f"in {path}; evaluating on the calibration prompts", stacklevel=1)
+        ctx.warn(f"no held-out examples after the {offset} calibration prompts per task in {path}; "
+                 "evaluating on the calibration prompts")
         return de.load_examples(path, cfg.prompts_per_task)
 
 
@@ -78,7 +77,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     import torch
 
     from stages import decoding_eval as de
-    from stages.train_denoiser import load_trained
+    from stages.loading import load_trained
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -86,7 +85,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     calib = inputs["calibrate_gamma"]
     gamma = float(calib["metrics"]["gamma"])
     setting = de.Setting(gamma, calib.get("block_size"))
-    examples = _examples(inputs["prepare_data"]["artifacts"]["eval_examples"], cfg, calib)
+    examples = _examples(inputs["prepare_data"]["artifacts"]["eval_examples"], cfg, calib, ctx)
     model, tokenizer = load_trained(inputs["train_denoiser"])
     de.reset_peak_memory()  # this stage's peak, not that of a stage that ran before in this worker
     rows = de.measure(model, tokenizer, examples, [setting], repeats=cfg.repeats,

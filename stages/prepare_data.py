@@ -26,14 +26,12 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from stages.api import StageContext
+from stages.api import Range, StageContext
 from stages.tasks import FAMILIES, get_families
 
 SECTION = "data"
-DEPENDS = ("stages.tasks", "stages.tokenizer")
-"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
 DEFAULT_TASKS = ("add", "sort", "copy", "reverse", "recall", "facts")
 DEFAULT_WEIGHTS = {"add": 1.0, "sort": 1.5, "reverse": 2.0, "facts": 0.5}
 SOURCES = ("synthetic", "files", "hf")
@@ -44,24 +42,24 @@ FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt"
 class Config:
     """The `data` section."""
 
-    source: str = "synthetic"
+    source: Literal["synthetic", "files", "hf"] = "synthetic"
     """Where examples come from: `synthetic` (built in, offline), `files` (local) or `hf` (hub)."""
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
     """Synthetic task families to generate (names in `stages/tasks.py`; `scan` is also available)."""
-    train_examples_per_task: int = 10000
+    train_examples_per_task: Annotated[int, Range(1)] = 10000
     """Synthetic training examples per family (before removing eval prompts), times its weight."""
-    task_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    task_weights: dict[str, Annotated[float, Range(0, low_open=True)]] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     """Relative share of training examples per family (1.0 when absent). The tiny backbone learns
     addition (with its scratchpad) and lookups (copy, recall) first, then reverse and sort: those
     get more examples, the memorised facts fewer, so that every family reaches the target within the
     same few minutes (docs/data.md)."""
-    eval_examples_per_task: int = 100
+    eval_examples_per_task: Annotated[int, Range(1)] = 100
     """Held-out examples per family (synthetic) or eval prompts in total (files / hf)."""
-    seq_len: int = 128
+    seq_len: Annotated[int, Range(2)] = 128
     """Tokens per packed row; must be a multiple of `block_size`."""
-    block_size: int = 16
+    block_size: Annotated[int, Range(2)] = 16
     """The denoiser's block size B (keep equal to `twotower.block_size`)."""
-    seed: int = 0
+    seed: Annotated[int, Range(0)] = 0
     """Data seed, added to the run seed: the same seeds give byte-identical token files."""
     paths: list[str] = field(default_factory=list)
     """`files` source: local .jsonl / .json / .parquet / .txt files."""
@@ -81,13 +79,13 @@ class Config:
     """`hf` source: the split to read."""
     streaming: bool = True
     """`hf` source: stream instead of downloading the whole dataset."""
-    max_documents: int = 20000
+    max_documents: Annotated[int, Range(1)] = 20000
     """`files` / `hf`: read at most this many rows."""
-    eval_fraction: float = 0.05
+    eval_fraction: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.05
     """`files` / `hf`: fraction of rows held out for evaluation."""
-    eval_prompt_tokens: int = 48
+    eval_prompt_tokens: Annotated[int, Range(1)] = 48
     """Plain text: tokens of a held-out document used as an eval prompt."""
-    eval_answer_tokens: int = 32
+    eval_answer_tokens: Annotated[int, Range(1)] = 32
     """Plain text: tokens after the prompt used as the reference continuation."""
     tokenizer: str | None = None
     """A tokenizer name or directory for `AutoTokenizer`; None builds the offline char tokenizer."""
