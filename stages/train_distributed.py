@@ -26,6 +26,11 @@ What it sets up, and why:
   `storage_path/name/reports.jsonl` so the engine and the user can follow a run that is not theirs.
 
 No Ray or Lightning import at module load (both are slow): they happen inside the functions.
+
+Why this module is longer than ~350 lines: the driver side (`fit_distributed`, the report tail)
+and the worker side (`_train_loop_per_worker`, the FSDP/DDP strategy, the step reports) must agree
+on the checkpoint file, the report format and the run directory; one module keeps that agreement
+in one place, and splitting it would make either half unreadable alone.
 """
 from __future__ import annotations
 
