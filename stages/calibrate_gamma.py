@@ -72,12 +72,9 @@ def choose(points: list[dict], target: float) -> tuple[dict, bool]:
 
 def pareto_plot(points: list[dict], target: float, chosen: dict, path: Path) -> None:
     """Relative quality against speedup, each point labelled with its γ (and B)."""
-    import matplotlib
+    from stages import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plots.axes(5.5, 4)
     xs = [p["speedup"] for p in points]
     ys = [p["relative_quality"] for p in points]
     ax.plot(xs, ys, "o", color="tab:blue")
@@ -90,12 +87,8 @@ def pareto_plot(points: list[dict], target: float, chosen: dict, path: Path) -> 
     ax.axhline(target, ls="--", color="gray", label=f"target {target:g}")
     ax.axvline(1.0, ls=":", color="gray")
     ax.set_xlabel("wall-clock speedup over AR (×)")
-    ax.set_ylabel("quality relative to AR")
-    ax.set_title("γ calibration: quality vs speed")
-    ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plots.save(fig, ax, path, title="γ calibration: quality vs speed", ylabel="quality relative to AR",
+               legend_loc="lower left")
 
 
 def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:

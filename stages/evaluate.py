@@ -39,25 +39,18 @@ class Config:
 
 def bar_chart(per_task: dict[str, dict], path: Path, gamma: float) -> None:
     """Per-task AR vs diffusion quality bars, the task kind under each name."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from stages import plots
 
     tasks = list(per_task)
     x = range(len(tasks))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(tasks)), 3.8))
+    fig, ax = plots.axes(max(5.0, 1.1 * len(tasks)), 3.8)
     ax.bar([i - 0.2 for i in x], [per_task[t]["ar_quality"] for t in tasks], 0.4, label="AR")
     ax.bar([i + 0.2 for i in x], [per_task[t]["diffusion_quality"] for t in tasks], 0.4,
            label=f"diffusion γ={gamma:g}")
     ax.set_xticks(list(x), [f"{t}\n({per_task[t]['kind']})" for t in tasks], fontsize=8)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("quality (exact match)")
-    ax.set_title("AR vs diffusion per task")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plots.save(fig, ax, path, title="AR vs diffusion per task", ylabel="quality (exact match)",
+               legend_loc="lower right")
 
 
 def _examples(path: str, cfg: Config, calib: dict, ctx: StageContext) -> list[dict]:

@@ -48,29 +48,34 @@ class Config(Optimisation):
     here (it gives the attention layers previous-token features through its causal conv) and
     is most of the CPU cost of a step (the torch fallback scan)."""
     hidden_size: Annotated[int, Range(1)] = 128
-    """Model width."""
+    """Model width (embeddings and the residual stream); a multiple of `num_attention_heads`, which
+    sets head_dim = hidden_size / heads."""
     num_attention_heads: Annotated[int, Range(1)] = 4
     """Query heads of the attention layers (head_dim = hidden_size / heads)."""
     num_key_value_heads: Annotated[int, Range(1)] = 2
-    """Key/value heads of the attention layers (grouped-query attention)."""
+    """Key/value heads of the attention layers (grouped-query attention, as Nemotron-H uses); they
+    divide `num_attention_heads` and size the context tower's KV cache."""
     intermediate_size: Annotated[int, Range(1)] = 256
     """Hidden size of the MLP layers."""
     mamba_num_heads: Annotated[int, Range(1)] = 8
     """Mamba-2 heads."""
     mamba_head_dim: Annotated[int, Range(1)] = 32
-    """Mamba-2 head dimension (inner size = heads x head_dim)."""
+    """Mamba-2 head dimension (inner size = heads x head_dim = 256, twice the width, the usual
+    Mamba-2 expansion)."""
     ssm_state_size: Annotated[int, Range(1)] = 16
     """Mamba-2 state size per head."""
     mamba_chunk_size: Annotated[int, Range(1)] = 16
     """Mamba-2 scan chunk; keep near the block size on CPU (the torch fallback pads to it)."""
     n_routed_experts: Annotated[int, Range(2)] = 4
-    """Routed experts per MoE layer."""
+    """Routed experts per MoE layer; at least 2, or there is nothing to route (a MoE layer with
+    one expert is an MLP)."""
     num_experts_per_tok: Annotated[int, Range(1)] = 2
     """Experts each token is routed to."""
     moe_intermediate_size: Annotated[int, Range(1)] = 128
     """Hidden size of each routed expert."""
     moe_shared_expert_intermediate_size: Annotated[int, Range(1)] = 128
-    """Hidden size of the MoE layer's shared expert."""
+    """Hidden size of the MoE layer's shared expert (every token goes through it, beside its
+    routed experts)."""
     initializer_range: Annotated[float, Range(0, low_open=True)] = 0.06
     """Std of the normal init of linear and embedding weights. Larger than HF's 0.02: at 0.02 the
     tiny model sits for hundreds of steps on the plateau before attention learns to copy (measured:
