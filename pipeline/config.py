@@ -197,11 +197,14 @@ def _validate(plain: dict[str, Any], problems: list[tuple[str, str]], reg: dict[
     if not graph_raw:
         problems.append(("graph", "the stage graph is empty"))
     specs: dict[str, StageSpec] = {}
+    invalid: set[str] = set()  # stages with a bad spec: still stages, so others may need them
     for name, raw in graph_raw.items():
         found = check_dataclass(raw, StageSpec, f"graph.{name}")
         problems += found
         if not found:
             specs[name] = build(StageSpec, raw)
+        else:
+            invalid.add(name)
     modules: dict[str, ModuleType] = {}
     for name, spec in specs.items():
         path = spec.module or reg.get(name)
@@ -215,7 +218,9 @@ def _validate(plain: dict[str, Any], problems: list[tuple[str, str]], reg: dict[
         else:
             modules[name] = module
     requires = {n: tuple(getattr(m, "REQUIRES", ())) for n, m in modules.items()}
-    problems += dag_problems({n: list(s.needs) for n, s in specs.items()} if specs else {}, requires)
+    needs = {n: list(s.needs) for n, s in specs.items()}
+    needs.update({n: [] for n in invalid})  # their own needs are already reported as wrong
+    problems += dag_problems(needs if specs else {}, requires)
 
     readers: dict[str, list[ModuleType]] = {}
     for module in modules.values():

@@ -187,6 +187,7 @@ def test_numeric_ranges_are_checked_at_validate_time(override: str, allowed: str
     key = "calibrate.gammas[1]" if key == "calibrate.gammas" else key
     assert re.search(rf"{re.escape(key)}: must be in {re.escape(allowed)}, got", proc.stdout + proc.stderr), \
         proc.stdout + proc.stderr
+    assert "1 config error(s)" in proc.stdout + proc.stderr  # and nothing else (a bad stage spec is still a stage)
 
 
 @pytest.mark.parametrize("override", ["train.layout=blok", "train.noise_on=none", "train.strategy=fsd",
