@@ -3,7 +3,9 @@
 A stage is a module in `stages/` exposing:
 
     SECTION: str                       # the config section it reads (e.g. "data")
-    Config: type                       # a typed dataclass: the schema of that section
+    Config: type                       # a typed dataclass: the schema of that section (choices as
+                                       # Literal, numbers as Annotated[int, Range(1)], ...)
+    REQUIRES: tuple[str, ...]          # the upstream manifests `run` reads (checked by validate)
     def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict
 
 `inputs` maps each upstream stage name to the manifest it returned (plain JSON). The returned
@@ -11,7 +13,9 @@ manifest is plain JSON too: `{"metrics": {...}, "artifacts": {...}, ...anything 
 paths in it are absolute (the engine hands out `ctx.out_dir` at its final location's sibling and
 rewrites nothing), heavy tensors stay on disk, never in a manifest.
 
-Stages never import Ray or MLflow and never parse arguments: the engine builds the context, runs the
+The engine derives the stage's code version (part of its cache key) from the project modules it
+imports (pipeline/codeversion.py): there is no list to keep. Stages never import Ray or MLflow and
+never parse arguments: the engine builds the context, runs the
 stage (in-process or as a Ray task), writes the manifest atomically with a completion marker, and
 tracks metrics through hooks. Training stages may hand `ctx.tracking_uri` / `ctx.mlflow_run_id` to
 Lightning's MLFlowLogger so curves land in the stage's own MLflow run.

@@ -13,6 +13,7 @@ upstream manifests. `Config` is the `backbone` section, shared with `freeze_cont
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -48,6 +49,18 @@ class Config:
     context tower's device."""
     device_memory_gb: Annotated[float, Range(0, low_open=True)] = DEFAULT_DEVICE_MEMORY_GIB
     """Memory of one accelerator, for the plan's fit check (ignored on CPU)."""
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+"""What `backbone.context_device` / `backbone.denoiser_device` accept (torch device strings)."""
+
+
+def validate(cfg: Config) -> None:
+    """Config-only checks, before anything runs: ValueError naming the key."""
+    for key in ("context_device", "denoiser_device"):
+        value = getattr(cfg, key)
+        if not DEVICE.fullmatch(value):
+            raise ValueError(f"backbone.{key}={value!r}: expected auto, cpu, mps, cuda or cuda:N")
 
 
 def resolve_backbone_path(cfg: Config, inputs: dict[str, dict]) -> str:

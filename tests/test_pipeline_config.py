@@ -149,6 +149,7 @@ def test_default_pipeline_yaml_validates_and_plans() -> None:
     ("calibrate.gammas=[]", "calibrate", "empty list"),
     ("twotower.block_size=12", "twotower", "data.seq_len=128"),
     ("data.seq_len=100", "data", "not a multiple"),
+    ("backbone.denoiser_device=gpu1", "backbone", "expected auto, cpu, mps, cuda or cuda:N"),
 ])
 def test_value_checks_of_real_stages_fail_before_anything_runs(override: str, key: str, words: str) -> None:
     """Stage `validate`/`check` hooks run at config time: a bad value cannot surface after pretraining."""
