@@ -119,3 +119,23 @@ def test_embedding_rule(name):
         # the denoiser's [MASK] embedding starts at the mean of what `embed` gives, not of raw rows
         seed = tiny_twotower(name).denoiser.mask_embedding
         torch.testing.assert_close(seed, adapter.embed(model, ids)[0].mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_runtime_reads_no_family_config_field():
+    """No file under twotower/ reads, off a config, a field that only some families' configs have
+    (the adapter does): the fields of every fixture's config beyond `PretrainedConfig`'s own, token
+    ids excepted (every causal LM has them, with one meaning)."""
+    import re
+    from pathlib import Path
+
+    from transformers import PretrainedConfig
+
+    base = set(PretrainedConfig().to_dict())
+    fields = set()
+    for name in TINY_CONFIGS:
+        fields |= set(TINY_CONFIGS[name]().to_dict()) - base
+    fields -= {"model_type", "dtype", "eos_token_id", "pad_token_id", "bos_token_id"}
+    sources = {p.name: p.read_text() for p in (Path(__file__).resolve().parent.parent / "twotower").glob("*.py")}
+    hits = [(f, field) for f, text in sources.items() for field in sorted(fields)
+            if re.search(rf"(config\.{field}\b|getattr\(\w*config\w*, [\"']{field}[\"'])", text, re.I)]
+    assert not hits, hits
