@@ -46,6 +46,9 @@ class NemotronHAdapter(Adapter):
             subs.append(Sublayer(i, i, BLOCK_KINDS[block.block_type], block.norm, block.mixer))
         return subs
 
+    def embed(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        return model.model.embeddings(input_ids)  # an attribute read: called every decoding step
+
     def final_norm(self, model: nn.Module) -> nn.Module:
         return model.model.norm_f
 

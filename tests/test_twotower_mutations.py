@@ -139,3 +139,26 @@ def test_runtime_reads_no_family_config_field():
     hits = [(f, field) for f, text in sources.items() for field in sorted(fields)
             if re.search(rf"(config\.{field}\b|getattr\(\w*config\w*, [\"']{field}[\"'])", text, re.I)]
     assert not hits, hits
+
+
+@pytest.mark.parametrize("module", ["twotower.walk", "twotower.denoiser"])
+def test_dropping_runtime_windows_fails_the_kit(module, monkeypatch):
+    """The runtime applies the windows the adapter declares: without them in the context walk, HF
+    parity fails; without them in the denoiser's block contexts, the zero-init identity (the real
+    denoiser forward against the context tower) fails."""
+    import importlib
+
+    from twotower import checks
+
+    name = "mistral"
+    model = tiny_twotower(name)
+    ids = torch.randint(3, VOCAB, (2, 13), generator=torch.Generator().manual_seed(0))
+    assert walk_error(model.context_tower, model.adapter) < 1e-5
+    assert checks.zero_init_identity(model, ids) < 1e-5
+    target = importlib.import_module(module)
+    monkeypatch.setattr(target, "window_mask", lambda q, k, w: torch.ones(q.shape[0], 1, q.shape[1], k.shape[1],
+                                                                         dtype=torch.bool))
+    if module == "twotower.walk":
+        assert walk_error(model.context_tower, model.adapter) > 1e-3
+    else:
+        assert checks.zero_init_identity(model, ids) > 1e-3
