@@ -83,6 +83,19 @@ class Mamba2Params:
     """Activation after the convolution (`silu`)."""
 
 
+def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`q_proj`/`k_proj`/`v_proj` of an HF attention module on x `[N, T, d]` -> q `[N, H, T, hd]`,
+    k, v `[N, Hkv, T, hd]`, with its per-head `q_norm`/`k_norm` when it has them (Qwen3, Gemma 3;
+    before any RoPE, as HF applies them)."""
+    shape = (*x.shape[:-1], -1, attn.head_dim)
+    q = attn.q_proj(x).view(shape).transpose(1, 2)
+    k = attn.k_proj(x).view(shape).transpose(1, 2)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q, k, v
+
+
 @dataclass(frozen=True)
 class Experts:
     """The routed experts of one `moe` sublayer, for parameter and traffic accounting."""

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 
-from adapters.base import Adapter, Sublayer
+from adapters.base import Adapter, Sublayer, project_qkv
 
 
 class GemmaAdapter(Adapter):
@@ -49,13 +49,8 @@ class GemmaAdapter(Adapter):
 
     def qkv(self, model, sub, x, positions):
         attn = sub.mixer
-        shape = (*x.shape[:-1], -1, attn.head_dim)
-        q = attn.q_proj(x).view(shape).transpose(1, 2)
-        k = attn.k_proj(x).view(shape).transpose(1, 2)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
-        if hasattr(attn, "q_norm"):  # gemma3: per-head (1+w) RMSNorms before RoPE
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        if getattr(attn, "layer_type", None) is not None and model.config.model_type == "gemma3_text":
+        q, k, v = project_qkv(attn, x)  # gemma3: per-head (1+w) RMSNorms before RoPE
+        if model.config.model_type == "gemma3_text":
             cos, sin = model.model.rotary_emb(x, positions, attn.layer_type)  # a RoPE base per layer type
         else:
             cos, sin = model.model.rotary_emb(x, positions)

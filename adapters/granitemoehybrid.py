@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from adapters.base import Adapter, Experts, Mamba2Params, Sublayer
+from adapters.base import Adapter, Experts, Mamba2Params, Sublayer, project_qkv
 from adapters.nemotron_h import mamba2_params
 
 
@@ -51,11 +51,7 @@ class GraniteMoeHybridAdapter(Adapter):
         return model.lm_head(hidden) / model.config.logits_scaling
 
     def qkv(self, model, sub, x, positions):
-        attn = sub.mixer
-        shape = (*x.shape[:-1], -1, attn.head_dim)
-        q = attn.q_proj(x).view(shape).transpose(1, 2)
-        k = attn.k_proj(x).view(shape).transpose(1, 2)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        q, k, v = project_qkv(sub.mixer, x)
         if model.model.rotary_emb is not None:
             cos, sin = model.model.rotary_emb(x, positions)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)

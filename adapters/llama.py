@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from adapters.base import Adapter, Sublayer
+from adapters.base import Adapter, Sublayer, project_qkv
 
 
 def attention_window(model: nn.Module, attn: nn.Module) -> int | None:
@@ -37,13 +37,7 @@ class LlamaFamilyAdapter(Adapter):
         return subs
 
     def qkv(self, model, sub, x, positions):
-        attn = sub.mixer
-        shape = (*x.shape[:-1], -1, attn.head_dim)
-        q, k = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape)
-        if hasattr(attn, "q_norm"):  # qwen3: RMSNorm over each head before RoPE
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        q, k, v = project_qkv(sub.mixer, x)  # qwen3: per-head RMSNorms before RoPE
         cos, sin = model.model.rotary_emb(x, positions)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v

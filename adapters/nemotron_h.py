@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters.base import Adapter, Experts, Mamba2Params, Sublayer
+from adapters.base import Adapter, Experts, Mamba2Params, Sublayer, project_qkv
 
 # HF block type -> our kind. Legacy names kept for configs saved before the rename.
 BLOCK_KINDS = {
@@ -53,12 +53,7 @@ class NemotronHAdapter(Adapter):
         return model.model.norm_f
 
     def qkv(self, model, sub, x, positions):
-        attn = sub.mixer
-        shape = (*x.shape[:-1], -1, attn.head_dim)
-        q = attn.q_proj(x).view(shape).transpose(1, 2)
-        k = attn.k_proj(x).view(shape).transpose(1, 2)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
-        return q, k, v
+        return project_qkv(sub.mixer, x)  # no RoPE
 
     def mamba(self, sub: Sublayer) -> Mamba2Params:
         return mamba2_params(sub.mixer)
