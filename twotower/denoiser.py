@@ -253,6 +253,8 @@ class TrainingContext:
         if blocks is None:
             blocks = torch.arange(batch * n_blocks, device=dev)
         self.rows, self.ks = blocks // n_blocks, blocks % n_blocks
+        self.span = int(self.ks.max()) * self.B if blocks.numel() else 0
+        """Context keys any block sees in the per-block layout (up to the latest block start)."""
         self.query_pos = cache.positions.reshape(batch * n_blocks, self.B)[blocks]  # [S, B]
         bv = valid.reshape(batch * n_blocks, self.B)[blocks]
         self.block_valid = None if bool(bv.all()) else bv
@@ -280,11 +282,6 @@ class TrainingContext:
         return self._masks[key]
 
     # -- per-block layout: queries [S, H, B, hd], keys = `span` context keys then B block keys
-    @property
-    def span(self) -> int:
-        """Context keys any selected block sees (up to the latest block start)."""
-        return int(self.ks.max()) * self.B if self.ks.numel() else 0
-
     def _block_masks(self, window):
         """(context mask `[S, 1, B, span]`, own-block mask `[S, 1, B, B]`)."""
         key = ("block", window)
