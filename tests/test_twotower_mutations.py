@@ -96,7 +96,7 @@ def test_kit_covers_every_declared_feature(name):
     multiplier or post-norm out would have nothing to mutate)."""
     labels = " ".join(m[0] for m in mutations(name))
     family = tiny_backbone(name).config.model_type
-    expected = {"mistral": ["no window"], "qwen2": ["no window"],
+    expected = {"mistral": ["no window"], "qwen2": ["no window"], "qwen3": ["no window"],
                 "gemma3_text": ["no window", "no post-norm", "norm <-> post-norm", "embeddings unscaled",
                                 "plain LM head logits", "attention scale"],
                 "gemma2": ["no window", "no post-norm", "no attention soft-cap", "embeddings unscaled",

@@ -17,6 +17,10 @@ EOS = 2
 PAD = 0
 
 
+WINDOW = 5
+"""Sliding window of the windowed fixtures: shorter than every test sequence, longer than a block."""
+
+
 def nemotron_h_config() -> NemotronHConfig:
     """Every Nemotron-H layer kind: mamba, attention, moe, mlp (and mamba again after attention)."""
     return NemotronHConfig(
@@ -40,16 +44,14 @@ def llama_config() -> LlamaConfig:
 
 
 def qwen3_config() -> Qwen3Config:
+    """Qwen3: per-head q/k norms; layer 1 slides (layers >= max_window_layers), layer 0 is global."""
     return Qwen3Config(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+        use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
         pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=False,
         initializer_range=0.2,  # large weights: Mamba states and every path visibly matter
     )
-
-
-WINDOW = 5
-"""Sliding window of the windowed fixtures: shorter than every test sequence, longer than a block."""
 
 
 def qwen2_config() -> Qwen2Config:
