@@ -123,8 +123,9 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
     config = load_backbone_config(str(name))
     block_size = int(sec.twotower.block_size)
     backbone = sizing.build_on_meta(config)
-    counts = sizing.count_parameters(backbone, config)
-    new, new_source = _new_parameters(sec, backbone, config, block_size)
+    facts = sizing.family_facts(backbone)
+    counts = sizing.count_parameters(backbone, facts)
+    new, new_source = _new_parameters(sec, backbone, facts, block_size)
     context = counts.as_dict()
     denoiser = {k: v + (new["total"] if k in ("total", "active", "total_without_embeddings",
                                               "active_without_embeddings") else 0)
@@ -132,14 +133,14 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
     largest = sizing.largest_layer_params(backbone)
     shape = _train_shape(sec, block_size, num_gpus)
     decode = {
-        f"batch_{b}": sizing.decode_memory(context["total"], denoiser["total"], config, batch=b,
+        f"batch_{b}": sizing.decode_memory(context["total"], denoiser["total"], facts, batch=b,
                                             context_len=int(sec.plan.context_len),
                                             block_size=block_size)
         for b in (1, 8)
     }
-    traffic = {f"batch_{b}": sizing.decode_traffic(counts, config, batch=b, block_size=block_size,
+    traffic = {f"batch_{b}": sizing.decode_traffic(counts, facts, batch=b, block_size=block_size,
                                                     new_params=new["total"]) for b in (1, 8)}
-    train = sizing.training_memory(context["total"], denoiser["total"], largest, config, shape)
+    train = sizing.training_memory(context["total"], denoiser["total"], largest, facts, shape)
     ctx_counts = counts
     den_counts = sizing.ParamCounts(**{k: v + (new["total"] if k in ("total", "active") else 0)
                                        for k, v in asdict(counts).items()})
@@ -148,7 +149,7 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
     steps = int(sec.train.max_steps)
     step_time["max_steps"] = steps
     step_time["hours_for_max_steps"] = steps * step_time["step_s"] / 3600
-    fit = sizing.min_gpus(context["total"], denoiser["total"], largest, config, shape, gpu_gib)
+    fit = sizing.min_gpus(context["total"], denoiser["total"], largest, facts, shape, gpu_gib)
     summary = {
         "params_per_tower_b": round(context["total"] / 1e9, 2),
         "active_per_token_b_without_embeddings": round(context["active_without_embeddings"] / 1e9, 2),
@@ -164,8 +165,8 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
     return {
         "summary": summary,
         "backbone": {"name_or_path": str(name), "model_type": config.model_type,
-                     "layers": sizing.layer_kinds(config), "hidden_size": int(config.hidden_size),
-                     "vocab_size": int(config.vocab_size)},
+                     "layers": sizing.layer_kinds(facts), "hidden_size": facts.hidden_size,
+                     "vocab_size": facts.vocab_size},
         "params": {"context_tower": context, "denoiser": denoiser,
                    "both_towers_total": context["total"] + denoiser["total"]},
         "new_params": {**new, "source": new_source},
@@ -173,7 +174,7 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
         "decode_traffic": traffic,
         "train_memory": {**train, "largest_layer_params": largest},
         "train_memory_by_gpus": {
-            str(n): round(sizing.training_memory(context["total"], denoiser["total"], largest, config,
+            str(n): round(sizing.training_memory(context["total"], denoiser["total"], largest, facts,
                                                  replace(shape, num_gpus=n))["total_gib"], 1)
             for n in (8, 16, 32, 64)
         },
@@ -196,14 +197,14 @@ def _train_shape(sec: Sections, block_size: int, num_gpus: int | None):
                       seq_len=seq_len - seq_len % block_size or block_size, block_size=block_size)
 
 
-def _new_parameters(sec: Sections, backbone, config, block_size: int) -> tuple[dict, str]:
+def _new_parameters(sec: Sections, backbone, facts, block_size: int) -> tuple[dict, str]:
     """New parameters by kind from both towers built on meta; the formula if the runtime is absent."""
     from twotower import sizing
 
     try:
         from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
     except ImportError as err:
-        return _formula(sec, config, block_size), f"formula ({err})"
+        return _formula(sec, facts, block_size), f"formula ({err})"
     import torch
 
     try:
@@ -211,14 +212,14 @@ def _new_parameters(sec: Sections, backbone, config, block_size: int) -> tuple[d
         with torch.device("meta"):
             model = TwoTowerForDiffusionLM.from_backbone(backbone, tt_cfg)
     except Exception as err:  # noqa: BLE001 - report, never fail the plan on the optional build
-        return _formula(sec, config, block_size), f"formula (meta build: {err})"
+        return _formula(sec, facts, block_size), f"formula (meta build: {err})"
     return sizing.new_parameters_by_kind(model.denoiser, backbone), "TwoTowerForDiffusionLM on meta"
 
 
-def _formula(sec: Sections, config, block_size: int) -> dict:
+def _formula(sec: Sections, facts, block_size: int) -> dict:
     from twotower import sizing
 
-    return sizing.formula_new_parameters(config, block_size=block_size,
+    return sizing.formula_new_parameters(facts, block_size=block_size,
                                          time_embed_dim=int(sec.twotower.time_embed_dim))
 
 

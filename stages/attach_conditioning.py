@@ -3,8 +3,8 @@
 Reads the `twotower` section (`Config` is `twotower.TwoTowerConfig`, resolved lazily so that
 importing this module stays cheap). It wraps the backbone with `TwoTowerForDiffusionLM.from_backbone`,
 records the per-layer conditioning map and the new parameters by kind, re-verifies the trainable set
-and then checks invariant 4: with gates and AdaLN at their initial zeros each denoiser layer computes
-what the backbone's layer computes (`twotower.checks.zero_init_identity`, max |Δ| below `tolerance`).
+and then checks invariant 4: with gates and AdaLN at their initial zeros the denoiser's own forward
+gives the backbone's logits (`twotower.checks.zero_init_identity`, max |Δ| below `tolerance`).
 The block size is checked against the data's sequence length here, before the denoiser trains.
 No weights are written: `train_denoiser` rebuilds the same model from the manifest.
 """
@@ -86,8 +86,8 @@ def run(cfg, inputs: dict[str, dict], ctx: StageContext) -> dict:
     delta = float(checks.zero_init_identity(model, probe_ids(backbone.config.vocab_size, cfg.block_size, ctx.seed)))
     tol = IDENTITY_TOLERANCE.get(dtype, 1e-4)
     if not delta <= tol:
-        raise ValueError(f"zero-init identity failed: max |Δ| = {delta:.3g} > {tol:g} between the denoiser "
-                         f"layers and the backbone layers with twotower={asdict(cfg)}")
+        raise ValueError(f"zero-init identity failed: max |Δ| = {delta:.3g} > {tol:g} between the denoiser's "
+                         f"logits and the context tower's with twotower={asdict(cfg)}")
     if not checks.context_matches(model, backbone):
         raise ValueError("context tower differs from the backbone after attaching")
     layer_map = model.layer_map()

@@ -96,11 +96,12 @@ def memory_plan(cfg: Config, model, counts, seq_len: int, n_gpus: int,
     if den_dev == "auto":
         den_dev = "cuda:1" if n_gpus >= 2 else ctx_dev
     bytes_w = DTYPE_BYTES[cfg.dtype]
-    decode = sizing.decode_memory(counts.total, counts.total, model.config, batch=1,
+    facts = sizing.family_facts(model)
+    decode = sizing.decode_memory(counts.total, counts.total, facts, batch=1,
                                   context_len=seq_len, block_size=block_size)
     train_len = max(block_size, seq_len // block_size * block_size)  # whole blocks
     train = sizing.training_memory(counts.total, counts.total, sizing.largest_layer_params(model),
-                                   model.config, sizing.TrainShape(max(1, n_gpus), 1, train_len, block_size))
+                                   facts, sizing.TrainShape(max(1, n_gpus), 1, train_len, block_size))
     per_device: dict[str, float] = {}
     for dev, key in ((ctx_dev, "context_device_gib"), (den_dev, "denoiser_device_gib")):
         per_device[dev] = per_device.get(dev, 0.0) + decode["diffusion"][key]
@@ -119,7 +120,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     path = resolve_backbone_path(cfg, inputs)
     model, tokenizer = load_backbone(path, cfg.dtype)
     lmap = layer_map(model)
-    counts = sizing.count_parameters(model, model.config)
+    counts = sizing.count_parameters(model)
     data = inputs.get("prepare_data", {})
     seq_len = int(data.get("seq_len") or PLAN_SEQ_LEN)
     plan = memory_plan(cfg, model, counts, seq_len, torch.cuda.device_count(),

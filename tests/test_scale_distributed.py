@@ -62,11 +62,11 @@ def local_ray():
 
 
 def test_tiny_config_keeps_the_nano_pattern():
-    from twotower.sizing import layer_kinds
+    from twotower.sizing import build_on_meta, family_facts, layer_kinds
 
     config = tiny_nano_config()
     assert config.num_hidden_layers == 52
-    assert layer_kinds(config) == {"attention": 6, "mamba": 23, "moe": 23, "mlp": 0}
+    assert layer_kinds(family_facts(build_on_meta(config))) == {"attention": 6, "mamba": 23, "moe": 23, "mlp": 0}
 
 
 def test_bad_config_names_the_key():
