@@ -167,6 +167,90 @@ def test_inv5_mock_ar_equals_ar_odd_prompts_batched(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_verified_equals_ar_at_every_gamma_batched_eos_odd_budget(name):
+    """`verified` is `ar` token for token: several γ and both draft policies, prompts of different
+    lengths in one batch, a budget that is not a multiple of B, an EOS in the middle of a block; and
+    the rollback really ran (rows of one verification kept different numbers of tokens)."""
+    model = tiny_twotower(name, perturb=0.05)
+    prompts = [rand_ids(1, n, seed=n)[0].tolist() for n in (3, 7, 5)]
+    kw = dict(max_new_tokens=13, eos_token_id=-1)
+    ar = model.generate(prompts, mode="ar", **kw)
+    kept = []
+    for gamma in (0.02, 0.5, 1.0):
+        for draft_steps in (None, 1):
+            v = model.generate(prompts, mode="verified", gamma=gamma, draft_steps=draft_steps, return_trace=True, **kw)
+            assert torch.equal(v.sequences, ar.sequences), (gamma, draft_steps)
+            kept += [steps[-1]["accepted"] for steps in v.trace]
+            assert v.num_accepted >= 13 * 3 and 1 <= v.accepted_per_verify <= B
+    assert any(len(set(k)) > 1 for k in kept) and any(max(k) > 1 for k in kept)
+    eos = int(ar.generated[0, 6])
+    ar_e = model.generate(prompts, mode="ar", max_new_tokens=13, eos_token_id=eos, pad_token_id=0)
+    v_e = model.generate(prompts, mode="verified", gamma=0.3, max_new_tokens=13, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(ar_e.sequences, v_e.sequences)
+    assert torch.equal(ar_e.num_generated, v_e.num_generated) and int(v_e.num_generated[0]) <= 7
+    for i, p in enumerate(prompts):  # each row equals decoding that prompt alone
+        alone = model.generate([p], mode="verified", gamma=0.5, **kw)
+        assert alone.generated[0].tolist() == ar.generated[i].tolist()
+
+
+@pytest.mark.parametrize("name", ["nemotron_h", "granitemoehybrid", "mistral", "gemma2"])
+def test_drop_last_equals_the_cache_of_the_kept_prefix(name):
+    """Rolling a block commit back per row (different lengths) leaves a cache that continues
+    exactly like one extended by the kept tokens only: K/V, positions, Mamba conv and SSM states."""
+    from twotower.generate import _Rows, _Tally, _verify_block
+
+    model = tiny_twotower(name, perturb=0.05)
+    walk = model.context_walk
+    prompts = rand_ids(3, 6, seed=1)
+    block = rand_ids(3, B, seed=2)
+    nxt = rand_ids(3, 3, seed=3)
+    with torch.no_grad():
+        hidden, cache = context_forward(walk, prompts, TowerCache.empty(3, "cpu"), chunk=B)
+        greedy = walk.logits(hidden[:, -1]).argmax(-1)
+        block[:, 0] = greedy
+        # make row 1 agree with the context tower on its first two drafts: it keeps 3 tokens
+        h, _ = context_forward(walk, block[1:2, :1], cache.select(torch.tensor([1])), chunk=B)
+        block[1, 1] = walk.logits(h[:, -1]).argmax(-1)
+        h, _ = context_forward(walk, block[1:2, :2], cache.select(torch.tensor([1])), chunk=B)
+        block[1, 2] = walk.logits(h[:, -1]).argmax(-1)
+        block[1, 3] = (walk.logits(h[:, -1]).argmax(-1) + 1) % VOCAB  # a wrong draft after a right one
+        rows = _Rows(torch.arange(3), greedy, cache, [[] for _ in range(3)])
+        kept = _verify_block(model, block, rows, B, False, _Tally(torch.zeros(3, dtype=torch.long)), None)
+        assert int(kept[1]) >= 3 and len(set(kept.tolist())) > 1
+        got, _ = context_forward(walk, nxt, rows.cache, chunk=B)
+        for r in range(3):
+            a = int(kept[r])
+            _, ref_cache = context_forward(walk, block[r:r + 1, :a], cache.select(torch.tensor([r])), chunk=B)
+            ref, _ = context_forward(walk, nxt[r:r + 1], ref_cache, chunk=B)
+            torch.testing.assert_close(got[r:r + 1], ref, atol=1e-5, rtol=1e-5)
+            assert int(rows.cache.next_pos[r]) == int(ref_cache.next_pos[0])
+
+
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "verified", "mock_ar"])
+def test_finished_rows_leave_the_batch(mode):
+    """A row that hits EOS takes part in no later forward; the order of the rows is kept."""
+    model = tiny_twotower("nemotron_h", perturb=0.05)
+    prompts = [rand_ids(1, n, seed=n)[0].tolist() for n in (3, 7, 5, 4)]
+    ar = model.generate(prompts, mode="ar", max_new_tokens=13, eos_token_id=-1)
+    eos = int(ar.generated[1, 2])
+    kw = dict(max_new_tokens=13, eos_token_id=eos, pad_token_id=0, gamma=0.3)
+    g = model.generate(prompts, mode=mode, return_trace=True, **kw)
+    assert int(g.num_generated.min()) < int(g.num_generated.max())  # some row finished early
+    for i, p in enumerate(prompts):
+        alone = model.generate([p], mode=mode, **kw)
+        assert alone.generated[0].tolist() == g.generated[i, : alone.generated.shape[1]].tolist()
+        assert int(alone.row_forwards[0]) == int(g.row_forwards[i])  # no forward after it finished
+    if mode == "ar":
+        assert torch.equal(g.row_forwards, g.num_generated)
+    if mode in ("diffusion", "verified"):  # a row with a complete draft sits out its neighbours' steps
+        for steps in g.trace:
+            for before, after in zip(steps, steps[1:]):
+                live = [any(m) for m in before["masked"]]
+                assert all(not any(m) for m, alive in zip(after["masked"], live) if not alive)
+        assert int(g.row_forwards.sum()) < (g.num_denoiser_forwards + g.num_context_forwards) * len(prompts)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_ar_matches_hf_greedy(name):
     """Mode `ar` is the backbone's own greedy decoding."""
     model = tiny_twotower(name)

@@ -54,6 +54,12 @@ def model():
     return tiny_twotower("llama")
 
 
+@pytest.mark.parametrize("steps", [0, -1, 1.5])
+def test_draft_steps_must_be_a_positive_int(model, steps):
+    with pytest.raises(ValueError, match=r"draft_steps must be None or an int >= 1"):
+        model.generate(torch.tensor([[5, 6, 7]]), mode="verified", draft_steps=steps, max_new_tokens=4)
+
+
 @pytest.mark.parametrize("gamma", [0.0, -0.1, 1.5])
 def test_gamma_outside_unit_interval(model, gamma):
     with pytest.raises(ValueError, match=r"gamma must be in \(0, 1\]"):
