@@ -1,13 +1,14 @@
-"""CPU decode benchmark: AR vs diffusion side by side, in one process, at several γ and batch sizes.
+"""CPU decode benchmark: AR, diffusion and verified side by side, in one process, at several γ and batch sizes.
 
     python bench/decode_cpu.py                         # trains a small Nemotron-H on a copy task (~2-3 min)
     python bench/decode_cpu.py --model EXPORT_DIR --examples eval_examples.jsonl   # an exported model
     python bench/decode_cpu.py --quick                 # seconds: untrained tiny model (plumbing only)
 
-Both modes decode the same prompts in the same process, one after the other, so the ratio is
-measured under the same load; every figure is the median-free mean of `--repeats` timed runs after
-a warm-up. The table gives tokens/s of each mode, the speedup, tokens committed per forward and
-the fraction of diffusion tokens equal to AR greedy's.
+All modes decode the same prompts in the same process, interleaved (each repeat times every mode
+once), so the ratios are measured under the same load; every figure is the mean of `--repeats`
+timed runs after a warm-up. The table gives per mode tokens/s, the speedup over AR, generated
+tokens per model forward a row took part in, the fraction of tokens equal to AR greedy's, and for
+verified the tokens kept per verification.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 if __package__ in (None, ""):  # `python bench/decode_cpu.py`: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import SIZES, copy_task_batch, decode_side_by_side, format_decode_table, \
+from bench.common import DECODE_MODES, SIZES, copy_task_batch, decode_side_by_side, format_decode_table, \
     nemotron_h_config, train_steps  # noqa: E402
 
 
@@ -33,7 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="AR and denoiser training steps each (built-in model)")
     p.add_argument("--block-size", type=int, default=8)
     p.add_argument("--gammas", type=float, nargs="+", default=[0.9, 0.8, 0.6])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--modes", nargs="+", default=list(DECODE_MODES), choices=list(DECODE_MODES),
+                   help="modes timed against AR (ar is always included)")
+    p.add_argument("--draft-steps", type=int, default=None,
+                   help="verified: at most this many denoiser steps per draft (default: the full γ rule)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
@@ -110,8 +115,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     for gamma in args.gammas:
         table = []
         for batch in args.batches:
+            modes = tuple(dict.fromkeys(["ar", *args.modes]))
             row = decode_side_by_side(model, prompts(batch), gamma=gamma, max_new_tokens=new_tokens,
-                                      device=torch.device("cpu"), bf16=False, repeats=args.repeats)
+                                      device=torch.device("cpu"), bf16=False, repeats=args.repeats, modes=modes,
+                                      draft_steps=args.draft_steps)
             table.append({**row, "gamma": gamma})
         print(f"[decode_cpu] gamma {gamma:.2f}, B {model.block_size}, {new_tokens} new tokens, "
               f"{args.threads} thread(s):\n{format_decode_table(table)}", flush=True)

@@ -46,8 +46,12 @@ def test_decode_cpu_quick_side_by_side(tmp_path, capsys):
     rows = decode_cpu.run(decode_cpu.parse_args(["--quick", "--gammas", "0.8", "--batches", "1", "2",
                                                  "--repeats", "1", "--out", str(out)]))
     assert [(r["gamma"], r["batch"]) for r in rows] == [(0.8, 1), (0.8, 2)]
-    assert json.loads(out.read_text())[0]["speedup"] > 0
-    assert "AR tok/s" in capsys.readouterr().out
+    saved = json.loads(out.read_text())[0]
+    assert saved["speedup"] > 0 and saved["verified_speedup"] > 0
+    assert saved["verified_agreement"] == 1.0  # verified is AR token for token, whatever the denoiser drafts
+    assert 1.0 <= saved["verified_accepted_per_verify"] <= 8
+    printed = capsys.readouterr().out
+    assert "ar tok/s" in printed and "verif tok/s" in printed and "kept/verify" in printed
 
 
 def test_train_steps_respects_the_time_cap():
