@@ -89,8 +89,8 @@ def test_forward_cost_times_the_three_decoding_forwards(tmp_path):
 
 
 def test_scan_cost_times_both_cuts_against_the_old_paths(tmp_path):
-    """bench/scan_cost.py on a saved tiny Nemotron-H: both pairs timed, ratios consistent, and the
-    one-chunk limit restored afterwards."""
+    """bench/scan_cost.py on a saved tiny Nemotron-H: every pair timed, ratios consistent, and the
+    one-chunk limits restored afterwards."""
     from twotower_fixtures import tiny_backbone
 
     from bench import scan_cost
@@ -101,3 +101,7 @@ def test_scan_cost_times_both_cuts_against_the_old_paths(tmp_path):
     assert out["block scan/ratio"] == pytest.approx(out["block scan/no_states_us"] / out["block scan/with_states_us"])
     assert out["prefill 10 tok/one_chunk_us"] > 0 and out["prefill 10 tok/chunks_of_B_us"] > 0
     assert walk.ONE_CHUNK_MAX == 64
+    assert out["rollback/ratio"] == pytest.approx(out["rollback/every_position_us"] / out["rollback/rescan_prefix_us"])
+    assert out["every-pos scan/one_chunk_us"] > 0 and out["every-pos scan/token_chunks_us"] > 0
+    from twotower import ops
+    assert ops.EVERY_POSITION_MAX == 64
