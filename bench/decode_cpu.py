@@ -3,6 +3,8 @@
     python bench/decode_cpu.py                         # trains a small Nemotron-H on a copy task (~2-3 min)
     python bench/decode_cpu.py --model EXPORT_DIR --examples eval_examples.jsonl   # an exported model
     python bench/decode_cpu.py --quick                 # seconds: untrained tiny model (plumbing only)
+    python bench/decode_cpu.py --save DIR              # keep the trained copy-task model ...
+    python bench/decode_cpu.py --model DIR             # ... and bench it again on copy-task prompts
 
 All modes decode the same prompts in the same process, interleaved (each repeat times every mode
 once), so the ratios are measured under the same load; every figure is the mean of `--repeats`
@@ -29,7 +31,9 @@ from bench.common import DECODE_MODES, SIZES, copy_task_batch, decode_side_by_si
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="a TwoTowerForDiffusionLM directory (save_pretrained/export)")
-    p.add_argument("--examples", default=None, help="with --model: jsonl rows with a `prompt` field")
+    p.add_argument("--examples", default=None,
+                   help="with --model: jsonl rows with a `prompt` field (default: copy-task prompts)")
+    p.add_argument("--save", default=None, help="save the built-in trained model here (save_pretrained)")
     p.add_argument("--quick", action="store_true", help="untrained tiny model, few tokens: plumbing only")
     p.add_argument("--steps", type=int, default=300, help="AR and denoiser training steps each (built-in model)")
     p.add_argument("--block-size", type=int, default=8)
@@ -93,9 +97,14 @@ def exported_model(args: argparse.Namespace):
 
     from twotower import TwoTowerForDiffusionLM
 
-    if not args.examples:
-        raise ValueError("--model needs --examples (a jsonl file with a `prompt` field per row)")
     model = TwoTowerForDiffusionLM.from_pretrained(args.model).eval()
+    if not args.examples:  # a model saved by --save: the copy task it was trained on
+        vocab = model.backbone_config.vocab_size
+
+        def copy_prompts(batch: int) -> torch.Tensor:
+            return copy_task_batch(batch, args.prompt_len, vocab, torch.Generator().manual_seed(batch), period=(4, 12))
+
+        return model, copy_prompts
     tok = AutoTokenizer.from_pretrained(args.model)
     rows = [json.loads(line) for line in Path(args.examples).read_text().splitlines() if line.strip()]
     if not rows or "prompt" not in rows[0]:
@@ -110,6 +119,8 @@ def exported_model(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads)
     model, prompts = exported_model(args) if args.model else trained_copy_model(args)
+    if args.save and not args.model:
+        model.save_pretrained(args.save)
     new_tokens = 8 if args.quick else args.max_new_tokens
     rows = []
     for gamma in args.gammas:

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("diffusion", "verified", "mock_ar", "ar")
-STEPPED = ("diffusion", "verified")
+MODES = ("diffusion", "verified", "mock_ar", "ar", "auto")
+STEPPED = ("diffusion", "verified", "auto")
 MASK_GLYPH = "_"
 
 
@@ -101,15 +101,17 @@ def main(argv: list[str]) -> int:
     new = gen.sequences[0, ids.shape[1]:].tolist()
     n = int(gen.num_generated[0]) if getattr(gen, "num_generated", None) is not None else len(new)
     if args.show_steps:
-        if mode not in STEPPED:
-            print(f"(--show-steps shows denoising steps; mode {mode} has none)")
+        if gen.mode not in STEPPED:
+            print(f"(--show-steps shows denoising steps; mode {gen.mode} has none)")
         else:
             print("\n".join(render_steps(gen.trace or [], tokenizer)))
     text = tokenizer.decode(new[:n], skip_special_tokens=True)
     print(f"{args.prompt}{text}")
+    if mode == "auto":
+        mode = f"auto: {gen.mode}"
     print(f"[{mode}, γ={gamma:g}] {n} tokens, {gen.num_denoiser_forwards} denoiser + "
           f"{gen.num_context_forwards} context forwards, {seconds * 1000:.0f} ms"
-          + (f", {gen.accepted_per_verify:.2f} tokens kept per verification" if mode == "verified" else ""),
+          + (f", {gen.accepted_per_verify:.2f} tokens kept per verification" if gen.mode == "verified" else ""),
           file=sys.stderr)
     return 0
 

@@ -559,3 +559,26 @@ def test_suffix_masks_mask_the_last_fraction_t():
     _, m2 = iid.sample_noise(maskable, torch.Generator().manual_seed(0))
     f2 = torch.where(m2.any(-1), m2.float().argmax(-1), torch.full_like(n_mask, B))
     assert not torch.equal(f2 + m2.sum(-1), torch.full_like(n_mask, B))
+
+
+def test_auto_picks_the_mode_of_the_batch_size_from_the_export(tmp_path):
+    """`auto` runs the table's mode for the batch size (the largest measured size <= the batch),
+    read from the export's generation_config.json, and says which one ran."""
+    model = tiny_twotower("nemotron_h", perturb=0.05)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"auto_modes": {"1": "verified", "4": "ar"}}))
+    loaded = TwoTowerForDiffusionLM.from_pretrained(tmp_path)
+    assert loaded.auto_modes == {1: "verified", 4: "ar"}
+    prompts = [rand_ids(1, n, seed=n)[0].tolist() for n in (3, 7, 5, 4, 6)]
+    kw = dict(max_new_tokens=9, eos_token_id=-1, gamma=0.3)
+    for batch, expect in ((1, "verified"), (3, "verified"), (4, "ar"), (5, "ar")):
+        g = loaded.generate(prompts[:batch], mode="auto", **kw)
+        assert g.mode == expect
+        assert torch.equal(g.sequences, loaded.generate(prompts[:batch], mode=expect, **kw).sequences)
+    g = model.generate(prompts[:2], mode="auto", auto_modes={1: "diffusion"}, **kw)
+    assert g.mode == "diffusion" and g.num_denoiser_forwards > 0
+    with pytest.raises(ValueError, match="needs an auto_modes table"):
+        model.generate(prompts[:1], mode="auto", **kw)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"auto_modes": {"1": "beam"}}))
+    with pytest.raises(ValueError, match=r"generation_config.json: auto_modes\['1'\]"):
+        TwoTowerForDiffusionLM.from_pretrained(tmp_path)

@@ -15,6 +15,9 @@ taken per position from the verification's own scan).
 mock_ar: the same loop and caches, but positions 1..B-1 come from single-token context-tower
 forwards on a scratch copy of the cache: equal to `ar` token for token (checks the block commit).
 ar: the context tower alone, one token per forward.
+auto: one of the above per call, by batch size, from a measured table (`auto_modes`: the fastest
+mode that met the recipe's quality target at each measured batch size; a batch between two
+measured sizes takes the smaller one's mode, one beyond the largest the largest's).
 
 Batching: a row leaves the batch as soon as it is finished (EOS or its `max_new_tokens`); batch
 and caches are compacted and the rows put back in order at the end. Inside a block, a row whose
@@ -32,7 +35,21 @@ from twotower.denoiser import DecodeContext
 from twotower.model import _pad_id, _prediction_logits
 from twotower.walk import context_forward
 
-MODES = ("diffusion", "verified", "mock_ar", "ar")
+MODES = ("diffusion", "verified", "mock_ar", "ar", "auto")
+AUTO_CHOICES = ("diffusion", "verified", "ar")
+"""The modes an `auto_modes` table may name."""
+
+
+def auto_mode(table: dict[int, str] | None, batch: int) -> str:
+    """The mode `auto` runs for `batch` rows: the table's entry at the largest measured batch size
+    <= batch (the smallest measured one below it)."""
+    if not table:
+        raise ValueError("generate: mode 'auto' needs an auto_modes table (batch size -> mode): pass "
+                         "auto_modes=..., or load an export whose generation_config.json has `auto_modes` "
+                         "(written by calibrate_gamma's batch sweep)")
+    sizes = sorted(table)
+    below = [s for s in sizes if s <= batch]
+    return table[below[-1] if below else sizes[0]]
 
 
 @dataclass
@@ -64,6 +81,8 @@ class GenerateOutput:
     num_accepted: int = 0
     """`verified`: tokens those verifications committed (per row: accepted draft + the context
     tower's first token of the block)."""
+    mode: str = ""
+    """The mode that ran (for `auto`: the one its table picked)."""
 
     @property
     def generated(self) -> torch.Tensor:
@@ -185,13 +204,16 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     return_trace: bool = False,
     draft_steps: int | None = None,
+    auto_modes: dict[int, str] | None = None,
 ) -> GenerateOutput:
     """Generate from a batch of prompts (a `[b, P]` tensor, optionally with `attention_mask`,
     or a list of id lists of different lengths). eos/pad ids default to the backbone config.
 
     draft_steps (`verified` only): None drafts each block with every denoiser step the γ rule
     needs; k >= 1 runs at most k steps and fills what is still masked with the last step's argmax
-    (1: one denoiser step, then verify)."""
+    (1: one denoiser step, then verify). auto_modes (`auto` only): batch size -> mode, default
+    `model.auto_modes` (read from the export's generation_config.json); `mode` of the result
+    says which mode ran."""
     cfg = model.tt_config
     B = block_size or cfg.block_size
     if mode not in MODES:
@@ -214,6 +236,8 @@ def generate(
     ctx_dev = next(model.context_tower.parameters()).device
     den_dev = next(model.denoiser.parameters()).device
     ids, valid, lengths = _pack_prompts(input_ids, attention_mask, pad, ctx_dev)
+    if mode == "auto":
+        mode = auto_mode(auto_modes if auto_modes is not None else getattr(model, "auto_modes", None), ids.shape[0])
     limit = model.adapter.max_positions(bcfg)
     if limit is not None and int(lengths.max()) > limit:
         raise ValueError(f"generate: prompt of {int(lengths.max())} tokens exceeds the backbone's "
@@ -265,7 +289,7 @@ def generate(
     for i, seq in enumerate(rows.out):
         gen[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
     return GenerateOutput(torch.cat([ids, gen.to(ids.device)], dim=1), tally.den, tally.ctx, lengths, n_gen, trace,
-                          ids.shape[1], tally.row_forwards, tally.verify_rows, tally.accepted)
+                          ids.shape[1], tally.row_forwards, tally.verify_rows, tally.accepted, mode)
 
 
 def _denoise_block(model, block, rows, gamma, eos, pad, den_dev, tally, steps, verify=False, max_steps=None):
