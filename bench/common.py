@@ -151,7 +151,8 @@ def decode_side_by_side(model, prompts: torch.Tensor, *, gamma: float, max_new_t
     """The modes on the same prompts in the same process, interleaved (every repeat times each mode
     once, so a load change on a shared machine hits all alike): tokens/s, forwards, agreement.
     Keys per mode `m`: `{m}_tokens_per_s`, `{m}_speedup` (vs ar), `{m}_tokens_per_forward`
-    (generated tokens per model forward a row took part in), `{m}_agreement` (with ar);
+    (generated tokens per model forward a row took part in), `{m}_agreement` (with ar), `{m}_wait`
+    (the batch's forwards / the mean row's: 1.0 when no row waits for a slower neighbour);
     `verified_accepted_per_verify`; and, for the older tables, `speedup` and
     `tokens_per_diffusion_forward` (diffusion's) and `agreement_with_ar`. draft_steps: verified's
     draft policy (None: the full γ-rule draft)."""
@@ -177,6 +178,8 @@ def decode_side_by_side(model, prompts: torch.Tensor, *, gamma: float, max_new_t
         row[f"{mode}_tokens_per_s"] = tokens * repeats / timing[mode]
         row[f"{mode}_forwards"] = gen.num_denoiser_forwards + gen.num_context_forwards
         row[f"{mode}_tokens_per_forward"] = gen.tokens_per_forward
+        # the batch's forwards over an average row's: what rows pay for waiting on their slowest neighbour
+        row[f"{mode}_wait"] = row[f"{mode}_forwards"] / float(gen.row_forwards.float().mean())
         out = gen.generated.cpu()
         width = min(ar.shape[1], out.shape[1])
         row[f"{mode}_agreement"] = (ar[:, :width] == out[:, :width]).float().mean().item()
@@ -192,17 +195,18 @@ def decode_side_by_side(model, prompts: torch.Tensor, *, gamma: float, max_new_t
 
 def format_decode_table(rows: list[dict]) -> str:
     """One line per batch size: AR tok/s, then per other mode tok/s, speedup over AR, tokens per
-    model forward and agreement with AR (verified: tokens kept per verification too)."""
+    model forward, agreement with AR and the waiting factor (verified: tokens kept per verification
+    too)."""
     modes = [m for m in DECODE_MODES[1:] if f"{m}_tokens_per_s" in rows[0]]
     head = f"{'batch':>5} {'ar tok/s':>9}" + "".join(
-        f" | {m[:5] + ' tok/s':>11} {'speedup':>7} {'tok/fwd':>7} {'agree':>5}" for m in modes)
+        f" | {m[:5] + ' tok/s':>11} {'speedup':>7} {'tok/fwd':>7} {'agree':>5} {'wait':>4}" for m in modes)
     if "verified" in modes:
         head += f" {'kept/verify':>11}"
     lines = [head]
     for r in rows:
         line = f"{r['batch']:>5} {r['ar_tokens_per_s']:>9.1f}" + "".join(
             f" | {r[f'{m}_tokens_per_s']:>11.1f} {r[f'{m}_speedup']:>6.2f}x {r[f'{m}_tokens_per_forward']:>7.2f}"
-            f" {r[f'{m}_agreement']:>5.2f}" for m in modes)
+            f" {r[f'{m}_agreement']:>5.2f} {r[f'{m}_wait']:>4.2f}" for m in modes)
         if "verified" in modes:
             line += f" {r['verified_accepted_per_verify']:>11.2f}"
         lines.append(line)
