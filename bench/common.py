@@ -142,12 +142,26 @@ def train_steps(step_fn, params, *, steps: int, warmup: int, tokens_per_step: in
 
 
 DECODE_MODES = ("ar", "diffusion", "verified")
-"""The modes `decode_side_by_side` times: AR, and the two faster ones against it."""
+"""The modes `decode_side_by_side` times by default: AR, and the two faster ones against it."""
+SHOWN_MODES = ("diffusion", "verified", "auto")
+"""The modes `format_decode_table` shows beside AR, when a row has them."""
+
+
+def auto_table(rows: list[dict], min_agreement: float) -> dict[int, str]:
+    """Per measured batch size the fastest mode whose output is AR's or agrees with it on at least
+    `min_agreement` of the tokens (ar and verified always qualify): `generate`'s `auto_modes`."""
+    table = {}
+    for r in rows:
+        ok = [m for m in DECODE_MODES if f"{m}_tokens_per_s" in r
+              and (m in ("ar", "verified") or r[f"{m}_agreement"] >= min_agreement)]
+        table[r["batch"]] = max(ok, key=lambda m: r[f"{m}_tokens_per_s"])
+    return table
 
 
 def decode_side_by_side(model, prompts: torch.Tensor, *, gamma: float, max_new_tokens: int,
                         device: torch.device, bf16: bool, repeats: int = 2,
-                        modes: tuple[str, ...] = DECODE_MODES, draft_steps: int | None = None) -> dict:
+                        modes: tuple[str, ...] = DECODE_MODES, draft_steps: int | None = None,
+                        auto_modes: dict[int, str] | None = None) -> dict:
     """The modes on the same prompts in the same process, interleaved (every repeat times each mode
     once, so a load change on a shared machine hits all alike): tokens/s, forwards, agreement.
     Keys per mode `m`: `{m}_tokens_per_s`, `{m}_speedup` (vs ar), `{m}_tokens_per_forward`
@@ -163,6 +177,8 @@ def decode_side_by_side(model, prompts: torch.Tensor, *, gamma: float, max_new_t
     kwargs = {m: dict(mode=m, gamma=gamma, max_new_tokens=max_new_tokens) for m in modes}
     if "verified" in kwargs:
         kwargs["verified"]["draft_steps"] = draft_steps
+    if "auto" in kwargs:
+        kwargs["auto"].update(auto_modes=auto_modes, draft_steps=draft_steps)
     with autocast(device, bf16):
         for mode in modes:  # warm-up
             model.generate(prompts, **kwargs[mode])
@@ -187,6 +203,8 @@ def decode_side_by_side(model, prompts: torch.Tensor, *, gamma: float, max_new_t
         row[f"{mode}_speedup"] = row[f"{mode}_tokens_per_s"] / row["ar_tokens_per_s"]
     if "verified" in gens:
         row["verified_accepted_per_verify"] = gens["verified"].accepted_per_verify
+    if "auto" in gens:
+        row["auto_picked"] = gens["auto"].mode
     if "diffusion" in gens:
         row.update(speedup=row["diffusion_speedup"], agreement_with_ar=row["diffusion_agreement"],
                    tokens_per_diffusion_forward=row["diffusion_tokens_per_forward"])
@@ -197,11 +215,13 @@ def format_decode_table(rows: list[dict]) -> str:
     """One line per batch size: AR tok/s, then per other mode tok/s, speedup over AR, tokens per
     model forward, agreement with AR and the waiting factor (verified: tokens kept per verification
     too)."""
-    modes = [m for m in DECODE_MODES[1:] if f"{m}_tokens_per_s" in rows[0]]
+    modes = [m for m in SHOWN_MODES if f"{m}_tokens_per_s" in rows[0]]
     head = f"{'batch':>5} {'ar tok/s':>9}" + "".join(
         f" | {m[:5] + ' tok/s':>11} {'speedup':>7} {'tok/fwd':>7} {'agree':>5} {'wait':>4}" for m in modes)
     if "verified" in modes:
         head += f" {'kept/verify':>11}"
+    if "auto" in modes:
+        head += f" {'auto ran':>9}"
     lines = [head]
     for r in rows:
         line = f"{r['batch']:>5} {r['ar_tokens_per_s']:>9.1f}" + "".join(
@@ -209,5 +229,7 @@ def format_decode_table(rows: list[dict]) -> str:
             f" {r[f'{m}_agreement']:>5.2f} {r[f'{m}_wait']:>4.2f}" for m in modes)
         if "verified" in modes:
             line += f" {r['verified_accepted_per_verify']:>11.2f}"
+        if "auto" in modes:
+            line += f" {r['auto_picked']:>9}"
         lines.append(line)
     return "\n".join(lines)

@@ -24,7 +24,7 @@ import torch
 if __package__ in (None, ""):  # `python bench/decode_cpu.py`: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import DECODE_MODES, SIZES, copy_task_batch, decode_side_by_side, format_decode_table, \
+from bench.common import DECODE_MODES, SIZES, auto_table, copy_task_batch, decode_side_by_side, format_decode_table, \
     nemotron_h_config, train_steps  # noqa: E402
 
 
@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--modes", nargs="+", default=list(DECODE_MODES), choices=list(DECODE_MODES),
                    help="modes timed against AR (ar is always included)")
+    p.add_argument("--auto-agreement", type=float, default=0.987,
+                   help="auto: diffusion qualifies where it agrees with AR on at least this share of tokens "
+                        "(ar and verified always do); after the table, ar and auto are timed again side by side")
     p.add_argument("--draft-steps", type=int, default=None,
                    help="verified: at most this many denoiser steps per draft (default: the full γ rule)")
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -134,6 +137,13 @@ def run(args: argparse.Namespace) -> list[dict]:
         print(f"[decode_cpu] gamma {gamma:.2f}, B {model.block_size}, {new_tokens} new tokens, "
               f"{args.threads} thread(s):\n{format_decode_table(table)}", flush=True)
         rows += table
+        picks = auto_table(table, args.auto_agreement)
+        autos = [{**decode_side_by_side(model, prompts(batch), gamma=gamma, max_new_tokens=new_tokens,
+                                        device=torch.device("cpu"), bf16=False, repeats=args.repeats,
+                                        modes=("ar", "auto"), draft_steps=args.draft_steps, auto_modes=picks),
+                  "gamma": gamma} for batch in args.batches]
+        print(f"[decode_cpu] auto (table {picks}), timed again beside ar:\n{format_decode_table(autos)}", flush=True)
+        rows += autos
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
     return rows
