@@ -160,7 +160,7 @@ def auto_table(rows: list[dict], min_agreement: float) -> dict[int, str]:
 
 def decode_side_by_side(model, prompts: torch.Tensor, *, gamma: float, max_new_tokens: int,
                         device: torch.device, bf16: bool, repeats: int = 2,
-                        modes: tuple[str, ...] = DECODE_MODES, draft_steps: int | None = None,
+                        modes: tuple[str, ...] = DECODE_MODES, draft: str | int = "confident",
                         auto_modes: dict[int, str] | None = None) -> dict:
     """The modes on the same prompts in the same process, interleaved (every repeat times each mode
     once, so a load change on a shared machine hits all alike): tokens/s, forwards, agreement.
@@ -168,17 +168,17 @@ def decode_side_by_side(model, prompts: torch.Tensor, *, gamma: float, max_new_t
     (generated tokens per model forward a row took part in), `{m}_agreement` (with ar), `{m}_wait`
     (the batch's forwards / the mean row's: 1.0 when no row waits for a slower neighbour);
     `verified_accepted_per_verify`; and, for the older tables, `speedup` and
-    `tokens_per_diffusion_forward` (diffusion's) and `agreement_with_ar`. draft_steps: verified's
-    draft policy (None: the full γ-rule draft)."""
+    `tokens_per_diffusion_forward` (diffusion's) and `agreement_with_ar`. draft: verified's
+    draft policy (`generate`'s `draft`)."""
     if "ar" not in modes:
         raise ValueError(f"decode_side_by_side: modes must include 'ar' (the reference), got {modes}")
     timing: dict[str, float] = {}
     gens = {}
     kwargs = {m: dict(mode=m, gamma=gamma, max_new_tokens=max_new_tokens) for m in modes}
     if "verified" in kwargs:
-        kwargs["verified"]["draft_steps"] = draft_steps
+        kwargs["verified"]["draft"] = draft
     if "auto" in kwargs:
-        kwargs["auto"].update(auto_modes=auto_modes, draft_steps=draft_steps)
+        kwargs["auto"].update(auto_modes=auto_modes, draft=draft)
     with autocast(device, bf16):
         for mode in modes:  # warm-up
             model.generate(prompts, **kwargs[mode])

@@ -44,8 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--auto-agreement", type=float, default=0.987,
                    help="auto: diffusion qualifies where it agrees with AR on at least this share of tokens "
                         "(ar and verified always do); after the table, ar and auto are timed again side by side")
-    p.add_argument("--draft-steps", type=int, default=None,
-                   help="verified: at most this many denoiser steps per draft (default: the full γ rule)")
+    p.add_argument("--draft", default="confident",
+                   help="verified's draft policy: full, confident, or an int k (at most k denoiser steps)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             modes = tuple(dict.fromkeys(["ar", *args.modes]))
             row = decode_side_by_side(model, prompts(batch), gamma=gamma, max_new_tokens=new_tokens,
                                       device=torch.device("cpu"), bf16=False, repeats=args.repeats, modes=modes,
-                                      draft_steps=args.draft_steps)
+                                      draft=int(args.draft) if args.draft.isdigit() else args.draft)
             table.append({**row, "gamma": gamma})
         print(f"[decode_cpu] gamma {gamma:.2f}, B {model.block_size}, {new_tokens} new tokens, "
               f"{args.threads} thread(s):\n{format_decode_table(table)}", flush=True)
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         picks = auto_table(table, args.auto_agreement)
         autos = [{**decode_side_by_side(model, prompts(batch), gamma=gamma, max_new_tokens=new_tokens,
                                         device=torch.device("cpu"), bf16=False, repeats=args.repeats,
-                                        modes=("ar", "auto"), draft_steps=args.draft_steps, auto_modes=picks),
+                                        modes=("ar", "auto"), draft=int(args.draft) if args.draft.isdigit() else args.draft, auto_modes=picks),
                   "gamma": gamma} for batch in args.batches]
         print(f"[decode_cpu] auto (table {picks}), timed again beside ar:\n{format_decode_table(autos)}", flush=True)
         rows += autos

@@ -168,7 +168,7 @@ def test_inv5_mock_ar_equals_ar_odd_prompts_batched(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_verified_equals_ar_at_every_gamma_batched_eos_odd_budget(name):
-    """`verified` is `ar` token for token: several γ and both draft policies, prompts of different
+    """`verified` is `ar` token for token: several γ and every draft policy, prompts of different
     lengths in one batch, a budget that is not a multiple of B, an EOS in the middle of a block; and
     the rollback really ran (rows of one verification kept different numbers of tokens)."""
     model = tiny_twotower(name, perturb=0.05)
@@ -177,9 +177,9 @@ def test_verified_equals_ar_at_every_gamma_batched_eos_odd_budget(name):
     ar = model.generate(prompts, mode="ar", **kw)
     kept = []
     for gamma in (0.02, 0.5, 1.0):
-        for draft_steps in (None, 1):
-            v = model.generate(prompts, mode="verified", gamma=gamma, draft_steps=draft_steps, return_trace=True, **kw)
-            assert torch.equal(v.sequences, ar.sequences), (gamma, draft_steps)
+        for draft in ("full", "confident", 1):
+            v = model.generate(prompts, mode="verified", gamma=gamma, draft=draft, return_trace=True, **kw)
+            assert torch.equal(v.sequences, ar.sequences), (gamma, draft)
             kept += [steps[-1]["accepted"] for steps in v.trace]
             assert v.num_accepted >= 13 * 3 and 1 <= v.accepted_per_verify <= B
     assert any(len(set(k)) > 1 for k in kept) and any(max(k) > 1 for k in kept)

@@ -5,9 +5,9 @@ block position 0; positions 1..B-1 start masked. Each denoiser step scores every
 (max probability, in float64), commits all with confidence >= gamma and at least the most
 confident one per sequence; t = fraction still masked. A full block is committed by ONE
 context-tower forward over its B tokens, which also yields the next block's first token.
-verified: the block is drafted as in diffusion (`draft_steps`: all the denoiser steps the γ rule
-takes, or at most that many, the rest filled with the last step's argmax); the block commit is the
-verification. Its logits are the context tower's greedy choice at every block position, so the
+verified: the block is drafted with the γ rule (`draft`: every step the rule takes; or until a
+step where no position reaches γ; or at most k steps; what is left takes the last step's argmax);
+the block commit is the verification. Its logits are the context tower's greedy choice at every block position, so the
 longest draft prefix equal to them is kept, plus the context tower's own token at the first
 disagreement (the standard greedy speculative-decoding rule): the output is `ar`'s, token for
 token. The cache is rolled back to the accepted length (`TowerCache.drop_last`; Mamba-2 states
@@ -36,6 +36,8 @@ from twotower.model import _pad_id, _prediction_logits
 from twotower.walk import context_forward
 
 MODES = ("diffusion", "verified", "mock_ar", "ar", "auto")
+DRAFTS = ("full", "confident")
+"""`verified`'s named draft policies (an int k is the third: at most k denoiser steps)."""
 AUTO_CHOICES = ("diffusion", "verified", "ar")
 """The modes an `auto_modes` table may name."""
 
@@ -203,15 +205,17 @@ def generate(
     pad_token_id: int | None = None,
     attention_mask: torch.Tensor | None = None,
     return_trace: bool = False,
-    draft_steps: int | None = None,
+    draft: str | int = "confident",
     auto_modes: dict[int, str] | None = None,
 ) -> GenerateOutput:
     """Generate from a batch of prompts (a `[b, P]` tensor, optionally with `attention_mask`,
     or a list of id lists of different lengths). eos/pad ids default to the backbone config.
 
-    draft_steps (`verified` only): None drafts each block with every denoiser step the γ rule
-    needs; k >= 1 runs at most k steps and fills what is still masked with the last step's argmax
-    (1: one denoiser step, then verify). auto_modes (`auto` only): batch size -> mode, default
+    draft (`verified` only), the draft policy: "full" runs every denoiser step the γ rule needs
+    (a step commits at least one position); "confident" stops a row at its first step where no
+    position reaches γ (the forced one-per-step commits of an unsure denoiser are the ones
+    verification rejects, at a forward each); k >= 1 runs at most k steps (1: one denoiser step,
+    then verify). What is still masked when a row stops takes that step's argmax. auto_modes (`auto` only): batch size -> mode, default
     `model.auto_modes` (read from the export's generation_config.json); `mode` of the result
     says which mode ran."""
     cfg = model.tt_config
@@ -226,8 +230,8 @@ def generate(
         raise ValueError(f"generate: block_size {B} exceeds the trained block size {cfg.block_size}")
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    if draft_steps is not None and (not isinstance(draft_steps, int) or draft_steps < 1):
-        raise ValueError(f"generate: draft_steps must be None or an int >= 1, got {draft_steps!r}")
+    if draft not in DRAFTS and (isinstance(draft, bool) or not isinstance(draft, int) or draft < 1):
+        raise ValueError(f"generate: draft must be one of {DRAFTS} or an int >= 1, got {draft!r}")
     bcfg = model.context_tower.config
     if eos_token_id is None:
         eos = getattr(bcfg, "eos_token_id", None)
@@ -268,7 +272,7 @@ def generate(
                 block = _mock_ar_block(model, block, rows, B, keep_hidden, tally)
             else:
                 block = _denoise_block(model, block, rows, gamma, eos_token_id, pad, den_dev, tally, steps,
-                                       verify=mode == "verified", max_steps=draft_steps).to(ctx_dev)
+                                       draft=draft if mode == "verified" else None).to(ctx_dev)
             if mode == "verified":
                 accepted = _verify_block(model, block, rows, B, keep_hidden, tally, steps)
                 tokens = [r[:a] for r, a in zip(block.tolist(), accepted.tolist())]
@@ -292,16 +296,16 @@ def generate(
                           ids.shape[1], tally.row_forwards, tally.verify_rows, tally.accepted, mode)
 
 
-def _denoise_block(model, block, rows, gamma, eos, pad, den_dev, tally, steps, verify=False, max_steps=None):
-    """Fill positions 1..B-1 (0..B-1 without token shift, except in `verify`, where position 0 is
-    the context tower's token) by confidence-thresholded denoising. Each step runs only the rows
-    that still have a masked position. `max_steps`: after that many steps, what is still masked
-    takes the last step's argmax."""
+def _denoise_block(model, block, rows, gamma, eos, pad, den_dev, tally, steps, draft=None):
+    """Fill positions 1..B-1 (0..B-1 without token shift, except for a `draft`, where position 0
+    is the context tower's token) by confidence-thresholded denoising. Each step runs only the rows
+    that still have a masked position. `draft` (verified's policy, see `generate`) may stop a row
+    early: what it still has masked takes that step's argmax."""
     cfg = model.tt_config
     n, B = block.shape
     block = block.to(den_dev)
     is_mask = torch.ones(n, B, dtype=torch.bool, device=den_dev)
-    clean_first = cfg.token_shift or verify
+    clean_first = cfg.token_shift or draft is not None
     if clean_first:
         is_mask[:, 0] = False
     maskable = float(B - (1 if cfg.token_shift else 0))
@@ -328,10 +332,12 @@ def _denoise_block(model, block, rows, gamma, eos, pad, den_dev, tally, steps, v
         conf, tok = probs.max(-1)
         conf = conf.masked_fill(~lm, -1.0)
         commit = lm & (conf >= gamma)
+        if draft == "confident":  # a row with nothing at γ stops here: its draft is the argmax
+            commit |= lm & ~commit.any(1, keepdim=True)
         best = conf.argmax(1)
         here = torch.arange(lm.shape[0], device=den_dev)
         commit[here, best] |= lm[here, best]
-        if max_steps is not None and taken >= max_steps:
+        if isinstance(draft, int) and taken >= draft:
             commit = lm
         lb = torch.where(commit, tok, lb)
         lm = lm & ~commit
