@@ -175,14 +175,16 @@ def test_verified_equals_ar_at_every_gamma_batched_eos_odd_budget(name):
     prompts = [rand_ids(1, n, seed=n)[0].tolist() for n in (3, 7, 5)]
     kw = dict(max_new_tokens=13, eos_token_id=-1)
     ar = model.generate(prompts, mode="ar", **kw)
-    kept = []
+    kept, paused = [], []
     for gamma in (0.02, 0.5, 1.0):
         for draft in ("full", "confident", 1):
             v = model.generate(prompts, mode="verified", gamma=gamma, draft=draft, return_trace=True, **kw)
             assert torch.equal(v.sequences, ar.sequences), (gamma, draft)
             kept += [steps[-1]["accepted"] for steps in v.trace]
+            paused += [not any(m) for steps in v.trace for m in steps[0]["masked"]]
             assert v.num_accepted >= 13 * 3 and 1 <= v.accepted_per_verify <= B
     assert any(len(set(k)) > 1 for k in kept) and any(max(k) > 1 for k in kept)
+    assert any(paused) and not all(paused)  # rows whose drafts kept nothing verified blocks without one
     eos = int(ar.generated[0, 6])
     ar_e = model.generate(prompts, mode="ar", max_new_tokens=13, eos_token_id=eos, pad_token_id=0)
     v_e = model.generate(prompts, mode="verified", gamma=0.3, max_new_tokens=13, eos_token_id=eos, pad_token_id=0)
@@ -215,7 +217,7 @@ def test_drop_last_equals_the_cache_of_the_kept_prefix(name):
         block[1, 2] = walk.logits(h[:, -1]).argmax(-1)
         block[1, 3] = (walk.logits(h[:, -1]).argmax(-1) + 1) % VOCAB  # a wrong draft after a right one
         rows = _Rows(torch.arange(3), greedy, cache, [[] for _ in range(3)])
-        kept = _verify_block(model, block, rows, B, False, _Tally(torch.zeros(3, dtype=torch.long)), None)
+        kept = _verify_block(model, block, rows, False, _Tally(torch.zeros(3, dtype=torch.long)), None)
         assert int(kept[1]) >= 3 and len(set(kept.tolist())) > 1
         got, _ = context_forward(walk, nxt, rows.cache, chunk=B)
         for r in range(3):

@@ -36,6 +36,8 @@ from twotower.model import _pad_id, _prediction_logits
 from twotower.walk import context_forward
 
 MODES = ("diffusion", "verified", "mock_ar", "ar", "auto")
+MAX_BACKOFF = 8
+"""Longest run of blocks a row verifies without a draft after its drafts kept nothing."""
 DRAFTS = ("full", "confident")
 """`verified`'s named draft policies (an int k is the third: at most k denoiser steps)."""
 AUTO_CHOICES = ("diffusion", "verified", "ar")
@@ -159,13 +161,32 @@ class _Tally:
 @dataclass
 class _Rows:
     """The rows still decoding: their original indices, generated tokens so far, the context tower's
-    next token and the cache. `keep` drops finished rows from all of them at once."""
+    next token, the cache and (verified) the draft backoff. `keep` drops finished rows from all of
+    them at once."""
 
     index: torch.Tensor
     first: torch.Tensor
     cache: TowerCache
     out: list[list[int]] = field(default_factory=list)
     """Per ORIGINAL row, its generated tokens."""
+    pause: torch.Tensor | None = None
+    """`[n]` verified: blocks this row still verifies without a draft (after rejected drafts)."""
+    backoff: torch.Tensor | None = None
+    """`[n]` verified: the pause its next rejected draft starts (doubles per rejection)."""
+
+    def __post_init__(self):
+        self.pause = torch.zeros_like(self.index)
+        self.backoff = torch.ones_like(self.index)
+
+    def after_verify(self, drafted: torch.Tensor, accepted: torch.Tensor) -> None:
+        """Backoff: a row whose draft lost at once (only the context tower's token kept) pauses
+        drafting for `backoff` blocks, doubled each time up to `MAX_BACKOFF`; a draft that kept a
+        token resets it. A paused block is a plain AR step when no row drafts, so a denoiser that is
+        always wrong costs verified about AR's speed, not up to B forwards per token."""
+        lost = drafted & (accepted <= 1)
+        self.pause = torch.where(drafted, torch.where(lost, self.backoff, 0), (self.pause - 1).clamp(min=0))
+        self.backoff = torch.where(lost, (self.backoff * 2).clamp(max=MAX_BACKOFF),
+                                   torch.where(drafted, torch.ones_like(self.backoff), self.backoff))
 
     def emit(self, tokens: list[list[int]], eos: int | None, budget: int) -> torch.Tensor:
         """Append each active row's new tokens (cut at EOS and the budget); `[n]` bool: finished."""
@@ -188,6 +209,7 @@ class _Rows:
         if not bool(alive.all()):
             sel = alive.nonzero().squeeze(1)
             self.index, self.first = self.index[sel.to(self.index.device)], self.first[sel]
+            self.pause, self.backoff = self.pause[sel], self.backoff[sel]
             self.cache = self.cache.select(sel)
         return True
 
@@ -268,13 +290,21 @@ def generate(
             block = torch.full((rows.index.shape[0], B), pad, dtype=torch.long, device=ctx_dev)
             block[:, 0] = rows.first
             steps: list | None = [] if trace is not None else None
+            drafting = rows.pause == 0
             if mode == "mock_ar":
                 block = _mock_ar_block(model, block, rows, B, keep_hidden, tally)
-            else:
+            elif mode == "diffusion" or bool(drafting.any()):
                 block = _denoise_block(model, block, rows, gamma, eos_token_id, pad, den_dev, tally, steps,
-                                       draft=draft if mode == "verified" else None).to(ctx_dev)
+                                       draft=draft if mode == "verified" else None,
+                                       drafting=drafting if mode == "verified" else None).to(ctx_dev)
+            else:  # verified, every row paused: one AR step
+                block = block[:, :1]
+                if steps is not None:
+                    steps.append({"rows": rows.index.tolist(), "tokens": block.tolist(),
+                                  "masked": [[False]] * block.shape[0]})
             if mode == "verified":
-                accepted = _verify_block(model, block, rows, B, keep_hidden, tally, steps)
+                accepted = _verify_block(model, block, rows, keep_hidden, tally, steps)
+                rows.after_verify(drafting, accepted)
                 tokens = [r[:a] for r, a in zip(block.tolist(), accepted.tolist())]
             else:
                 tokens = block.tolist()
@@ -296,11 +326,12 @@ def generate(
                           ids.shape[1], tally.row_forwards, tally.verify_rows, tally.accepted, mode)
 
 
-def _denoise_block(model, block, rows, gamma, eos, pad, den_dev, tally, steps, draft=None):
+def _denoise_block(model, block, rows, gamma, eos, pad, den_dev, tally, steps, draft=None, drafting=None):
     """Fill positions 1..B-1 (0..B-1 without token shift, except for a `draft`, where position 0
     is the context tower's token) by confidence-thresholded denoising. Each step runs only the rows
     that still have a masked position. `draft` (verified's policy, see `generate`) may stop a row
-    early: what it still has masked takes that step's argmax."""
+    early: what it still has masked takes that step's argmax. `drafting` `[n]`: rows outside it
+    (verified's paused rows) are not denoised at all (their positions 1.. stay the fill token)."""
     cfg = model.tt_config
     n, B = block.shape
     block = block.to(den_dev)
@@ -308,6 +339,8 @@ def _denoise_block(model, block, rows, gamma, eos, pad, den_dev, tally, steps, d
     clean_first = cfg.token_shift or draft is not None
     if clean_first:
         is_mask[:, 0] = False
+    if drafting is not None:
+        is_mask &= drafting.to(den_dev)[:, None]
     maskable = float(B - (1 if cfg.token_shift else 0))
     fill = cfg.mask_token_id if cfg.mask_token_id is not None else pad
     block = block.masked_fill(is_mask, fill)
@@ -354,11 +387,12 @@ def _denoise_block(model, block, rows, gamma, eos, pad, den_dev, tally, steps, d
     return block
 
 
-def _verify_block(model, block, rows, B, keep_hidden, tally, steps) -> torch.Tensor:
+def _verify_block(model, block, rows, keep_hidden, tally, steps) -> torch.Tensor:
     """The block commit as verification: keep each row's longest draft prefix equal to the context
     tower's greedy tokens (position 0, the context tower's own token, always), roll the cache back
     to it and set `rows.first` to the context tower's token after it. Returns `[n]` tokens kept."""
     walk = model.context_walk
+    B = block.shape[1]
     mamba = any(sub.kind == "mamba" for sub in walk.subs)
     record: dict | None = {} if mamba else None
     # chunk 1 with `record`: the scan keeps the Mamba-2 state after every position (rollback)
