@@ -406,7 +406,7 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_config_variants_keep_invariants(variant, tmp_path):
     """Every TwoTowerConfig option keeps zero-init identity, train/decode consistency, mock_ar ==
-    ar, trains, and round-trips (on the Nemotron-H tiny config, which has every layer kind)."""
+    ar == verified, trains, and round-trips (on the Nemotron-H tiny config, which has every layer kind)."""
     from twotower import checks
 
     assert checks.zero_init_identity(tiny_twotower("nemotron_h", **VARIANTS[variant]), rand_ids(1, 9)) <= ZERO_INIT_TOL
@@ -426,8 +426,10 @@ def test_config_variants_keep_invariants(variant, tmp_path):
     torch.testing.assert_close(dec, train[:, 4:], atol=2e-5, rtol=1e-5)
     prompts = [rand_ids(1, n, seed=n)[0].tolist() for n in (3, 6)]
     kw = dict(max_new_tokens=9, eos_token_id=-1)
-    assert torch.equal(model.generate(prompts, mode="ar", **kw).sequences,
-                       model.generate(prompts, mode="mock_ar", **kw).sequences)
+    ar = model.generate(prompts, mode="ar", **kw).sequences
+    assert torch.equal(ar, model.generate(prompts, mode="mock_ar", **kw).sequences)
+    for draft in ("full", 1):  # the rollback also cuts cross-attention's hidden states
+        assert torch.equal(ar, model.generate(prompts, mode="verified", gamma=0.3, draft=draft, **kw).sequences)
     out = model(rand_ids(2, 8))
     out.loss.backward()
     assert out.loss.isfinite() and 0 <= out.masked_accuracy <= 1
