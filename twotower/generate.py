@@ -303,6 +303,7 @@ def generate(
                     steps.append({"rows": rows.index.tolist(), "tokens": block.tolist(),
                                   "masked": [[False]] * block.shape[0]})
             if mode == "verified":
+                block = _through_eos(block, eos_token_id)
                 accepted = _verify_block(model, block, rows, keep_hidden, tally, steps)
                 rows.after_verify(drafting, accepted)
                 tokens = [r[:a] for r, a in zip(block.tolist(), accepted.tolist())]
@@ -385,6 +386,17 @@ def _denoise_block(model, block, rows, gamma, eos, pad, den_dev, tally, steps, d
         if steps is not None:
             steps.append({"rows": rows.index.tolist(), "tokens": block.tolist(), "masked": is_mask.tolist()})
     return block
+
+
+def _through_eos(block: torch.Tensor, eos: int | None) -> torch.Tensor:
+    """The block cut after the last column any row needs: a draft's positions after its first EOS
+    are padding, never kept, so verifying them is wasted (a short answer's one block is mostly
+    padding)."""
+    if eos is None:
+        return block
+    hit = block == eos
+    need = torch.where(hit.any(1), hit.long().argmax(1) + 1, block.shape[1])
+    return block[:, : int(need.max())]
 
 
 def _verify_block(model, block, rows, keep_hidden, tally, steps) -> torch.Tensor:
