@@ -342,6 +342,8 @@ def _denoise_block(model, block, rows, gamma, eos, pad, den_dev, tally, steps, d
         is_mask[:, 0] = False
     if drafting is not None:
         is_mask &= drafting.to(den_dev)[:, None]
+    if clean_first and eos is not None:  # the context tower's token ended the row: nothing to denoise
+        is_mask &= block[:, :1] != eos
     maskable = float(B - (1 if cfg.token_shift else 0))
     fill = cfg.mask_token_id if cfg.mask_token_id is not None else pad
     block = block.masked_fill(is_mask, fill)
