@@ -252,7 +252,7 @@ def test_finished_rows_leave_the_batch(mode):
         assert int(g.row_forwards.sum()) < (g.num_denoiser_forwards + g.num_context_forwards) * len(prompts)
 
 
-@pytest.mark.parametrize("mode", ["diffusion", "verified"])
+@pytest.mark.parametrize("mode", ["diffusion", "verified", "mock_ar"])
 def test_a_row_ended_by_the_context_tower_is_not_denoised(mode):
     """When the context tower's own next token is EOS the row is done: no denoiser step for it."""
     model = tiny_twotower("nemotron_h", perturb=0.05)
@@ -260,7 +260,9 @@ def test_a_row_ended_by_the_context_tower_is_not_denoised(mode):
     eos = int(model.generate(prompts, mode="ar", max_new_tokens=1, eos_token_id=-1).generated[0, 0])
     g = model.generate(prompts, mode=mode, gamma=0.3, max_new_tokens=8, eos_token_id=eos, pad_token_id=0)
     assert g.generated[0].tolist()[:1] == [eos] and int(g.num_generated[0]) == 1
-    assert int(g.row_forwards[0]) == (1 if mode == "diffusion" else 2)  # prefill (+ verified's one-token check)
+    assert int(g.row_forwards[0]) == 1  # the prefill only: it left before the first block
+    alone = model.generate(prompts[:1], mode=mode, gamma=0.3, max_new_tokens=8, eos_token_id=eos, pad_token_id=0)
+    assert int(alone.row_forwards[0]) == 1 and alone.num_denoiser_forwards == 0
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -287,6 +287,12 @@ def generate(
             rows.first = walk.logits(hidden[:, -1]).argmax(-1)
     else:
         while True:
+            ended = rows.first == eos_token_id  # the context tower's own next token ends these rows
+            if eos_token_id is not None and bool(ended.any()):
+                done = rows.emit([[t] if e else [] for t, e in zip(rows.first.tolist(), ended.tolist())],
+                                 eos_token_id, max_new_tokens)
+                if not rows.keep(~done):
+                    break
             block = torch.full((rows.index.shape[0], B), pad, dtype=torch.long, device=ctx_dev)
             block[:, 0] = rows.first
             steps: list | None = [] if trace is not None else None
@@ -342,8 +348,6 @@ def _denoise_block(model, block, rows, gamma, eos, pad, den_dev, tally, steps, d
         is_mask[:, 0] = False
     if drafting is not None:
         is_mask &= drafting.to(den_dev)[:, None]
-    if clean_first and eos is not None:  # the context tower's token ended the row: nothing to denoise
-        is_mask &= block[:, :1] != eos
     maskable = float(B - (1 if cfg.token_shift else 0))
     fill = cfg.mask_token_id if cfg.mask_token_id is not None else pad
     block = block.masked_fill(is_mask, fill)
