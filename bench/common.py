@@ -141,43 +141,95 @@ def train_steps(step_fn, params, *, steps: int, warmup: int, tokens_per_step: in
     }
 
 
+DECODE_MODES = ("ar", "diffusion", "verified")
+"""The modes `decode_side_by_side` times by default: AR, and the two faster ones against it."""
+SHOWN_MODES = ("diffusion", "verified", "auto")
+"""The modes `format_decode_table` shows beside AR, when a row has them."""
+
+
+def auto_table(rows: list[dict], min_agreement: float) -> dict[int, str]:
+    """Per measured batch size the fastest mode whose output is AR's or agrees with it on at least
+    `min_agreement` of the tokens (ar and verified always qualify): `generate`'s `auto_modes`."""
+    table = {}
+    for r in rows:
+        ok = [m for m in DECODE_MODES if f"{m}_tokens_per_s" in r
+              and (m in ("ar", "verified") or r[f"{m}_agreement"] >= min_agreement)]
+        table[r["batch"]] = max(ok, key=lambda m: r[f"{m}_tokens_per_s"])
+    return table
+
+
 def decode_side_by_side(model, prompts: torch.Tensor, *, gamma: float, max_new_tokens: int,
-                        device: torch.device, bf16: bool, repeats: int = 2) -> dict:
-    """AR vs diffusion on the same prompts, same process: tokens/s, forwards, agreement."""
-    out: dict[str, dict] = {}
-    for mode in ("ar", "diffusion"):
-        timing: dict[str, float] = {}
-        with autocast(device, bf16):
-            model.generate(prompts, mode=mode, gamma=gamma, max_new_tokens=max_new_tokens)  # warm-up
-            for _ in range(repeats):
-                with timed(device, timing, "s"):
-                    gen = model.generate(prompts, mode=mode, gamma=gamma, max_new_tokens=max_new_tokens)
+                        device: torch.device, bf16: bool, repeats: int = 2,
+                        modes: tuple[str, ...] = DECODE_MODES, draft: str | int = "confident",
+                        auto_modes: dict[int, str] | None = None) -> dict:
+    """The modes on the same prompts in the same process, interleaved (every repeat times each mode
+    once, so a load change on a shared machine hits all alike): tokens/s, forwards, agreement.
+    Keys per mode `m`: `{m}_tokens_per_s`, `{m}_speedup` (vs ar), `{m}_tokens_per_forward`
+    (generated tokens per model forward a row took part in), `{m}_agreement` (with ar), `{m}_wait`
+    (the batch's forwards / the mean row's: 1.0 when no row waits for a slower neighbour);
+    `verified_accepted_per_verify`; and, for the older tables, `speedup` and
+    `tokens_per_diffusion_forward` (diffusion's) and `agreement_with_ar`. draft: verified's
+    draft policy (`generate`'s `draft`)."""
+    if "ar" not in modes:
+        raise ValueError(f"decode_side_by_side: modes must include 'ar' (the reference), got {modes}")
+    timing: dict[str, float] = {}
+    gens = {}
+    kwargs = {m: dict(mode=m, gamma=gamma, max_new_tokens=max_new_tokens) for m in modes}
+    if "verified" in kwargs:
+        kwargs["verified"]["draft"] = draft
+    if "auto" in kwargs:
+        kwargs["auto"].update(auto_modes=auto_modes, draft=draft)
+    with autocast(device, bf16):
+        for mode in modes:  # warm-up
+            model.generate(prompts, **kwargs[mode])
+        for _ in range(repeats):
+            for mode in modes:
+                with timed(device, timing, mode):
+                    gens[mode] = model.generate(prompts, **kwargs[mode])
+    row: dict = {"batch": len(prompts)}
+    ar = gens["ar"].generated.cpu()
+    for mode in modes:
+        gen = gens[mode]
         tokens = int(gen.num_generated.sum())
-        seconds = timing["s"] / repeats
-        out[mode] = {"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens,
-                     "denoiser_forwards": gen.num_denoiser_forwards,
-                     "context_forwards": gen.num_context_forwards, "generated": gen.generated.cpu()}
-    ar, dif = out["ar"], out["diffusion"]
-    width = min(ar["generated"].shape[1], dif["generated"].shape[1])
-    agree = (ar["generated"][:, :width] == dif["generated"][:, :width]).float().mean().item()
-    forwards = dif["denoiser_forwards"] + dif["context_forwards"]
-    return {
-        "batch": len(prompts),
-        "ar_tokens_per_s": ar["tokens_per_s"],
-        "diffusion_tokens_per_s": dif["tokens_per_s"],
-        "speedup": dif["tokens_per_s"] / ar["tokens_per_s"],
-        "ar_forwards": ar["context_forwards"],
-        "diffusion_forwards": forwards,
-        "tokens_per_diffusion_forward": dif["tokens"] / max(1, forwards) / len(prompts),
-        "agreement_with_ar": agree,
-    }
+        row[f"{mode}_tokens_per_s"] = tokens * repeats / timing[mode]
+        row[f"{mode}_forwards"] = gen.num_denoiser_forwards + gen.num_context_forwards
+        row[f"{mode}_tokens_per_forward"] = gen.tokens_per_forward
+        # the batch's forwards over an average row's: what rows pay for waiting on their slowest neighbour
+        row[f"{mode}_wait"] = row[f"{mode}_forwards"] / float(gen.row_forwards.float().mean())
+        out = gen.generated.cpu()
+        width = min(ar.shape[1], out.shape[1])
+        row[f"{mode}_agreement"] = (ar[:, :width] == out[:, :width]).float().mean().item()
+    for mode in modes:
+        row[f"{mode}_speedup"] = row[f"{mode}_tokens_per_s"] / row["ar_tokens_per_s"]
+    if "verified" in gens:
+        row["verified_accepted_per_verify"] = gens["verified"].accepted_per_verify
+    if "auto" in gens:
+        row["auto_picked"] = gens["auto"].mode
+    if "diffusion" in gens:
+        row.update(speedup=row["diffusion_speedup"], agreement_with_ar=row["diffusion_agreement"],
+                   tokens_per_diffusion_forward=row["diffusion_tokens_per_forward"])
+    return row
 
 
 def format_decode_table(rows: list[dict]) -> str:
-    """AR and diffusion side by side, one line per batch size."""
-    head = f"{'batch':>5} {'AR tok/s':>10} {'diff tok/s':>10} {'speedup':>8} {'tok/fwd':>8} {'agree':>6}"
+    """One line per batch size: AR tok/s, then per other mode tok/s, speedup over AR, tokens per
+    model forward, agreement with AR and the waiting factor (verified: tokens kept per verification
+    too)."""
+    modes = [m for m in SHOWN_MODES if f"{m}_tokens_per_s" in rows[0]]
+    head = f"{'batch':>5} {'ar tok/s':>9}" + "".join(
+        f" | {m[:5] + ' tok/s':>11} {'speedup':>7} {'tok/fwd':>7} {'agree':>5} {'wait':>4}" for m in modes)
+    if "verified" in modes:
+        head += f" {'kept/verify':>11}"
+    if "auto" in modes:
+        head += f" {'auto ran':>9}"
     lines = [head]
     for r in rows:
-        lines.append(f"{r['batch']:>5} {r['ar_tokens_per_s']:>10.1f} {r['diffusion_tokens_per_s']:>10.1f} "
-                     f"{r['speedup']:>7.2f}x {r['tokens_per_diffusion_forward']:>8.2f} {r['agreement_with_ar']:>6.2f}")
+        line = f"{r['batch']:>5} {r['ar_tokens_per_s']:>9.1f}" + "".join(
+            f" | {r[f'{m}_tokens_per_s']:>11.1f} {r[f'{m}_speedup']:>6.2f}x {r[f'{m}_tokens_per_forward']:>7.2f}"
+            f" {r[f'{m}_agreement']:>5.2f} {r[f'{m}_wait']:>4.2f}" for m in modes)
+        if "verified" in modes:
+            line += f" {r['verified_accepted_per_verify']:>11.2f}"
+        if "auto" in modes:
+            line += f" {r['auto_picked']:>9}"
+        lines.append(line)
     return "\n".join(lines)

@@ -1,13 +1,16 @@
-"""CPU decode benchmark: AR vs diffusion side by side, in one process, at several γ and batch sizes.
+"""CPU decode benchmark: AR, diffusion and verified side by side, in one process, at several γ and batch sizes.
 
     python bench/decode_cpu.py                         # trains a small Nemotron-H on a copy task (~2-3 min)
     python bench/decode_cpu.py --model EXPORT_DIR --examples eval_examples.jsonl   # an exported model
     python bench/decode_cpu.py --quick                 # seconds: untrained tiny model (plumbing only)
+    python bench/decode_cpu.py --save DIR              # keep the trained copy-task model ...
+    python bench/decode_cpu.py --model DIR             # ... and bench it again on copy-task prompts
 
-Both modes decode the same prompts in the same process, one after the other, so the ratio is
-measured under the same load; every figure is the median-free mean of `--repeats` timed runs after
-a warm-up. The table gives tokens/s of each mode, the speedup, tokens committed per forward and
-the fraction of diffusion tokens equal to AR greedy's.
+All modes decode the same prompts in the same process, interleaved (each repeat times every mode
+once), so the ratios are measured under the same load; every figure is the mean of `--repeats`
+timed runs after a warm-up. The table gives per mode tokens/s, the speedup over AR, generated
+tokens per model forward a row took part in, the fraction of tokens equal to AR greedy's, and for
+verified the tokens kept per verification.
 """
 from __future__ import annotations
 
@@ -21,19 +24,28 @@ import torch
 if __package__ in (None, ""):  # `python bench/decode_cpu.py`: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import SIZES, copy_task_batch, decode_side_by_side, format_decode_table, \
+from bench.common import DECODE_MODES, SIZES, auto_table, copy_task_batch, decode_side_by_side, format_decode_table, \
     nemotron_h_config, train_steps  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="a TwoTowerForDiffusionLM directory (save_pretrained/export)")
-    p.add_argument("--examples", default=None, help="with --model: jsonl rows with a `prompt` field")
+    p.add_argument("--examples", default=None,
+                   help="with --model: jsonl rows with a `prompt` field (default: copy-task prompts)")
+    p.add_argument("--save", default=None, help="save the built-in trained model here (save_pretrained)")
     p.add_argument("--quick", action="store_true", help="untrained tiny model, few tokens: plumbing only")
     p.add_argument("--steps", type=int, default=300, help="AR and denoiser training steps each (built-in model)")
     p.add_argument("--block-size", type=int, default=8)
     p.add_argument("--gammas", type=float, nargs="+", default=[0.9, 0.8, 0.6])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--modes", nargs="+", default=list(DECODE_MODES), choices=list(DECODE_MODES),
+                   help="modes timed against AR (ar is always included)")
+    p.add_argument("--auto-agreement", type=float, default=0.987,
+                   help="auto: diffusion qualifies where it agrees with AR on at least this share of tokens "
+                        "(ar and verified always do); after the table, ar and auto are timed again side by side")
+    p.add_argument("--draft", default="confident",
+                   help="verified's draft policy: full, confident, or an int k (at most k denoiser steps)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
@@ -88,9 +100,14 @@ def exported_model(args: argparse.Namespace):
 
     from twotower import TwoTowerForDiffusionLM
 
-    if not args.examples:
-        raise ValueError("--model needs --examples (a jsonl file with a `prompt` field per row)")
     model = TwoTowerForDiffusionLM.from_pretrained(args.model).eval()
+    if not args.examples:  # a model saved by --save: the copy task it was trained on
+        vocab = model.backbone_config.vocab_size
+
+        def copy_prompts(batch: int) -> torch.Tensor:
+            return copy_task_batch(batch, args.prompt_len, vocab, torch.Generator().manual_seed(batch), period=(4, 12))
+
+        return model, copy_prompts
     tok = AutoTokenizer.from_pretrained(args.model)
     rows = [json.loads(line) for line in Path(args.examples).read_text().splitlines() if line.strip()]
     if not rows or "prompt" not in rows[0]:
@@ -105,17 +122,28 @@ def exported_model(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads)
     model, prompts = exported_model(args) if args.model else trained_copy_model(args)
+    if args.save and not args.model:
+        model.save_pretrained(args.save)
     new_tokens = 8 if args.quick else args.max_new_tokens
     rows = []
     for gamma in args.gammas:
         table = []
         for batch in args.batches:
+            modes = tuple(dict.fromkeys(["ar", *args.modes]))
             row = decode_side_by_side(model, prompts(batch), gamma=gamma, max_new_tokens=new_tokens,
-                                      device=torch.device("cpu"), bf16=False, repeats=args.repeats)
+                                      device=torch.device("cpu"), bf16=False, repeats=args.repeats, modes=modes,
+                                      draft=int(args.draft) if args.draft.isdigit() else args.draft)
             table.append({**row, "gamma": gamma})
         print(f"[decode_cpu] gamma {gamma:.2f}, B {model.block_size}, {new_tokens} new tokens, "
               f"{args.threads} thread(s):\n{format_decode_table(table)}", flush=True)
         rows += table
+        picks = auto_table(table, args.auto_agreement)
+        autos = [{**decode_side_by_side(model, prompts(batch), gamma=gamma, max_new_tokens=new_tokens,
+                                        device=torch.device("cpu"), bf16=False, repeats=args.repeats,
+                                        modes=("ar", "auto"), draft=int(args.draft) if args.draft.isdigit() else args.draft, auto_modes=picks),
+                  "gamma": gamma} for batch in args.batches]
+        print(f"[decode_cpu] auto (table {picks}), timed again beside ar:\n{format_decode_table(autos)}", flush=True)
+        rows += autos
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
     return rows

@@ -1,4 +1,4 @@
-"""The two Mamba-scan cuts of the decode path, each timed against the path it replaced, interleaved.
+"""The Mamba-scan cuts of the decode path, each timed against the path it replaced, interleaved.
 
     python bench/scan_cost.py BACKBONE_DIR          # e.g. runs/cache/pretrain_backbone/<key>/model
 
@@ -6,6 +6,11 @@
    block is never read (blocks are seeded from the context tower), so its work is skipped.
 2. A short prefill as one scan chunk (`walk.ONE_CHUNK_MAX`) against chunks of B (the old path,
    obtained by setting ONE_CHUNK_MAX to 0).
+3. Verified decoding's rollback of a block: the verification forward keeping the Mamba-2 state
+   after every position (`record`, chunk 1), against the plain verification forward followed by a
+   rescan of the accepted prefix (here half the block) from the old cache.
+4. Those every-position states from the one-chunk quadratic form (`ops.EVERY_POSITION_MAX`)
+   against a scan with chunks of one token (EVERY_POSITION_MAX = 0).
 
 Shapes come from the backbone's first Mamba layer; 1 torch thread; each pair is timed alternately
 `--rounds` times with torch.utils.benchmark and the minimum and median are printed, with the ratio.
@@ -48,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = p.parse_args(argv)
     from transformers import AutoModelForCausalLM
 
+    import twotower.ops as ops_mod
     import twotower.walk as walk_mod
     from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
     from twotower.cache import TowerCache
@@ -77,8 +83,30 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 walk_mod.ONE_CHUNK_MAX = one_chunk
         return run
 
+    _, cache = walk_mod.context_forward(walk, ids, TowerCache.empty(1, "cpu"), chunk=B)
+    block = torch.randint(5, backbone.config.vocab_size, (1, B), generator=g)
+
+    def rescan():
+        walk_mod.context_forward(walk, block, cache, chunk=B)
+        walk_mod.context_forward(walk, block[:, : B // 2], cache, chunk=B)
+
+    def every_position():
+        walk_mod.context_forward(walk, block, cache, chunk=1, record={})
+
+    def states_scan(limit: int):
+        def run():
+            ops_mod.EVERY_POSITION_MAX = limit
+            try:
+                ssd_scan(*scan, 1)
+            finally:
+                ops_mod.EVERY_POSITION_MAX = every
+        return run
+
+    every = ops_mod.EVERY_POSITION_MAX
     out: dict[str, float] = {}
     with torch.inference_mode():
+        _pair("rollback", {"rescan_prefix": rescan, "every_position": every_position}, args.rounds, out)
+        _pair("every-pos scan", {"token_chunks": states_scan(0), "one_chunk": states_scan(every)}, args.rounds, out)
         _pair("block scan", {"with_states": lambda: ssd_scan(*scan, B),
                              "no_states": lambda: ssd_scan(*scan, B, want_states=False)}, args.rounds, out)
         _pair(f"prefill {args.prompt_len} tok", {"chunks_of_B": prefill(0), "one_chunk": prefill(one_chunk)},

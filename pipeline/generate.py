@@ -2,8 +2,9 @@
 
 Loads an exported two-tower directory (no Ray, no MLflow), reads its `generation_config.json` for
 the defaults (mode, γ, block size, max_new_tokens) and prints the continuation of the prompt with the
-forward counts and the wall-clock time. `--show-steps` prints, for diffusion decoding, how each block
-fills in step by step (`_` marks a still-masked position, `·` padding after EOS).
+forward counts and the wall-clock time. `--show-steps` prints, for diffusion and verified decoding,
+how each block fills in step by step (`_` marks a still-masked position, `·` padding after EOS);
+in verified decoding also the draft, the prefix the context tower accepted and its correction.
 
     python -m pipeline generate runs/<run>/export/model --prompt "copy: abc=" --show-steps
 """
@@ -15,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("diffusion", "mock_ar", "ar")
+MODES = ("diffusion", "verified", "mock_ar", "ar", "auto")
+STEPPED = ("diffusion", "verified", "auto")
 MASK_GLYPH = "_"
 
 
@@ -56,6 +58,11 @@ def render_steps(trace: list, tokenizer, first_block_start: int = 0) -> list[str
             toks, masked = step["tokens"][0], step["masked"][0]
             shown = "".join(MASK_GLYPH if m else _piece(tokenizer, t) for t, m in zip(toks, masked))
             lines.append(f"  step {s + 1:2d}  |{shown}|  ({sum(masked)} masked)")
+        if steps and "accepted" in steps[-1]:
+            kept, draft = steps[-1]["accepted"][0], steps[-1]["tokens"][0]
+            shown = "".join(_piece(tokenizer, t) for t in draft[:kept])
+            fix = _piece(tokenizer, steps[-1]["correction"][0])
+            lines.append(f"  verify   |{shown}|  kept {kept} of {len(draft)}, then the context tower's {fix!r}")
     return lines
 
 
@@ -84,7 +91,7 @@ def main(argv: list[str]) -> int:
     model = TwoTowerForDiffusionLM.from_pretrained(str(export_dir)).eval()
     ids = torch.tensor([tokenizer(args.prompt)["input_ids"]])
     kwargs = {"mode": mode, "gamma": gamma, "max_new_tokens": max_new,
-              "return_trace": args.show_steps and mode == "diffusion"}
+              "return_trace": args.show_steps and mode in STEPPED}
     if block_size:
         kwargs["block_size"] = int(block_size)
     t0 = time.perf_counter()
@@ -94,14 +101,18 @@ def main(argv: list[str]) -> int:
     new = gen.sequences[0, ids.shape[1]:].tolist()
     n = int(gen.num_generated[0]) if getattr(gen, "num_generated", None) is not None else len(new)
     if args.show_steps:
-        if mode != "diffusion":
-            print(f"(--show-steps shows denoising steps; mode {mode} has none)")
+        if gen.mode not in STEPPED:
+            print(f"(--show-steps shows denoising steps; mode {gen.mode} has none)")
         else:
             print("\n".join(render_steps(gen.trace or [], tokenizer)))
     text = tokenizer.decode(new[:n], skip_special_tokens=True)
     print(f"{args.prompt}{text}")
+    if mode == "auto":
+        mode = f"auto: {gen.mode}"
     print(f"[{mode}, γ={gamma:g}] {n} tokens, {gen.num_denoiser_forwards} denoiser + "
-          f"{gen.num_context_forwards} context forwards, {seconds * 1000:.0f} ms", file=sys.stderr)
+          f"{gen.num_context_forwards} context forwards, {seconds * 1000:.0f} ms"
+          + (f", {gen.accepted_per_verify:.2f} tokens kept per verification" if gen.mode == "verified" else ""),
+          file=sys.stderr)
     return 0
 
 

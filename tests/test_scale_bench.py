@@ -45,9 +45,28 @@ def test_decode_cpu_quick_side_by_side(tmp_path, capsys):
     out = tmp_path / "rows.json"
     rows = decode_cpu.run(decode_cpu.parse_args(["--quick", "--gammas", "0.8", "--batches", "1", "2",
                                                  "--repeats", "1", "--out", str(out)]))
-    assert [(r["gamma"], r["batch"]) for r in rows] == [(0.8, 1), (0.8, 2)]
-    assert json.loads(out.read_text())[0]["speedup"] > 0
-    assert "AR tok/s" in capsys.readouterr().out
+    assert [(r["gamma"], r["batch"]) for r in rows] == [(0.8, 1), (0.8, 2)] * 2  # the modes, then ar beside auto
+    assert all(r["auto_picked"] in ("ar", "verified", "diffusion") for r in rows[2:])
+    saved = json.loads(out.read_text())[0]
+    assert saved["speedup"] > 0 and saved["verified_speedup"] > 0
+    assert saved["verified_agreement"] == 1.0  # verified is AR token for token, whatever the denoiser drafts
+    assert 1.0 <= saved["verified_accepted_per_verify"] <= 8
+    printed = capsys.readouterr().out
+    assert "ar tok/s" in printed and "verif tok/s" in printed and "kept/verify" in printed
+
+
+def test_auto_table_picks_the_fastest_qualifying_mode():
+    """ar and verified always qualify; diffusion only where it agrees with AR enough."""
+    from bench.common import auto_table
+
+    rows = [{"batch": 1, "ar_tokens_per_s": 10, "diffusion_tokens_per_s": 40, "diffusion_agreement": 0.9,
+             "verified_tokens_per_s": 30},
+            {"batch": 4, "ar_tokens_per_s": 50, "diffusion_tokens_per_s": 60, "diffusion_agreement": 1.0,
+             "verified_tokens_per_s": 45},
+            {"batch": 16, "ar_tokens_per_s": 90, "diffusion_tokens_per_s": 60, "diffusion_agreement": 1.0,
+             "verified_tokens_per_s": 45}]
+    assert auto_table(rows, 0.987) == {1: "verified", 4: "diffusion", 16: "ar"}
+    assert auto_table(rows, 0.5)[1] == "diffusion"
 
 
 def test_train_steps_respects_the_time_cap():
@@ -85,8 +104,8 @@ def test_forward_cost_times_the_three_decoding_forwards(tmp_path):
 
 
 def test_scan_cost_times_both_cuts_against_the_old_paths(tmp_path):
-    """bench/scan_cost.py on a saved tiny Nemotron-H: both pairs timed, ratios consistent, and the
-    one-chunk limit restored afterwards."""
+    """bench/scan_cost.py on a saved tiny Nemotron-H: every pair timed, ratios consistent, and the
+    one-chunk limits restored afterwards."""
     from twotower_fixtures import tiny_backbone
 
     from bench import scan_cost
@@ -97,3 +116,7 @@ def test_scan_cost_times_both_cuts_against_the_old_paths(tmp_path):
     assert out["block scan/ratio"] == pytest.approx(out["block scan/no_states_us"] / out["block scan/with_states_us"])
     assert out["prefill 10 tok/one_chunk_us"] > 0 and out["prefill 10 tok/chunks_of_B_us"] > 0
     assert walk.ONE_CHUNK_MAX == 64
+    assert out["rollback/ratio"] == pytest.approx(out["rollback/every_position_us"] / out["rollback/rescan_prefix_us"])
+    assert out["every-pos scan/one_chunk_us"] > 0 and out["every-pos scan/token_chunks_us"] > 0
+    from twotower import ops
+    assert ops.EVERY_POSITION_MAX == 64

@@ -191,8 +191,8 @@ def test_export_reloads_and_generates_in_all_modes(chain):
     tok = AutoTokenizer.from_pretrained(path)
     ids = torch.tensor([tok("copy abc=")["input_ids"]])
     outs = {mode: model.generate(ids, mode=mode, gamma=0.9, max_new_tokens=12).sequences for mode in
-            ("diffusion", "mock_ar", "ar")}
-    assert torch.equal(outs["mock_ar"], outs["ar"])
+            ("diffusion", "verified", "mock_ar", "ar")}
+    assert torch.equal(outs["mock_ar"], outs["ar"]) and torch.equal(outs["verified"], outs["ar"])
     assert outs["diffusion"].shape[1] > ids.shape[1]
 
 
@@ -204,6 +204,9 @@ def test_generate_cli_prints_steps(chain, capsys):
     out = capsys.readouterr().out
     assert "block 0:" in out and "step  1" in out and out.strip().splitlines()[-1].startswith("copy abc=")
     assert main([path, "--prompt", "copy abc=", "--mode", "ar", "--max-new-tokens", "8"]) == 0
+    assert main([path, "--prompt", "copy abc=", "--mode", "verified", "--show-steps", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "step  1" in out and "  verify   |" in out and "then the context tower's" in out
 
 
 def test_generate_cli_rejects_bad_input(tmp_path, capsys):

@@ -167,6 +167,105 @@ def test_inv5_mock_ar_equals_ar_odd_prompts_batched(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_verified_equals_ar_at_every_gamma_batched_eos_odd_budget(name):
+    """`verified` is `ar` token for token: several γ and every draft policy, prompts of different
+    lengths in one batch, a budget that is not a multiple of B, an EOS in the middle of a block; and
+    the rollback really ran (rows of one verification kept different numbers of tokens)."""
+    model = tiny_twotower(name, perturb=0.05)
+    prompts = [rand_ids(1, n, seed=n)[0].tolist() for n in (3, 7, 5)]
+    kw = dict(max_new_tokens=13, eos_token_id=-1)
+    ar = model.generate(prompts, mode="ar", **kw)
+    kept, paused = [], []
+    for gamma in (0.02, 0.5, 1.0):
+        for draft in ("full", "confident", 1):
+            v = model.generate(prompts, mode="verified", gamma=gamma, draft=draft, return_trace=True, **kw)
+            assert torch.equal(v.sequences, ar.sequences), (gamma, draft)
+            kept += [steps[-1]["accepted"] for steps in v.trace]
+            paused += [not any(m) for steps in v.trace for m in steps[0]["masked"]]
+            assert v.num_accepted >= 13 * 3 and 1 <= v.accepted_per_verify <= B
+    assert any(len(set(k)) > 1 for k in kept) and any(max(k) > 1 for k in kept)
+    assert any(paused) and not all(paused)  # rows whose drafts kept nothing verified blocks without one
+    eos = int(ar.generated[0, 6])
+    ar_e = model.generate(prompts, mode="ar", max_new_tokens=13, eos_token_id=eos, pad_token_id=0)
+    v_e = model.generate(prompts, mode="verified", gamma=0.3, max_new_tokens=13, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(ar_e.sequences, v_e.sequences)
+    assert torch.equal(ar_e.num_generated, v_e.num_generated) and int(v_e.num_generated[0]) <= 7
+    for i, p in enumerate(prompts):  # each row equals decoding that prompt alone
+        alone = model.generate([p], mode="verified", gamma=0.5, **kw)
+        assert alone.generated[0].tolist() == ar.generated[i].tolist()
+
+
+@pytest.mark.parametrize("name", ["nemotron_h", "granitemoehybrid", "mistral", "gemma2"])
+def test_drop_last_equals_the_cache_of_the_kept_prefix(name):
+    """Rolling a block commit back per row (different lengths) leaves a cache that continues
+    exactly like one extended by the kept tokens only: K/V, positions, Mamba conv and SSM states."""
+    from twotower.generate import _Rows, _Tally, _verify_block
+
+    model = tiny_twotower(name, perturb=0.05)
+    walk = model.context_walk
+    prompts = rand_ids(3, 6, seed=1)
+    block = rand_ids(3, B, seed=2)
+    nxt = rand_ids(3, 3, seed=3)
+    with torch.no_grad():
+        hidden, cache = context_forward(walk, prompts, TowerCache.empty(3, "cpu"), chunk=B)
+        greedy = walk.logits(hidden[:, -1]).argmax(-1)
+        block[:, 0] = greedy
+        # make row 1 agree with the context tower on its first two drafts: it keeps 3 tokens
+        h, _ = context_forward(walk, block[1:2, :1], cache.select(torch.tensor([1])), chunk=B)
+        block[1, 1] = walk.logits(h[:, -1]).argmax(-1)
+        h, _ = context_forward(walk, block[1:2, :2], cache.select(torch.tensor([1])), chunk=B)
+        block[1, 2] = walk.logits(h[:, -1]).argmax(-1)
+        block[1, 3] = (walk.logits(h[:, -1]).argmax(-1) + 1) % VOCAB  # a wrong draft after a right one
+        rows = _Rows(torch.arange(3), greedy, cache, [[] for _ in range(3)])
+        kept = _verify_block(model, block, rows, False, _Tally(torch.zeros(3, dtype=torch.long)), None)
+        assert int(kept[1]) >= 3 and len(set(kept.tolist())) > 1
+        got, _ = context_forward(walk, nxt, rows.cache, chunk=B)
+        for r in range(3):
+            a = int(kept[r])
+            _, ref_cache = context_forward(walk, block[r:r + 1, :a], cache.select(torch.tensor([r])), chunk=B)
+            ref, _ = context_forward(walk, nxt[r:r + 1], ref_cache, chunk=B)
+            torch.testing.assert_close(got[r:r + 1], ref, atol=1e-5, rtol=1e-5)
+            assert int(rows.cache.next_pos[r]) == int(ref_cache.next_pos[0])
+
+
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "verified", "mock_ar"])
+def test_finished_rows_leave_the_batch(mode):
+    """A row that hits EOS takes part in no later forward; the order of the rows is kept."""
+    model = tiny_twotower("nemotron_h", perturb=0.05)
+    prompts = [rand_ids(1, n, seed=n)[0].tolist() for n in (3, 7, 5, 4)]
+    ar = model.generate(prompts, mode="ar", max_new_tokens=13, eos_token_id=-1)
+    eos = int(ar.generated[1, 2])
+    kw = dict(max_new_tokens=13, eos_token_id=eos, pad_token_id=0, gamma=0.3)
+    g = model.generate(prompts, mode=mode, return_trace=True, **kw)
+    assert int(g.num_generated.min()) < int(g.num_generated.max())  # some row finished early
+    for i, p in enumerate(prompts):
+        alone = model.generate([p], mode=mode, **kw)
+        assert alone.generated[0].tolist() == g.generated[i, : alone.generated.shape[1]].tolist()
+        assert int(alone.row_forwards[0]) == int(g.row_forwards[i])  # no forward after it finished
+    if mode == "ar":
+        assert torch.equal(g.row_forwards, g.num_generated)
+    if mode in ("diffusion", "verified"):  # a row with a complete draft sits out its neighbours' steps
+        for steps in g.trace:
+            for before, after in zip(steps, steps[1:]):
+                live = [any(m) for m in before["masked"]]
+                assert all(not any(m) for m, alive in zip(after["masked"], live) if not alive)
+        assert int(g.row_forwards.sum()) < (g.num_denoiser_forwards + g.num_context_forwards) * len(prompts)
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "verified", "mock_ar"])
+def test_a_row_ended_by_the_context_tower_is_not_denoised(mode):
+    """When the context tower's own next token is EOS the row is done: no denoiser step for it."""
+    model = tiny_twotower("nemotron_h", perturb=0.05)
+    prompts = [rand_ids(1, n, seed=n)[0].tolist() for n in (3, 7)]
+    eos = int(model.generate(prompts, mode="ar", max_new_tokens=1, eos_token_id=-1).generated[0, 0])
+    g = model.generate(prompts, mode=mode, gamma=0.3, max_new_tokens=8, eos_token_id=eos, pad_token_id=0)
+    assert g.generated[0].tolist()[:1] == [eos] and int(g.num_generated[0]) == 1
+    assert int(g.row_forwards[0]) == 1  # the prefill only: it left before the first block
+    alone = model.generate(prompts[:1], mode=mode, gamma=0.3, max_new_tokens=8, eos_token_id=eos, pad_token_id=0)
+    assert int(alone.row_forwards[0]) == 1 and alone.num_denoiser_forwards == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_ar_matches_hf_greedy(name):
     """Mode `ar` is the backbone's own greedy decoding."""
     model = tiny_twotower(name)
@@ -320,7 +419,7 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_config_variants_keep_invariants(variant, tmp_path):
     """Every TwoTowerConfig option keeps zero-init identity, train/decode consistency, mock_ar ==
-    ar, trains, and round-trips (on the Nemotron-H tiny config, which has every layer kind)."""
+    ar == verified, trains, and round-trips (on the Nemotron-H tiny config, which has every layer kind)."""
     from twotower import checks
 
     assert checks.zero_init_identity(tiny_twotower("nemotron_h", **VARIANTS[variant]), rand_ids(1, 9)) <= ZERO_INIT_TOL
@@ -340,8 +439,10 @@ def test_config_variants_keep_invariants(variant, tmp_path):
     torch.testing.assert_close(dec, train[:, 4:], atol=2e-5, rtol=1e-5)
     prompts = [rand_ids(1, n, seed=n)[0].tolist() for n in (3, 6)]
     kw = dict(max_new_tokens=9, eos_token_id=-1)
-    assert torch.equal(model.generate(prompts, mode="ar", **kw).sequences,
-                       model.generate(prompts, mode="mock_ar", **kw).sequences)
+    ar = model.generate(prompts, mode="ar", **kw).sequences
+    assert torch.equal(ar, model.generate(prompts, mode="mock_ar", **kw).sequences)
+    for draft in ("full", 1):  # the rollback also cuts cross-attention's hidden states
+        assert torch.equal(ar, model.generate(prompts, mode="verified", gamma=0.3, draft=draft, **kw).sequences)
     out = model(rand_ids(2, 8))
     out.loss.backward()
     assert out.loss.isfinite() and 0 <= out.masked_accuracy <= 1
@@ -475,3 +576,26 @@ def test_suffix_masks_mask_the_last_fraction_t():
     _, m2 = iid.sample_noise(maskable, torch.Generator().manual_seed(0))
     f2 = torch.where(m2.any(-1), m2.float().argmax(-1), torch.full_like(n_mask, B))
     assert not torch.equal(f2 + m2.sum(-1), torch.full_like(n_mask, B))
+
+
+def test_auto_picks_the_mode_of_the_batch_size_from_the_export(tmp_path):
+    """`auto` runs the table's mode for the batch size (the largest measured size <= the batch),
+    read from the export's generation_config.json, and says which one ran."""
+    model = tiny_twotower("nemotron_h", perturb=0.05)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"auto_modes": {"1": "verified", "4": "ar"}}))
+    loaded = TwoTowerForDiffusionLM.from_pretrained(tmp_path)
+    assert loaded.auto_modes == {1: "verified", 4: "ar"}
+    prompts = [rand_ids(1, n, seed=n)[0].tolist() for n in (3, 7, 5, 4, 6)]
+    kw = dict(max_new_tokens=9, eos_token_id=-1, gamma=0.3)
+    for batch, expect in ((1, "verified"), (3, "verified"), (4, "ar"), (5, "ar")):
+        g = loaded.generate(prompts[:batch], mode="auto", **kw)
+        assert g.mode == expect
+        assert torch.equal(g.sequences, loaded.generate(prompts[:batch], mode=expect, **kw).sequences)
+    g = model.generate(prompts[:2], mode="auto", auto_modes={1: "diffusion"}, **kw)
+    assert g.mode == "diffusion" and g.num_denoiser_forwards > 0
+    with pytest.raises(ValueError, match="needs an auto_modes table"):
+        model.generate(prompts[:1], mode="auto", **kw)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"auto_modes": {"1": "beam"}}))
+    with pytest.raises(ValueError, match=r"generation_config.json: auto_modes\['1'\]"):
+        TwoTowerForDiffusionLM.from_pretrained(tmp_path)

@@ -54,6 +54,12 @@ def model():
     return tiny_twotower("llama")
 
 
+@pytest.mark.parametrize("draft", [0, -1, 1.5, "greedy", None, True])
+def test_draft_policy_must_be_named_or_a_positive_int(model, draft):
+    with pytest.raises(ValueError, match=r"draft must be one of \('full', 'confident'\) or an int >= 1"):
+        model.generate(torch.tensor([[5, 6, 7]]), mode="verified", draft=draft, max_new_tokens=4)
+
+
 @pytest.mark.parametrize("gamma", [0.0, -0.1, 1.5])
 def test_gamma_outside_unit_interval(model, gamma):
     with pytest.raises(ValueError, match=r"gamma must be in \(0, 1\]"):

@@ -42,9 +42,12 @@ def test_attention_with_mask_equals_loop_over_queries():
             torch.testing.assert_close(got[0, i, h], w @ v[0, h // 2, keys], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("T,chunk,with_init", [(11, 4, True), (11, 4, False), (11, 16, True), (16, 16, False), (1, 4, True)])
+@pytest.mark.parametrize("T,chunk,with_init", [(11, 4, True), (11, 4, False), (11, 16, True), (16, 16, False), (1, 4, True),
+                                              (8, 1, True), (8, 1, False), (70, 1, True)])
 def test_ssd_scan_matches_recurrence_and_boundary_states(T, chunk, with_init):
-    """Multi-chunk, single-chunk (a decoded block) and one-token paths all equal the recurrence."""
+    """Multi-chunk, single-chunk (a decoded block), one-token and every-position (chunk 1: a verified
+    block's rollback points; quadratic form up to EVERY_POSITION_MAX, chunks beyond) paths all equal
+    the recurrence."""
     g = torch.Generator().manual_seed(0)
     N, H, P, G, S = 2, 4, 3, 2, 5
     x = torch.randn(N, T, H, P, generator=g)

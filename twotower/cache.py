@@ -65,5 +65,48 @@ class TowerCache:
         return self._map(lambda t: t.clone())
 
     def select(self, index: torch.Tensor) -> "TowerCache":
-        """Rows `index` of the batch."""
-        return self._map(lambda t: t[index])
+        """Rows `index` of the batch, without the leading columns no remaining row uses (a row that
+        left the batch may have been the only one with a long prompt)."""
+        picked = self._map(lambda t: t[index])
+        used = picked.valid.any(0)
+        start = int(used.float().argmax()) if bool(used.any()) else picked.length
+        return picked._columns(slice(start, None)) if start else picked
+
+    def _columns(self, cols) -> "TowerCache":
+        """The same rows, time columns `cols` (a slice) only; Mamba states are untouched."""
+        return TowerCache(
+            self.valid[:, cols], self.next_pos, self.positions[:, cols],
+            {i: k[:, :, cols] for i, k in self.keys.items()}, {i: v[:, :, cols] for i, v in self.values.items()},
+            dict(self.conv), dict(self.ssm), {i: h[:, cols] for i, h in self.hidden.items()},
+        )
+
+    def drop_last(self, drop: torch.Tensor, conv: dict[int, torch.Tensor], ssm: dict[int, torch.Tensor]) -> "TowerCache":
+        """Roll each row back by `drop[i]` `[N]` positions (the rejected tail of a verified draft).
+
+        Keys, values, hidden states, positions and validity lose their last `drop[i]` columns; rows
+        stay right-aligned (a row that drops fewer than another keeps its columns, the others gain
+        invalid left pads, which attention never sees), and the width shrinks by `min(drop)`.
+        Mamba-2 states summarise the whole prefix, so they cannot be cut: the caller passes each
+        sublayer's conv and SSM state at the accepted length (`conv`, `ssm`)."""
+        low = int(drop.min())
+        width = self.length - low
+        shift = drop - low
+        next_pos = self.next_pos - drop
+        if not bool(shift.any()):  # every row drops the same: a slice, no copy
+            cut = self._columns(slice(0, width))
+            return TowerCache(cut.valid, next_pos, cut.positions, cut.keys, cut.values, conv, ssm, cut.hidden)
+        src = torch.arange(width, device=drop.device)[None] - shift[:, None]  # [N, width]
+        pads = src < 0
+        src = src.clamp(min=0)
+
+        def along(t: torch.Tensor, dim: int) -> torch.Tensor:
+            shape = [1] * t.dim()
+            shape[0], shape[dim] = src.shape[0], width
+            index = src.view(shape).expand(*[width if d == dim else n for d, n in enumerate(t.shape)])
+            return t.gather(dim, index)
+
+        return TowerCache(
+            along(self.valid, 1) & ~pads, next_pos, along(self.positions, 1),
+            {i: along(k, 2) for i, k in self.keys.items()}, {i: along(v, 2) for i, v in self.values.items()},
+            conv, ssm, {i: along(h, 1) for i, h in self.hidden.items()},
+        )

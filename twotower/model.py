@@ -71,6 +71,9 @@ class TwoTowerForDiffusionLM(nn.Module):
         self.context_tower.eval()
         self.denoiser = DenoiserTower.from_backbone(backbone, self.adapter, self.tt_config)
         self.context_walk = Walk.of(self.adapter, self.context_tower)
+        self.auto_modes: dict[int, str] | None = None
+        """`generate(mode="auto")`'s table: batch size -> the fastest mode meeting the quality
+        target there (from the export's generation_config.json `auto_modes`)."""
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -279,7 +282,29 @@ class TwoTowerForDiffusionLM(nn.Module):
                 raise ValueError(f"{d}: weights do not match the config: missing {truly_missing[:5]}, "
                                  f"unexpected {unexpected[:5]}")
         model.context_tower.requires_grad_(False)
+        gen_cfg = d / "generation_config.json"
+        if gen_cfg.exists():  # `auto` decoding reads its per-batch-size modes from here
+            model.auto_modes = auto_modes_of(json.loads(gen_cfg.read_text()), str(gen_cfg))
         return model.eval()
+
+
+def auto_modes_of(generation_config: dict, where: str) -> dict[int, str] | None:
+    """The `auto_modes` table of a generation config (`{"<batch size>": "<mode>"}`, the fastest
+    mode meeting the quality target at each measured batch size) as `{int: str}`; None if absent."""
+    from twotower.generate import AUTO_CHOICES
+
+    table = generation_config.get("auto_modes")
+    if table is None:
+        return None
+    if not isinstance(table, dict) or not table:
+        raise ValueError(f"{where}: auto_modes must be a non-empty mapping batch size -> mode, got {table!r}")
+    out = {}
+    for key, mode in table.items():
+        if not str(key).isdigit() or int(key) < 1 or mode not in AUTO_CHOICES:
+            raise ValueError(f"{where}: auto_modes[{key!r}] = {mode!r}: keys are batch sizes >= 1, "
+                             f"modes one of {AUTO_CHOICES}")
+        out[int(key)] = mode
+    return out
 
 
 def _prediction_logits(logits: torch.Tensor, token_shift: bool) -> torch.Tensor:

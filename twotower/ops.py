@@ -78,6 +78,13 @@ def _segsum_exp(a: torch.Tensor) -> torch.Tensor:
     return torch.exp(seg.masked_fill(~keep, float("-inf")))
 
 
+EVERY_POSITION_MAX = 64
+"""chunk = 1 asks for the state after every position (a verified block's rollback points): up to
+this many tokens they come from the one-chunk quadratic form's own decay matrix, one more einsum
+and no chunk recurrence (`bench/scan_cost.py`, docs/benchmarks.md); its cost grows as T², so
+longer inputs take the chunk path."""
+
+
 def ssd_scan(x, dt, A, B, C, D, initial_state, chunk: int, want_states: bool = True):
     """Mamba-2 SSD chunk scan in float32.
 
@@ -85,7 +92,8 @@ def ssd_scan(x, dt, A, B, C, D, initial_state, chunk: int, want_states: bool = T
     B/C `[N, T, G, S]`, D `[H]`, initial_state `[N, H, P, S]` or None.
     Returns y `[N, T, H, P]` and the states at every chunk boundary `[N, c+1, H, P, S]`:
     index k is the state before position k·chunk, the last one the state after all T tokens.
-    Use chunk = block size and the boundaries are exactly the block starts.
+    Use chunk = block size and the boundaries are exactly the block starts; chunk = 1 gives the state
+    after every position.
     want_states=False returns (y, None) and skips the end-state work of a one-chunk input, ~30 %
     of its cost (the denoiser never reads its own states: its blocks are seeded from the context
     tower's).
@@ -104,16 +112,25 @@ def ssd_scan(x, dt, A, B, C, D, initial_state, chunk: int, want_states: bool = T
         return y[:, None], torch.stack([init, state], dim=1)
     xdt = x * dt[..., None]
     adt = dt * A.float()
-    if length <= chunk:  # one chunk (a decoded block): the quadratic form, no chunk recurrence
+    every = chunk == 1 and length <= EVERY_POSITION_MAX
+    if length <= chunk or every:  # one chunk (a decoded block): the quadratic form, no chunk recurrence
         adt = adt.transpose(1, 2)  # [N, H, T]
         acum = torch.cumsum(adt, dim=-1)
-        scores = torch.einsum("nlhs,nmhs->nhlm", C, B) * _segsum_exp(adt)
+        decay = _segsum_exp(adt)  # [N, H, T, T]
+        scores = torch.einsum("nlhs,nmhs->nhlm", C, B) * decay
         y = torch.einsum("nhlm,nmhp->nlhp", scores, xdt)
         init = initial_state.float() if initial_state is not None else None
         if init is not None:
             y = y + torch.einsum("nlhs,nhps->nlhp", C, init) * torch.exp(acum).transpose(1, 2)[..., None]
         if not want_states:
             return y + skip, None
+        if every:  # the state after each position: the same decay matrix, summed to every row
+            states = torch.einsum("nhlm,nmhs,nmhp->nlhps", decay, B, xdt)
+            if init is None:
+                init = states.new_zeros(states[:, 0].shape)
+            else:
+                states = states + init[:, None] * torch.exp(acum).transpose(1, 2)[..., None, None]
+            return y + skip, torch.cat([init[:, None], states], dim=1)
         decay_to_end = torch.exp(acum[..., -1:] - acum)  # [N, H, T]
         final = torch.einsum("nlhs,nhl,nlhp->nhps", B, decay_to_end, xdt)
         if init is None:
