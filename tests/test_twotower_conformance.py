@@ -1,4 +1,4 @@
-"""Conformance kit: the seven invariants of DESIGN.md section 5 for every registered tiny backbone.
+"""Conformance kit: the seven invariants of docs/design.md section 5 for every registered tiny backbone.
 
 A new adapter joins by adding its tiny config to `tests/twotower_fixtures.TINY_CONFIGS`.
 """

@@ -30,6 +30,15 @@ from twotower.ops import attention, block_training_mask, mamba2_mixer, window_ma
 from twotower.walk import Walk, positions_for, sublayer_step
 
 
+CROSS_ATTENTION_HEAD_DIM = 32
+"""Head width of the optional zero-gated cross-attention modules: small enough that a tiny
+backbone (d = 64) still gets two heads, the usual 32-128 range of attention heads at scale."""
+MODULATION_MEMO_SIZE = 256
+"""AdaLN results kept per (t values, weight versions): decoding asks for at most B distinct masked
+fractions per block size, so 256 entries cover every t of a run while bounding memory; the memo is
+cleared, not evicted one by one, when full."""
+
+
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of t in [0, 1] (scaled by 1000 as in DiT/MDLM), `[N] -> [N, dim]`."""
     half = dim // 2
@@ -87,7 +96,7 @@ class DenoiserTower(nn.Module):
             nn.init.zeros_(self.adaln.bias)
             self.time_mlp.to(emb.dtype), self.adaln.to(emb.dtype)
         if cfg.cross_attention:
-            heads = max(1, d // 32)
+            heads = max(1, d // CROSS_ATTENTION_HEAD_DIM)
             self.cross_attn = nn.ModuleList(CrossAttention(d, heads) for _ in range(n_sub)).to(emb.dtype)
         if cfg.context_position_keys:
             self.context_key_pos = nn.ParameterDict({
@@ -143,7 +152,7 @@ class DenoiserTower(nn.Module):
         mod = self.modulation(t)
         out = [(mod[:, i, 0, None], 1 + mod[:, i, 1, None], 1 + mod[:, i, 2, None]) for i in range(mod.shape[1])]
         if key is not None:
-            if len(self._modulation_memo) >= 256:
+            if len(self._modulation_memo) >= MODULATION_MEMO_SIZE:
                 self._modulation_memo.clear()
             self._modulation_memo[key] = out
         return out

@@ -5,7 +5,7 @@
     gen = model.generate(prompt_ids, mode="diffusion", gamma=0.8, max_new_tokens=64)
     model.save_pretrained(d); TwoTowerForDiffusionLM.from_pretrained(d)
 
-Training forward (DESIGN.md section 5): one no-grad context pass over the clean sequence gives
+Training forward (docs/design.md section 5): one no-grad context pass over the clean sequence gives
 each attention sublayer's K/V and each Mamba-2 sublayer's SSM/conv state at every block start;
 blocks get times t_k and masks; the denoiser runs over all blocks at once as `[batch·n, B]`.
 With token shift the denoiser's output j predicts token j+1 of the block and position 0 is

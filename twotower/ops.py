@@ -3,7 +3,7 @@
 
 Everything here is plain torch so that the training forward, `ar`, `mock_ar` and `diffusion`
 decoding run the same code (invariants 5 and 6 by construction). Masks are boolean, True = may
-attend, and always built explicitly (DESIGN.md section 7: extending a cache by B>1 tokens with
+attend, and always built explicitly (docs/design.md section 7: extending a cache by B>1 tokens with
 `sdpa` and no mask silently attends to the wrong keys).
 """
 from __future__ import annotations

@@ -25,6 +25,9 @@ from torch import nn
 import adapters
 
 GIB = 2**30
+DEFAULT_GPU_GIB = 80.0
+"""Accelerator memory assumed when a caller does not say: one 80 GB H100 / A100, the card the
+shipped Nano recipe is sized for. The one place this default lives (plan and the backbone stage use it)."""
 BF16_BYTES = 2
 FP32_BYTES = 4
 
@@ -426,7 +429,7 @@ def training_step_time(ctx: ParamCounts, den: ParamCounts, shape: TrainShape, *,
 
 
 def min_gpus(context_params: int, denoiser_params: int, largest_layer: int, facts: FamilyFacts, shape: TrainShape,
-             gpu_gib: float = 80.0) -> int:
+             gpu_gib: float = DEFAULT_GPU_GIB) -> int:
     """The smallest power-of-two GPU count whose per-GPU estimate fits in `gpu_gib` (0: none <= 1024)."""
     n = 1
     while n <= 1024:
