@@ -9,6 +9,8 @@ Three sources, all through HF `datasets` except the built-in one:
   `answer_column` the rows are verifiable prompt/answer pairs and are packed like the synthetic
   ones; otherwise `text_column` holds documents, packed as one `<eos>`-separated token stream.
 - `hf`: a hub dataset (`hf_name`, streaming allowed), treated like `files`. Needs the network.
+- `python_stdlib` (offline): the Python standard library's own source files as plain-text code
+  documents (`stages/code_corpus.py`), treated like `files` with a text column.
 
 Outputs (see docs/architecture.md, "prepare_data manifest"): `tokenizer/` (the character-level
 tokenizer of `stages/tokenizer.py` unless `tokenizer` names another), `train.safetensors` and
@@ -32,11 +34,11 @@ from stages.api import StageContext
 from stages.tasks import FAMILIES, get_families
 
 SECTION = "data"
-DEPENDS = ("stages.tasks", "stages.tokenizer")
+DEPENDS = ("stages.tasks", "stages.tokenizer", "stages.code_corpus")
 """Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
 DEFAULT_TASKS = ("add", "sort", "copy", "reverse", "recall", "facts")
 DEFAULT_WEIGHTS = {"add": 1.0, "sort": 1.5, "reverse": 2.0, "facts": 0.5}
-SOURCES = ("synthetic", "files", "hf")
+SOURCES = ("synthetic", "files", "hf", "python_stdlib")
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
 
@@ -45,7 +47,8 @@ class Config:
     """The `data` section."""
 
     source: str = "synthetic"
-    """Where examples come from: `synthetic` (built in, offline), `files` (local) or `hf` (hub)."""
+    """Where examples come from: `synthetic` (built in, offline), `files` (local), `hf` (hub) or
+    `python_stdlib` (the interpreter's own standard-library sources, offline)."""
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
     """Synthetic task families to generate (names in `stages/tasks.py`; `scan` is also available)."""
     train_examples_per_task: int = 10000
@@ -90,7 +93,9 @@ class Config:
     eval_answer_tokens: int = 32
     """Plain text: tokens after the prompt used as the reference continuation."""
     tokenizer: str | None = None
-    """A tokenizer name or directory for `AutoTokenizer`; None builds the offline char tokenizer."""
+    """A tokenizer name or directory for `AutoTokenizer`, or a GGUF file (a path or
+    `package:MODULE/FILE`, as `backbone.gguf_file`) whose embedded tokenizer is used; None builds
+    the offline char tokenizer."""
 
 
 def validate(cfg: Config) -> None:
@@ -114,6 +119,8 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"data.task_weights: weights must be > 0, got {dict(cfg.task_weights)}")
         if cfg.train_examples_per_task <= 0 or cfg.eval_examples_per_task <= 0:
             raise ValueError("data.train_examples_per_task and data.eval_examples_per_task must be > 0")
+    if cfg.source == "python_stdlib" and cfg.prompt_column:
+        raise ValueError("data.prompt_column: the python_stdlib source is plain code with no prompt/answer columns")
     if cfg.source == "files" and not cfg.paths:
         raise ValueError("data.paths: the `files` source needs at least one file")
     if cfg.source == "hf" and not cfg.hf_name:
@@ -136,7 +143,12 @@ def load_tokenizer(name: str | None) -> Any:
         return build_char_tokenizer()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name)
+    if name.startswith("package:") or name.endswith(".gguf"):
+        from stages.backbone_source import gguf_tokenizer
+
+        tok = gguf_tokenizer(name, key_name="data.tokenizer")
+    else:
+        tok = AutoTokenizer.from_pretrained(name)
     if tok.eos_token_id is None:
         raise ValueError(f"data.tokenizer: {name!r} has no EOS token")
     if tok.pad_token_id is None:
@@ -283,6 +295,10 @@ def check_columns(rows_source: str, columns: list[str], cfg: Config, is_txt: boo
 
 def external_rows(cfg: Config, cache_dir: str | None) -> list[dict[str, Any]]:
     """Rows from `files` or `hf`, each checked for the configured columns."""
+    if cfg.source == "python_stdlib":
+        from stages.code_corpus import stdlib_rows
+
+        return stdlib_rows(cfg.max_documents, cfg.text_column)
     if cfg.source == "hf":
         rows, cols = load_hf_rows(cfg)
         check_columns(f"hub dataset {cfg.hf_name!r}", cols, cfg, is_txt=False)
