@@ -61,7 +61,8 @@ def fidelity_lines(fid: dict) -> list[str]:
             f"| `ar` == transformers' greedy `generate`, token for token | {m['ar_equals_hf_prompts']}/{n} prompts |",
             f"| `mock_ar` == `ar` | {m['mock_ar_equals_ar_prompts']}/{n} prompts |",
             f"| denoiser masked accuracy before training | {m['masked_accuracy_before']:.3f} |",
-            f"| denoiser masked accuracy after training | {m['masked_accuracy_after']:.3f} |"]
+            f"| denoiser masked accuracy after training | {m['masked_accuracy_after']:.3f} |",
+            f"| denoiser masked loss before / after training | {m['masked_loss_before']:.3f} / {m['masked_loss_after']:.3f} |"]
 
 
 def model_card(ev: dict, calib: dict, train: dict, gen_cfg: dict, plots: list[str],

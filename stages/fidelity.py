@@ -11,7 +11,7 @@ backbone that transformers itself runs. This stage measures that, and what train
 - **`mock_ar` == `ar`** on the same prompts (invariant 5 on the real weights);
 - **masked accuracy before and after training**: the denoiser at its zero-init (a copy of the
   backbone with the new modules silent) and the trained one, on the same held-out rows with the same
-  noise draw, so the difference is what training bought.
+  noise draw, so the difference is what training bought (the training loss on those rows beside it).
 
 It needs `prepare_data` (held-out rows and prompts) and `train_denoiser` (the trained denoiser and
 the backbone path). Nothing here is timed: wall-clock figures come from `evaluate`.
@@ -106,12 +106,12 @@ def greedy_agreement(model, prompts: list[list[int]], max_new_tokens: int, eos: 
     return out
 
 
-def masked_accuracy(model, rows, attn, loss_mask, batch_size: int, seed: int) -> float:
-    """Argmax accuracy over masked positions, the noise drawn from `seed` per batch (the same draw
-    for every model evaluated with the same seed and rows)."""
+def masked_scores(model, rows, attn, loss_mask, batch_size: int, seed: int) -> tuple[float, float]:
+    """(argmax accuracy over masked positions, training loss), the noise drawn from `seed` per
+    batch: the same draw for every model evaluated with the same seed and rows."""
     import torch
 
-    hits = total = 0.0
+    hits = total = loss = 0.0
     with torch.inference_mode():
         for i in range(0, rows.shape[0], batch_size):
             g = torch.Generator().manual_seed(seed + i)
@@ -119,8 +119,9 @@ def masked_accuracy(model, rows, attn, loss_mask, batch_size: int, seed: int) ->
                         loss_mask=loss_mask[i: i + batch_size], generator=g)
             count = float(out.noise_mask.sum())
             hits += float(out.masked_accuracy) * count
+            loss += float(out.loss) * count
             total += count
-    return hits / max(total, 1.0)
+    return hits / max(total, 1.0), loss / max(total, 1.0)
 
 
 def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
@@ -148,11 +149,11 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     rows, attn, loss = build_rows((ids[: cfg.accuracy_rows], lm[: cfg.accuracy_rows]), train_cfg.get("layout", "auto"),
                                   train_cfg.get("noise_on", "answers"), block_size, pad,
                                   eos if train_cfg.get("fill_after_eos", True) else None)
-    acc_after = masked_accuracy(model, rows, attn, loss, cfg.batch_size, ctx.seed)
+    acc_after, loss_after = masked_scores(model, rows, attn, loss, cfg.batch_size, ctx.seed)
     del model
     art = train["artifacts"]
     untrained = TwoTowerFactory(art["model"], train["twotower"], train.get("dtype", "float32"))().eval()
-    acc_before = masked_accuracy(untrained, rows, attn, loss, cfg.batch_size, ctx.seed)
+    acc_before, loss_before = masked_scores(untrained, rows, attn, loss, cfg.batch_size, ctx.seed)
     n = len(prompts)
     metrics = {"parity_max_abs_logit_diff": delta, "n_prompts": n,
                "ar_equals_hf_prompts": sum(greedy["ar_equals_hf"]),
@@ -160,6 +161,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
                "mock_ar_equals_ar_prompts": sum(greedy["mock_ar_equals_ar"]),
                "mock_ar_equals_ar": float(all(greedy["mock_ar_equals_ar"])),
                "masked_accuracy_before": acc_before, "masked_accuracy_after": acc_after,
+               "masked_loss_before": loss_before, "masked_loss_after": loss_after,
                "accuracy_rows": int(rows.shape[0])}
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
