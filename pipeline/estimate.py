@@ -96,6 +96,9 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
     started = time.perf_counter()
     gpu_gib = float(_select(cfg, "plan.gpu_memory_gib", 0) or _select(cfg, "backbone.device_memory_gb", 0) or gpu_gib)
     name = _select(cfg, "backbone.name_or_path")
+    if not name and _select(cfg, "backbone.gguf_file"):
+        return {"backbone": None, "note": f"backbone.gguf_file={_select(cfg, 'backbone.gguf_file')!r}: sized by "
+                "duplicate_backbone once converted (the plan reads no weights)"}
     if not name:
         return {"backbone": None, "note": "backbone.name_or_path is not set (the backbone is pretrained "
                 "by the pipeline); nothing to size before it exists"}
