@@ -6,10 +6,8 @@ check(entry_point)`, run by its own `unsafe_execute`) and its `estimate_pass_at_
 module adds is what a tokenizer-driven two-tower model needs around them:
 
 - prompt text -> tokens -> `model.generate(mode=...)` -> text, cut at the first of the usual
-  HumanEval stop sequences (`STOP_SEQUENCES`, as in the Codex paper and lm-eval's task) or EOS.
-  Generation runs in chunks of whole blocks (`chunk_blocks`) and stops early once a stop sequence
-  appears: a code model would otherwise write on to `max_new_tokens`. A chunk restarts from the
-  prompt plus everything generated so far, block-aligned, so it decodes as one long call would;
+  HumanEval stop sequences (`STOP_SEQUENCES`, as in the Codex paper and lm-eval's task) or EOS,
+  stopping early once one appears (`stages.text_generation.generate_text`);
 - every completion is executed by `stages.sandbox` (a separate, contained process), never here;
 - one row per problem and mode in a JSONL artifact (completion, passed, the checker's result,
   tokens, forwards, seconds) and flat `humaneval_*` metrics for summary.json and MLflow.
@@ -19,13 +17,13 @@ Greedy decoding gives one sample per problem, so pass@1 is the fraction of probl
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stages import sandbox
+from stages.text_generation import cut_at_stops, generate_text
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 """Where a HumanEval completion ends: the function body is over when top-level code starts."""
@@ -75,8 +73,7 @@ def load_problems(limit: int | None = None) -> list[dict[str, Any]]:
 
 def truncate(completion: str, stops: tuple[str, ...] = STOP_SEQUENCES) -> str:
     """The completion up to (not including) the earliest stop sequence."""
-    cut = min((i for i in (completion.find(s) for s in stops) if i >= 0), default=len(completion))
-    return completion[:cut]
+    return cut_at_stops(completion, stops)
 
 
 def check(problem: dict, completion: str, timeout_s: float = 10.0, *, isolation: str = "auto",
@@ -99,43 +96,12 @@ def check(problem: dict, completion: str, timeout_s: float = 10.0, *, isolation:
     return {"passed": result == "passed", "result": result, "isolation": out.isolation}
 
 
-def complete(model, tokenizer, prompt: str, mode: DecodingMode, max_new_tokens: int,
-             chunk_blocks: int = 4) -> dict[str, Any]:
-    """Generate one completion of `prompt`: text cut at a stop sequence, tokens, forwards, seconds."""
-    import torch
-
-    from stages.decoding_eval import answer_text
-
-    device = next(model.parameters()).device
-    block = mode.block_size or model.tt_config.block_size
-    chunk = block * max(1, chunk_blocks)
-    kwargs: dict[str, Any] = {"mode": mode.mode}
-    if mode.gamma is not None:
-        kwargs["gamma"] = mode.gamma
-    if mode.block_size:
-        kwargs["block_size"] = mode.block_size
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    generated: list[int] = []
-    den = ctx = 0
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        while len(generated) < max_new_tokens:
-            ids = torch.tensor([prompt_ids + generated], device=device)
-            out = model.generate(ids, max_new_tokens=min(chunk, max_new_tokens - len(generated)), **kwargs)
-            new = out.sequences[0, ids.shape[1]:].tolist()
-            den += int(out.num_denoiser_forwards)
-            ctx += int(out.num_context_forwards)
-            _, kept = answer_text(tokenizer, new)
-            generated += kept
-            if len(kept) < len(new) or not new:  # EOS
-                break
-            text = tokenizer.decode(generated, skip_special_tokens=True)
-            if truncate(text) != text:  # a stop sequence: the function is complete
-                break
-    seconds = time.perf_counter() - t0
-    text = tokenizer.decode(generated, skip_special_tokens=True)
-    return {"completion": truncate(text), "new_tokens": len(generated), "denoiser_forwards": den,
-            "context_forwards": ctx, "seconds": seconds}
+def complete(model, tokenizer, prompt: str, mode: DecodingMode, max_new_tokens: int) -> dict[str, Any]:
+    """One completion of `prompt` (batch 1, so forwards are this problem's own), cut at a stop."""
+    g = generate_text(model, tokenizer, [tokenizer(prompt)["input_ids"]], mode=mode.mode, gamma=mode.gamma,
+                      block_size=mode.block_size, max_new_tokens=max_new_tokens, stops=STOP_SEQUENCES)[0]
+    return {"completion": g.text, "new_tokens": g.new_tokens, "denoiser_forwards": g.denoiser_forwards,
+            "context_forwards": g.context_forwards, "seconds": g.seconds}
 
 
 def run_suite(model, tokenizer, modes: list[DecodingMode], *, problems: int | None = None,
