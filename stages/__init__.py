@@ -13,4 +13,5 @@ REGISTRY: dict[str, str] = {
     "calibrate_gamma": "stages.calibrate_gamma",
     "evaluate": "stages.evaluate",
     "export": "stages.export",
+    "lm_eval": "stages.lm_eval_stage",
 }
