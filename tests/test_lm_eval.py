@@ -20,7 +20,7 @@ pytest.importorskip("lm_eval", reason="needs the [eval] extra")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from test_humaneval import _tiny_char_model  # noqa: E402
+from harness_fixtures import tiny_char_twotower  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_LENGTH = 32  # short, so truncation and several rolling windows are exercised
@@ -67,7 +67,7 @@ metric_list:
 def export(tmp_path_factory):
     """An export dir and the same backbone saved as a plain HF checkpoint."""
     root = tmp_path_factory.mktemp("lm_eval")
-    model, tok = _tiny_char_model()
+    model, tok = tiny_char_twotower()
     exp, bb = root / "export", root / "backbone"
     model.save_pretrained(exp)
     tok.save_pretrained(exp)
