@@ -36,7 +36,7 @@ class Config:
     tasks: list[str] = field(default_factory=list)
     """lm-eval task (or group) names."""
     limit: int | None = None
-    """Examples per task (None: all); a float in (0, 1) is lm-eval's fraction."""
+    """Examples per task (None: all)."""
     batch_size: int = 1
     """Requests per model call."""
     include_path: str | None = None
