@@ -18,9 +18,9 @@ from stages.api import StageContext
 SECTION = "evaluate"
 DEPENDS = ("twotower", "adapters", "stages.duplicate_backbone", "stages.train_denoiser", "stages.decoding_eval", "stages.tasks",
            "stages.humaneval", "stages.sandbox", "stages.text_generation")
+"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
 SUITES = ("humaneval",)
 """Extra benchmark suites `evaluate.suites` may name (run after the held-out comparison)."""
-"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
 
 
 @dataclass
