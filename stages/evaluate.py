@@ -5,6 +5,8 @@ alone and with diffusion at the chosen γ (and B), interleaved in this process, 
 and overall quality, quality relative to AR, wall-clock speedup, tokens per denoiser forward and peak
 memory, plus a per-task bar chart. The metrics keys `ar_quality`, `diffusion_quality`,
 `relative_quality`, `speedup`, `tokens_per_forward` and `per_task` are a contract (summary.json).
+Each suite named in `suites` then runs in both modes too (`humaneval`: stages/humaneval.py, its
+`humaneval_*` metrics added to the same manifest).
 """
 from __future__ import annotations
 
