@@ -14,4 +14,5 @@ REGISTRY: dict[str, str] = {
     "evaluate": "stages.evaluate",
     "fidelity": "stages.fidelity",
     "export": "stages.export",
+    "lm_eval": "stages.lm_eval_stage",
 }
