@@ -89,6 +89,8 @@ def model_card(ev: dict, calib: dict, train: dict, gen_cfg: dict, plots: list[st
                 "gamma", "n_prompts", "peak_rss_mb"):
         if key in m:
             lines.append(f"| {key} | {_fmt(m[key])} |")
+    for key in sorted(k for k in m if k.startswith("humaneval_") and k.endswith(("_pass_at_1", "_tokens_per_forward"))):
+        lines.append(f"| {key} (on {m.get('humaneval_problems')} problems) | {_fmt(m[key])} |")
     per_task = m.get("per_task", {})
     if per_task:
         lines += ["", "| task | kind | AR | diffusion | relative | speedup |", "|---|---|---|---|---|---|"]
