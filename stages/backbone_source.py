@@ -5,7 +5,8 @@ directory (or hub id) that `AutoModelForCausalLM.from_pretrained` loads in secon
 `BackboneSource` that names the checkpoint for the model card and `summary.json`:
 
 - a **hub id** (`HuggingFaceTB/SmolLM2-135M-Instruct`): loaded by transformers itself (needs the
-  network or its local hub cache); keyed by id and revision;
+  network or its local hub cache); keyed by id and revision (a pinned `revision` is loaded from
+  its snapshot directory);
 - a **local directory** with a `config.json`: used in place; keyed by a digest of its files;
 - a **GGUF file** (`backbone.gguf_file`: a path, or `package:MODULE/FILE` inside an installed
   package, found with `importlib.util.find_spec` without importing the package, since a package
@@ -245,6 +246,12 @@ def materialise(source: BackboneSource, cache_root: Path, dtype: str = "float32"
     """A path (or hub id) `AutoModelForCausalLM.from_pretrained` loads quickly: GGUF files are
     converted once into `cache_root/<key>/` (atomically: a temporary directory renamed into place
     after its `converted.json` is written), later calls return that directory at once."""
+    if source.kind == "hub" and source.revision:
+        # a pinned revision: its snapshot directory (hub cache, network when missing), so that every
+        # later `from_pretrained(path)` reads exactly that revision
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(source.reference, revision=source.revision)
     if source.kind != "gguf":
         return source.reference
     final = Path(cache_root) / f"{source.key}-{dtype}"
