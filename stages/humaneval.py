@@ -148,4 +148,10 @@ def summarise(rows: list[dict[str, Any]], modes: list[DecodingMode]) -> dict[str
         metrics[f"humaneval_{m.label}_tokens_per_forward"] = tokens / max(1, forwards)
         metrics[f"humaneval_{m.label}_new_tokens"] = tokens
         metrics[f"humaneval_{m.label}_seconds"] = sum(r["seconds"] for r in mine)
+    labels = {m.label for m in modes}
+    if {"ar", "diffusion"} <= labels:  # as evaluate's relative_quality: diffusion / AR (1 when both 0)
+        from stages.decoding_eval import relative
+
+        metrics["humaneval_relative_pass_at_1"] = relative(metrics["humaneval_diffusion_pass_at_1"],
+                                                           metrics["humaneval_ar_pass_at_1"])
     return metrics

@@ -74,7 +74,7 @@ class Outcome:
     """The scratch directory it ran in (removed when it ended): its program is `workdir/program.py`."""
 
 
-# Runs first in the child, before the untrusted program: limits, then the socket guard if asked.
+# Runs first in the child, before the untrusted program: limits, then (guard isolation) the audit hook.
 _BOOTSTRAP = r"""
 import resource, runpy, sys
 mem, cpu, fsize, nproc, guard, program = sys.argv[1:7]

@@ -69,6 +69,7 @@ def test_summarise_counts_real_verdicts():
     assert m["humaneval_ar_pass_at_1"] == 1.0 and m["humaneval_diffusion_pass_at_1"] == 0.5
     assert m["humaneval_diffusion_tokens_per_forward"] == 20 / 8
     assert m["humaneval_ar_tokens_per_forward"] == 20 / 20
+    assert m["humaneval_relative_pass_at_1"] == 0.5
 
 
 def test_suite_end_to_end_on_a_tokenizer_driven_model(tmp_path):
