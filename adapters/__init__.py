@@ -5,7 +5,9 @@
 """
 from __future__ import annotations
 
-from adapters.base import KINDS, Adapter, Mamba2Params, Sublayer
+from adapters.base import KINDS, Adapter, Experts, Mamba2Params, Sublayer
+from adapters.gemma import GemmaAdapter
+from adapters.granitemoehybrid import GraniteMoeHybridAdapter
 from adapters.llama import LlamaFamilyAdapter
 from adapters.nemotron_h import NemotronHAdapter
 
@@ -16,6 +18,9 @@ REGISTRY: dict[str, Adapter] = {
     "qwen2": LlamaFamilyAdapter(),
     "qwen3": LlamaFamilyAdapter(),
     "mistral": LlamaFamilyAdapter(),
+    "gemma2": GemmaAdapter(),
+    "gemma3_text": GemmaAdapter(),
+    "granitemoehybrid": GraniteMoeHybridAdapter(),
 }
 
 
@@ -40,4 +45,4 @@ def get(model_or_config) -> Adapter:
     return REGISTRY[model_type]
 
 
-__all__ = ["KINDS", "REGISTRY", "Adapter", "Mamba2Params", "Sublayer", "get", "model_type_of"]
+__all__ = ["KINDS", "REGISTRY", "Adapter", "Experts", "Mamba2Params", "Sublayer", "get", "model_type_of"]

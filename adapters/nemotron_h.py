@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters.base import Mamba2Params, Sublayer
+from adapters.base import Adapter, Experts, Mamba2Params, Sublayer, project_qkv
 
 # HF block type -> our kind. Legacy names kept for configs saved before the rename.
 BLOCK_KINDS = {
@@ -23,7 +23,17 @@ BLOCK_KINDS = {
 }
 
 
-class NemotronHAdapter:
+def mamba2_params(m: nn.Module) -> Mamba2Params:
+    """`Mamba2Params` of an HF Mamba-2 mixer in the `Mamba2Mixer` layout (Nemotron-H, Granite)."""
+    return Mamba2Params(
+        in_proj=m.in_proj, conv1d=m.conv1d, dt_bias=m.dt_bias, A_log=m.A_log, D=m.D,
+        norm=m.norm, out_proj=m.out_proj, num_heads=m.num_heads, head_dim=m.head_dim,
+        n_groups=m.n_groups, state_size=m.ssm_state_size, dt_min=float(m.time_step_limit[0]),
+        activation=m.activation,
+    )
+
+
+class NemotronHAdapter(Adapter):
     """Layer walk of `NemotronHForCausalLM`."""
 
     model_types = ("nemotron_h",)
@@ -37,43 +47,21 @@ class NemotronHAdapter:
         return subs
 
     def embed(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        return model.model.embeddings(input_ids)
-
-    def embedding_weight(self, model: nn.Module) -> torch.Tensor:
-        return model.model.embeddings.weight
+        return model.model.embeddings(input_ids)  # an attribute read: called every decoding step
 
     def final_norm(self, model: nn.Module) -> nn.Module:
         return model.model.norm_f
 
-    def lm_head(self, model: nn.Module) -> nn.Module:
-        return model.lm_head
-
     def qkv(self, model, sub, x, positions):
-        attn = sub.mixer
-        shape = (*x.shape[:-1], -1, attn.head_dim)
-        q = attn.q_proj(x).view(shape).transpose(1, 2)
-        k = attn.k_proj(x).view(shape).transpose(1, 2)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
-        return q, k, v
-
-    def attn_scale(self, sub: Sublayer) -> float:
-        return sub.mixer.scaling
-
-    def attn_out(self, sub: Sublayer, o: torch.Tensor) -> torch.Tensor:
-        return sub.mixer.o_proj(o)
+        return project_qkv(sub.mixer, x)  # no RoPE
 
     def mamba(self, sub: Sublayer) -> Mamba2Params:
-        m = sub.mixer
-        return Mamba2Params(
-            in_proj=m.in_proj, conv1d=m.conv1d, dt_bias=m.dt_bias, A_log=m.A_log, D=m.D,
-            norm=m.norm, out_proj=m.out_proj, num_heads=m.num_heads, head_dim=m.head_dim,
-            n_groups=m.n_groups, state_size=m.ssm_state_size, dt_min=float(m.time_step_limit[0]),
-            activation=m.activation,
-        )
+        return mamba2_params(sub.mixer)
 
     def ffn(self, sub: Sublayer, x: torch.Tensor) -> torch.Tensor:
         # NemotronHTopkRouter computes its logits in float32 already (router precision).
         return sub.mixer(x)
 
-    def max_positions(self, config) -> int | None:
-        return getattr(config, "max_position_embeddings", None)
+    def experts(self, sub: Sublayer) -> Experts:
+        moe = sub.mixer
+        return Experts(moe.experts, int(moe.experts.num_experts), int(moe.gate.top_k))

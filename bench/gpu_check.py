@@ -78,7 +78,7 @@ def build_backbone(args, device: torch.device):
     config = nemotron_h_config(SIZES["tiny" if args.tiny else "1b"])
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
-    counts = sizing.count_parameters(model, config)
+    counts = sizing.count_parameters(model)
     return model, config, counts
 
 

@@ -23,13 +23,27 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, NemotronHConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_tasks import BOS, EOS, PAD, TASKS, VOCAB, sample  # noqa: E402
-
+from stages.tasks import generate  # noqa: E402  (the pipeline's own task families)
+from stages.tokenizer import vocabulary  # noqa: E402
 from twotower import TwoTowerConfig, TwoTowerForDiffusionLM  # noqa: E402
 from twotower.data import block_aligned_batch  # noqa: E402
 
 BLOCK = 16
+TASKS = ("add", "sort", "copy", "reverse", "facts")
+"""Families of `stages/tasks.py` the example trains and evaluates on (one generator for the project)."""
+VOCAB_MAP = vocabulary()  # the pipeline's character tokenizer, ids only (no tokenizer object needed)
+VOCAB = len(VOCAB_MAP)
+PAD, BOS, EOS = VOCAB_MAP["<pad>"], VOCAB_MAP["<bos>"], VOCAB_MAP["<eos>"]
+
+
+def encode(text: str) -> list[int]:
+    return [VOCAB_MAP[c] for c in text]
+
+
+def sample(n: int, seed: int, tasks=TASKS) -> list[tuple[str, list[int], list[int]]]:
+    """n examples round-robin over `tasks`: (task, BOS + prompt ids, answer ids + EOS)."""
+    rows = generate(list(tasks), -(-n // len(tasks)), seed)[:n]
+    return [(r["task"], [BOS] + encode(r["prompt"]), encode(r["answer"]) + [EOS]) for r in rows]
 
 
 def backbone_config() -> NemotronHConfig:

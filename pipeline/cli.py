@@ -95,7 +95,7 @@ def _estimate(cfg: PipelineConfig) -> Any:
             return None
         return {"error": f"{type(err).__name__}: {err}"}
     try:
-        return estimate.estimate(cfg.resolved)
+        return estimate.estimate(cfg)
     except Exception as err:  # the plan stays useful without the estimate
         return {"error": f"{type(err).__name__}: {err}"}
 

@@ -12,34 +12,21 @@ contract) to read their `SECTION` and `Config`; nothing heavy is imported.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from pipeline.codeversion import ImportGraph, code_version
 from pipeline.dag import Dag, build_dag, dag_problems
-from pipeline.schema import (ENGINE_SECTIONS, MISSING, RayConfig, RunConfig, StageSpec, TrackingConfig,
+from pipeline.layers import CLI, Problem, delete_key, load_yaml, origin, parse_overrides, resolve
+from pipeline.schema import (ENGINE_SECTIONS, RayConfig, RunConfig, StageSpec, TrackingConfig,
                              build, check, check_dataclass, suggest, to_plain)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS_FILE = REPO_ROOT / "pipeline.yaml"
 DEFAULT_RECIPE = REPO_ROOT / "recipes" / "tiny.yaml"
-CLI = "command line"
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One config error: the dotted key, what is wrong and how to fix it, and where it was set."""
-
-    key: str
-    message: str
-    source: str
-
-    def __str__(self) -> str:
-        return f"{self.source}: {self.key}: {self.message}"
 
 
 class ConfigError(ValueError):
@@ -66,7 +53,8 @@ class Stage:
     config: dict[str, Any]
     """Its resolved section as plain data, defaults filled in, restricted to its `Config`'s fields."""
     code_version: str
-    """The module's `VERSION` if it declares one, else a hash of its source file."""
+    """The module's `VERSION` if it declares one, else a hash of every project file it imports
+    (pipeline/codeversion.py)."""
 
 
 @dataclass
@@ -89,154 +77,6 @@ class PipelineConfig:
     """The run name (`run.name`, or the recipe's file stem)."""
     sources: list[str] = field(default_factory=list)
     """The files merged, lowest priority first, then the overrides."""
-
-
-def _load_yaml(path: Path, problems: list[Problem]) -> Any:
-    from omegaconf import OmegaConf
-    try:
-        cfg = OmegaConf.load(path)
-    except FileNotFoundError:
-        problems.append(Problem("<file>", "no such file", str(path)))
-        return None
-    except Exception as err:  # a YAML syntax error: name the file and the line
-        problems.append(Problem("<file>", f"cannot parse YAML: {err}", str(path)))
-        return None
-    if not isinstance(OmegaConf.to_container(cfg, resolve=False), dict):
-        problems.append(Problem("<file>", "must hold a mapping at the top level", str(path)))
-        return None
-    return cfg
-
-
-def _parse_overrides(overrides: list[str], problems: list[Problem]) -> tuple[Any, list[str]]:
-    """(a DictConfig of `key=value` items, the keys of `~key` deletions)."""
-    from omegaconf import OmegaConf
-    sets, deletes = [], []
-    for item in overrides:
-        if item.startswith("~") and "=" not in item and len(item) > 1:
-            deletes.append(item[1:])
-        elif "=" in item and item.split("=", 1)[0].strip().lstrip("+"):
-            sets.append(item.lstrip("+"))
-        else:
-            problems.append(Problem(item, "bad override: expected key=value (set) or ~key (delete), "
-                                    "e.g. train.max_steps=10", CLI))
-    try:
-        parsed = OmegaConf.from_dotlist(sets)
-    except Exception as err:
-        problems.append(Problem(" ".join(sets), f"bad override: {err}", CLI))
-        parsed = OmegaConf.create({})
-    return parsed, deletes
-
-
-def _delete(cfg: Any, dotted: str) -> bool:
-    parts = dotted.split(".")
-    node = cfg
-    for part in parts[:-1]:
-        if part not in node or not hasattr(node[part], "keys"):
-            return False
-        node = node[part]
-    if parts[-1] not in node:
-        return False
-    del node[parts[-1]]
-    return True
-
-
-def _decode(text: str) -> Any:
-    """An interpolated string (env variables are strings) read as a YAML scalar: '3' -> 3, 'null' -> None."""
-    import yaml
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    return value if isinstance(value, (int, float, bool)) or value is None else text
-
-
-def _resolve(node: Any, path: str, problems: list[tuple[str, str]], interpolated: dict[str, str]) -> Any:
-    """Plain data with every interpolation resolved; an unresolvable one becomes a problem.
-
-    `interpolated` collects `key -> '${...}'` so type errors can quote where a value came from.
-    """
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-    if isinstance(node, DictConfig):
-        keys: list[Any] = list(node.keys())
-    elif isinstance(node, ListConfig):
-        keys = list(range(len(node)))
-    else:
-        return node
-    out: dict[str, Any] | list[Any] = {} if isinstance(node, DictConfig) else []
-    for key in keys:
-        sub = f"{path}.{key}" if isinstance(node, DictConfig) else f"{path}[{key}]"
-        sub = sub.lstrip(".")
-        if OmegaConf.is_missing(node, key):
-            value: Any = MISSING
-        else:
-            try:
-                value = _resolve(node[key], sub, problems, interpolated)
-                if node._get_node(key)._is_interpolation():
-                    interpolated[sub] = str(node._get_node(key)._value())
-                    value = _decode(value) if isinstance(value, str) else value
-            except OmegaConfBaseException as err:
-                raw = node._get_node(key)._value()
-                problems.append((sub, f"cannot resolve {raw!r}: {getattr(err, 'msg', err)}"))
-                value = None
-        if isinstance(out, dict):
-            out[str(key)] = value
-        else:
-            out.append(value)
-    return out
-
-
-def _has(layer: Any, parts: list[str]) -> int:
-    """How many leading `parts` of a dotted key exist in a raw layer."""
-    node, depth = layer, 0
-    for part in parts:
-        if not isinstance(node, dict) or part not in node:
-            break
-        node, depth = node[part], depth + 1
-    return depth
-
-
-def _origin(key: str, layers: list[tuple[str, Any]]) -> str:
-    """The file (or `command line`) a key most likely came from: the latest layer reaching deepest."""
-    parts = [p.split("[")[0] for p in key.split(".")]
-    files = [source for source, _ in layers if source != CLI]
-    best, best_depth = (files[-1] if files else CLI), 0  # unset anywhere: the recipe should set it
-    for source, raw in layers:
-        depth = _has(raw, parts)
-        if depth > 0 and depth >= best_depth:
-            best, best_depth = source, depth
-    return best
-
-
-def code_version(stage: Any) -> str:
-    """The stage's `VERSION` when declared, else the sha256 of its source (any edit invalidates)."""
-    declared = getattr(stage, "VERSION", None)
-    if declared is not None:
-        return f"v:{declared}"
-    target = stage if isinstance(stage, ModuleType) else stage.run
-    try:
-        source = inspect.getsource(target)
-    except (OSError, TypeError):
-        return "unknown"
-    digest = hashlib.sha256(source.encode())
-    for dependency in getattr(stage, "DEPENDS", ()):
-        for path in _source_files(dependency):
-            digest.update(path.name.encode() + path.read_bytes())
-    return "sha:" + digest.hexdigest()[:16]
-
-
-def _source_files(dotted: str) -> list[Path]:
-    """The .py files of a module or package named in a stage's `DEPENDS` (found without importing
-    it), so that an edit to shared code such as `twotower` invalidates the stages that run it."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(dotted)
-    if spec is None or spec.origin is None:
-        raise ValueError(f"stage DEPENDS names {dotted!r}, which is not an importable module")
-    origin = Path(spec.origin)
-    if spec.submodule_search_locations:
-        return sorted(p for loc in spec.submodule_search_locations for p in Path(loc).rglob("*.py"))
-    return [origin]
 
 
 def _semantic_checks(order: list[str], modules: dict[str, ModuleType], sections: dict[str, dict[str, Any]],
@@ -308,27 +148,27 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
     layers: list[tuple[str, Any]] = []
     sources = [str(defaults_path)]
     configs = []
-    base = _load_yaml(defaults_path, problems)
+    base = load_yaml(defaults_path, problems)
     if base is not None:
         configs.append(base)
         layers.append((str(defaults_path), OmegaConf.to_container(base, resolve=False)))
     if recipe is not None:
         sources.append(str(recipe))
-        rec = _load_yaml(Path(recipe), problems)
+        rec = load_yaml(Path(recipe), problems)
         if rec is not None:
             configs.append(rec)
             layers.append((str(recipe), OmegaConf.to_container(rec, resolve=False)))
-    over, deletes = _parse_overrides(list(overrides or []), problems)
+    over, deletes = parse_overrides(list(overrides or []), problems)
     layers.append((CLI, OmegaConf.to_container(over, resolve=False)))
     if problems:
         raise ConfigError(problems)
     merged = OmegaConf.merge(*configs, over)
     for key in deletes:
-        if not _delete(merged, key):
+        if not delete_key(merged, key):
             problems.append(Problem(f"~{key}", f"cannot delete '{key}': no such key in the config", CLI))
     raw_problems: list[tuple[str, str]] = []
     interpolated: dict[str, str] = {}
-    plain = _resolve(merged, "", raw_problems, interpolated)
+    plain = resolve(merged, "", raw_problems, interpolated)
     unresolved = {key for key, _ in raw_problems}
     cfg = _validate(plain, raw_problems, registry(stages_registry))
     seen: set[str] = set()
@@ -338,7 +178,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
         seen.add(key)
         if key in interpolated and interpolated[key] not in message:
             message += f" (the value comes from {interpolated[key]!r}: is the variable set?)"
-        problems.append(Problem(key, message, _origin(key, layers)))
+        problems.append(Problem(key, message, origin(key, layers)))
     if problems or cfg is None:
         raise ConfigError(problems)
     cfg.sources = sources + ([f"{CLI}: {' '.join(overrides)}"] if overrides else [])
@@ -357,11 +197,14 @@ def _validate(plain: dict[str, Any], problems: list[tuple[str, str]], reg: dict[
     if not graph_raw:
         problems.append(("graph", "the stage graph is empty"))
     specs: dict[str, StageSpec] = {}
+    invalid: set[str] = set()  # stages with a bad spec: still stages, so others may need them
     for name, raw in graph_raw.items():
         found = check_dataclass(raw, StageSpec, f"graph.{name}")
         problems += found
         if not found:
             specs[name] = build(StageSpec, raw)
+        else:
+            invalid.add(name)
     modules: dict[str, ModuleType] = {}
     for name, spec in specs.items():
         path = spec.module or reg.get(name)
@@ -375,7 +218,9 @@ def _validate(plain: dict[str, Any], problems: list[tuple[str, str]], reg: dict[
         else:
             modules[name] = module
     requires = {n: tuple(getattr(m, "REQUIRES", ())) for n, m in modules.items()}
-    problems += dag_problems({n: list(s.needs) for n, s in specs.items()} if specs else {}, requires)
+    needs = {n: list(s.needs) for n, s in specs.items()}
+    needs.update({n: [] for n in invalid})  # their own needs are already reported as wrong
+    problems += dag_problems(needs if specs else {}, requires)
 
     readers: dict[str, list[ModuleType]] = {}
     for module in modules.values():
@@ -426,12 +271,13 @@ def _validate(plain: dict[str, Any], problems: list[tuple[str, str]], reg: dict[
     if problems:
         return None
     stages = {}
+    imports = ImportGraph()  # files parsed once for all stages
     for name in dag.order:
         module = modules[name]
         config = to_plain(built[name])
         path = specs[name].module or reg[name]
         stages[name] = Stage(name=name, spec=specs[name], module=path, section=module.SECTION,
-                             config=config, code_version=code_version(module))
+                             config=config, code_version=code_version(module, imports))
     resolved = {key: to_plain(engine[key]) for key in ENGINE_SECTIONS}
     resolved["graph"] = {n: to_plain(specs[n]) for n in specs}
     for section in others:

@@ -65,8 +65,10 @@ def dag_problems(needs: dict[str, list[str]], requires: dict[str, tuple[str, ...
     for stage, required in (requires or {}).items():
         for inp in required:
             if stage in needs and inp not in needs[stage]:
-                problems.append((f"graph.{stage}.needs", f"stage '{stage}' requires the manifest of "
-                                 f"'{inp}': add it to graph.{stage}.needs"))
+                fix = (f"add '{inp}' to graph.{stage}.needs" if inp in needs else
+                       f"'{inp}' is not in the graph: put it back (or remove '{stage}')")
+                problems.append((f"graph.{stage}.needs", f"stage '{stage}' requires the input '{inp}' "
+                                 f"(its REQUIRES), which the graph does not give it: {fix}"))
     if not problems:
         try:
             graphlib.TopologicalSorter(needs).prepare()

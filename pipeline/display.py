@@ -7,7 +7,10 @@ a `summary.json` for the final table and for `python -m pipeline status`.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.runner import RunInfo, StageState
 
 STYLE = {"pending": "dim", "running": "yellow", "cached": "cyan", "done": "green", "failed": "bold red",
          "skipped": "dim", "interrupted": "magenta"}
@@ -41,7 +44,7 @@ class LiveDisplay:
         from rich.console import Console
         self.console = console or Console()
         self.live: Any = None
-        self.run: Any = None
+        self.run: "RunInfo | None" = None
 
     def _table(self) -> Any:
         from rich.progress_bar import ProgressBar
@@ -66,7 +69,7 @@ class LiveDisplay:
             table.add_row(name, f"[{STYLE.get(st.status, '')}]{st.status}[/]", f"{elapsed:.1f}s", progress)
         return table
 
-    def _line(self, st: Any, note: str = "") -> None:
+    def _line(self, st: "StageState", note: str = "") -> None:
         if self.live is None:
             elapsed = time.time() - self.run.started
             self.console.print(f"[{elapsed:7.1f}s] {st.name}: [{STYLE.get(st.status, '')}]{st.status}[/]"
@@ -76,7 +79,7 @@ class LiveDisplay:
         if self.live is not None:
             self.live.update(self._table(), refresh=True)
 
-    def on_run_start(self, run: Any) -> None:
+    def on_run_start(self, run: "RunInfo") -> None:
         from rich.live import Live
         self.run = run
         self.console.print(f"run directory: {run.run_dir}", highlight=False)
@@ -87,25 +90,27 @@ class LiveDisplay:
             self.live = Live(self._table(), console=self.console, refresh_per_second=4, transient=True)
             self.live.start()
 
-    def on_stage_start(self, run: Any, st: Any) -> None:
+    def on_stage_start(self, run: "RunInfo", st: "StageState") -> None:
         if st.status == "running":
             self._line(st)
         self._refresh()
 
-    def on_stage_event(self, run: Any, st: Any, event: dict[str, Any]) -> None:
+    def on_stage_event(self, run: "RunInfo", st: "StageState", event: dict[str, Any]) -> None:
         if event.get("kind") == "retry":
             self._line(st, f"retrying after {event.get('error')}")
+        elif event.get("kind") == "warning":  # printed above the live table too: it must be seen
+            self.console.print(f"[bold yellow]WARNING[/] {st.name}: {event.get('message', '')}", highlight=False)
         self._refresh()
 
-    def on_stage_end(self, run: Any, st: Any) -> None:
+    def on_stage_end(self, run: "RunInfo", st: "StageState") -> None:
         note = st.error if st.status == "failed" else _fmt_metrics(st.metrics)
         self._line(st, note)
         self._refresh()
 
-    def on_tick(self, run: Any) -> None:
+    def on_tick(self, run: "RunInfo") -> None:
         self._refresh()
 
-    def on_run_end(self, run: Any, summary: dict[str, Any]) -> None:
+    def on_run_end(self, run: "RunInfo", summary: dict[str, Any]) -> None:
         if self.live is not None:
             self.live.stop()
             self.live = None

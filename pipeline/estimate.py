@@ -7,21 +7,28 @@ and returns plain JSON: parameters per tower (total / active per token, with and
 input embedding table), the new parameters by kind, bf16 memory per device for diffusion decoding
 (two devices, one tower each) and AR-only, and per-GPU training memory under FSDP.
 
-The arithmetic lives in `twotower.sizing`; this module only reads the config and assembles.
+The arithmetic lives in `twotower.sizing`; this module only reads the config and assembles. It reads
+the sections through the typed configs of the stages that own them (`backbone`, `data`, `train`,
+`twotower`, `plan`), never by key strings: a key the schema does not have cannot be read here.
 """
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from stages.duplicate_backbone import DEFAULT_DEVICE_MEMORY_GIB
 
 SHIPPED_BACKBONES = Path(__file__).resolve().parent.parent / "recipes" / "backbones"
 """Backbone configs shipped with the repo, so `plan` works offline for the published recipes."""
 
-GPU_GIB = 80.0
-"""The accelerator memory training plans are sized against (an 80 GB H100/A100)."""
+GPU_GIB = DEFAULT_DEVICE_MEMORY_GIB
+"""The accelerator memory training plans are sized against when the recipe does not say."""
+UNSET_GPUS = 16
+"""GPUs the training estimate is sized for when neither `plan.num_gpus` nor `train` asks for more
+than one: two 8-GPU nodes, the smallest job the shipped large recipe needs (docs/scaling.md)."""
 
 
 def shipped_backbone_configs() -> dict[str, Path]:
@@ -65,28 +72,41 @@ def config_from_json(path: Path):
     return config
 
 
-def _select(cfg: Any, key: str, default: Any = None) -> Any:
-    """`cfg[a][b]` for a dotted key on a DictConfig or plain dict; `default` when absent/None."""
-    node = cfg
-    for part in key.split("."):
-        try:
-            node = node[part] if part in node else None
-        except TypeError:
-            node = getattr(node, part, None)
-        if node is None:
-            return default
-    return node
-
-
 def _plain(cfg: Any) -> dict:
-    try:
-        from omegaconf import OmegaConf
+    """A resolved config as a plain dict: a PipelineConfig, a DictConfig or a dict of sections."""
+    if hasattr(cfg, "resolved"):
+        return cfg.resolved
+    from omegaconf import OmegaConf
 
-        if OmegaConf.is_config(cfg):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    if OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
     return dict(cfg)
+
+
+@dataclass
+class Sections:
+    """The typed sections the estimate reads (defaults filled in where the recipe is silent)."""
+
+    backbone: Any
+    data: Any
+    train: Any
+    twotower: Any
+    plan: Any
+
+    @classmethod
+    def of(cls, cfg: Any) -> "Sections":
+        """From a resolved config (plain dict or DictConfig; sections may be absent)."""
+        from pipeline.schema import PlanConfig, build
+        from stages import duplicate_backbone, prepare_data, train_denoiser
+        from twotower import TwoTowerConfig
+
+        plain = _plain(cfg)
+        section = lambda name: dict(plain.get(name) or {})  # noqa: E731
+        return cls(backbone=build(duplicate_backbone.Config, section("backbone")),
+                   data=build(prepare_data.Config, section("data")),
+                   train=build(train_denoiser.Config, section("train")),
+                   twotower=TwoTowerConfig(**section("twotower")),
+                   plan=build(PlanConfig, section("plan")))
 
 
 def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB) -> dict:
@@ -94,43 +114,45 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
     from twotower import sizing
 
     started = time.perf_counter()
-    gpu_gib = float(_select(cfg, "plan.gpu_memory_gib", 0) or _select(cfg, "backbone.device_memory_gb", 0) or gpu_gib)
-    name = _select(cfg, "backbone.name_or_path")
-    if not name and _select(cfg, "backbone.gguf_file"):
-        return {"backbone": None, "note": f"backbone.gguf_file={_select(cfg, 'backbone.gguf_file')!r}: sized by "
+    sec = Sections.of(cfg)
+    gpu_gib = float(sec.plan.gpu_memory_gib or sec.backbone.device_memory_gb or gpu_gib)
+    name = sec.backbone.name_or_path
+    if not name and sec.backbone.gguf_file:
+        return {"backbone": None, "note": f"backbone.gguf_file={sec.backbone.gguf_file!r}: sized by "
                 "duplicate_backbone once converted (the plan reads no weights)"}
     if not name:
         return {"backbone": None, "note": "backbone.name_or_path is not set (the backbone is pretrained "
                 "by the pipeline); nothing to size before it exists"}
     config = load_backbone_config(str(name))
-    block_size = int(_select(cfg, "twotower.block_size", 16))
+    block_size = int(sec.twotower.block_size)
     backbone = sizing.build_on_meta(config)
-    counts = sizing.count_parameters(backbone, config)
-    new, new_source = _new_parameters(cfg, backbone, config, block_size)
+    facts = sizing.family_facts(backbone)
+    counts = sizing.count_parameters(backbone, facts)
+    new, new_source = _new_parameters(sec, backbone, facts, block_size)
     context = counts.as_dict()
     denoiser = {k: v + (new["total"] if k in ("total", "active", "total_without_embeddings",
                                               "active_without_embeddings") else 0)
                 for k, v in context.items()}
     largest = sizing.largest_layer_params(backbone)
-    shape = _train_shape(cfg, block_size, num_gpus)
+    shape = _train_shape(sec, block_size, num_gpus)
     decode = {
-        f"batch_{b}": sizing.decode_memory(context["total"], denoiser["total"], config, batch=b,
-                                            context_len=int(_select(cfg, "plan.context_len", 4096)),
+        f"batch_{b}": sizing.decode_memory(context["total"], denoiser["total"], facts, batch=b,
+                                            context_len=int(sec.plan.context_len),
                                             block_size=block_size)
         for b in (1, 8)
     }
-    traffic = {f"batch_{b}": sizing.decode_traffic(counts, config, batch=b, block_size=block_size,
+    traffic = {f"batch_{b}": sizing.decode_traffic(counts, facts, batch=b, block_size=block_size,
                                                     new_params=new["total"]) for b in (1, 8)}
-    train = sizing.training_memory(context["total"], denoiser["total"], largest, config, shape)
+    train = sizing.training_memory(context["total"], denoiser["total"], largest, facts, shape)
     ctx_counts = counts
     den_counts = sizing.ParamCounts(**{k: v + (new["total"] if k in ("total", "active") else 0)
                                        for k, v in asdict(counts).items()})
     step_time = sizing.training_step_time(ctx_counts, den_counts, shape,
-                                          grad_accum=int(_select(cfg, "train.grad_accum", 1)))
-    steps = int(_select(cfg, "train.max_steps", 0) or 0)
+                                          grad_accum=int(sec.train.grad_accum))
+    steps = int(sec.train.max_steps)
     step_time["max_steps"] = steps
     step_time["hours_for_max_steps"] = steps * step_time["step_s"] / 3600
-    fit = sizing.min_gpus(context["total"], denoiser["total"], largest, config, shape, gpu_gib)
+    fit = sizing.min_gpus(context["total"], denoiser["total"], largest, facts, shape, gpu_gib)
     summary = {
         "params_per_tower_b": round(context["total"] / 1e9, 2),
         "active_per_token_b_without_embeddings": round(context["active_without_embeddings"] / 1e9, 2),
@@ -146,8 +168,8 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
     return {
         "summary": summary,
         "backbone": {"name_or_path": str(name), "model_type": config.model_type,
-                     "layers": sizing.layer_kinds(config), "hidden_size": int(config.hidden_size),
-                     "vocab_size": int(config.vocab_size)},
+                     "layers": sizing.layer_kinds(facts), "hidden_size": facts.hidden_size,
+                     "vocab_size": facts.vocab_size},
         "params": {"context_tower": context, "denoiser": denoiser,
                    "both_towers_total": context["total"] + denoiser["total"]},
         "new_params": {**new, "source": new_source},
@@ -155,64 +177,61 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
         "decode_traffic": traffic,
         "train_memory": {**train, "largest_layer_params": largest},
         "train_memory_by_gpus": {
-            str(n): round(sizing.training_memory(context["total"], denoiser["total"], largest, config,
+            str(n): round(sizing.training_memory(context["total"], denoiser["total"], largest, facts,
                                                  replace(shape, num_gpus=n))["total_gib"], 1)
             for n in (8, 16, 32, 64)
         },
         "train_min_gpus": {"gpu_gib": gpu_gib, "num_gpus": fit},
         "train_time": step_time,
-        "placement": _placement(cfg, decode["batch_1"]),
+        "placement": _placement(sec, decode["batch_1"]),
         "seconds": round(time.perf_counter() - started, 2),
     }
 
 
-def _train_shape(cfg: Any, block_size: int, num_gpus: int | None):
+def _train_shape(sec: Sections, block_size: int, num_gpus: int | None):
     """The training job to size: GPUs from `plan.num_gpus`, else `train.num_workers` /
-    `train.devices` (16 if none is set above 1)."""
+    `train.devices` (`UNSET_GPUS` if none is set above 1); rows of `data.seq_len` tokens in
+    micro-batches of `train.batch_size`."""
     from twotower.sizing import TrainShape
 
-    workers = num_gpus or int(_select(cfg, "plan.num_gpus", 0) or 0) or max(int(_select(cfg, "train.num_workers", 0) or 0),
-                              int(_select(cfg, "train.devices", 0) or 0))
-    seq_len = int(_select(cfg, "train.seq_len", 0) or _select(cfg, "data.seq_len", 4096))
-    micro = int(_select(cfg, "train.micro_batch_size", 0) or _select(cfg, "train.batch_size", 1))
-    return TrainShape(num_gpus=workers if workers > 1 else 16, micro_batch=micro,
+    workers = num_gpus or sec.plan.num_gpus or max(sec.train.num_workers, sec.train.devices)
+    seq_len = int(sec.data.seq_len)
+    return TrainShape(num_gpus=workers if workers > 1 else UNSET_GPUS, micro_batch=int(sec.train.batch_size),
                       seq_len=seq_len - seq_len % block_size or block_size, block_size=block_size)
 
 
-def _new_parameters(cfg: Any, backbone, config, block_size: int) -> tuple[dict, str]:
+def _new_parameters(sec: Sections, backbone, facts, block_size: int) -> tuple[dict, str]:
     """New parameters by kind from both towers built on meta; the formula if the runtime is absent."""
     from twotower import sizing
 
     try:
         from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
     except ImportError as err:
-        return _formula(cfg, config, block_size), f"formula ({err})"
+        return _formula(sec, facts, block_size), f"formula ({err})"
     import torch
 
-    section = _plain(_select(cfg, "twotower", {}) or {})
     try:
-        tt_cfg = TwoTowerConfig(**section)
+        tt_cfg = TwoTowerConfig(**asdict(sec.twotower))
         with torch.device("meta"):
             model = TwoTowerForDiffusionLM.from_backbone(backbone, tt_cfg)
     except Exception as err:  # noqa: BLE001 - report, never fail the plan on the optional build
-        return _formula(cfg, config, block_size), f"formula (meta build: {err})"
+        return _formula(sec, facts, block_size), f"formula (meta build: {err})"
     return sizing.new_parameters_by_kind(model.denoiser, backbone), "TwoTowerForDiffusionLM on meta"
 
 
-def _formula(cfg: Any, config, block_size: int) -> dict:
+def _formula(sec: Sections, facts, block_size: int) -> dict:
     from twotower import sizing
 
-    return sizing.formula_new_parameters(config, block_size=block_size,
-                                         time_embed_dim=int(_select(cfg, "twotower.time_embed_dim", 128)))
+    return sizing.formula_new_parameters(facts, block_size=block_size,
+                                         time_embed_dim=int(sec.twotower.time_embed_dim))
 
 
-def _placement(cfg: Any, decode: dict) -> dict:
+def _placement(sec: Sections, decode: dict) -> dict:
     """Where the recipe puts each tower (`auto`: cuda:0 / cuda:1) and whether each device fits."""
-    ctx = str(_select(cfg, "backbone.context_device", "auto"))
-    den = str(_select(cfg, "backbone.denoiser_device", "auto"))
+    ctx, den = sec.backbone.context_device, sec.backbone.denoiser_device
     ctx = "cuda:0" if ctx == "auto" else ctx
     den = "cuda:1" if den == "auto" else den
-    gib = float(_select(cfg, "backbone.device_memory_gb", GPU_GIB) or GPU_GIB)
+    gib = float(sec.backbone.device_memory_gb)
     dif = decode["diffusion"]
     same = ctx == den
     need_ctx = dif["context_device_gib"] + (dif["denoiser_device_gib"] if same else 0.0)

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import REPO_ROOT, Stage
+from pipeline.contracts import Executor
 from pipeline.runner import PipelineError
+from pipeline.schema import RayConfig
 from pipeline.worker import execute
 
 
@@ -23,6 +25,24 @@ SHIP_EXCLUDES = ["runs/", ".venv/", ".git/", "**/__pycache__/", "*.egg-info/", "
 
 class ResourceError(PipelineError):
     """A stage asks for resources no node of the cluster has (it would stay pending forever)."""
+
+
+class NoExecutor:
+    """The executor of a run served entirely from the cache: it is never asked to run a stage."""
+
+    def submit(self, name: str, job: dict[str, Any], stage: Stage) -> None:
+        """Unreachable: every stage of the plan was a cache hit before the run started."""
+        raise PipelineError(f"stage '{name}' was to come from the cache, but no executor was started")
+
+    def wait(self, timeout: float) -> list[tuple[str, dict[str, Any]]]:
+        """Nothing ever runs."""
+        return []
+
+    def check(self, stages: list[Stage]) -> None:
+        """Nothing to check: nothing runs."""
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 class LocalExecutor:
@@ -184,7 +204,7 @@ def _fmt(resources: dict[str, float]) -> str:
     return ", ".join(parts)
 
 
-def make_executor(kind: str, ray_cfg: Any) -> LocalExecutor | RayExecutor:
+def make_executor(kind: str, ray_cfg: RayConfig) -> Executor:
     """`local` or `ray` (with the `ray` config section)."""
     if kind == "local":
         return LocalExecutor()

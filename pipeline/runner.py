@@ -17,7 +17,6 @@ for Ray's start-up; a run with any stage to execute uses its executor exactly as
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import PipelineConfig, Stage
+from pipeline.contracts import Executor, RunHook
+from pipeline.rundir import EventTail, dump_yaml, new_run_dir
 from pipeline.schema import suggest
 from pipeline.store import ArtifactStore, cache_key, write_atomic, write_json_atomic
 
@@ -138,31 +139,11 @@ def cache_hits(cfg: PipelineConfig, store: ArtifactStore, keys: dict[str, str], 
     return hits
 
 
-def _call(hooks: list[Any], method: str, *args: Any) -> None:
+def _call(hooks: list[RunHook], method: str, *args: Any) -> None:
     for hook in hooks:
         fn = getattr(hook, method, None)
         if fn is not None:
             fn(*args)
-
-
-def new_run_dir(root: Path, name: str) -> Path:
-    """Create `root/<timestamp>-<name>` (suffixed if taken) and point `root/latest` at it."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(1000):
-        run_dir = root / (f"{stamp}-{name}" + (f"-{i}" if i else ""))
-        try:
-            run_dir.mkdir()
-            break
-        except FileExistsError:
-            continue
-    link = root / "latest"
-    tmp = root / f".latest-{os.getpid()}"
-    if tmp.is_symlink():
-        tmp.unlink()
-    tmp.symlink_to(run_dir.name)
-    os.replace(tmp, link)  # atomic: `latest` always points at a real run
-    return run_dir
 
 
 def summary_of(run: RunInfo) -> dict[str, Any]:
@@ -185,29 +166,10 @@ def summary_of(run: RunInfo) -> dict[str, Any]:
             "stages": stages}
 
 
-class EventTail:
-    """Reads the JSON lines a worker appended to a stage's event file since the last call."""
-
-    def __init__(self, path: Path):
-        self.path, self.offset = path, 0
-
-    def read(self) -> list[dict[str, Any]]:
-        """New complete events (a half-written last line waits for the next call)."""
-        try:
-            with open(self.path, "rb") as fh:
-                fh.seek(self.offset)
-                data = fh.read()
-        except FileNotFoundError:
-            return []
-        end = data.rfind(b"\n") + 1
-        self.offset += end
-        return [json.loads(line) for line in data[:end].splitlines() if line.strip()]
-
-
 class Runner:
     """Runs one pipeline: owns the run directory, the states, the executor and the hooks."""
 
-    def __init__(self, cfg: PipelineConfig, executor: Any, hooks: list[Any], force: set[str],
+    def __init__(self, cfg: PipelineConfig, executor: Executor, hooks: list[RunHook], force: set[str],
                  from_stage: str | None, hits: dict[str, dict[str, Any]] | None = None,
                  runner: str = "local"):
         self.cfg, self.executor, self.hooks = cfg, executor, hooks
@@ -350,7 +312,7 @@ class Runner:
 
 
 def run_pipeline(cfg: PipelineConfig, *, runner: str | None = None, force: list[str] | tuple[str, ...] = (),
-                 from_stage: str | None = None, hooks: list[Any] | None = None, display: bool = False,
+                 from_stage: str | None = None, hooks: list[RunHook] | None = None, display: bool = False,
                  tracking: bool | None = None) -> RunResult:
     """Run `cfg`'s DAG; `runner` overrides `run.runner`, `tracking` overrides `tracking.enabled`.
 
@@ -362,7 +324,7 @@ def run_pipeline(cfg: PipelineConfig, *, runner: str | None = None, force: list[
         if name not in cfg.stages:
             raise PipelineError(f"unknown stage '{name}'{suggest(name, cfg.stages)} "
                                 f"(stages: {', '.join(cfg.stages)})")
-    all_hooks: list[Any] = []
+    all_hooks: list[RunHook] = []
     if cfg.tracking.enabled if tracking is None else tracking:
         from pipeline.tracking import MlflowHook
         all_hooks.append(MlflowHook(cfg))
@@ -374,6 +336,7 @@ def run_pipeline(cfg: PipelineConfig, *, runner: str | None = None, force: list[
     forced = cfg.dag.descendants(set(force) | ({from_stage} if from_stage else set()))
     hits = cache_hits(cfg, ArtifactStore(cfg.run.root, cfg.run.verify_checksums), stage_keys(cfg), forced)
     if hits is not None:  # nothing to run: no executor, so no Ray start-up (seconds) for a re-run
+        from pipeline.executors import NoExecutor
         runner_ = Runner(cfg, NoExecutor(), all_hooks, set(force), from_stage, hits, kind)
         write_atomic(runner_.run_dir / "config.yaml", dump_yaml(cfg.resolved))
         return runner_.execute()
@@ -386,21 +349,3 @@ def run_pipeline(cfg: PipelineConfig, *, runner: str | None = None, force: list[
         return runner_.execute()
     finally:
         executor.close()
-
-
-class NoExecutor:
-    """The executor of a run served entirely from the cache: it is never asked to run a stage."""
-
-    def submit(self, name: str, job: dict[str, Any], stage: Stage) -> None:
-        """Unreachable: every stage of the plan was a cache hit before the run started."""
-        raise PipelineError(f"stage '{name}' was to come from the cache, but no executor was started")
-
-    def wait(self, timeout: float) -> list[tuple[str, dict[str, Any]]]:
-        """Nothing ever runs."""
-        return []
-
-
-def dump_yaml(data: dict[str, Any]) -> str:
-    """The resolved config as YAML (saved in the run directory and logged to MLflow)."""
-    from omegaconf import OmegaConf
-    return OmegaConf.to_yaml(OmegaConf.create(data))

@@ -14,7 +14,9 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from stages.api import Range
 
 MISSING = "???"
 """OmegaConf's marker for a mandatory value; a field still holding it is reported as missing."""
@@ -24,11 +26,11 @@ MISSING = "???"
 class Resources:
     """What one stage asks of the Ray cluster (also checked against it before anything runs)."""
 
-    num_cpus: float = 1.0
+    num_cpus: Annotated[float, Range(0)] = 1.0
     """CPU cores reserved for the stage's Ray task."""
-    num_gpus: float = 0.0
+    num_gpus: Annotated[float, Range(0)] = 0.0
     """GPUs reserved for the stage's Ray task; the run fails at once if no node has them."""
-    memory_gb: float | None = None
+    memory_gb: Annotated[float, Range(0, low_open=True)] | None = None
     """Memory reserved for the task, in GiB (None: no reservation)."""
 
 
@@ -42,7 +44,7 @@ class StageSpec:
     """Ray resources of the stage's task."""
     module: str | None = None
     """Dotted module path of the stage; None: looked up in `stages.REGISTRY` by the stage name."""
-    retries: int = 0
+    retries: Annotated[int, Range(0)] = 0
     """How many times a transient failure (see `retry_on`) or a dead worker is retried."""
     retry_on: list[str] = field(default_factory=lambda: ["ConnectionError", "TimeoutError"])
     """Exception class names (or base class names) treated as transient."""
@@ -56,7 +58,7 @@ class RunConfig:
     """Artifact store and run directories (a shared filesystem on a cluster)."""
     name: str | None = None
     """Run name used in `runs/<timestamp>-<name>`; None: the recipe's file name."""
-    seed: int = 0
+    seed: Annotated[int, Range(0)] = 0
     """The run's seed, handed to every stage as `ctx.seed` (part of every cache key)."""
     runner: Literal["ray", "local"] = "ray"
     """`ray`: each stage is a Ray task; `local`: stages run in this process (tests, debugging)."""
@@ -70,9 +72,9 @@ class RayConfig:
 
     address: str | None = None
     """Cluster address (`auto`, `ray://host:10001`, ...); None: start an embedded local Ray."""
-    num_cpus: int | None = None
+    num_cpus: Annotated[int, Range(1)] | None = None
     """CPUs of the embedded local Ray; None: all cores."""
-    object_store_mb: int = 256
+    object_store_mb: Annotated[int, Range(64)] = 256
     """Object store of the embedded local Ray, in MiB (manifests are small; tensors stay on disk)."""
     ship_code: bool = False
     """Upload the repository to the cluster (Ray `runtime_env.working_dir`, without runs/, .venv/,
@@ -96,11 +98,11 @@ class TrackingConfig:
 class PlanConfig:
     """Assumptions of `python -m pipeline plan`'s memory estimate (pipeline/estimate.py)."""
 
-    context_len: int = 4096
+    context_len: Annotated[int, Range(1)] = 4096
     """Context length (prompt + generated tokens) the decoding memory estimate is sized for."""
-    num_gpus: int | None = None
+    num_gpus: Annotated[int, Range(1)] | None = None
     """GPUs the training estimate is sized for; None: from `train` (workers x devices)."""
-    gpu_memory_gib: float | None = None
+    gpu_memory_gib: Annotated[float, Range(0, low_open=True)] | None = None
     """Memory of one accelerator in GiB; None: `backbone.device_memory_gb`, else 80."""
 
 
@@ -122,8 +124,11 @@ def _type_name(tp: Any) -> str:
 
 
 def _hints(schema: type) -> dict[str, Any]:
-    module = __import__(schema.__module__, fromlist=["_"])
-    return typing.get_type_hints(schema, globalns=vars(module))
+    try:  # each field's hint in the module of the class that declares it (inherited fields too)
+        return typing.get_type_hints(schema, include_extras=True)
+    except NameError:
+        module = __import__(schema.__module__, fromlist=["_"])
+        return typing.get_type_hints(schema, globalns=vars(module), include_extras=True)
 
 
 def _check_scalar(value: Any, tp: type) -> bool:
@@ -145,6 +150,16 @@ def check(value: Any, tp: Any, path: str) -> list[tuple[str, str]]:
     if tp is Any or tp is object:
         return []
     origin = typing.get_origin(tp)
+    if origin is typing.Annotated:  # a type with constraints, e.g. Annotated[int, Range(1)]
+        base, *constraints = typing.get_args(tp)
+        problems = check(value, base, path)
+        if problems:
+            return problems
+        for constraint in constraints:
+            message = constraint.violation(value) if hasattr(constraint, "violation") else None
+            if message:
+                return [(path, message)]
+        return []
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
@@ -227,6 +242,8 @@ def build(schema: type, value: dict[str, Any]) -> Any:
 
 def _build_value(tp: Any, value: Any) -> Any:
     origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _build_value(typing.get_args(tp)[0], value)
     if value is None:
         return None
     if origin in (typing.Union, types.UnionType):

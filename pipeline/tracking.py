@@ -14,7 +14,10 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.runner import RunInfo, StageState
 
 from pipeline.config import PipelineConfig
 
@@ -84,10 +87,10 @@ class MlflowHook:
         for i in range(0, max(len(ms), len(ps)), 100):  # MLflow's batch limits
             self.client.log_batch(run_id, metrics=ms[i:i + 100], params=ps[i:i + 100])
 
-    def on_run_start(self, run: Any) -> None:
+    def on_run_start(self, run: "RunInfo") -> None:
         self._guard(self._start, run)
 
-    def _start(self, run: Any) -> None:
+    def _start(self, run: "RunInfo") -> None:
         from mlflow.tracking import MlflowClient
         self.client = MlflowClient(tracking_uri=self.uri)
         name = self.cfg.tracking.experiment
@@ -105,10 +108,10 @@ class MlflowHook:
         if config.exists():
             self.client.log_artifact(parent.info.run_id, str(config))
 
-    def on_stage_start(self, run: Any, st: Any) -> None:
+    def on_stage_start(self, run: "RunInfo", st: "StageState") -> None:
         self._guard(self._stage_start, run, st)
 
-    def _stage_start(self, run: Any, st: Any) -> None:
+    def _stage_start(self, run: "RunInfo", st: "StageState") -> None:
         stage = self.cfg.stages[st.name]
         tags = {"mlflow.parentRunId": run.mlflow_run_id, "pipeline.stage": st.name,
                 "pipeline.cache_key": st.key, "pipeline.code_version": stage.code_version}
@@ -123,10 +126,10 @@ class MlflowHook:
         self._log(child.info.run_id, metrics=metrics, params=params)
         self.parent_metrics.update({f"{st.name}.{k}": v for k, v in metrics.items()})
 
-    def on_stage_event(self, run: Any, st: Any, event: dict[str, Any]) -> None:
+    def on_stage_event(self, run: "RunInfo", st: "StageState", event: dict[str, Any]) -> None:
         self._guard(self._event, st, event)
 
-    def _event(self, st: Any, event: dict[str, Any]) -> None:
+    def _event(self, st: "StageState", event: dict[str, Any]) -> None:
         if st.mlflow_run_id is None:
             return
         if event.get("kind") == "metrics":
@@ -137,10 +140,10 @@ class MlflowHook:
             else:  # inside the artifact directory, which exists once the stage has finished
                 self.pending.setdefault(st.name, []).append(event["path"])
 
-    def on_stage_end(self, run: Any, st: Any) -> None:
+    def on_stage_end(self, run: "RunInfo", st: "StageState") -> None:
         self._guard(self._stage_end, run, st)
 
-    def _stage_end(self, run: Any, st: Any) -> None:
+    def _stage_end(self, run: "RunInfo", st: "StageState") -> None:
         if st.mlflow_run_id is None:
             return
         if st.status == "cached":  # params, metrics and tags went in with `_stage_start`
@@ -158,7 +161,7 @@ class MlflowHook:
         self.client.set_terminated(st.mlflow_run_id, "FAILED" if st.status == "failed" else "FINISHED")
 
     @staticmethod
-    def _figures(st: Any) -> list[str]:
+    def _figures(st: "StageState") -> list[str]:
         """Small human-readable files named in the manifest's `artifacts` (plots, tables, cards)."""
         if st.status != "done":
             return []
@@ -169,10 +172,10 @@ class MlflowHook:
                 out.append(str(path))
         return out
 
-    def on_run_end(self, run: Any, summary: dict[str, Any]) -> None:
+    def on_run_end(self, run: "RunInfo", summary: dict[str, Any]) -> None:
         self._guard(self._end, run)
 
-    def _end(self, run: Any) -> None:
+    def _end(self, run: "RunInfo") -> None:
         if run.mlflow_run_id is None:
             return
         if self.parent_metrics:

@@ -3,7 +3,9 @@
 A stage is a module in `stages/` exposing:
 
     SECTION: str                       # the config section it reads (e.g. "data")
-    Config: type                       # a typed dataclass: the schema of that section
+    Config: type                       # a typed dataclass: the schema of that section (choices as
+                                       # Literal, numbers as Annotated[int, Range(1)], ...)
+    REQUIRES: tuple[str, ...]          # the upstream manifests `run` reads (checked by validate)
     def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict
 
 `inputs` maps each upstream stage name to the manifest it returned (plain JSON). The returned
@@ -11,7 +13,9 @@ manifest is plain JSON too: `{"metrics": {...}, "artifacts": {...}, ...anything 
 paths in it are absolute (the engine hands out `ctx.out_dir` at its final location's sibling and
 rewrites nothing), heavy tensors stay on disk, never in a manifest.
 
-Stages never import Ray or MLflow and never parse arguments: the engine builds the context, runs the
+The engine derives the stage's code version (part of its cache key) from the project modules it
+imports (pipeline/codeversion.py): there is no list to keep. Stages never import Ray or MLflow and
+never parse arguments: the engine builds the context, runs the
 stage (in-process or as a Ray task), writes the manifest atomically with a completion marker, and
 tracks metrics through hooks. Training stages may hand `ctx.tracking_uri` / `ctx.mlflow_run_id` to
 Lightning's MLFlowLogger so curves land in the stage's own MLflow run.
@@ -21,6 +25,43 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric config field, checked by `validate` before anything runs.
+
+    Used as `Annotated` metadata in a stage's `Config`:
+
+        max_steps: Annotated[int, Range(1)] = 300          # 1 or more
+        min_lr_ratio: Annotated[float, Range(0, 1)] = 0.1   # 0 to 1, both included
+        gamma: Annotated[float, Range(0, 1, low_open=True)] # (0, 1]
+    """
+
+    low: float | None = None
+    """Smallest allowed value (None: no lower bound)."""
+    high: float | None = None
+    """Largest allowed value (None: no upper bound)."""
+    low_open: bool = False
+    """Exclude `low` itself."""
+    high_open: bool = False
+    """Exclude `high` itself."""
+
+    def __str__(self) -> str:
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        return f"{'(' if self.low_open or self.low is None else '['}{low}, {high}{')' if self.high_open or self.high is None else ']'}"
+
+    def allows(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+    def violation(self, value: Any) -> str | None:
+        """None when `value` is allowed, else the message the config error shows."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or self.allows(value):
+            return None
+        return f"must be in {self}, got {value!r}"
 
 
 def _ignore(_: dict[str, Any]) -> None:
@@ -64,6 +105,11 @@ class StageContext:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Log scalar metrics to the stage's MLflow run (through the engine's tracking hook)."""
         self.report({"kind": "metrics", "metrics": dict(metrics), "step": step})
+
+    def warn(self, message: str) -> None:
+        """Tell the user something went wrong but the stage goes on (e.g. no γ met the target):
+        the one path to the user, shown by the live display and kept in the run's events."""
+        self.report({"kind": "warning", "message": message})
 
     def log_artifact(self, path: str | Path) -> None:
         """Ask the engine to log a file (a plot, a table) as an MLflow artifact of this stage."""

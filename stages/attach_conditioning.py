@@ -3,8 +3,8 @@
 Reads the `twotower` section (`Config` is `twotower.TwoTowerConfig`, resolved lazily so that
 importing this module stays cheap). It wraps the backbone with `TwoTowerForDiffusionLM.from_backbone`,
 records the per-layer conditioning map and the new parameters by kind, re-verifies the trainable set
-and then checks invariant 4: with gates and AdaLN at their initial zeros each denoiser layer computes
-what the backbone's layer computes (`twotower.checks.zero_init_identity`, max |Δ| below `tolerance`).
+and then checks invariant 4: with gates and AdaLN at their initial zeros the denoiser's own forward
+gives the backbone's logits (`twotower.checks.zero_init_identity`, max |Δ| below `tolerance`).
 The block size is checked against the data's sequence length here, before the denoiser trains.
 No weights are written: `train_denoiser` rebuilds the same model from the manifest.
 """
@@ -15,12 +15,23 @@ from dataclasses import asdict
 from pathlib import Path
 
 from stages.api import StageContext
+from stages.loading import BackboneRef, load_backbone
 
 SECTION = "twotower"
-DEPENDS = ("twotower", "adapters", "stages.duplicate_backbone", "stages.train_denoiser")
-"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
+REQUIRES = ("freeze_context",)
 
 IDENTITY_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-2}
+"""Max |Δ| between a zero-init denoiser layer and its backbone layer: rounding only (fp32 sums in a
+different order; half precision keeps ~3 significant digits)."""
+
+
+def check_block_size(block_size: int, seq_len: int) -> None:
+    """A block size must divide the packed sequence length (and leave room for a denoised token)."""
+    if block_size < 2:
+        raise ValueError(f"twotower.block_size={block_size}: must be at least 2")
+    if seq_len % block_size or seq_len < block_size:
+        raise ValueError(f"twotower.block_size={block_size} does not fit data.seq_len={seq_len}: "
+                         "the sequence length must be a multiple of the block size")
 
 
 def __getattr__(name: str):
@@ -35,8 +46,6 @@ def __getattr__(name: str):
 def check(sections: dict) -> None:
     """Cross-section check for the engine to call at config time (before anything trains): the
     block size must divide `data.seq_len` and match `data.block_size`. ValueError naming the keys."""
-    from stages.train_denoiser import check_block_size
-
     block = (sections.get("twotower") or {}).get("block_size", 16)
     data = sections.get("data") or {}
     if "seq_len" in data:
@@ -59,16 +68,14 @@ def run(cfg, inputs: dict[str, dict], ctx: StageContext) -> dict:
     """Build the two towers with `cfg`, check trainable set and zero-init identity, record them."""
     from twotower import TwoTowerForDiffusionLM, checks, sizing
 
-    from stages.duplicate_backbone import load_backbone
     from stages.freeze_context import trainable_report
-    from stages.train_denoiser import check_block_size
 
     up = inputs["freeze_context"]
-    seq_len = up.get("seq_len")
-    if seq_len:
-        check_block_size(cfg.block_size, int(seq_len))
-    dtype = up.get("dtype", "float32")
-    backbone, tokenizer = load_backbone(up["artifacts"]["model"], dtype)
+    ref = BackboneRef.of(up, "freeze_context")
+    if ref.seq_len:
+        check_block_size(cfg.block_size, int(ref.seq_len))
+    dtype = ref.dtype
+    backbone, tokenizer = load_backbone(ref.model, dtype)
     model = TwoTowerForDiffusionLM.from_backbone(backbone, cfg)
     model.eval()
     report = trainable_report(model)
@@ -79,8 +86,8 @@ def run(cfg, inputs: dict[str, dict], ctx: StageContext) -> dict:
     delta = float(checks.zero_init_identity(model, probe_ids(backbone.config.vocab_size, cfg.block_size, ctx.seed)))
     tol = IDENTITY_TOLERANCE.get(dtype, 1e-4)
     if not delta <= tol:
-        raise ValueError(f"zero-init identity failed: max |Δ| = {delta:.3g} > {tol:g} between the denoiser "
-                         f"layers and the backbone layers with twotower={asdict(cfg)}")
+        raise ValueError(f"zero-init identity failed: max |Δ| = {delta:.3g} > {tol:g} between the denoiser's "
+                         f"logits and the context tower's with twotower={asdict(cfg)}")
     if not checks.context_matches(model, backbone):
         raise ValueError("context tower differs from the backbone after attaching")
     layer_map = model.layer_map()
@@ -95,8 +102,6 @@ def run(cfg, inputs: dict[str, dict], ctx: StageContext) -> dict:
     ctx.log_artifact(out / "conditioning_map.json")
     ctx.log_artifact(out / "twotower_config.json")
     return {"metrics": metrics,
-            "artifacts": {"model": up["artifacts"]["model"], "tokenizer": up["artifacts"]["tokenizer"],
-                          "conditioning_map": ctx.artifact_path("conditioning_map.json"),
+            "artifacts": {"conditioning_map": ctx.artifact_path("conditioning_map.json"),
                           "twotower_config": ctx.artifact_path("twotower_config.json")},
-            "twotower": asdict(cfg), "dtype": dtype, "seq_len": seq_len,
-            "conditioning_map": layer_map}
+            "backbone": ref.as_manifest(), "twotower": asdict(cfg), "conditioning_map": layer_map}

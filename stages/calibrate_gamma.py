@@ -13,36 +13,33 @@ ones after them.
 from __future__ import annotations
 
 import json
-import logging
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated
 
-from stages.api import StageContext
+from stages.api import Range, StageContext
 
 SECTION = "calibrate"
-DEPENDS = ("twotower", "adapters", "stages.duplicate_backbone", "stages.train_denoiser", "stages.decoding_eval", "stages.tasks")
-"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
-log = logging.getLogger(__name__)
+REQUIRES = ("prepare_data", "train_denoiser")
 
 
 @dataclass
 class Config:
     """The `calibrate` section: the γ sweep."""
 
-    gammas: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
+    gammas: list[Annotated[float, Range(0, 1, low_open=True)]] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
     """Confidence thresholds to sweep, each in (0, 1]."""
-    block_sizes: list[int] | None = None
+    block_sizes: list[Annotated[int, Range(2)]] | None = None
     """Decoding block sizes to sweep as well; null: the model's trained block size only."""
-    target_relative_quality: float = 0.987
+    target_relative_quality: Annotated[float, Range(0, 1, low_open=True)] = 0.987
     """Quality relative to AR the chosen γ must reach, in (0, 1] (the paper's 0.987)."""
-    prompts_per_task: int = 8
+    prompts_per_task: Annotated[int, Range(1)] = 8
     """Held-out prompts per task used for calibration."""
-    repeats: int = 3
+    repeats: Annotated[int, Range(1)] = 3
     """Timing repeats per prompt and setting (medians are kept)."""
-    max_new_tokens: int = 32
+    max_new_tokens: Annotated[int, Range(1)] = 32
     """Generation cap per prompt (decoding stops earlier at EOS)."""
-    num_threads: int = 0
+    num_threads: Annotated[int, Range(0)] = 0
     """torch intra-op threads; 0 leaves torch's default."""
 
     def __post_init__(self) -> None:
@@ -75,12 +72,9 @@ def choose(points: list[dict], target: float) -> tuple[dict, bool]:
 
 def pareto_plot(points: list[dict], target: float, chosen: dict, path: Path) -> None:
     """Relative quality against speedup, each point labelled with its γ (and B)."""
-    import matplotlib
+    from stages import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plots.axes(5.5, 4)
     xs = [p["speedup"] for p in points]
     ys = [p["relative_quality"] for p in points]
     ax.plot(xs, ys, "o", color="tab:blue")
@@ -93,12 +87,8 @@ def pareto_plot(points: list[dict], target: float, chosen: dict, path: Path) -> 
     ax.axhline(target, ls="--", color="gray", label=f"target {target:g}")
     ax.axvline(1.0, ls=":", color="gray")
     ax.set_xlabel("wall-clock speedup over AR (×)")
-    ax.set_ylabel("quality relative to AR")
-    ax.set_title("γ calibration: quality vs speed")
-    ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plots.save(fig, ax, path, title="γ calibration: quality vs speed", ylabel="quality relative to AR",
+               legend_loc="lower left")
 
 
 def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
@@ -106,7 +96,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     import torch
 
     from stages import decoding_eval as de
-    from stages.train_denoiser import load_trained
+    from stages.loading import load_trained
 
     validate(cfg)
     if cfg.num_threads:
@@ -139,9 +129,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
         message = (f"NO γ MET calibrate.target_relative_quality={cfg.target_relative_quality}: using the best "
                    f"available γ={chosen['gamma']:g} (relative quality {chosen['relative_quality']:.3f}, "
                    f"speedup {chosen['speedup']:.2f}x)")
-        warnings.warn(message, stacklevel=1)
-        log.warning(message)
-        print(f"[calibrate_gamma] WARNING: {message}", flush=True)
+        ctx.warn(message)
     (out / "calibration.json").write_text(json.dumps({"points": points, "chosen": chosen, "target_met": met,
                                                        "config": asdict(cfg), "warning": message}, indent=1))
     pareto_plot(points, cfg.target_relative_quality, chosen, out / "pareto.png")

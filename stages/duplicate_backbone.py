@@ -6,25 +6,32 @@ through the adapter registry and records the layer map, the parameter counts (to
 token, per tower) and a per-device memory plan for the two towers. No tower weights are written
 here: `train_denoiser` materialises them and `export` writes them once.
 
-The manifest forwards the backbone path and tokenizer so that later stages need only their direct
+The manifest hands the backbone downstream as one typed reference (`stages.loading.BackboneRef`:
+model, tokenizer, dtype, sequence length) under `backbone`, so later stages need only their direct
 upstream manifests. `Config` is the `backbone` section, shared with `freeze_context`.
 """
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from stages.api import StageContext
+from stages.api import Range, StageContext
+from stages.loading import DTYPE_BYTES, BackboneRef, Dtype, load_backbone
 
 SECTION = "backbone"
-DEPENDS = ("twotower", "adapters", "stages.backbone_source")
-"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
+REQUIRES: tuple[str, ...] = ()  # prepare_data and pretrain_backbone are read when the graph has them
 
-# Bytes per parameter for the dtypes a tower can be held in.
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DEFAULT_DEVICE_MEMORY_GIB = 80.0
+"""Accelerator memory assumed when a recipe does not say: one 80 GB H100 / A100, the card the
+shipped large recipe is sized for (also `plan.gpu_memory_gib`'s fallback)."""
+PLAN_BLOCK_SIZE = 16
+"""Block size the memory plan assumes when no data stage says (the default `data.block_size`)."""
+PLAN_SEQ_LEN = 256
+"""Sequence length the memory plan assumes when no data stage says."""
 
 
 @dataclass
@@ -40,15 +47,27 @@ class Config:
     under `<run.root>/cache/backbone_sources/` (stages/backbone_source.py; the `[real]` extra)."""
     revision: str | None = None
     """Hub revision of `name_or_path` (part of the hub source's key); None: the default branch."""
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     """Dtype the towers are held in for the memory plan and for loading: float32, bfloat16, float16."""
     context_device: str = "auto"
     """Device of the frozen context tower (`cpu`, `cuda:0`, ...); `auto` picks cuda:0 or cpu."""
     denoiser_device: str = "auto"
     """Device of the trainable denoiser tower; `auto` picks cuda:1 when two GPUs exist, else the
     context tower's device."""
-    device_memory_gb: float = 80.0
+    device_memory_gb: Annotated[float, Range(0, low_open=True)] = DEFAULT_DEVICE_MEMORY_GIB
     """Memory of one accelerator, for the plan's fit check (ignored on CPU)."""
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+"""What `backbone.context_device` / `backbone.denoiser_device` accept (torch device strings)."""
+
+
+def validate(cfg: Config) -> None:
+    """Config-only checks, before anything runs: ValueError naming the key."""
+    for key in ("context_device", "denoiser_device"):
+        value = getattr(cfg, key)
+        if not DEVICE.fullmatch(value):
+            raise ValueError(f"backbone.{key}={value!r}: expected auto, cpu, mps, cuda or cuda:N")
 
 
 def resolve_backbone_path(cfg: Config, inputs: dict[str, dict], cache_root: Path | None = None) -> str:
@@ -68,25 +87,6 @@ def resolve_backbone(cfg: Config, inputs: dict[str, dict], cache_root: Path | No
     return path, source.describe()
 
 
-def torch_dtype(name: str):
-    """`torch.float32` etc. from the config string, with a clear error naming the key."""
-    import torch
-
-    if name not in _DTYPE_BYTES:
-        raise ValueError(f"backbone.dtype={name!r}: expected one of {sorted(_DTYPE_BYTES)}")
-    return getattr(torch, name)
-
-
-def load_backbone(path: str, dtype: str = "float32"):
-    """Load the causal LM backbone and its tokenizer (saved beside it) from `path`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
-
-
 def layer_map(model) -> list[dict[str, Any]]:
     """The adapter's layer walk: one entry per sublayer (index, backbone layer, kind)."""
     import adapters
@@ -94,7 +94,8 @@ def layer_map(model) -> list[dict[str, Any]]:
     return [{"index": s.index, "layer": s.layer, "kind": s.kind} for s in adapters.get(model).sublayers(model)]
 
 
-def memory_plan(cfg: Config, model, counts, seq_len: int, n_gpus: int) -> dict[str, Any]:
+def memory_plan(cfg: Config, model, counts, seq_len: int, n_gpus: int,
+                block_size: int = PLAN_BLOCK_SIZE) -> dict[str, Any]:
     """Where the towers go and how much memory each device needs (decoding and training).
 
     Arithmetic from `twotower.sizing` on the parameter counts and the cache shapes; both towers are
@@ -106,12 +107,13 @@ def memory_plan(cfg: Config, model, counts, seq_len: int, n_gpus: int) -> dict[s
     den_dev = cfg.denoiser_device
     if den_dev == "auto":
         den_dev = "cuda:1" if n_gpus >= 2 else ctx_dev
-    bytes_w = _DTYPE_BYTES[cfg.dtype]
-    decode = sizing.decode_memory(counts.total, counts.total, model.config, batch=1,
-                                  context_len=seq_len, block_size=16)
-    train_len = max(16, seq_len // 16 * 16)  # whole blocks of the plan's B=16
+    bytes_w = DTYPE_BYTES[cfg.dtype]
+    facts = sizing.family_facts(model)
+    decode = sizing.decode_memory(counts.total, counts.total, facts, batch=1,
+                                  context_len=seq_len, block_size=block_size)
+    train_len = max(block_size, seq_len // block_size * block_size)  # whole blocks
     train = sizing.training_memory(counts.total, counts.total, sizing.largest_layer_params(model),
-                                   model.config, sizing.TrainShape(max(1, n_gpus), 1, train_len, 16))
+                                   facts, sizing.TrainShape(max(1, n_gpus), 1, train_len, block_size))
     per_device: dict[str, float] = {}
     for dev, key in ((ctx_dev, "context_device_gib"), (den_dev, "denoiser_device_gib")):
         per_device[dev] = per_device.get(dev, 0.0) + decode["diffusion"][key]
@@ -130,9 +132,11 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     path, source = resolve_backbone(cfg, inputs, Path(ctx.run_dir).parent / "cache" / "backbone_sources")
     model, tokenizer = load_backbone(path, cfg.dtype)
     lmap = layer_map(model)
-    counts = sizing.count_parameters(model, model.config)
-    seq_len = int(inputs.get("prepare_data", {}).get("seq_len", 256))
-    plan = memory_plan(cfg, model, counts, seq_len, torch.cuda.device_count())
+    counts = sizing.count_parameters(model)
+    data = inputs.get("prepare_data", {})
+    seq_len = int(data.get("seq_len") or PLAN_SEQ_LEN)
+    plan = memory_plan(cfg, model, counts, seq_len, torch.cuda.device_count(),
+                       int(data.get("block_size") or PLAN_BLOCK_SIZE))
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "layer_map.json").write_text(json.dumps(lmap, indent=1))
@@ -150,10 +154,9 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     ctx.log_artifact(out / "layer_map.json")
     ctx.log_artifact(out / "memory_plan.json")
     return {"metrics": metrics,
-            "artifacts": {"model": path, "tokenizer": path,
-                          "layer_map": ctx.artifact_path("layer_map.json"),
+            "backbone": BackboneRef(path, path, cfg.dtype, data.get("seq_len")).as_manifest(),
+            "artifacts": {"layer_map": ctx.artifact_path("layer_map.json"),
                           "memory_plan": ctx.artifact_path("memory_plan.json")},
             "model_type": model.config.model_type, "source": source, "layer_map": lmap, "param_counts": counts.as_dict(),
             "memory_plan": {k: plan[k] for k in ("context_device", "denoiser_device", "decode_gib_per_device", "fits")},
-            "vocab_size": len(tokenizer), "dtype": cfg.dtype,
-            "seq_len": inputs.get("prepare_data", {}).get("seq_len")}
+            "vocab_size": len(tokenizer)}

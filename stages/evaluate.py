@@ -11,41 +11,40 @@ Each suite named in `suites` then runs in both modes too (`humaneval`: stages/hu
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal, get_args
 
-from stages.api import StageContext
+from stages.api import Range, StageContext
 
 SECTION = "evaluate"
-DEPENDS = ("twotower", "adapters", "stages.duplicate_backbone", "stages.train_denoiser", "stages.decoding_eval", "stages.tasks",
-           "stages.humaneval", "stages.sandbox", "stages.text_generation")
-"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
-SUITES = ("humaneval",)
+REQUIRES = ("prepare_data", "train_denoiser", "calibrate_gamma")
+Suite = Literal["humaneval"]
 """Extra benchmark suites `evaluate.suites` may name (run after the held-out comparison)."""
+SUITES: tuple[str, ...] = get_args(Suite)
 
 
 @dataclass
 class Config:
     """The `evaluate` section."""
 
-    prompts_per_task: int = 24
+    prompts_per_task: Annotated[int, Range(1)] = 24
     """Held-out prompts per task (after the calibration slice)."""
-    repeats: int = 3
+    repeats: Annotated[int, Range(1)] = 3
     """Timing repeats per prompt and mode (medians are kept)."""
-    max_new_tokens: int = 32
+    max_new_tokens: Annotated[int, Range(1)] = 32
     """Generation cap per prompt (decoding stops earlier at EOS)."""
-    num_threads: int = 0
+    num_threads: Annotated[int, Range(0)] = 0
     """torch intra-op threads; 0 leaves torch's default."""
-    suites: list[str] = field(default_factory=list)
+    suites: list[Suite] = field(default_factory=list)
     """Extra suites, each in AR and in diffusion at the calibrated γ: `humaneval` (stages/humaneval.py)."""
-    humaneval_problems: int = 164
+    humaneval_problems: Annotated[int, Range(1, 164)] = 164
     """HumanEval subset size: the first N of the 164 problems."""
-    humaneval_max_new_tokens: int = 256
+    humaneval_max_new_tokens: Annotated[int, Range(1)] = 256
     """Generation cap per HumanEval completion (it stops earlier at a stop sequence or EOS)."""
-    humaneval_timeout_s: float = 10.0
+    humaneval_timeout_s: Annotated[float, Range(0, low_open=True)] = 10.0
     """Seconds each completion's tests may run in the sandbox."""
-    sandbox: str = "auto"
+    sandbox: Literal["auto", "namespaces", "guard"] = "auto"
     """Isolation of executed code: `auto`, `namespaces` or `guard` (stages/sandbox.py)."""
 
     def __post_init__(self) -> None:
@@ -65,36 +64,29 @@ class Config:
 
 def bar_chart(per_task: dict[str, dict], path: Path, gamma: float) -> None:
     """Per-task AR vs diffusion quality bars, the task kind under each name."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from stages import plots
 
     tasks = list(per_task)
     x = range(len(tasks))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(tasks)), 3.8))
+    fig, ax = plots.axes(max(5.0, 1.1 * len(tasks)), 3.8)
     ax.bar([i - 0.2 for i in x], [per_task[t]["ar_quality"] for t in tasks], 0.4, label="AR")
     ax.bar([i + 0.2 for i in x], [per_task[t]["diffusion_quality"] for t in tasks], 0.4,
            label=f"diffusion γ={gamma:g}")
     ax.set_xticks(list(x), [f"{t}\n({per_task[t]['kind']})" for t in tasks], fontsize=8)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("quality (exact match)")
-    ax.set_title("AR vs diffusion per task")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plots.save(fig, ax, path, title="AR vs diffusion per task", ylabel="quality (exact match)",
+               legend_loc="lower right")
 
 
-def _examples(path: str, cfg: Config, calib: dict) -> list[dict]:
+def _examples(path: str, cfg: Config, calib: dict, ctx: StageContext) -> list[dict]:
     from stages import decoding_eval as de
 
     offset = int(calib.get("calibration_examples", {}).get("per_task", 0))
     try:
         return de.load_examples(path, cfg.prompts_per_task, offset=offset)
     except ValueError:
-        warnings.warn(f"evaluate: no held-out examples after the {offset} calibration prompts per task "
-                      f"in {path}; evaluating on the calibration prompts", stacklevel=1)
+        ctx.warn(f"no held-out examples after the {offset} calibration prompts per task in {path}; "
+                 "evaluating on the calibration prompts")
         return de.load_examples(path, cfg.prompts_per_task)
 
 
@@ -103,7 +95,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     import torch
 
     from stages import decoding_eval as de
-    from stages.train_denoiser import load_trained
+    from stages.loading import load_trained
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -111,7 +103,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     calib = inputs["calibrate_gamma"]
     gamma = float(calib["metrics"]["gamma"])
     setting = de.Setting(gamma, calib.get("block_size"))
-    examples = _examples(inputs["prepare_data"]["artifacts"]["eval_examples"], cfg, calib)
+    examples = _examples(inputs["prepare_data"]["artifacts"]["eval_examples"], cfg, calib, ctx)
     model, tokenizer = load_trained(inputs["train_denoiser"])
     de.reset_peak_memory()  # this stage's peak, not that of a stage that ran before in this worker
     rows = de.measure(model, tokenizer, examples, [setting], repeats=cfg.repeats,

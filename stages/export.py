@@ -14,14 +14,13 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from stages.api import StageContext
+from stages.api import Range, StageContext
 from stages.backbone_source import source_line
 
 SECTION = "export"
-DEPENDS = ("twotower", "adapters", "stages.duplicate_backbone", "stages.train_denoiser", "stages.backbone_source")
-"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
+REQUIRES = ("prepare_data", "train_denoiser", "calibrate_gamma")
 
 
 @dataclass
@@ -30,9 +29,9 @@ class Config:
 
     dir: str | None = None
     """Where to write the export; null: `model/` inside the stage's artifact directory."""
-    verify_prompts: int = 3
+    verify_prompts: Annotated[int, Range(0)] = 3
     """Held-out prompts generated in all three modes after reloading (0 skips the check)."""
-    max_new_tokens: int = 32
+    max_new_tokens: Annotated[int, Range(1)] = 32
     """Generation cap for the verification."""
     fail_on_mismatch: bool = True
     """Raise when the reloaded model's `mock_ar` differs from `ar` or its logits differ."""
@@ -154,7 +153,7 @@ def _is_export(path: Path) -> bool:
 def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     """Save the model, tokenizer, generation config, plots and card; reload and verify."""
     from stages import decoding_eval as de
-    from stages.train_denoiser import load_trained
+    from stages.loading import load_trained
 
     train, calib, ev = inputs["train_denoiser"], inputs["calibrate_gamma"], inputs.get("evaluate", {})
     gamma = float(calib["metrics"]["gamma"])

@@ -21,37 +21,36 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from stages.api import StageContext
+from stages.api import Range, StageContext
 
 SECTION = "fidelity"
-DEPENDS = ("twotower", "adapters", "stages.duplicate_backbone", "stages.train_denoiser", "stages.decoding_eval")
-"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
+REQUIRES = ("prepare_data", "train_denoiser")
 
 
 @dataclass
 class Config:
     """The `fidelity` section."""
 
-    n_prompts: int = 20
+    n_prompts: Annotated[int, Range(1)] = 20
     """Held-out prompts on which `ar` is compared with transformers' greedy `generate` (and
     `mock_ar` with `ar`)."""
-    max_new_tokens: int = 32
+    max_new_tokens: Annotated[int, Range(1)] = 32
     """Tokens generated per prompt in those comparisons."""
-    parity_rows: int = 4
+    parity_rows: Annotated[int, Range(1)] = 4
     """Held-out token rows whose logits are compared (our walk vs the HF forward)."""
-    accuracy_rows: int = 64
+    accuracy_rows: Annotated[int, Range(1)] = 64
     """Held-out token rows for the masked accuracy before and after training."""
-    batch_size: int = 8
+    batch_size: Annotated[int, Range(1)] = 8
     """Rows per forward for the masked accuracy."""
-    max_parity_delta: float = 1e-3
+    max_parity_delta: Annotated[float, Range(0)] = 1e-3
     """Fail the stage when parity is worse than this (float32 weights; a broken adapter is off by
     whole logits, rounding by ~1e-5)."""
     fail_on_mismatch: bool = False
     """Raise when `ar` differs from transformers' greedy output or `mock_ar` from `ar`. Off by
     default: a near-tie in float32 may flip one greedy token; the counts are reported either way."""
-    num_threads: int = 0
+    num_threads: Annotated[int, Range(0)] = 0
     """torch intra-op threads; 0 leaves torch's default."""
 
     def __post_init__(self) -> None:
@@ -129,17 +128,20 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     import torch
 
     from stages import decoding_eval as de
-    from stages.train_denoiser import TwoTowerFactory, build_rows, load_tokens, load_trained
+    from stages.loading import BackboneRef, TwoTowerFactory, load_trained
+    from stages.rows import build_rows
+    from stages.training import load_tokens
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     data, train = inputs["prepare_data"], inputs["train_denoiser"]
+    backbone = BackboneRef.of(train, "train_denoiser")
     model, tokenizer = load_trained(train)
     eos, pad = data.get("eos_token_id"), int(data.get("pad_token_id") or 0)
     ids, lm = load_tokens(data["artifacts"]["eval_tokens"], "prepare_data.artifacts.eval_tokens")
     delta = parity(model, ids[: cfg.parity_rows])
     if not delta <= cfg.max_parity_delta:
-        raise ValueError(f"fidelity: our layer walk differs from the HF forward of {train['artifacts']['model']} "
+        raise ValueError(f"fidelity: our layer walk differs from the HF forward of {backbone.model} "
                          f"by max |Δ logits| = {delta:.3g} > fidelity.max_parity_delta={cfg.max_parity_delta:g}")
     examples = de.load_examples(data["artifacts"]["eval_examples"])[: cfg.n_prompts]
     prompts = [tokenizer(e["prompt"])["input_ids"] for e in examples]
@@ -151,8 +153,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
                                   eos if train_cfg.get("fill_after_eos", True) else None)
     acc_after, loss_after = masked_scores(model, rows, attn, loss, cfg.batch_size, ctx.seed)
     del model
-    art = train["artifacts"]
-    untrained = TwoTowerFactory(art["model"], train["twotower"], train.get("dtype", "float32"))().eval()
+    untrained = TwoTowerFactory.of(backbone, train["twotower"])().eval()
     acc_before, loss_before = masked_scores(untrained, rows, attn, loss, cfg.batch_size, ctx.seed)
     n = len(prompts)
     metrics = {"parity_max_abs_logit_diff": delta, "n_prompts": n,

@@ -12,11 +12,11 @@ import json
 from pathlib import Path
 
 from stages.api import StageContext
-from stages.duplicate_backbone import Config, load_backbone  # the shared `backbone` section
+from stages.duplicate_backbone import Config  # the shared `backbone` section
+from stages.loading import BackboneRef, load_backbone
 
 SECTION = "backbone"
-DEPENDS = ("twotower", "adapters", "stages.duplicate_backbone", "stages.train_denoiser")
-"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
+REQUIRES = ("duplicate_backbone",)
 __all__ = ["SECTION", "Config", "run", "trainable_report"]
 
 
@@ -54,8 +54,9 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     from twotower import checks
 
     up = inputs["duplicate_backbone"]
-    path = up["artifacts"]["model"]
-    backbone, _ = load_backbone(path, cfg.dtype)
+    ref = BackboneRef.of(up, "duplicate_backbone")
+    path = ref.model
+    backbone, _ = load_backbone(path, ref.dtype)
     model = TwoTowerForDiffusionLM.from_backbone(backbone, TwoTowerConfig())
     report = trainable_report(model)
     if report["violations"]:
@@ -73,7 +74,5 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
                "trainable_fraction": report["trainable"] / (report["trainable"] + report["frozen"])}
     ctx.log_artifact(out / "trainable_set.json")
     return {"metrics": metrics,
-            "artifacts": {"model": path, "tokenizer": up["artifacts"]["tokenizer"],
-                          "trainable_set": ctx.artifact_path("trainable_set.json")},
-            "trainable_groups": report["groups"], "layer_map": up.get("layer_map"),
-            "dtype": cfg.dtype, "seq_len": up.get("seq_len")}
+            "artifacts": {"trainable_set": ctx.artifact_path("trainable_set.json")},
+            "backbone": ref.as_manifest(), "trainable_groups": report["groups"], "layer_map": up.get("layer_map")}

@@ -19,14 +19,13 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from stages.api import StageContext
+from stages.api import Range, StageContext
 
 SECTION = "lm_eval"
 EXTRA_HINT = "lm-evaluation-harness is not installed: pip install -e '.[eval]' (the `eval` extra)"
-DEPENDS = ("twotower", "adapters", "stages.lm_eval_model", "stages.text_generation", "stages.decoding_eval")
-"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
+REQUIRES: tuple[str, ...] = ()  # `export` is read when the graph has it (else `lm_eval.pretrained`)
 
 
 @dataclass
@@ -35,19 +34,19 @@ class Config:
 
     tasks: list[str] = field(default_factory=list)
     """lm-eval task (or group) names."""
-    limit: int | None = None
+    limit: Annotated[int, Range(1)] | None = None
     """Examples per task (None: all)."""
-    batch_size: int = 1
+    batch_size: Annotated[int, Range(1)] = 1
     """Requests per model call."""
     include_path: str | None = None
     """A directory of extra task YAMLs (local tasks)."""
-    num_fewshot: int | None = None
+    num_fewshot: Annotated[int, Range(0)] | None = None
     """Few-shot examples per prompt (None: each task's default)."""
-    mode: str | None = None
+    mode: Literal["diffusion", "mock_ar", "ar"] | None = None
     """`generate_until` decoding: diffusion, mock_ar or ar (None: the export's generation_config.json)."""
-    gamma: float | None = None
+    gamma: Annotated[float, Range(0, 1, low_open=True)] | None = None
     """Diffusion confidence threshold (None: the export's calibrated γ)."""
-    max_gen_toks: int = 256
+    max_gen_toks: Annotated[int, Range(1)] = 256
     """Generation cap when a task does not set `max_gen_toks`."""
     pretrained: str | None = None
     """An exported two-tower directory to score; None: the upstream `export` stage's `path`."""

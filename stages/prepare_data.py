@@ -28,43 +28,41 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from stages.api import StageContext
+from stages.api import Range, StageContext
+from stages.data_sources import external_rows
 from stages.tasks import FAMILIES, get_families
 
 SECTION = "data"
-DEPENDS = ("stages.tasks", "stages.tokenizer", "stages.code_corpus")
-"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
 DEFAULT_TASKS = ("add", "sort", "copy", "reverse", "recall", "facts")
 DEFAULT_WEIGHTS = {"add": 1.0, "sort": 1.5, "reverse": 2.0, "facts": 0.5}
 SOURCES = ("synthetic", "files", "hf", "python_stdlib")
-FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
 
 @dataclass
 class Config:
     """The `data` section."""
 
-    source: str = "synthetic"
+    source: Literal["synthetic", "files", "hf", "python_stdlib"] = "synthetic"
     """Where examples come from: `synthetic` (built in, offline), `files` (local), `hf` (hub) or
     `python_stdlib` (the interpreter's own standard-library sources, offline)."""
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
     """Synthetic task families to generate (names in `stages/tasks.py`; `scan` is also available)."""
-    train_examples_per_task: int = 10000
+    train_examples_per_task: Annotated[int, Range(1)] = 10000
     """Synthetic training examples per family (before removing eval prompts), times its weight."""
-    task_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    task_weights: dict[str, Annotated[float, Range(0, low_open=True)]] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     """Relative share of training examples per family (1.0 when absent). The tiny backbone learns
     addition (with its scratchpad) and lookups (copy, recall) first, then reverse and sort: those
     get more examples, the memorised facts fewer, so that every family reaches the target within the
     same few minutes (docs/data.md)."""
-    eval_examples_per_task: int = 100
+    eval_examples_per_task: Annotated[int, Range(1)] = 100
     """Held-out examples per family (synthetic) or eval prompts in total (files / hf)."""
-    seq_len: int = 128
+    seq_len: Annotated[int, Range(2)] = 128
     """Tokens per packed row; must be a multiple of `block_size`."""
-    block_size: int = 16
+    block_size: Annotated[int, Range(2)] = 16
     """The denoiser's block size B (keep equal to `twotower.block_size`)."""
-    seed: int = 0
+    seed: Annotated[int, Range(0)] = 0
     """Data seed, added to the run seed: the same seeds give byte-identical token files."""
     paths: list[str] = field(default_factory=list)
     """`files` source: local .jsonl / .json / .parquet / .txt files."""
@@ -84,13 +82,13 @@ class Config:
     """`hf` source: the split to read."""
     streaming: bool = True
     """`hf` source: stream instead of downloading the whole dataset."""
-    max_documents: int = 20000
+    max_documents: Annotated[int, Range(1)] = 20000
     """`files` / `hf`: read at most this many rows."""
-    eval_fraction: float = 0.05
+    eval_fraction: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.05
     """`files` / `hf`: fraction of rows held out for evaluation."""
-    eval_prompt_tokens: int = 48
+    eval_prompt_tokens: Annotated[int, Range(1)] = 48
     """Plain text: tokens of a held-out document used as an eval prompt."""
-    eval_answer_tokens: int = 32
+    eval_answer_tokens: Annotated[int, Range(1)] = 32
     """Plain text: tokens after the prompt used as the reference continuation."""
     tokenizer: str | None = None
     """A tokenizer name or directory for `AutoTokenizer`, or a GGUF file (a path or
@@ -144,7 +142,7 @@ def load_tokenizer(name: str | None) -> Any:
     from transformers import AutoTokenizer
 
     if name.startswith("package:") or name.endswith(".gguf"):
-        from stages.backbone_source import gguf_tokenizer
+        from stages.gguf_files import gguf_tokenizer
 
         tok = gguf_tokenizer(name, key_name="data.tokenizer")
     else:
@@ -234,86 +232,6 @@ def synthetic_examples(cfg: Config, seed: int) -> tuple[list[dict[str, str]], li
     random.Random(seed * 1000 + 3).shuffle(train_rows)
     held_out = {r["prompt"] for r in eval_rows if not FAMILIES[r["task"]].closed_book}
     return [r for r in train_rows if r["prompt"] not in held_out], eval_rows
-
-
-def check_utf8(path: Path) -> None:
-    """A clear error for a text file that is not UTF-8 (datasets' own error names no file)."""
-    try:
-        path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"data.paths: {path} is not UTF-8 text (invalid byte 0x{err.object[err.start]:02x} at offset "
-            f"{err.start}); re-encode it, e.g. `iconv -f latin1 -t utf-8`"
-        ) from None
-
-
-def load_file_rows(path_str: str, cfg: Config, cache_dir: str | None) -> tuple[list[dict[str, Any]], list[str]]:
-    """All rows of one local file (at most `max_documents`) and its column names."""
-    import datasets
-
-    path = Path(path_str).expanduser()
-    if not path.is_file():
-        raise ValueError(f"data.paths: {path} does not exist or is not a file")
-    fmt = FILE_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"data.paths: {path} has an unsupported extension; use one of {sorted(FILE_FORMATS)}")
-    if fmt != "parquet":
-        check_utf8(path)
-    if path.stat().st_size == 0:
-        raise ValueError(f"data.paths: {path} is empty")
-    try:
-        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=cache_dir)
-    except Exception as err:  # datasets wraps parser errors in its own types
-        raise ValueError(f"data.paths: could not read {path} as {fmt}: {err}") from err
-    if len(ds) == 0:
-        raise ValueError(f"data.paths: {path} has no rows")
-    ds = ds.select(range(min(len(ds), cfg.max_documents)))
-    return [dict(r) for r in ds], list(ds.column_names)
-
-
-def load_hf_rows(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
-    """At most `max_documents` rows of a hub dataset (streamed by default; needs the network)."""
-    import datasets
-
-    ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split, streaming=cfg.streaming)
-    rows = [dict(r) for _, r in zip(range(cfg.max_documents), ds)]
-    if not rows:
-        raise ValueError(f"data.hf_name: {cfg.hf_name!r} split {cfg.hf_split!r} has no rows")
-    return rows, list(rows[0])
-
-
-def check_columns(rows_source: str, columns: list[str], cfg: Config, is_txt: bool) -> None:
-    needed = [cfg.prompt_column, cfg.answer_column] if cfg.prompt_column else [] if is_txt else [cfg.text_column]
-    if cfg.task_column:
-        needed.append(cfg.task_column)
-    for col in needed:
-        if col not in columns:
-            key = {cfg.prompt_column: "prompt_column", cfg.answer_column: "answer_column",
-                   cfg.task_column: "task_column"}.get(col, "text_column")
-            raise ValueError(f"data.{key}: column {col!r} not found in {rows_source}; its columns are {columns}")
-
-
-def external_rows(cfg: Config, cache_dir: str | None) -> list[dict[str, Any]]:
-    """Rows from `files` or `hf`, each checked for the configured columns."""
-    if cfg.source == "python_stdlib":
-        from stages.code_corpus import stdlib_rows
-
-        return stdlib_rows(cfg.max_documents, cfg.text_column)
-    if cfg.source == "hf":
-        rows, cols = load_hf_rows(cfg)
-        check_columns(f"hub dataset {cfg.hf_name!r}", cols, cfg, is_txt=False)
-        return rows
-    out: list[dict[str, Any]] = []
-    for p in cfg.paths:
-        rows, cols = load_file_rows(p, cfg, cache_dir)
-        is_txt = Path(p).suffix.lower() == ".txt"
-        if is_txt and cfg.prompt_column:
-            raise ValueError(f"data.prompt_column: {p} is plain text and has no columns; use .jsonl or .parquet")
-        check_columns(str(p), cols, cfg, is_txt)
-        if is_txt:
-            rows = [{cfg.text_column: r["text"]} for r in rows if r["text"].strip()]
-        out.extend(rows)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

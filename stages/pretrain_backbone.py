@@ -19,92 +19,82 @@ resumes from the last one. Output: `artifacts.model`, a directory loadable with
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from stages.api import StageContext
+from stages.api import Range, StageContext
+from stages.training import Optimisation, checkpoint_step, load_tokens, lr_factor, resolve_precision
 
 SECTION = "pretrain"
-DEPENDS = ("stages.tasks", "stages.tokenizer")
-"""Shared code this stage runs: hashed into its cache key (an edit there reruns the stage)."""
+REQUIRES = ("prepare_data",)
 LAYER_CODES = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
+ADAMW_BETAS = (0.9, 0.98)
+"""β2 = 0.98: the tuned runs of docs/data.md (a shorter second-moment memory than torch's 0.999
+for a few-minute run)."""
+PROGRESS_EVERY = 10
+"""Optimizer steps between progress events to the live display."""
 
 
 @dataclass
-class Config:
-    """The `pretrain` section (defaults are the tuned recipe)."""
+class Config(Optimisation):
+    """The `pretrain` section: the shared optimisation fields (`stages.training.Optimisation`; the
+    tuned values are in recipes/tiny.yaml), then the model's shape and the stop rule."""
 
     layer_pattern: str = "M*E*-"
     """Layer kinds in order, one character each: M Mamba-2, * attention, E MoE, - MLP
     (Nemotron-H's `hybrid_override_pattern`). Every kind must appear. One Mamba layer is enough
     here (it gives the attention layers previous-token features through its causal conv) and
     is most of the CPU cost of a step (the torch fallback scan)."""
-    hidden_size: int = 128
-    """Model width."""
-    num_attention_heads: int = 4
+    hidden_size: Annotated[int, Range(1)] = 128
+    """Model width (embeddings and the residual stream); a multiple of `num_attention_heads`, which
+    sets head_dim = hidden_size / heads."""
+    num_attention_heads: Annotated[int, Range(1)] = 4
     """Query heads of the attention layers (head_dim = hidden_size / heads)."""
-    num_key_value_heads: int = 2
-    """Key/value heads of the attention layers (grouped-query attention)."""
-    intermediate_size: int = 256
+    num_key_value_heads: Annotated[int, Range(1)] = 2
+    """Key/value heads of the attention layers (grouped-query attention, as Nemotron-H uses); they
+    divide `num_attention_heads` and size the context tower's KV cache."""
+    intermediate_size: Annotated[int, Range(1)] = 256
     """Hidden size of the MLP layers."""
-    mamba_num_heads: int = 8
+    mamba_num_heads: Annotated[int, Range(1)] = 8
     """Mamba-2 heads."""
-    mamba_head_dim: int = 32
-    """Mamba-2 head dimension (inner size = heads x head_dim)."""
-    ssm_state_size: int = 16
+    mamba_head_dim: Annotated[int, Range(1)] = 32
+    """Mamba-2 head dimension (inner size = heads x head_dim = 256, twice the width, the usual
+    Mamba-2 expansion)."""
+    ssm_state_size: Annotated[int, Range(1)] = 16
     """Mamba-2 state size per head."""
-    mamba_chunk_size: int = 16
+    mamba_chunk_size: Annotated[int, Range(1)] = 16
     """Mamba-2 scan chunk; keep near the block size on CPU (the torch fallback pads to it)."""
-    n_routed_experts: int = 4
-    """Routed experts per MoE layer."""
-    num_experts_per_tok: int = 2
+    n_routed_experts: Annotated[int, Range(2)] = 4
+    """Routed experts per MoE layer; at least 2, or there is nothing to route (a MoE layer with
+    one expert is an MLP)."""
+    num_experts_per_tok: Annotated[int, Range(1)] = 2
     """Experts each token is routed to."""
-    moe_intermediate_size: int = 128
+    moe_intermediate_size: Annotated[int, Range(1)] = 128
     """Hidden size of each routed expert."""
-    moe_shared_expert_intermediate_size: int = 128
-    """Hidden size of the MoE layer's shared expert."""
-    initializer_range: float = 0.06
+    moe_shared_expert_intermediate_size: Annotated[int, Range(1)] = 128
+    """Hidden size of the MoE layer's shared expert (every token goes through it, beside its
+    routed experts)."""
+    initializer_range: Annotated[float, Range(0, low_open=True)] = 0.06
     """Std of the normal init of linear and embedding weights. Larger than HF's 0.02: at 0.02 the
     tiny model sits for hundreds of steps on the plateau before attention learns to copy (measured:
     copy alone still at chance after 200 steps with 0.02, loss 0.13 after 250 with 0.06)."""
-    max_steps: int = 1000
-    """Optimizer steps at most (training stops earlier once the target is met, see stop_at_target)."""
-    batch_size: int = 32
-    """Packed rows per step."""
-    lr: float = 5e-3
-    """Peak learning rate (AdamW)."""
-    min_lr_ratio: float = 0.1
-    """The cosine schedule decays to lr x min_lr_ratio at max_steps."""
-    warmup_steps: int = 30
-    """Linear warmup steps."""
-    weight_decay: float = 0.01
-    """AdamW weight decay."""
-    grad_clip: float = 1.0
-    """Gradient-norm clipping."""
-    eval_every: int = 100
+    eval_every: Annotated[int, Range(1)] = 100
     """Steps between quick AR exact-match checks on `eval_subset` prompts per family."""
-    eval_subset: int = 32
+    eval_subset: Annotated[int, Range(1)] = 32
     """Prompts per family in the quick checks (the final evaluation uses the whole eval split)."""
-    target_em: float = 0.9
+    target_em: Annotated[float, Range(0, 1, low_open=True)] = 0.9
     """AR greedy exact match every family must reach."""
     stop_at_target: bool = True
     """Stop once a quick check has every family at >= target_em + stop_margin."""
-    stop_margin: float = 0.05
+    stop_margin: Annotated[float, Range(0, 1)] = 0.05
     """Safety margin of the early stop (the quick check sees only `eval_subset` prompts)."""
-    max_new_tokens: int = 16
+    max_new_tokens: Annotated[int, Range(1)] = 16
     """Generation budget per answer in evaluation (synthetic answers are at most 14 characters + EOS)."""
-    eval_batch_size: int = 128
+    eval_batch_size: Annotated[int, Range(1)] = 128
     """Prompts per batched greedy generation."""
-    checkpoint_every: int = 100
-    """Steps between resumable checkpoints in the stage's work directory."""
-    num_threads: int = 0
-    """torch intra-op threads; 0 keeps torch's default (the Ray task's CPUs)."""
-    precision: str = "auto"
-    """Lightning precision: `auto` is bf16-mixed on GPU and 32-true on CPU."""
-    seed: int = 0
+    seed: Annotated[int, Range(0)] = 0
     """Initialisation and data-order seed, added to the run seed."""
 
 
@@ -122,10 +112,6 @@ def validate(cfg: Config) -> None:
         raise ValueError("pretrain.num_attention_heads must be a multiple of num_key_value_heads")
     if cfg.n_routed_experts < 2 or cfg.num_experts_per_tok > cfg.n_routed_experts:
         raise ValueError("pretrain.n_routed_experts must be >= 2 and >= num_experts_per_tok")
-    if not 0.0 < cfg.target_em <= 1.0:
-        raise ValueError(f"pretrain.target_em ({cfg.target_em}) must be in (0, 1]")
-    if cfg.max_steps <= 0 or cfg.batch_size <= 0:
-        raise ValueError("pretrain.max_steps and pretrain.batch_size must be > 0")
 
 
 def build_config(cfg: Config, data: dict[str, Any]) -> Any:
@@ -156,19 +142,6 @@ def build_config(cfg: Config, data: dict[str, Any]) -> Any:
         bos_token_id=data.get("bos_token_id"),
         eos_token_id=int(data["eos_token_id"]),
     )
-
-
-def load_tokens(path: str) -> tuple[Any, Any]:
-    """(input_ids int64 [N, L], labels int64 [N, L] with -100 where no loss is taken)."""
-    from safetensors.torch import load_file
-
-    t = load_file(path)
-    ids = t["input_ids"]
-    mask = t["loss_mask"].bool() if "loss_mask" in t else None
-    labels = ids.clone()
-    if mask is not None:
-        labels[~mask] = -100
-    return ids, labels
 
 
 def read_examples(path: str) -> list[dict[str, str]]:
@@ -234,14 +207,8 @@ def ar_exact_match(model: Any, tok: Any, examples: list[dict[str, str]], *, max_
 
 
 def lr_lambda(cfg: Config):
-    """Linear warmup then cosine decay from 1 to `min_lr_ratio` at `max_steps`."""
-
-    def f(step: int) -> float:
-        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        progress = min(1.0, step / max(1, cfg.max_steps))
-        return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-    return f
+    """Linear warmup then cosine decay from 1 to `min_lr_ratio` at `max_steps` (steps only)."""
+    return lambda step: lr_factor(step, cfg.warmup_steps, step / max(1, cfg.max_steps), cfg.min_lr_ratio)
 
 
 def make_module(cfg: Config, model_config: Any) -> Any:
@@ -266,7 +233,7 @@ def make_module(cfg: Config, model_config: Any) -> Any:
             no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
             opt = torch.optim.AdamW(
                 [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                lr=cfg.lr, betas=(0.9, 0.98),
+                lr=cfg.lr, betas=ADAMW_BETAS,
             )
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -286,7 +253,7 @@ def make_eval_callback(cfg: Config, tok: Any, examples: list[dict[str, str]], ct
         def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             step = trainer.global_step
             loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
-            if step % 10 == 0:
+            if step % PROGRESS_EVERY == 0:
                 ctx.progress(step, cfg.max_steps, f"loss {loss:.3f}")
             if step % cfg.eval_every and step != cfg.max_steps:
                 return
@@ -314,7 +281,9 @@ def train(cfg: Config, data: dict[str, Any], ctx: StageContext) -> tuple[Any, di
         torch.set_num_threads(cfg.num_threads)
     pl.seed_everything(cfg.seed + ctx.seed, workers=True, verbose=False)
     tok = AutoTokenizer.from_pretrained(data["artifacts"]["tokenizer"])
-    ids, labels = load_tokens(data["artifacts"]["train_tokens"])
+    ids, loss_mask = load_tokens(data["artifacts"]["train_tokens"], "prepare_data.artifacts.train_tokens")
+    labels = ids.clone()
+    labels[~loss_mask] = -100  # the loss covers answer tokens only
     if ids.shape[1] != int(data["seq_len"]):
         raise ValueError(f"{data['artifacts']['train_tokens']}: rows of {ids.shape[1]} tokens, manifest says seq_len={data['seq_len']}")
     examples = subset_per_task(read_examples(data["artifacts"]["eval_examples"]), cfg.eval_subset)
@@ -327,7 +296,7 @@ def train(cfg: Config, data: dict[str, Any], ctx: StageContext) -> tuple[Any, di
     last = ckpt_dir / "last.ckpt"
     quick = make_eval_callback(cfg, tok, examples, ctx)
     gpu = torch.cuda.is_available()
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if gpu else "32-true")
+    precision = resolve_precision(cfg.precision, gpu)
     trainer = pl.Trainer(
         max_steps=cfg.max_steps, accelerator="gpu" if gpu else "cpu", devices=1, precision=precision,
         gradient_clip_val=cfg.grad_clip, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -335,7 +304,7 @@ def train(cfg: Config, data: dict[str, Any], ctx: StageContext) -> tuple[Any, di
                                           save_last=True, save_top_k=0)],
         default_root_dir=str(ctx.work_dir), num_sanity_val_steps=0,
     )
-    resumed_from = int(torch.load(last, map_location="cpu", weights_only=False)["global_step"]) if last.exists() else 0
+    resumed_from = checkpoint_step(last)
     t0 = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if last.exists() else None)
     stats = {"train_time_s": time.perf_counter() - t0, "steps": int(trainer.global_step),
@@ -364,8 +333,8 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     target_met = min(em.values()) >= cfg.target_em
     if not target_met:
         worst = min(em, key=em.get)
-        print(f"WARNING pretrain_backbone: AR exact match below pretrain.target_em={cfg.target_em} "
-              f"(worst family {worst}: {em[worst]:.3f}); raise pretrain.max_steps", flush=True)
+        ctx.warn(f"AR exact match below pretrain.target_em={cfg.target_em} "
+                 f"(worst family {worst}: {em[worst]:.3f}); raise pretrain.max_steps")
     metrics: dict[str, float] = {f"em/{k}": v for k, v in em.items()}
     metrics.update({
         "em_min": min(em.values()), "em_mean": sum(em.values()) / len(em), "target_met": float(target_met),

@@ -26,6 +26,11 @@ What it sets up, and why:
   `storage_path/name/reports.jsonl` so the engine and the user can follow a run that is not theirs.
 
 No Ray or Lightning import at module load (both are slow): they happen inside the functions.
+
+Why this module is longer than ~350 lines: the driver side (`fit_distributed`, the report tail)
+and the worker side (`_train_loop_per_worker`, the FSDP/DDP strategy, the step reports) must agree
+on the checkpoint file, the report format and the run directory; one module keeps that agreement
+in one place, and splitting it would make either half unreadable alone.
 """
 from __future__ import annotations
 
@@ -37,9 +42,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from stages.training import Optimisation
+
 CHECKPOINT_FILE = "checkpoint.ckpt"
 REPORTS_FILE = "reports.jsonl"
 STRATEGIES = ("fsdp", "ddp")
+REPORT_EVERY_AT_MOST = 10
+"""Steps between two metric reports at most (and at every checkpoint when those are closer)."""
 
 
 @dataclass
@@ -62,7 +71,7 @@ class DistributedConfig:
     """Recompute each decoder layer in backward (FSDP only)."""
     precision: str = "auto"
     """Lightning precision; `auto` is bf16-mixed on GPU and 32-true on CPU."""
-    max_steps: int = 100
+    max_steps: int = Optimisation.max_steps
     """Optimizer steps in total (a resumed run continues to this count)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
@@ -70,7 +79,7 @@ class DistributedConfig:
     """Gradient-norm clip; 0 disables (FSDP clips by norm across shards)."""
     report_every: int = 10
     """Report metrics every this many optimizer steps."""
-    checkpoint_every: int = 100
+    checkpoint_every: int = Optimisation.checkpoint_every
     """Checkpoint to shared storage every this many optimizer steps (and at the end)."""
     keep_checkpoints: int = 2
     """Checkpoints kept on storage (oldest deleted first)."""
@@ -120,7 +129,7 @@ class LazyFactory:
     """A picklable factory: imports `target` ("package.module:attribute") on the worker and calls it.
 
     Lets a caller hand over classes that only exist after a lazy import, e.g.
-    `LazyFactory("stages.train_denoiser:DenoiserModule", (model_factory, train_cfg, block_size))`.
+    `LazyFactory("stages.denoiser_module:DenoiserModule", (model_factory, train_cfg, block_size))`.
     """
 
     target: str
@@ -153,10 +162,10 @@ def config_from_train(train_cfg: Any, *, storage_path: str, name: str, num_worke
         strategy = "fsdp" if use_gpu else "ddp"
     return DistributedConfig(
         storage_path=storage_path, name=name, num_workers=workers, use_gpu=use_gpu, strategy=strategy,
-        precision=str(get("precision", "auto")), max_steps=int(get("max_steps", 100)),
+        precision=str(get("precision", "auto")), max_steps=int(get("max_steps", Optimisation.max_steps)),
         grad_accum=int(get("grad_accum", 1)), grad_clip=float(get("grad_clip", 0.0) or 0.0),
-        checkpoint_every=int(get("checkpoint_every", 100)), seed=seed,
-        report_every=max(1, min(10, int(get("checkpoint_every", 100)))),
+        checkpoint_every=int(get("checkpoint_every", Optimisation.checkpoint_every)), seed=seed,
+        report_every=max(1, min(REPORT_EVERY_AT_MOST, int(get("checkpoint_every", Optimisation.checkpoint_every)))),
     )
 
 
@@ -328,9 +337,9 @@ def _data_kwargs(data: Any) -> dict[str, Any]:
 
 
 def _precision(cfg: DistributedConfig) -> str:
-    if cfg.precision != "auto":
-        return cfg.precision
-    return "bf16-mixed" if cfg.use_gpu else "32-true"
+    from stages.training import resolve_precision
+
+    return resolve_precision(cfg.precision, cfg.use_gpu)
 
 
 def layer_classes(module: Any, names: tuple[str, ...] = ()) -> set[type]:
@@ -350,7 +359,7 @@ def layer_classes(module: Any, names: tuple[str, ...] = ()) -> set[type]:
         picked = {c for c in all_classes if c.__name__ in names}
         missing = set(names) - {c.__name__ for c in picked}
         if missing:
-            raise ValueError(f"train.wrap_layer_classes: {sorted(missing)} not in the model")
+            raise ValueError(f"DistributedConfig.wrap_layer_classes: {sorted(missing)} not in the model")
         return picked
     walk = next((getattr(m, "context_walk") for m in module.modules() if hasattr(m, "context_walk")), None)
     if walk is not None:
@@ -359,7 +368,8 @@ def layer_classes(module: Any, names: tuple[str, ...] = ()) -> set[type]:
             return called
     lists = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
     if not lists:
-        raise ValueError(f"{type(module).__name__}: no layer list to wrap; set train.wrap_layer_classes")
+        raise ValueError(f"{type(module).__name__}: no layer list to wrap; pass the class names to wrap as "
+                         "DistributedConfig.wrap_layer_classes (fit_distributed's config)")
     longest = max(len(m) for m in lists)
     return {type(x) for m in lists if len(m) == longest for x in m}
 

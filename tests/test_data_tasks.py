@@ -135,3 +135,25 @@ def test_add_states_the_sum_with_carries():
     # a worked example: 964 + 494 = 1458, carries out of every column
     assert tasks.make_add(random.Random(0)) == ("add A44B69C94=", "A448B695C944D1")
     assert _add_operands("add A44B69C94=") == (964, 494) and _add_answer_value("A448B695C944D1") == 1458
+
+
+def test_the_example_draws_from_the_pipelines_task_families():
+    """One task generator in the project: examples/train_tiny_twotower.py samples `stages.tasks`
+    and encodes with the pipeline's character tokenizer."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_tiny_twotower.py"
+    spec = importlib.util.spec_from_file_location("train_tiny_twotower", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert not (path.parent / "tiny_tasks.py").exists()
+    rows = example.sample(10, seed=3)
+    assert [task for task, _, _ in rows] == list(example.TASKS) * 2
+    assert set(example.TASKS) <= set(tasks.FAMILIES)
+    tok = build_char_tokenizer()
+    expected = tasks.generate(list(example.TASKS), 2, seed=3)
+    for (task, prompt, answer), row in zip(rows, expected):
+        assert task == row["task"] and answer[-1] == tok.eos_token_id
+        assert prompt == tok(row["prompt"])["input_ids"]  # the pipeline tokenizer's ids, BOS first
+        assert tasks.exact_match(tok.decode(answer[:-1]), row["answer"])

@@ -34,7 +34,7 @@ def chain(tmp_path_factory):
     gguf = write_llama_gguf(tiny_llama(), root / "tiny.gguf")
     m: dict = {}
     m["duplicate_backbone"] = D.run(D.Config(gguf_file=str(gguf)), {}, make_ctx(root / "runs" / "run1", "dup"))
-    converted = Path(m["duplicate_backbone"]["artifacts"]["model"])
+    converted = Path(m["duplicate_backbone"]["backbone"]["model"])
     m["prepare_data"] = tiny_data(root / "data", converted)
     m["freeze_context"] = F.run(F.Config(), {"duplicate_backbone": m["duplicate_backbone"]}, make_ctx(root, "freeze"))
     m["attach_conditioning"] = A.run(A.Config(block_size=BLOCK), {"freeze_context": m["freeze_context"]},
@@ -58,7 +58,9 @@ def test_fidelity_reports_parity_greedy_agreement_and_accuracy(chain):
 
 
 def test_masked_accuracy_is_the_same_draw_for_the_same_model(chain):
-    from stages.train_denoiser import build_rows, load_tokens, load_trained
+    from stages.loading import load_trained
+    from stages.rows import build_rows
+    from stages.training import load_tokens
 
     m = chain["m"]
     model, _ = load_trained(m["train_denoiser"])
@@ -73,7 +75,8 @@ def test_masked_accuracy_is_the_same_draw_for_the_same_model(chain):
 
 
 def test_parity_and_greedy_checks_catch_a_broken_walk(chain, monkeypatch):
-    from stages.train_denoiser import load_tokens, load_trained
+    from stages.loading import load_trained
+    from stages.training import load_tokens
 
     m = chain["m"]
     model, tok = load_trained(m["train_denoiser"])

@@ -96,12 +96,25 @@ def test_lr_schedule_warms_up_then_decays():
         ({"layer_pattern": "M*E"}, r"pretrain.layer_pattern 'M\*E' lacks layer kinds \['mlp'\]"),
         ({"layer_pattern": "M*E-X"}, r"pretrain.layer_pattern: unknown codes \['X'\]"),
         ({"hidden_size": 30}, r"pretrain.hidden_size"),
-        ({"target_em": 1.5}, r"pretrain.target_em"),
     ],
 )
 def test_config_errors(kw, pattern):
     with pytest.raises(ValueError, match=pattern):
         pretrain_backbone.validate(Config(**kw))
+
+
+@pytest.mark.parametrize(("override", "allowed"), [
+    ("pretrain.target_em=1.5", "(0, 1]"), ("pretrain.max_steps=-5", "[1, inf)"),
+    ("pretrain.batch_size=0", "[1, inf)"), ("pretrain.lr=0", "(0, inf)"), ("pretrain.min_lr_ratio=2", "[0, 1]"),
+])
+def test_ranges_are_config_errors_before_anything_runs(override, allowed):
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config("recipes/tiny.yaml", [override])
+    key = override.split("=")[0]
+    assert [p.message for p in err.value.problems if p.key == key] == [
+        f"must be in {allowed}, got {override.split('=')[1]}"], str(err.value)
 
 
 def test_needs_prepare_data(tmp_path):

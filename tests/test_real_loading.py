@@ -141,7 +141,7 @@ def test_duplicate_backbone_stage_converts_and_names_the_source(tiny_gguf, tmp_p
     run_dir = tmp_path / "runs" / "20260101-000000-test"
     ctx = StageContext(name="duplicate_backbone", out_dir=tmp_path / "out", work_dir=tmp_path / "work", run_dir=run_dir)
     manifest = db.run(db.Config(gguf_file=str(path)), {}, ctx)
-    model_dir = Path(manifest["artifacts"]["model"])
+    model_dir = Path(manifest["backbone"]["model"])
     assert model_dir.parent == tmp_path / "runs" / "cache" / "backbone_sources"
     assert manifest["model_type"] == "llama" and manifest["metrics"]["n_sublayers"] == 4
     assert manifest["source"]["kind"] == "gguf" and manifest["source"]["file"] == path.name

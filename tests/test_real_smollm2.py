@@ -34,7 +34,7 @@ import json, sys
 from pathlib import Path
 import torch
 from stages import backbone_source as bs
-from stages.duplicate_backbone import load_backbone
+from stages.loading import load_backbone
 from stages.fidelity import greedy_agreement, parity
 from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
 

@@ -62,11 +62,11 @@ def local_ray():
 
 
 def test_tiny_config_keeps_the_nano_pattern():
-    from twotower.sizing import layer_kinds
+    from twotower.sizing import build_on_meta, family_facts, layer_kinds
 
     config = tiny_nano_config()
     assert config.num_hidden_layers == 52
-    assert layer_kinds(config) == {"attention": 6, "mamba": 23, "moe": 23, "mlp": 0}
+    assert layer_kinds(family_facts(build_on_meta(config))) == {"attention": 6, "mamba": 23, "moe": 23, "mlp": 0}
 
 
 def test_bad_config_names_the_key():
@@ -220,7 +220,7 @@ def test_train_denoiser_module_under_the_runner(local_ray, tmp_path):
     train = TrainConfig(max_steps=2, batch_size=BATCH // 2, checkpoint_every=2, accelerator="cpu",
                         warmup_steps=1, progress_bar=False)
     cfg = config_from_train(train, storage_path=str(tmp_path), name="denoiser", num_workers=2)
-    make_module = LazyFactory("stages.train_denoiser:DenoiserModule", (tiny_twotower, train, BLOCK))
+    make_module = LazyFactory("stages.denoiser_module:DenoiserModule", (tiny_twotower, train, BLOCK))
     result = fit_distributed(make_module, denoiser_rows, cfg)
     assert result.history[-1]["step"] == 2  # report_every = min(10, checkpoint_every)
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in result.history)

@@ -35,7 +35,8 @@ def test_shipped_config_is_the_public_one():
     config = config_from_json(NANO_JSON)
     assert config.model_type == "nemotron_h"
     assert config.hybrid_override_pattern == "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
-    assert sizing.layer_kinds(config) == {"attention": 6, "mamba": 23, "moe": 23, "mlp": 0}
+    assert sizing.layer_kinds(sizing.family_facts(sizing.build_on_meta(config))) == {
+        "attention": 6, "mamba": 23, "moe": 23, "mlp": 0}
     assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (
         2688, 32, 2, 128)
     assert (config.mamba_num_heads, config.mamba_head_dim, config.ssm_state_size, config.n_groups) == (64, 64, 128, 8)
@@ -87,7 +88,7 @@ def test_counts_on_a_real_tiny_moe_model_by_hand():
     config = AutoConfig.for_model(data.pop("model_type"), **data)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)  # real CPU weights
-    counts = sizing.count_parameters(model, config)
+    counts = sizing.count_parameters(model)
     routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     assert routed == 2 * 8 * 16 * 32  # up + down, 8 experts
     assert counts.total == sum(p.numel() for p in model.parameters())
@@ -116,8 +117,8 @@ def test_new_parameters_by_kind_classifies_names():
 
 
 def test_training_memory_shrinks_with_gpus_and_rejects_bad_shapes():
-    config = config_from_json(NANO_JSON)
-    args = (31_000_000_000, 32_000_000_000, 1_300_000_000, config)
+    facts = sizing.family_facts(sizing.build_on_meta(config_from_json(NANO_JSON)))
+    args = (31_000_000_000, 32_000_000_000, 1_300_000_000, facts)
     small = sizing.training_memory(*args, sizing.TrainShape(64, 1, 4096, 16))["total_gib"]
     big = sizing.training_memory(*args, sizing.TrainShape(8, 1, 4096, 16))["total_gib"]
     assert big > small
@@ -135,7 +136,7 @@ def test_formula_matches_the_runtime_on_meta():
         model = TwoTowerForDiffusionLM.from_backbone(backbone, TwoTowerConfig(block_size=16))
     built = sizing.new_parameters_by_kind(model.denoiser, backbone)
     assert built["other"] == 0, built  # every new parameter is classified
-    assert built == sizing.formula_new_parameters(config, block_size=16, time_embed_dim=128)
+    assert built == sizing.formula_new_parameters(sizing.family_facts(backbone), block_size=16, time_embed_dim=128)
     assert built["adaln"] > 0 and built["embeddings"] == 2688 * 17
 
 
@@ -169,9 +170,9 @@ def test_plan_cli_on_the_nano_recipe(tmp_path):
 
 
 def test_decode_traffic_moe_block_reads_more_experts(nano_plan):
-    config = config_from_json(NANO_JSON)
-    assert sizing.expert_fraction_touched(config, 1) == pytest.approx(6 / 128)
-    assert sizing.expert_fraction_touched(config, 16) == pytest.approx(1 - (122 / 128) ** 16)
+    facts = sizing.family_facts(sizing.build_on_meta(config_from_json(NANO_JSON)))
+    assert sizing.expert_fraction_touched(facts, 1) == pytest.approx(6 / 128)
+    assert sizing.expert_fraction_touched(facts, 16) == pytest.approx(1 - (122 / 128) ** 16)
     t1, t8 = nano_plan["decode_traffic"]["batch_1"], nano_plan["decode_traffic"]["batch_8"]
     # One AR token reads the active weights: ~3.2 B dense-equivalent params (+ LM head) in bf16.
     assert t1["ar_forward_gib"] == pytest.approx(

@@ -22,6 +22,7 @@ from stages import evaluate as E
 from stages import export as X
 from stages import freeze_context as F
 from stages import train_denoiser as T
+from stages.loading import BackboneRef, TwoTowerFactory, load_trained
 
 TRAIN = dict(max_steps=4, batch_size=8, val_every=2, val_batches=1, checkpoint_every=2, progress_bar=False,
              num_threads=1)
@@ -58,6 +59,18 @@ def test_duplicate_records_layer_map_counts_and_plan(chain):
     assert not any(Path(d["artifacts"]["layer_map"]).parent.glob("*.safetensors"))  # no weights here
 
 
+def test_the_backbone_is_one_typed_reference_passed_downstream(chain):
+    """duplicate_backbone resolves the backbone once; every later manifest forwards the same
+    `BackboneRef` and none re-forwards loose model/tokenizer/dtype/seq_len keys."""
+    expected = BackboneRef(str(chain["backbone"]), str(chain["backbone"]), "float32", SEQ_LEN)
+    for stage in ("duplicate_backbone", "freeze_context", "attach_conditioning", "train_denoiser"):
+        manifest = chain["m"][stage]
+        assert BackboneRef.of(manifest, stage) == expected, stage
+        assert not {"dtype", "seq_len"} & set(manifest) and not {"model", "tokenizer"} & set(manifest["artifacts"])
+    with pytest.raises(ValueError, match="'calibrate_gamma' has no 'backbone' reference"):
+        BackboneRef.of(chain["m"]["calibrate_gamma"], "calibrate_gamma")
+
+
 def test_duplicate_needs_a_backbone(tmp_path):
     with pytest.raises(ValueError, match="backbone.name_or_path"):
         D.run(D.Config(), {}, make_ctx(tmp_path, "dup"))
@@ -83,7 +96,8 @@ def test_attach_checks_zero_init_identity_and_records_conditioning(chain):
 
 
 def test_attach_rejects_block_size_not_fitting_seq_len(chain, tmp_path):
-    up = dict(chain["m"]["freeze_context"], seq_len=SEQ_LEN)
+    up = chain["m"]["freeze_context"]
+    up = dict(up, backbone=dict(up["backbone"], seq_len=SEQ_LEN))
     with pytest.raises(ValueError, match=f"block_size=12 does not fit data.seq_len={SEQ_LEN}"):
         A.run(A.Config(block_size=12), {"freeze_context": up}, make_ctx(tmp_path, "attach"))
 
@@ -109,7 +123,7 @@ def test_trained_model_keeps_context_tower_bit_identical(chain):
     from transformers import AutoModelForCausalLM
     from twotower import checks
 
-    model, _ = T.load_trained(chain["m"]["train_denoiser"])
+    model, _ = load_trained(chain["m"]["train_denoiser"])
     backbone = AutoModelForCausalLM.from_pretrained(chain["backbone"])
     assert checks.context_matches(model, backbone)
 
@@ -229,8 +243,8 @@ def test_train_on_two_ray_workers_writes_a_trained_denoiser(chain, tmp_path):
         ray.shutdown()
     assert out["metrics"]["steps"] == 2 and out["metrics"]["num_workers"] == 2
     trained = load_file(out["artifacts"]["denoiser"])
-    model, _ = T.load_trained(out)
-    initial = T.TwoTowerFactory(out["artifacts"]["model"], out["twotower"])()
+    model, _ = load_trained(out)
+    initial = TwoTowerFactory.of(BackboneRef.of(out, "train_denoiser"), out["twotower"])()
     moved = [k for k, v in initial.denoiser.state_dict().items() if not torch.equal(v, trained[k])]
     assert moved, "two optimizer steps left every denoiser weight unchanged"
     assert all(torch.equal(a, b) for a, b in zip(model.context_tower.state_dict().values(),

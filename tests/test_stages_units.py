@@ -11,7 +11,8 @@ import pytest
 
 from stages import calibrate_gamma as C
 from stages import decoding_eval as de
-from stages.train_denoiser import check_block_size, lr_factor
+from stages.attach_conditioning import check_block_size
+from stages.training import lr_factor
 
 
 def _pt(gamma, rq, speed):
@@ -99,7 +100,7 @@ def test_pareto_plot_is_written(tmp_path):
 def test_block_aligned_rows_put_answers_on_block_boundaries():
     import torch
 
-    from stages.train_denoiser import build_rows, split_examples
+    from stages.rows import build_rows, split_examples
 
     pad = 0
     # two packed examples: [bos p p | a a eos] [bos p | a eos] then pads
@@ -119,7 +120,7 @@ def test_block_aligned_rows_put_answers_on_block_boundaries():
 def test_bucketed_batches_group_alike_rows_and_trim_pad_blocks():
     import torch
 
-    from stages.train_denoiser import BucketSampler, trim_blocks
+    from stages.rows import BucketSampler, trim_blocks
 
     attn = torch.zeros(6, 8, dtype=torch.bool)
     attn[:3, :4] = True  # rows 0-2 use block 0 and 1 (B=2)... of 4 blocks

@@ -13,7 +13,8 @@ torch.set_num_threads(1)
 
 
 def test_unknown_model_type_lists_supported():
-    with pytest.raises(ValueError, match=r"'gpt2'.*supported: llama, mistral, nemotron_h, qwen2, qwen3"):
+    supported = ", ".join(sorted(adapters.REGISTRY))
+    with pytest.raises(ValueError, match=rf"'gpt2'.*supported: {supported}$"):
         adapters.get("gpt2")
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
     with pytest.raises(ValueError, match="unsupported backbone model_type 'gpt2'"):
@@ -38,6 +39,14 @@ def test_context_position_keys_checked():
         TwoTowerConfig(context_position_keys=-1)
     with pytest.raises(ValueError, match="context_position_keys needs attention_conditioning=context_kv"):
         TwoTowerConfig(context_position_keys=8, attention_conditioning="none")
+
+
+def test_zero_init_check_refuses_half_ablated_context():
+    from twotower import checks
+
+    model = tiny_twotower("nemotron_h", attention_conditioning="none")
+    with pytest.raises(ValueError, match="hides the context from one layer kind only"):
+        checks.zero_init_identity(model, torch.randint(3, 40, (1, 6)))
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from twotower.ops import attention, block_training_mask, causal_mask, ssd_scan
+from twotower.ops import attention, block_training_mask, causal_mask, ssd_scan, window_mask
 
 torch.set_num_threads(1)
 
@@ -79,3 +79,30 @@ def test_ssd_scan_without_states_gives_the_same_outputs(T, chunk):
     y2, none = ssd_scan(*args, chunk, want_states=False)
     assert states is not None and none is None
     torch.testing.assert_close(y2, y, atol=0, rtol=0)
+
+
+def test_window_mask_counts_positions_not_columns():
+    """A left-padded row's window covers the same real keys as the unpadded row's."""
+    W = 3
+    pos = torch.tensor([[0, 0, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6]])  # row 0: two left pads
+    m = window_mask(pos, pos, W)[:, 0]
+    for r in range(2):
+        for i in range(7):
+            for j in range(7):
+                assert bool(m[r, i, j]) == (abs(int(pos[r, i]) - int(pos[r, j])) < W), (r, i, j)
+    # the last query of row 0 (position 4) sees positions 2..4 = columns 4..6, as row 1's position 4
+    assert m[0, 6].tolist() == [False] * 4 + [True] * 3 and m[1, 4, 2:5].tolist() == [True] * 3
+
+
+def test_attention_softcap_against_brute_force():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=g) * 3 for _ in range(3))
+    k, v = k[:, :2], v[:, :2]  # GQA: 4 query heads on 2 key heads
+    mask = causal_mask(torch.ones(2, 5, dtype=torch.bool), 5)
+    cap, scale = 2.0, 0.3
+    out = attention(q, k, v, mask, scale, softcap=cap)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    s = cap * torch.tanh(q @ kk.transpose(-1, -2) * scale / cap)
+    ref = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ vv
+    torch.testing.assert_close(out, ref.transpose(1, 2).reshape(2, 5, -1))
+    assert (attention(q, k, v, mask, scale) - out).abs().max() > 1e-2  # the cap matters here

@@ -1,16 +1,24 @@
 """Tiny random backbones for the twotower/adapters tests (no network, seconds on CPU).
 
 `TINY_CONFIGS` is the conformance kit's parameter list: a new adapter joins every invariant test
-by adding one entry here (its model_type must be in `adapters.REGISTRY`).
+by adding one entry here (its model_type must be in `adapters.REGISTRY`). Each fixture exercises
+every layer kind, window, multiplier and norm its family has, with sequences longer than its
+windows; `tiny_backbone` randomises every norm weight so that a norm used in the wrong place
+fails HF parity (HF initialises them all equal).
 """
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, NemotronHConfig, Qwen2Config, Qwen3Config
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GraniteMoeHybridConfig, LlamaConfig,
+                          MistralConfig, NemotronHConfig, Qwen2Config, Qwen3Config)
 
 VOCAB = 48
 EOS = 2
 PAD = 0
+
+
+WINDOW = 5
+"""Sliding window of the windowed fixtures: shorter than every test sequence, longer than a block."""
 
 
 def nemotron_h_config() -> NemotronHConfig:
@@ -36,19 +44,22 @@ def llama_config() -> LlamaConfig:
 
 
 def qwen3_config() -> Qwen3Config:
+    """Qwen3: per-head q/k norms; layer 1 slides (layers >= max_window_layers), layer 0 is global."""
     return Qwen3Config(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+        use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
         pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=False,
         initializer_range=0.2,  # large weights: Mamba states and every path visibly matter
     )
 
 
 def qwen2_config() -> Qwen2Config:
-    """Qwen2: biases on q/k/v."""
+    """Qwen2: biases on q/k/v; layer 1 slides (layers >= max_window_layers), layer 0 is global."""
     return Qwen2Config(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
         pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=False,
         initializer_range=0.2,
     )
@@ -57,10 +68,56 @@ def qwen2_config() -> Qwen2Config:
 def mistral_config() -> MistralConfig:
     return MistralConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256, sliding_window=None,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256, sliding_window=WINDOW,
         pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=False,
         initializer_range=0.2,
     )
+
+
+def gemma3_text_config() -> Gemma3TextConfig:
+    """Gemma 3: a sliding layer (RoPE base 1e4) and a global one (1e6), sandwich (1+w) norms, q/k
+    norms, query_pre_attn_scalar != head_dim, √d embeddings, final-logit soft-capping, tied head."""
+    return Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+        layer_types=["sliding_attention", "full_attention"], sliding_window=WINDOW,
+        query_pre_attn_scalar=12, final_logit_softcapping=3.0,
+        pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=True,
+        initializer_range=0.2,
+    )
+
+
+def gemma2_config() -> Gemma2Config:
+    """Gemma 2: as Gemma 3 without q/k norms and with attention-score soft-capping (eager in HF)."""
+    return Gemma2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+        layer_types=["sliding_attention", "full_attention"], sliding_window=WINDOW,
+        query_pre_attn_scalar=12, attn_logit_softcapping=1.5, final_logit_softcapping=3.0,
+        pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=True,
+        initializer_range=0.2, attn_implementation="eager",
+    )
+
+
+def granitemoehybrid_config(rope: bool = True) -> GraniteMoeHybridConfig:
+    """Granite-4.0-H: Mamba-2 and attention layers, each with MoE + shared MLP, and the four
+    multipliers away from 1 (embedding, residual, attention scale, logit scaling)."""
+    return GraniteMoeHybridConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=32, shared_intermediate_size=48,
+        layer_types=["mamba", "attention", "mamba"], num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_local_experts=4, num_experts_per_tok=2,
+        mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=2, mamba_d_conv=4, mamba_expand=2,
+        mamba_chunk_size=16, position_embedding_type="rope" if rope else None,
+        embedding_multiplier=3.0, residual_multiplier=0.6, attention_multiplier=0.3, logits_scaling=2.5,
+        pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=False,
+        initializer_range=0.2,
+    )
+
+
+def granitemoehybrid_nope_config() -> GraniteMoeHybridConfig:
+    """Granite-4.0-H as shipped: attention without RoPE."""
+    return granitemoehybrid_config(rope=False)
 
 
 TINY_CONFIGS = {
@@ -69,7 +126,22 @@ TINY_CONFIGS = {
     "qwen3": qwen3_config,
     "qwen2": qwen2_config,
     "mistral": mistral_config,
+    "gemma3_text": gemma3_text_config,
+    "gemma2": gemma2_config,
+    "granitemoehybrid": granitemoehybrid_config,
+    "granitemoehybrid_nope": granitemoehybrid_nope_config,
 }
+
+
+@torch.no_grad()
+def randomise_norms(model, seed: int = 0, std: float = 0.3) -> None:
+    """Add noise to every norm weight (HF starts them all at ones or zeros, so a norm used in
+    the wrong sublayer would still match the HF forward)."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if "norm" in type(module).__name__.lower() and isinstance(weight, torch.nn.Parameter):
+            weight.add_(torch.randn(weight.shape, generator=gen) * std)
 
 
 def tiny_backbone(name: str, seed: int = 0, scale: float = 1.0):
@@ -78,6 +150,7 @@ def tiny_backbone(name: str, seed: int = 0, scale: float = 1.0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(TINY_CONFIGS[name]())
     model.float().eval()
+    randomise_norms(model, seed)
     if scale != 1.0:
         with torch.no_grad():
             model.lm_head.weight.mul_(scale)

@@ -20,6 +20,9 @@ class TowerCache:
     """`[N, T]` bool: True at real tokens, False at left pads."""
     next_pos: torch.Tensor
     """`[N]` long: the position id the next real token of each sequence gets."""
+    positions: torch.Tensor
+    """`[N, T]` long: the position id of every cached key (a left pad has the next real
+    token's); sliding windows are counted on these."""
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     """sublayer index -> `[N, Hkv, T, hd]` (RoPE applied)."""
     values: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -36,6 +39,7 @@ class TowerCache:
         return cls(
             valid=torch.zeros(batch, 0, dtype=torch.bool, device=device),
             next_pos=torch.zeros(batch, dtype=torch.long, device=device),
+            positions=torch.zeros(batch, 0, dtype=torch.long, device=device),
         )
 
     @property
@@ -47,7 +51,7 @@ class TowerCache:
             return {k: fn(v) for k, v in d.items()}
 
         return TowerCache(
-            fn(self.valid), fn(self.next_pos), each(self.keys), each(self.values),
+            fn(self.valid), fn(self.next_pos), fn(self.positions), each(self.keys), each(self.values),
             each(self.conv), each(self.ssm), each(self.hidden),
         )
 

@@ -1,55 +1,59 @@
 """Checks the pipeline stages run on a built model (attach_conditioning, freeze_context).
 
-zero_init_identity: with AdaLN, gates and cross-attention at their zero init, every denoiser
-sublayer computes what the backbone's sublayer computes on the same inputs (invariant 4).
+zero_init_identity: with every new module at its zero init, the denoiser's forward computes the
+backbone's logits (invariant 4), checked on the real forward, never a copy of it.
 context_matches: the context tower is bit-identical to a reference backbone (invariant 1).
 """
 from __future__ import annotations
 
 import torch
 
-from twotower.ops import attention, causal_mask, mamba2_mixer
+from twotower.cache import TowerCache
+from twotower.denoiser import TrainingContext
+from twotower.walk import context_forward
 
 
 @torch.no_grad()
 def zero_init_identity(model, input_ids: torch.Tensor, t: float = 0.5) -> float:
-    """Max |Δ| over sublayers between the denoiser's wrapped sublayer and the context tower's
-    sublayer, both fed the context tower's input hidden states of `input_ids` `[b, T]` (causal)."""
-    den, ctx = model.denoiser, model.context_walk
+    """Max |Δ logits| between the denoiser's own forward and the context tower on `input_ids` `[b, T]`.
+
+    Every position is denoised as a clean one-token block through a `TrainingContext` over the
+    clean context pass: it sees the keys before it and itself, and Mamba-2 is seeded with the
+    state before it, which is exactly the causal prefix the context tower sees. So with AdaLN,
+    gates, cross-attention, block positions and context-key offsets at their zero init the
+    denoiser's real forward (`DenoiserTower.forward`, the one training and decoding run) must
+    give the context tower's logits, up to float rounding of the two key layouts.
+
+    Ablations that hide the context from every mixer (`attention_conditioning=none`,
+    `mamba_conditioning=zero_state`) compare with the context tower run on each token alone;
+    hiding it from one kind but not the other leaves no backbone computation to compare with."""
+    den, walk, cfg = model.denoiser, model.context_walk, model.tt_config
+    kinds = {sub.kind for sub in walk.subs}
+    sees_context = ({cfg.attention_conditioning == "context_kv"} if "attention" in kinds else set()) | (
+        {cfg.mamba_conditioning == "seeded_state"} if "mamba" in kinds else set())
+    if len(sees_context) == 2:
+        raise ValueError(f"zero_init_identity: attention_conditioning={cfg.attention_conditioning!r} with "
+                         f"mamba_conditioning={cfg.mamba_conditioning!r} hides the context from one layer kind "
+                         "only; no backbone computation equals that denoiser")
+    ctx_dev = next(model.context_tower.parameters()).device
     dev = next(den.parameters()).device
-    ids = input_ids.to(dev)
+    ids = input_ids.to(ctx_dev)
     b, T = ids.shape
-    positions = torch.arange(T, device=dev).expand(b, T)
-    mask = causal_mask(torch.ones(b, T, dtype=torch.bool, device=dev), T)
-    mod = den.modulation(torch.full((b,), t, device=dev))
-    h = ctx.adapter.embed(ctx.model, ids.to(next(ctx.model.parameters()).device)).to(dev)
-    worst = 0.0
-    for sub_c, sub_d in zip(ctx.subs, den.walk.subs):
-        ref = _sublayer(ctx, sub_c, h, positions, mask, B=model.block_size)
-        out = _sublayer(den.walk, sub_d, h, positions, mask, B=model.block_size,
-                        mod=None if mod is None else mod[:, sub_d.index])
-        if model.tt_config.cross_attention:  # zero gate: the module must add exactly nothing
-            out = out + den.cross_attn[sub_d.index](sub_d.norm(h), h, mask)
-        worst = max(worst, (out - ref).abs().max().item())
-        h = h + ref
-    if model.tt_config.context_position_keys:  # zero offsets: the context keys stay the tower's own
-        worst = max([worst] + [p.abs().max().item() for p in den.context_key_pos.values()])
-    return worst
-
-
-def _sublayer(walk, sub, h, positions, mask, B, mod=None):
-    """One residual step's update `(1+gate)·mixer(norm(h)·(1+scale)+shift)` on a full sequence."""
-    x = sub.norm(h)
-    if mod is not None:
-        x = x * (1 + mod[:, 1, None]) + mod[:, 0, None]
-    if sub.kind == "attention":
-        q, k, v = walk.adapter.qkv(walk.model, sub, x, positions)
-        out = walk.adapter.attn_out(sub, attention(q, k, v, mask, walk.adapter.attn_scale(sub)))
-    elif sub.kind == "mamba":
-        out, _, _ = mamba2_mixer(walk.mamba(sub), x, None, None, None, B)
-    else:
-        out = walk.adapter.ffn(sub, x)
-    return out if mod is None else out * (1 + mod[:, 2, None])
+    record: dict = {}
+    hidden, cache = context_forward(walk, ids, TowerCache.empty(b, ctx_dev), chunk=1, record=record,
+                                    keep_hidden=cfg.cross_attention)
+    reference = walk.logits(hidden).to(dev)
+    if sees_context == {False}:  # each one-token block sees only itself
+        alone, _ = context_forward(walk, ids.reshape(b * T, 1), TowerCache.empty(b * T, ctx_dev), chunk=1)
+        reference = walk.logits(alone).view(b, T, -1).to(dev)
+    if ctx_dev != dev:
+        cache = cache.to(dev)
+        record = {k: {i: x.to(dev) for i, x in v.items()} for k, v in record.items()}
+    ctx = TrainingContext(cache, record, cfg, b, T, block_len=1)
+    clean = torch.zeros(b * T, 1, dtype=torch.bool, device=dev)
+    logits = den(ids.to(dev).reshape(b * T, 1), clean, torch.full((b * T,), t, device=dev),
+                 cache.positions.reshape(b * T, 1), ctx)
+    return (logits.view(b, T, -1) - reference).abs().max().item()
 
 
 @torch.no_grad()

@@ -10,7 +10,8 @@ The new modules (all zero-init so step 0 computes exactly what the backbone comp
   hidden states before the block.
 
 How a block sees the context is a `BlockContext` (`TrainingContext` from the clean sequence,
-`DecodeContext` from the context tower's cache): the forward itself is the same code.
+`DecodeContext` from the context tower's cache); each residual step is `twotower.walk.sublayer_step`,
+the code the context tower runs too.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from torch import nn
 from adapters import Adapter
 from twotower.cache import TowerCache
 from twotower.config import TwoTowerConfig
-from twotower.ops import attention, block_training_mask, mamba2_mixer
-from twotower.walk import Walk, positions_for
+from twotower.ops import attention, block_training_mask, mamba2_mixer, window_mask
+from twotower.walk import Walk, positions_for, sublayer_step
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -73,8 +74,9 @@ class DenoiserTower(nn.Module):
         emb = adapter.embedding_weight(backbone)
         d, n_sub = emb.shape[1], len(self.walk.subs)
         self.hidden_size = d
-        if cfg.mask_token_id is None:
-            self.mask_embedding = nn.Parameter(emb.detach().float().mean(0).to(emb.dtype).clone())
+        if cfg.mask_token_id is None:  # where `embed`'s outputs live: the mean raw row, scaled
+            seed = emb.detach().float().mean(0) * adapter.embedding_scale(backbone)
+            self.mask_embedding = nn.Parameter(seed.to(emb.dtype).clone())
         self.block_pos = nn.Parameter(torch.zeros(cfg.block_size, d, dtype=emb.dtype)) if cfg.block_position_embedding else None
         if cfg.time_conditioning == "adaln":
             td = cfg.time_embed_dim
@@ -157,29 +159,34 @@ class DenoiserTower(nn.Module):
 
     def forward(self, tokens, is_mask, t, positions, ctx: "BlockContext") -> torch.Tensor:
         """Denoise blocks: tokens/is_mask/positions `[N, B]`, t `[N]` -> float32 logits `[N, B, V]`."""
-        walk, adapter = self.walk, self.adapter
         h = self.embed(tokens, is_mask)
         mod = self.sublayer_modulation(t)
-        key_index = ctx.context_key_index(self.cfg.context_position_keys) if self.cfg.context_position_keys else None
-        for sub in walk.subs:
-            i = sub.index
-            x = sub.norm(h)
-            if mod is not None:
-                x = torch.addcmul(mod[i][0], x, mod[i][1])
-            if sub.kind == "attention":
-                q, k, v = adapter.qkv(self.backbone, sub, x, positions)
-                shift = None if key_index is None else self.context_key_shift(i, key_index)
-                out = adapter.attn_out(sub, ctx.attend(i, q, k, v, adapter.attn_scale(sub), shift))
-            elif sub.kind == "mamba":
-                conv, ssm = ctx.seed(i)
-                out, _, _ = mamba2_mixer(walk.mamba(sub), x, conv, ssm, ctx.block_valid, tokens.shape[1],
-                                         want_states=False)
-            else:
-                out = adapter.ffn(sub, x)
-            if self.cfg.cross_attention:
-                out = out + ctx.cross(i, self.cross_attn[i], x)
-            h = h + out if mod is None else torch.addcmul(h, out, mod[i][2])
-        return walk.logits(adapter.final_norm(self.backbone)(h))
+        mixing = BlockMixing(self, ctx)
+        cross = mixing.cross if self.cfg.cross_attention else None
+        for sub in self.walk.subs:
+            h = sublayer_step(self.walk, sub, h, mixing, positions, None if mod is None else mod[sub.index], cross)
+        return self.walk.logits(self.adapter.final_norm(self.backbone)(h))
+
+
+class BlockMixing:
+    """The denoiser's `Mixing` for one forward: attention through the block context (plus the
+    learned context-key offsets), Mamba-2 seeded with the context's state at the block start."""
+
+    def __init__(self, den: DenoiserTower, ctx: "BlockContext"):
+        self.den, self.ctx = den, ctx
+        rows = den.cfg.context_position_keys
+        self.key_index = ctx.context_key_index(rows) if rows else None
+
+    def attend(self, sub, q, k, v, scale):
+        shift = None if self.key_index is None else self.den.context_key_shift(sub.index, self.key_index)
+        return self.ctx.attend(sub, q, k, v, scale, shift)
+
+    def mamba(self, sub, p, x):
+        conv, ssm = self.ctx.seed(sub.index)
+        return mamba2_mixer(p, x, conv, ssm, self.ctx.block_valid, x.shape[1], want_states=False)[0]
+
+    def cross(self, i, x):
+        return self.ctx.cross(i, self.den.cross_attn[i], x)
 
 
 class BlockContext(Protocol):
@@ -188,9 +195,10 @@ class BlockContext(Protocol):
     block_valid: torch.Tensor | None
     """`[N, B]` real (non-pad) block positions, or None when all are real."""
 
-    def attend(self, i: int, q, k, v, scale: float, key_shift: torch.Tensor | None = None) -> torch.Tensor:
-        """Block q/k/v `[N, H(kv), B, hd]` -> attention output `[N, B, H·hd]`; key_shift
-        `[N, Hkv, Tc, hd]` is added to the context keys (`context_position_keys`)."""
+    def attend(self, sub, q, k, v, scale: float, key_shift: torch.Tensor | None = None) -> torch.Tensor:
+        """Block q/k/v `[N, H(kv), B, hd]` of sublayer `sub` -> attention output `[N, B, H·hd]`
+        (its window and soft-cap applied); key_shift `[N, Hkv, Tc, hd]` is added to the context
+        keys (`context_position_keys`)."""
         ...
 
     def context_key_index(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,138 +228,166 @@ def clipped_key_index(block_start: torch.Tensor, keys: torch.Tensor, rows: int) 
 
 
 class TrainingContext:
-    """All n blocks of a clean batch at once: block layout `[b·n, B]`, context from one clean
-    context-tower pass over the whole sequence (K/V of every position, boundary states)."""
+    """Blocks of a clean batch (`[b, L]`, L = n_blocks·block_len), seen through one clean
+    context-tower pass over the whole sequence (K/V and positions of every token, Mamba states
+    at every block boundary, recorded with chunk = block_len).
 
-    def __init__(self, cache: TowerCache, record: dict, cfg: TwoTowerConfig, batch: int, n_blocks: int):
+    blocks: the flat block indices (into `b·n`) that are denoised, `[S, block_len]` in that order
+    (e.g. only the blocks holding a masked position: block-aligned prompt/answer rows put the
+    answer in one block, so most of the denoiser's work is skipped); None: every block, in the
+    sequence layout `[b, L]` with one `[L, 2L]` mask (no per-block copies of the context keys).
+    Both layouts show a block exactly the same keys (those before its start and its own block,
+    each within the sublayer's window) and the same boundary states, so the logits are equal;
+    context position keys, which shift the context keys per block, use the per-block layout.
+    block_len: defaults to the config's block size (`checks.zero_init_identity` uses 1).
+    """
+
+    def __init__(self, cache: TowerCache, record: dict, cfg: TwoTowerConfig, batch: int, n_blocks: int,
+                 blocks: torch.Tensor | None = None, block_len: int | None = None):
         self.cache, self.record, self.cfg = cache, record, cfg
-        self.b, self.n, self.B = batch, n_blocks, cfg.block_size
-        self.L = n_blocks * cfg.block_size
-        self.mask = block_training_mask(self.L, self.B, cache.valid.device)  # [L, 2L]
+        self.b, self.n, self.B = batch, n_blocks, block_len or cfg.block_size
+        self.L = n_blocks * self.B
         valid = cache.valid  # [b, L]: pads (left or right) are never keys, but see themselves
-        self.block_valid = None if bool(valid.all()) else valid.reshape(batch * n_blocks, self.B)
-        if self.block_valid is not None:
-            own = torch.eye(self.L, dtype=torch.bool, device=valid.device)
-            keys = torch.cat([valid[:, None, :] & self.mask[None, :, : self.L],
-                              (valid[:, None, :] | own) & self.mask[None, :, self.L:]], dim=2)
-            self.mask = keys[:, None]  # [b, 1, L, 2L]
+        dev = valid.device
+        self.sequence_layout = blocks is None
+        if blocks is None:
+            blocks = torch.arange(batch * n_blocks, device=dev)
+        self.rows, self.ks = blocks // n_blocks, blocks % n_blocks
+        self.span = int(self.ks.max()) * self.B if blocks.numel() else 0
+        """Context keys any block sees in the per-block layout (up to the latest block start)."""
+        self.query_pos = cache.positions.reshape(batch * n_blocks, self.B)[blocks]  # [S, B]
+        bv = valid.reshape(batch * n_blocks, self.B)[blocks]
+        self.block_valid = None if bool(bv.all()) else bv
+        self._masks: dict = {}
 
+    # -- sequence layout (every block): queries [b, H, L, hd], keys = L context then L block keys
     def _to_seq(self, x):  # [b·n, H, B, hd] -> [b, H, L, hd]
         _, heads, _, hd = x.shape
         return x.view(self.b, self.n, heads, self.B, hd).transpose(1, 2).reshape(self.b, heads, self.L, hd)
 
-    def context_key_index(self, rows):
-        raise NotImplementedError("context_position_keys: each block sees the context at its own offsets; "
-                                  "the model uses SelectedBlocksContext over every block instead")
+    def _sequence_mask(self, window):
+        key = ("seq", window)
+        if key not in self._masks:
+            if window is None:
+                valid = self.cache.valid
+                mask = block_training_mask(self.L, self.B, valid.device)  # [L, 2L]
+                if self.block_valid is not None:
+                    own = torch.eye(self.L, dtype=torch.bool, device=valid.device)
+                    mask = torch.cat([valid[:, None, :] & mask[None, :, : self.L],
+                                      (valid[:, None, :] | own) & mask[None, :, self.L:]], dim=2)[:, None]
+            else:
+                near = window_mask(self.cache.positions, self.cache.positions, window)  # [b, 1, L, L]
+                mask = self._sequence_mask(None) & torch.cat([near, near], dim=-1)
+            self._masks[key] = mask
+        return self._masks[key]
 
-    def attend(self, i, q, k, v, scale, key_shift=None):
-        q, k, v = self._to_seq(q), self._to_seq(k), self._to_seq(v)
-        if self.cfg.attention_conditioning == "context_kv":
-            k = torch.cat([self.cache.keys[i].to(k.dtype), k], dim=2)
-            v = torch.cat([self.cache.values[i].to(v.dtype), v], dim=2)
-            mask = self.mask
-        else:
-            mask = self.mask[..., self.L:]
-        return attention(q, k, v, mask, scale).view(self.b * self.n, self.B, -1)
-
-    def seed(self, i):
-        if self.cfg.mamba_conditioning != "seeded_state":
-            return None, None
-        states = self.record["states"][i][:, : self.n]  # state before each block start
-        xbc = self.record["xbc"][i]  # [b, Cd, K-1+L]: zeros, then the clean pre-conv inputs
-        width = xbc.shape[-1] - self.L
-        conv = xbc.unfold(-1, width, self.B)[:, :, : self.n]  # [b, Cd, n, K-1]
-        conv = conv.permute(0, 2, 1, 3).reshape(self.b * self.n, xbc.shape[1], width)
-        return conv, states.reshape(self.b * self.n, *states.shape[2:])
-
-    def cross(self, i, module, x):
-        ctx = self.cache.hidden[i]  # [b, L, d]
-        xs = x.view(self.b, self.L, -1)
-        mask = self.mask[..., : self.L]
-        return module(xs, ctx, mask if mask.dim() == 4 else mask[None, None]).view(self.b * self.n, self.B, -1)
-
-
-class SelectedBlocksContext:
-    """Only some blocks of a clean batch, `[S, B]` (flat block indices into `b·n`): the blocks
-    that hold a masked position. Block-aligned prompt/answer rows put the answer in one block and
-    the prompt in the others, so training on the selected blocks alone skips most of the
-    denoiser's work; every selected block sees exactly what `TrainingContext` shows it (the
-    context keys before its start, its own block, its boundary states), so the logits are equal.
-    """
-
-    def __init__(self, cache: TowerCache, record: dict, cfg: TwoTowerConfig, batch: int, n_blocks: int,
-                 blocks: torch.Tensor):
-        self.cache, self.record, self.cfg = cache, record, cfg
-        self.b, self.n, self.B = batch, n_blocks, cfg.block_size
-        self.rows, self.ks = blocks // n_blocks, blocks % n_blocks
-        valid = cache.valid  # [b, L]
-        starts = self.ks * self.B
-        self.span = int(starts.max()) if starts.numel() else 0  # context keys any selected block sees
-        pos = torch.arange(self.span, device=valid.device)
-        sees = (pos[None, :] < starts[:, None]) & valid[self.rows, : self.span]
-        self.ctx_mask = sees[:, None, None, :].expand(-1, 1, self.B, -1)  # [S, 1, B, span]
-        bv = valid.reshape(batch * n_blocks, self.B)[blocks]
-        self.block_valid = None if bool(bv.all()) else bv
-        own = torch.eye(self.B, dtype=torch.bool, device=valid.device)
-        self.own_mask = (own[None] | bv[:, None, :])[:, None]  # [S, 1, B, B]
+    # -- per-block layout: queries [S, H, B, hd], keys = `span` context keys then B block keys
+    def _block_masks(self, window):
+        """(context mask `[S, 1, B, span]`, own-block mask `[S, 1, B, B]`)."""
+        key = ("block", window)
+        if key not in self._masks:
+            if window is None:
+                valid, span = self.cache.valid, self.span
+                pos = torch.arange(span, device=valid.device)
+                sees = (pos[None, :] < (self.ks * self.B)[:, None]) & valid[self.rows, :span]
+                ctx_mask = sees[:, None, None, :].expand(-1, 1, self.B, -1)
+                own = torch.eye(self.B, dtype=torch.bool, device=valid.device)
+                bv = valid.reshape(self.b * self.n, self.B)[self.rows * self.n + self.ks]
+                own_mask = (own[None] | bv[:, None, :])[:, None]
+            else:
+                ctx_mask, own_mask = self._block_masks(None)
+                ctx_mask = ctx_mask & window_mask(self.query_pos, self.cache.positions[self.rows, : self.span], window)
+                own_mask = own_mask & window_mask(self.query_pos, self.query_pos, window)
+            self._masks[key] = (ctx_mask, own_mask)
+        return self._masks[key]
 
     def context_key_index(self, rows):
-        pos = key_positions(self.cache.valid)
+        pos = self.cache.positions
         return clipped_key_index(pos[self.rows, self.ks * self.B], pos[self.rows, : self.span], rows)
 
-    def attend(self, i, q, k, v, scale, key_shift=None):
-        if self.cfg.attention_conditioning == "context_kv" and self.span:
-            ctx_k = self.cache.keys[i][self.rows, :, : self.span]
+    def attend(self, sub, q, k, v, scale, key_shift=None):
+        i, context_kv = sub.index, self.cfg.attention_conditioning == "context_kv"
+        if self.sequence_layout and key_shift is None:
+            q, k, v = self._to_seq(q), self._to_seq(k), self._to_seq(v)
+            mask = self._sequence_mask(sub.window)
+            if context_kv:
+                k = torch.cat([self.cache.keys[i].to(k.dtype), k], dim=2)
+                v = torch.cat([self.cache.values[i].to(v.dtype), v], dim=2)
+            else:
+                mask = mask[..., self.L:]
+            return attention(q, k, v, mask, scale, sub.logit_softcap).view(self.b * self.n, self.B, -1)
+        ctx_mask, own_mask = self._block_masks(sub.window)
+        span = self.span
+        if context_kv and span:
+            ctx_k = self.cache.keys[i][self.rows, :, :span]
             if key_shift is not None:
                 ctx_k = ctx_k + key_shift
             k = torch.cat([ctx_k.to(k.dtype), k], dim=2)
-            v = torch.cat([self.cache.values[i][self.rows, :, : self.span].to(v.dtype), v], dim=2)
-            mask = torch.cat([self.ctx_mask, self.own_mask], dim=-1)
+            v = torch.cat([self.cache.values[i][self.rows, :, :span].to(v.dtype), v], dim=2)
+            mask = torch.cat([ctx_mask, own_mask], dim=-1)
         else:
-            mask = self.own_mask
-        return attention(q, k, v, mask, scale)
+            mask = own_mask
+        return attention(q, k, v, mask, scale, sub.logit_softcap)
 
     def seed(self, i):
         if self.cfg.mamba_conditioning != "seeded_state":
             return None, None
         states = self.record["states"][i][self.rows, self.ks]  # state before each block start
-        xbc = self.record["xbc"][i]  # [b, Cd, K-1+L]
-        width = xbc.shape[-1] - self.n * self.B
+        xbc = self.record["xbc"][i]  # [b, Cd, K-1+L]: zeros, then the clean pre-conv inputs
+        width = xbc.shape[-1] - self.L
         conv = xbc.unfold(-1, width, self.B)[self.rows, :, self.ks]  # [S, Cd, K-1]
         return conv, states
 
     def cross(self, i, module, x):
-        ctx = self.cache.hidden[i][self.rows, : max(self.span, 1)]
-        mask = self.ctx_mask if self.span else self.ctx_mask.new_zeros(x.shape[0], 1, self.B, 1)
+        if self.sequence_layout:
+            ctx = self.cache.hidden[i]  # [b, L, d]
+            mask = self._sequence_mask(None)[..., : self.L]
+            out = module(x.view(self.b, self.L, -1), ctx, mask if mask.dim() == 4 else mask[None, None])
+            return out.view(self.b * self.n, self.B, -1)
+        span = self.span
+        ctx = self.cache.hidden[i][self.rows, : max(span, 1)]
+        ctx_mask = self._block_masks(None)[0]
+        mask = ctx_mask if span else ctx_mask.new_zeros(x.shape[0], 1, self.B, 1)
         return module(x, ctx, mask)
 
 
 class DecodeContext:
-    """One block per sequence on top of the context tower's cache (moved to the denoiser's device)."""
+    """One block per sequence on top of the context tower's cache (moved to the denoiser's device).
+    Masks are built once per block (and window), not per denoiser step."""
 
     block_valid = None  # decoded blocks hold no pads
 
     def __init__(self, cache: TowerCache, cfg: TwoTowerConfig, block_len: int):
         self.cache, self.cfg = cache, cfg
-        ones = torch.ones(cache.valid.shape[0], block_len, dtype=torch.bool, device=cache.valid.device)
-        self.mask = torch.cat([cache.valid, ones], dim=1)[:, None, None, :]  # [N, 1, 1, T+B]
+        dev = cache.valid.device
+        ones = torch.ones(cache.valid.shape[0], block_len, dtype=torch.bool, device=dev)
+        self.query_pos = cache.next_pos[:, None] + torch.arange(block_len, device=dev)  # [N, B]
+        self._masks = {None: torch.cat([cache.valid, ones], dim=1)[:, None, None, :]}  # [N, 1, 1, T+B]
         self._key_index: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def _mask(self, window):
+        mask = self._masks.get(window)
+        if mask is None:
+            keys = torch.cat([self.cache.positions, self.query_pos], dim=1)
+            mask = self._masks[None] & window_mask(self.query_pos, keys, window)  # [N, 1, B, T+B]
+            self._masks[window] = mask
+        return mask
 
     def context_key_index(self, rows):
         if self._key_index is None or self._key_index[0] != rows:  # one per block, not per step
-            index = clipped_key_index(self.cache.next_pos, key_positions(self.cache.valid), rows)
+            index = clipped_key_index(self.cache.next_pos, self.cache.positions, rows)
             self._key_index = (rows, index)
         return self._key_index[1]
 
-    def attend(self, i, q, k, v, scale, key_shift=None):
-        mask = self.mask
+    def attend(self, sub, q, k, v, scale, key_shift=None):
+        i, mask = sub.index, self._mask(sub.window)
         if self.cfg.attention_conditioning == "context_kv" and i in self.cache.keys:
             ctx_k = self.cache.keys[i] if key_shift is None else self.cache.keys[i] + key_shift
             k = torch.cat([ctx_k.to(k.dtype), k], dim=2)
             v = torch.cat([self.cache.values[i].to(v.dtype), v], dim=2)
         else:
             mask = mask[..., self.cache.length:]
-        return attention(q, k, v, mask, scale)
+        return attention(q, k, v, mask, scale, sub.logit_softcap)
 
     def seed(self, i):
         if self.cfg.mamba_conditioning != "seeded_state":

@@ -24,9 +24,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import adapters
 from twotower.config import TwoTowerConfig, TwoTowerHFConfig
-from twotower.denoiser import DenoiserTower, SelectedBlocksContext, TrainingContext
+from twotower.denoiser import DenoiserTower, TrainingContext
 from twotower.cache import TowerCache
-from twotower.walk import Walk, context_forward, positions_for
+from twotower.walk import Walk, context_forward
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -191,24 +191,21 @@ class TwoTowerForDiffusionLM(nn.Module):
             _, cache = context_forward(self.context_walk, ids.to(ctx_device), TowerCache.empty(b, ctx_device),
                                        valid=real_ctx, chunk=B, record=record,
                                        keep_hidden=self.tt_config.cross_attention)
-            positions = positions_for(TowerCache.empty(b, ctx_device), real_ctx)
         den_device = next(self.denoiser.parameters()).device
         if ctx_device != den_device:
             cache = cache.to(den_device)
             record = {k: {i: x.to(den_device) for i, x in v.items()} for k, v in record.items()}
         ids, mask, t = ids.to(den_device), mask.to(den_device), t.to(den_device)
         noisy = ids.view(b, n, B).masked_fill(mask, self.tt_config.mask_token_id or 0).view(b * n, B)
-        positions = positions.to(den_device).reshape(b * n, B)
+        positions = cache.positions.reshape(b * n, B)
         t_rows, block_mask = t.reshape(b * n), mask.view(b * n, B)
         active = block_mask.any(-1)
-        per_block_keys = self.tt_config.context_position_keys > 0  # each block shifts the context keys its own way
-        if not per_block_keys and (not skip_unmasked_blocks or bool(active.all()) or not bool(active.any())):
+        if not skip_unmasked_blocks or bool(active.all()) or not bool(active.any()):
             ctx = TrainingContext(cache, record, self.tt_config, b, n)
             logits = self.denoiser(noisy, block_mask, t_rows, positions, ctx).view(b, L, -1)
         else:  # denoise only the blocks holding a masked position (the others add nothing to the loss)
-            run_all = not skip_unmasked_blocks or not bool(active.any())
-            blocks = torch.arange(b * n, device=active.device) if run_all else active.nonzero().squeeze(1)
-            ctx = SelectedBlocksContext(cache, record, self.tt_config, b, n, blocks)
+            blocks = active.nonzero().squeeze(1)
+            ctx = TrainingContext(cache, record, self.tt_config, b, n, blocks=blocks)
             out = self.denoiser(noisy[blocks], block_mask[blocks], t_rows[blocks], positions[blocks], ctx)
             logits = out.new_zeros(b * n, B, out.shape[-1]).index_copy(0, blocks, out).view(b, L, -1)
         return self._loss(logits, ids, mask.view(b, L), t, L0)

@@ -15,12 +15,29 @@ from transformers.activations import ACT2FN
 from adapters.base import Mamba2Params
 
 
-def attention(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def attention(q, k, v, mask: torch.Tensor, scale: float, softcap: float | None = None) -> torch.Tensor:
     """q `[N, H, Tq, d]`, k/v `[N, Hkv, Tk, d]`, bool mask broadcastable to `[N, 1, Tq, Tk]`
-    -> `[N, Tq, H·d]`. Every query row must allow at least one key (else NaN)."""
+    -> `[N, Tq, H·d]`. Every query row must allow at least one key (else NaN).
+
+    softcap: scores become `softcap · tanh(scores / softcap)` before masking (Gemma 2/3's
+    `attn_logit_softcapping`), computed as HF's eager attention does (softmax in float32)."""
     gqa = q.shape[1] != k.shape[1]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if softcap is None:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    else:
+        if gqa:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = torch.tanh((q @ k.transpose(-1, -2)) * scale / softcap) * softcap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        o = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
     return o.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+def window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """`[N, 1, Tq, Tk]` True where |query position - key position| < window (position ids, so
+    left pads, which repeat the next real token's position, never shift a window)."""
+    return ((query_pos[:, :, None] - key_pos[:, None, :]).abs() < window)[:, None]
 
 
 def causal_mask(valid: torch.Tensor, n_queries: int) -> torch.Tensor:

@@ -1,15 +1,18 @@
 """Parameter and memory accounting for a backbone and its two towers, without weights.
 
 Everything here works on models built on the meta device (`build_on_meta`): shapes exist, storage
-does not, so a 31.6 B-parameter Nemotron-3-Nano counts in a few seconds on a laptop. The memory
-figures are arithmetic on those counts and on the backbone config (cache shapes); they are what
-`python -m pipeline plan` prints and what `docs/scaling.md` cites.
+does not, so a 31.6 B-parameter Nemotron-3-Nano counts in a few seconds on a laptop. What depends
+on the family (layer kinds, K/V heads, Mamba-2 state shapes, routed experts) is read through the
+backbone's adapter into `FamilyFacts`, never from a family's config field names, so every
+registered family is sized by the same code. The memory figures are arithmetic on those counts
+and facts; they are what `python -m pipeline plan` prints and what `docs/scaling.md` cites.
 
 Units: parameter counts are plain integers; memory is in GiB (2**30 bytes), the unit in which the
 published "about 59 GB per tower in BF16" is stated (31.58e9 params x 2 bytes = 58.8 GiB).
 
-    from twotower.sizing import build_on_meta, count_parameters
-    counts = count_parameters(build_on_meta(config), config)
+    from twotower.sizing import build_on_meta, count_parameters, family_facts
+    model = build_on_meta(config)
+    counts = count_parameters(model, family_facts(model))
     counts.total, counts.active_without_embeddings
 """
 from __future__ import annotations
@@ -19,13 +22,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+import adapters
+
 GIB = 2**30
 BF16_BYTES = 2
 FP32_BYTES = 4
 
-# Names under which backbone configs spell the MoE sizes (Nemotron-H, Qwen-MoE, Mixtral, ...).
-_N_EXPERT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
-_EXPERT_PARAM_MARKERS = (".experts.",)  # routed experts; `shared_experts.` does not match
 
 
 def build_on_meta(config) -> nn.Module:
@@ -66,56 +68,101 @@ class ParamCounts:
         return d
 
 
-def moe_sizes(config) -> tuple[int, int]:
-    """(number of routed experts, experts per token) of `config`; (0, 0) for a dense model."""
-    n_experts = next((getattr(config, k) for k in _N_EXPERT_KEYS if getattr(config, k, None)), 0)
-    top_k = getattr(config, "num_experts_per_tok", 0) or 0
-    if n_experts and not 0 < top_k <= n_experts:
-        raise ValueError(f"config: num_experts_per_tok={top_k} must be in 1..{n_experts}")
-    return int(n_experts), int(top_k)
+@dataclass(frozen=True)
+class FamilyFacts:
+    """What sizing needs to know of a backbone, read through its adapter (`family_facts`)."""
+
+    model_type: str
+    """The HF model_type."""
+    hidden_size: int
+    """Width d (the embedding table's columns)."""
+    vocab_size: int
+    """Rows of the embedding table."""
+    num_layers: int
+    """Backbone decoder layers (FSDP units, activation checkpoints)."""
+    sublayer_kinds: tuple[str, ...]
+    """The walk's sublayer kinds, in order (AdaLN has one row per sublayer)."""
+    kv_elems_per_token: int
+    """K and V elements one token adds over all attention sublayers (the runtime keeps every key,
+    windowed sublayers included: windows are masks, not a trimmed cache)."""
+    ssm_state_elems: int
+    """Mamba-2 SSM state elements of one sequence over all mamba sublayers (kept in float32)."""
+    conv_state_elems: int
+    """Mamba-2 conv state elements (K-1 pre-convolution inputs) of one sequence, model dtype."""
+    routed_expert_params: int
+    """Parameters of all routed experts (all MoE sublayers)."""
+    active_routed_params: int
+    """Routed-expert parameters one token runs (top-k of E per MoE sublayer)."""
+    experts: tuple[int, int]
+    """(E routed experts, k per token) of the MoE sublayers; (0, 0) for a dense model."""
 
 
-def count_parameters(model: nn.Module, config) -> ParamCounts:
+@torch.no_grad()
+def family_facts(model: nn.Module) -> FamilyFacts:
+    """Walk `model` (meta or real) with its adapter: K/V shapes from one probe token through the
+    adapter's `qkv`, Mamba-2 state shapes from `Mamba2Params`, routed experts from `experts`."""
+    adapter = adapters.get(model)
+    subs = adapter.sublayers(model)
+    emb = adapter.embedding_weight(model)
+    vocab, d = emb.shape
+    kv = ssm = conv = routed = active = 0
+    shapes: set[tuple[int, int]] = set()
+    for sub in subs:
+        if sub.kind == "attention":
+            x = torch.zeros(1, 1, d, dtype=emb.dtype, device=emb.device)
+            _, k, v = adapter.qkv(model, sub, x, torch.zeros(1, 1, dtype=torch.long, device=emb.device))
+            kv += k.shape[1] * k.shape[3] + v.shape[1] * v.shape[3]
+        elif sub.kind == "mamba":
+            p = adapter.mamba(sub)
+            ssm += p.num_heads * p.head_dim * p.state_size
+            conv += p.conv1d.weight.shape[0] * (p.conv1d.weight.shape[-1] - 1)
+        elif sub.kind == "moe":
+            e = adapter.experts(sub)
+            if not 0 < e.top_k <= e.count:
+                raise ValueError(f"sublayer {sub.index}: top_k={e.top_k} must be in 1..{e.count} experts")
+            n = sum(p.numel() for p in e.module.parameters())
+            routed += n
+            active += n * e.top_k // e.count
+            shapes.add((e.count, e.top_k))
+    if len(shapes) > 1:
+        raise ValueError(f"{type(model).__name__}: MoE sublayers differ in (experts, top_k) {sorted(shapes)}; "
+                         "expert traffic assumes one shape")
+    return FamilyFacts(
+        model_type=adapters.model_type_of(model), hidden_size=int(d), vocab_size=int(vocab),
+        num_layers=len({s.layer for s in subs}), sublayer_kinds=tuple(s.kind for s in subs),
+        kv_elems_per_token=kv, ssm_state_elems=ssm, conv_state_elems=conv,
+        routed_expert_params=routed, active_routed_params=active, experts=next(iter(shapes), (0, 0)),
+    )
+
+
+def count_parameters(model: nn.Module, facts: FamilyFacts | None = None) -> ParamCounts:
     """Total and per-token-active parameter counts of a causal LM (meta or real)."""
-    n_experts, top_k = moe_sizes(config)
+    facts = facts or family_facts(model)
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is emb
-    seen: set[int] = set()
-    total = routed = 0
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        if n_experts and any(m in f".{name}" for m in _EXPERT_PARAM_MARKERS):
-            routed += p.numel()
+    total = sum(p.numel() for p in model.parameters())  # shared (tied) tensors once
     # Each token runs top_k of n_experts routed experts; everything else it touches entirely.
-    active = total - routed + (routed * top_k // n_experts if n_experts else 0)
+    active = total - facts.routed_expert_params + facts.active_routed_params
     return ParamCounts(
         total=total,
         embeddings=emb.numel(),
         lm_head=0 if head is None or tied else head.weight.numel(),
-        routed_experts=routed,
+        routed_experts=facts.routed_expert_params,
         active=active,
     )
 
 
 def largest_layer_params(model: nn.Module) -> int:
-    """Parameters of the largest decoder layer: the biggest unit FSDP gathers at once."""
-    layers = _decoder_layers(model)
-    return max(sum(p.numel() for p in layer.parameters()) for layer in layers)
-
-
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == _num_layers(model.config):
-            return module
-    raise ValueError(f"{type(model).__name__}: no ModuleList of {_num_layers(model.config)} layers found")
-
-
-def _num_layers(config) -> int:
-    return int(config.num_hidden_layers)
+    """Parameters of the largest decoder layer: the biggest unit FSDP gathers at once (every
+    module the adapter's sublayers of that layer name)."""
+    per_layer: dict[int, dict[int, int]] = {}
+    for sub in adapters.get(model).sublayers(model):
+        params = per_layer.setdefault(sub.layer, {})
+        for module in (sub.norm, sub.mixer, sub.post_norm, *sub.parts):
+            if module is not None:
+                params.update({id(p): p.numel() for p in module.parameters()})
+    return max(sum(p.values()) for p in per_layer.values())
 
 
 # --- new parameters ---------------------------------------------------------------------------
@@ -169,16 +216,16 @@ def _strip_wrapper(name: str, base: dict[str, int]) -> str:
     return name
 
 
-def formula_new_parameters(config, *, block_size: int, time_embed_dim: int = 128) -> dict[str, int]:
-    """New parameters from the config alone, for when the runtime cannot be built (default
+def formula_new_parameters(facts: FamilyFacts, *, block_size: int, time_embed_dim: int = 128) -> dict[str, int]:
+    """New parameters from the family facts alone, for when the runtime cannot be built (default
     `TwoTowerConfig`: no extra cross-attention modules).
 
     AdaLN-zero: a time MLP (two time_embed_dim x time_embed_dim linears) and one linear from the
-    time embedding to every layer's shift, scale and gate (n_layers x 3 x hidden outputs).
+    time embedding to every sublayer's shift, scale and gate (n_sublayers x 3 x hidden outputs).
     Embeddings: one [MASK] row and a B x hidden in-block position table. Layer-aligned attention
     to the context K/V and seeded Mamba states add no parameters.
     """
-    d, n, t = int(config.hidden_size), _num_layers(config), int(time_embed_dim)
+    d, n, t = facts.hidden_size, len(facts.sublayer_kinds), int(time_embed_dim)
     adaln = 2 * (t * t + t) + (t * n * 3 * d + n * 3 * d)
     emb = d + block_size * d
     return {"adaln": adaln, "cross_attention": 0, "embeddings": emb, "other": 0, "total": adaln + emb}
@@ -187,44 +234,30 @@ def formula_new_parameters(config, *, block_size: int, time_embed_dim: int = 128
 # --- cache shapes -----------------------------------------------------------------------------
 
 
-def layer_kinds(config) -> dict[str, int]:
-    """Count of layers per kind: attention / mamba / moe / mlp."""
-    types = list(getattr(config, "layers_block_type", None) or ["attention"] * _num_layers(config))
-    names = {"full_attention": "attention", "attention": "attention", "linear_attention": "mamba",
-             "mamba": "mamba", "moe": "moe", "mlp": "mlp"}
+def layer_kinds(facts: FamilyFacts) -> dict[str, int]:
+    """Count of sublayers per kind: attention / mamba / moe / mlp."""
     out = {"attention": 0, "mamba": 0, "moe": 0, "mlp": 0}
-    for t in types:
-        out[names.get(t, t)] = out.get(names.get(t, t), 0) + 1
+    for kind in facts.sublayer_kinds:
+        out[kind] += 1
     return out
 
 
-def kv_bytes_per_token(config, dtype_bytes: int = BF16_BYTES) -> int:
-    """Bytes of attention K/V cache one token adds (all attention layers)."""
-    n_attn = layer_kinds(config)["attention"]
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-    return n_attn * 2 * kv_heads * head_dim * dtype_bytes
+def kv_bytes_per_token(facts: FamilyFacts, dtype_bytes: int = BF16_BYTES) -> int:
+    """Bytes of attention K/V cache one token adds (all attention sublayers)."""
+    return facts.kv_elems_per_token * dtype_bytes
 
 
-def mamba_state_bytes(config) -> int:
-    """Bytes of Mamba-2 state (SSM state in its cache dtype + conv window) of one sequence."""
-    n_mamba = layer_kinds(config)["mamba"]
-    if not n_mamba:
-        return 0
-    ssm_bytes = FP32_BYTES if getattr(config, "mamba_ssm_cache_dtype", "float32") == "float32" else BF16_BYTES
-    heads, head_dim = int(config.mamba_num_heads), int(config.mamba_head_dim)
-    state = int(config.ssm_state_size)
-    conv_dim = heads * head_dim + 2 * int(config.n_groups) * state
-    ssm = heads * head_dim * state * ssm_bytes
-    conv = conv_dim * int(config.conv_kernel) * BF16_BYTES
-    return n_mamba * (ssm + conv)
+def mamba_state_bytes(facts: FamilyFacts) -> int:
+    """Bytes of Mamba-2 state of one sequence: SSM states in float32 (as the runtime keeps them)
+    plus the conv windows in bf16."""
+    return facts.ssm_state_elems * FP32_BYTES + facts.conv_state_elems * BF16_BYTES
 
 
 # --- memory plans -----------------------------------------------------------------------------
 
 
 def decode_memory(
-    context_params: int, denoiser_params: int, config, *, batch: int, context_len: int, block_size: int
+    context_params: int, denoiser_params: int, facts: FamilyFacts, *, batch: int, context_len: int, block_size: int
 ) -> dict:
     """BF16 memory per device for decoding: diffusion (one tower per device) and AR-only.
 
@@ -232,11 +265,11 @@ def decode_memory(
     mirror of what crosses per block: the block's new context K/V, the Mamba states at the block's
     start and the committed tokens (`per_block_transfer_bytes`).
     """
-    kv = kv_bytes_per_token(config) * batch * context_len
-    states = mamba_state_bytes(config) * batch
+    kv = kv_bytes_per_token(facts) * batch * context_len
+    states = mamba_state_bytes(facts) * batch
     ctx_w = context_params * BF16_BYTES
     den_w = denoiser_params * BF16_BYTES
-    transfer = kv_bytes_per_token(config) * batch * block_size + states + batch * block_size * 8
+    transfer = kv_bytes_per_token(facts) * batch * block_size + states + batch * block_size * 8
     return {
         "batch": batch,
         "context_len": context_len,
@@ -254,24 +287,24 @@ def decode_memory(
     }
 
 
-def expert_fraction_touched(config, tokens: int) -> float:
+def expert_fraction_touched(facts: FamilyFacts, tokens: int) -> float:
     """Expected fraction of a MoE layer's routed experts that `tokens` tokens touch (uniform
     routing): 1 - (1 - k/E)^tokens. One token reads k/E of them; a block of 16 reads about half."""
-    n_experts, top_k = moe_sizes(config)
+    n_experts, top_k = facts.experts
     if not n_experts:
         return 1.0
     return 1.0 - (1.0 - top_k / n_experts) ** tokens
 
 
-def weight_bytes_per_forward(counts: ParamCounts, config, tokens: int, extra_params: int = 0) -> float:
+def weight_bytes_per_forward(counts: ParamCounts, facts: FamilyFacts, tokens: int, extra_params: int = 0) -> float:
     """BF16 weight bytes one forward over `tokens` tokens reads: every dense weight (the LM head
     included, the embedding table only by rows, neglected), the routed experts those tokens touch.
     Small-batch decoding is bound by this traffic, not by FLOPs."""
     dense = counts.total - counts.embeddings - counts.routed_experts + extra_params
-    return BF16_BYTES * (dense + counts.routed_experts * expert_fraction_touched(config, tokens))
+    return BF16_BYTES * (dense + counts.routed_experts * expert_fraction_touched(facts, tokens))
 
 
-def decode_traffic(counts: ParamCounts, config, *, batch: int, block_size: int, new_params: int = 0) -> dict:
+def decode_traffic(counts: ParamCounts, facts: FamilyFacts, *, batch: int, block_size: int, new_params: int = 0) -> dict:
     """Weight traffic of AR vs diffusion decoding of one block per sequence, memory-bound regime.
 
     AR: `block_size` forwards over `batch` tokens. Diffusion: s denoiser forwards over
@@ -279,17 +312,17 @@ def decode_traffic(counts: ParamCounts, config, *, batch: int, block_size: int, 
     backbone a block forward touches many more experts than a one-token forward, so diffusion
     saves traffic only while s stays below `break_even_denoiser_steps`.
     """
-    ar = weight_bytes_per_forward(counts, config, batch)
-    block_ctx = weight_bytes_per_forward(counts, config, batch * block_size)
-    block_den = weight_bytes_per_forward(counts, config, batch * block_size, new_params)
+    ar = weight_bytes_per_forward(counts, facts, batch)
+    block_ctx = weight_bytes_per_forward(counts, facts, batch * block_size)
+    block_den = weight_bytes_per_forward(counts, facts, batch * block_size, new_params)
     return {
         "batch": batch,
         "ar_forward_gib": ar / GIB,
         "ar_block_gib": block_size * ar / GIB,
         "denoiser_forward_gib": block_den / GIB,
         "context_commit_gib": block_ctx / GIB,
-        "expert_fraction_ar": expert_fraction_touched(config, batch),
-        "expert_fraction_block": expert_fraction_touched(config, batch * block_size),
+        "expert_fraction_ar": expert_fraction_touched(facts, batch),
+        "expert_fraction_block": expert_fraction_touched(facts, batch * block_size),
         "break_even_denoiser_steps": (block_size * ar - block_ctx) / block_den,
     }
 
@@ -309,7 +342,7 @@ class TrainShape:
 
 
 def training_memory(
-    context_params: int, denoiser_params: int, largest_layer: int, config, shape: TrainShape
+    context_params: int, denoiser_params: int, largest_layer: int, facts: FamilyFacts, shape: TrainShape
 ) -> dict:
     """Per-GPU training memory under FSDP FULL_SHARD with activation checkpointing, bf16 compute.
 
@@ -326,12 +359,12 @@ def training_memory(
     if shape.seq_len % shape.block_size:
         raise ValueError(f"train shape: seq_len={shape.seq_len} is not a multiple of block_size={shape.block_size}")
     n, b, L = shape.num_gpus, shape.micro_batch, shape.seq_len
-    d, n_layers = int(config.hidden_size), _num_layers(config)
+    d, n_layers = facts.hidden_size, facts.num_layers
     sharded_state = (16 * denoiser_params + BF16_BYTES * context_params) / n
     gathered = (2 * 2 + 1) * largest_layer * BF16_BYTES
     checkpoints = b * L * d * BF16_BYTES * n_layers
-    context_handoff = b * (kv_bytes_per_token(config) * L + mamba_state_bytes(config) * (L // shape.block_size))
-    logits = b * L * int(config.vocab_size) * (FP32_BYTES + FP32_BYTES)
+    context_handoff = b * (kv_bytes_per_token(facts) * L + mamba_state_bytes(facts) * (L // shape.block_size))
+    logits = b * L * facts.vocab_size * (FP32_BYTES + FP32_BYTES)
     subtotal = sharded_state + gathered + checkpoints + context_handoff + logits
     return {
         "num_gpus": n,
@@ -392,12 +425,12 @@ def training_step_time(ctx: ParamCounts, den: ParamCounts, shape: TrainShape, *,
     }
 
 
-def min_gpus(context_params: int, denoiser_params: int, largest_layer: int, config, shape: TrainShape,
+def min_gpus(context_params: int, denoiser_params: int, largest_layer: int, facts: FamilyFacts, shape: TrainShape,
              gpu_gib: float = 80.0) -> int:
     """The smallest power-of-two GPU count whose per-GPU estimate fits in `gpu_gib` (0: none <= 1024)."""
     n = 1
     while n <= 1024:
-        plan = training_memory(context_params, denoiser_params, largest_layer, config,
+        plan = training_memory(context_params, denoiser_params, largest_layer, facts,
                                TrainShape(n, shape.micro_batch, shape.seq_len, shape.block_size))
         if plan["total_gib"] <= gpu_gib:
             return n

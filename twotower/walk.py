@@ -1,20 +1,26 @@
-"""The context tower's layer walk: prefill, block commits and single-token steps share it.
+"""The layer walk: one sublayer step for every tower and every path.
 
-`Walk` binds an adapter to one HF model (a tower). `context_forward` runs T new tokens through
-every sublayer on top of a `TowerCache`, returning the final-normed hidden states and the
-extended cache; with `record` it also keeps what the training forward needs from the clean
-sequence (pre-convolution inputs and SSM states at every block boundary).
+`Walk` binds an adapter to one HF model (a tower). `sublayer_step` is the only place a residual
+step is computed: norm, AdaLN modulation, the kind's mixer, the family's post-norm and residual
+multiplier, cross-attention, the gated residual add. What differs between the context tower and
+the denoiser is only where attention keys and Mamba-2 states come from, a `Mixing`:
+`CacheExtension` (here) extends a `TowerCache` by new tokens; the denoiser's block contexts
+(`twotower.denoiser`) show a block the context tower's keys and states. `context_forward` runs T
+new tokens through every sublayer on top of a `TowerCache` (prefill, block commits, single-token
+steps); with `record` it also keeps what the training forward needs from the clean sequence
+(pre-convolution inputs and SSM states at every block boundary).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
 from adapters import Adapter, Mamba2Params, Sublayer
 from twotower.cache import TowerCache
-from twotower.ops import attention, causal_mask, mamba2_mixer
+from twotower.ops import attention, causal_mask, mamba2_mixer, window_mask
 
 
 @dataclass
@@ -37,8 +43,59 @@ class Walk:
         return self.adapter.mamba(sub)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden -> float32 logits."""
-        return self.adapter.lm_head(self.model)(hidden).float()
+        """Final-normed hidden -> float32 logits (the family's logit transforms applied)."""
+        return self.adapter.logits(self.model, hidden).float()
+
+
+class Mixing(Protocol):
+    """Where a sublayer's attention keys and Mamba-2 states come from."""
+
+    def attend(self, sub: Sublayer, q, k, v, scale: float) -> torch.Tensor:
+        """New q/k/v `[N, H(kv), T, hd]` -> attention output `[N, T, H·hd]` (masks, windows,
+        soft-capping applied)."""
+        ...
+
+    def mamba(self, sub: Sublayer, p: Mamba2Params, x: torch.Tensor) -> torch.Tensor:
+        """Normed hidden `[N, T, d]` -> Mamba-2 mixer output `[N, T, d]`."""
+        ...
+
+
+Modulation = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""AdaLN of one sublayer: (shift, 1 + scale, 1 + gate), each `[N, 1, d]`."""
+
+
+def sublayer_step(
+    walk: Walk,
+    sub: Sublayer,
+    h: torch.Tensor,
+    mixing: Mixing,
+    positions: torch.Tensor,
+    mod: Modulation | None = None,
+    cross: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """One residual step on hidden `h` `[N, T, d]` at `positions` `[N, T]`:
+    `h + (1+gate)·(residual_scale·post_norm(mixer(norm(h)·(1+scale)+shift)) + cross)`.
+
+    Without `mod` and `cross` this is the backbone's own step (the context tower); with them at
+    their zero init it computes the same thing (invariant 4)."""
+    x = sub.norm(h)
+    if mod is not None:
+        x = torch.addcmul(mod[0], x, mod[1])
+    adapter = walk.adapter
+    if sub.kind == "attention":
+        q, k, v = adapter.qkv(walk.model, sub, x, positions)
+        out = adapter.attn_out(sub, mixing.attend(sub, q, k, v, adapter.attn_scale(sub)))
+    elif sub.kind == "mamba":
+        out = mixing.mamba(sub, walk.mamba(sub), x)
+    else:
+        out = adapter.ffn(sub, x)
+    if sub.post_norm is not None:
+        out = sub.post_norm(out)
+    if sub.residual_scale != 1.0:
+        out = out * sub.residual_scale
+    if cross is not None:
+        out = out + cross(sub.index, x)
+    return h + out if mod is None else torch.addcmul(h, out, mod[2])
 
 
 ONE_CHUNK_MAX = 64
@@ -51,6 +108,43 @@ inputs keep the caller's chunk."""
 def positions_for(cache: TowerCache, valid_new: torch.Tensor) -> torch.Tensor:
     """Per-sequence position ids of new tokens (pads get the position of the next real token)."""
     return cache.next_pos[:, None] + valid_new.long().cumsum(1) - valid_new.long()
+
+
+class CacheExtension:
+    """The context tower's `Mixing`: new tokens attend causally to the cached keys and their own,
+    Mamba-2 continues from the cached states; every new key and state goes into `new`."""
+
+    def __init__(self, cache: TowerCache, new: TowerCache, positions: torch.Tensor,
+                 mamba_valid: torch.Tensor | None, chunk: int, record: dict | None):
+        self.cache, self.new, self.positions = cache, new, positions
+        self.mamba_valid, self.chunk, self.record = mamba_valid, chunk, record
+        self.masks: dict[int | None, torch.Tensor] = {None: causal_mask(new.valid, positions.shape[1])}
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """The causal mask, narrowed to `window` (built once per forward and window)."""
+        m = self.masks.get(window)
+        if m is None:
+            m = self.masks[None] & window_mask(self.positions, self.new.positions, window)
+            self.masks[window] = m
+        return m
+
+    def attend(self, sub, q, k, v, scale):
+        i = sub.index
+        if i in self.cache.keys:
+            k, v = torch.cat([self.cache.keys[i], k], dim=2), torch.cat([self.cache.values[i], v], dim=2)
+        self.new.keys[i], self.new.values[i] = k, v
+        return attention(q, k, v, self.mask(sub.window), scale, sub.logit_softcap)
+
+    def mamba(self, sub, p, x):
+        i = sub.index
+        out, xbc, states = mamba2_mixer(p, x, self.cache.conv.get(i), self.cache.ssm.get(i), self.mamba_valid,
+                                        self.chunk)
+        self.new.conv[i] = xbc[..., xbc.shape[-1] - (p.conv1d.weight.shape[-1] - 1):]
+        self.new.ssm[i] = states[:, -1]
+        if self.record is not None:
+            self.record.setdefault("xbc", {})[i] = xbc
+            self.record.setdefault("states", {})[i] = states
+        return out
 
 
 def context_forward(
@@ -76,30 +170,13 @@ def context_forward(
     if valid is None:
         valid = torch.ones(n, length, dtype=torch.bool, device=input_ids.device)
     positions = positions_for(cache, valid)
-    all_valid = torch.cat([cache.valid, valid], dim=1)
-    mask = causal_mask(all_valid, length)
-    new = TowerCache(all_valid, cache.next_pos + valid.long().sum(1))
+    new = TowerCache(torch.cat([cache.valid, valid], dim=1), cache.next_pos + valid.long().sum(1),
+                     torch.cat([cache.positions, positions], dim=1))
+    mixing = CacheExtension(cache, new, positions, mamba_valid, chunk, record)
     h = walk.adapter.embed(walk.model, input_ids)
     for sub in walk.subs:
-        i = sub.index
         if keep_hidden:
+            i = sub.index
             new.hidden[i] = torch.cat([cache.hidden[i], h], 1) if i in cache.hidden else h
-        x = sub.norm(h)
-        if sub.kind == "attention":
-            q, k, v = walk.adapter.qkv(walk.model, sub, x, positions)
-            if i in cache.keys:
-                k, v = torch.cat([cache.keys[i], k], dim=2), torch.cat([cache.values[i], v], dim=2)
-            new.keys[i], new.values[i] = k, v
-            out = walk.adapter.attn_out(sub, attention(q, k, v, mask, walk.adapter.attn_scale(sub)))
-        elif sub.kind == "mamba":
-            p = walk.mamba(sub)
-            out, xbc, states = mamba2_mixer(p, x, cache.conv.get(i), cache.ssm.get(i), mamba_valid, chunk)
-            new.conv[i] = xbc[..., xbc.shape[-1] - (p.conv1d.weight.shape[-1] - 1):]
-            new.ssm[i] = states[:, -1]
-            if record is not None:
-                record.setdefault("xbc", {})[i] = xbc
-                record.setdefault("states", {})[i] = states
-        else:
-            out = walk.adapter.ffn(sub, x)
-        h = h + out
+        h = sublayer_step(walk, sub, h, mixing, positions)
     return walk.adapter.final_norm(walk.model)(h), new

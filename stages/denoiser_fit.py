@@ -1,0 +1,127 @@
+"""Fitting the denoiser: in this process with a Lightning Trainer, or across Ray Train workers.
+
+Both paths take the same inputs (the `train` section, a model factory, the row tensors) and return
+the trained `DenoiserModule`; `train_denoiser.run` picks one by `train.num_workers`. The local path
+resumes from `ctx.work_dir/checkpoints/last.ckpt`, logs to the stage's MLflow run (a CSV logger when
+tracking is off) and reports progress to the live display; the distributed one is
+`stages.train_distributed.fit_distributed` with checkpoints on the stage's work dir.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from stages.api import StageContext
+from stages.loading import TwoTowerFactory
+from stages.rows import BucketSampler, RowLoaders, trim_blocks
+from stages.training import checkpoint_step, resolve_precision
+
+PROGRESS_EVERY = 5
+"""Optimizer steps between progress events to the live display (each is a message to the driver)."""
+PROGRESS_BAR_UPDATES = 50
+"""About how many times Lightning's progress bar redraws over a run (not every step on a terminal)."""
+
+
+def _progress_callback(ctx: StageContext, total: int):
+    import pytorch_lightning as pl
+
+    class _Progress(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step = trainer.global_step
+            if step % PROGRESS_EVERY == 0 or step == total:
+                ctx.progress(step, total, f"loss {float(outputs['loss']):.3f}")
+
+    return _Progress()
+
+
+def _logger(ctx: StageContext):
+    if ctx.tracking_uri and ctx.mlflow_run_id:
+        from pytorch_lightning.loggers import MLFlowLogger
+
+        return MLFlowLogger(tracking_uri=ctx.tracking_uri, run_id=ctx.mlflow_run_id)
+    from pytorch_lightning.loggers import CSVLogger
+
+    return CSVLogger(str(Path(ctx.work_dir) / "logs"), name="train_denoiser")
+
+
+def _checkpoint_callback(ckpt_dir: Path, every: int):
+    import inspect
+
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    kwargs: dict[str, Any] = {"dirpath": str(ckpt_dir), "every_n_train_steps": every, "save_last": True,
+                              "save_top_k": 1}
+    if "save_on_exception" in inspect.signature(ModelCheckpoint.__init__).parameters:
+        kwargs["save_on_exception"] = False  # a crash resumes from the last periodic checkpoint
+    return ModelCheckpoint(**kwargs)
+
+
+def fit(cfg: Any, factory: TwoTowerFactory, block_size: int, train_ids, val_ids, ctx: StageContext):
+    """Train with resume from `ctx.work_dir/checkpoints/last.ckpt`; return (module, trainer, secs)."""
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.callbacks import TQDMProgressBar
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from stages.denoiser_module import DenoiserModule
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    pl.seed_everything(ctx.seed, workers=True, verbose=False)
+    gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
+    module = DenoiserModule(factory, cfg, block_size)
+    # (ids, attn, loss) rows; alike rows batched together and all-pad blocks trimmed per batch
+    collate = trim_blocks(block_size)
+    train_dl = DataLoader(TensorDataset(*train_ids), collate_fn=collate,
+                          batch_sampler=BucketSampler(train_ids[1], block_size, cfg.batch_size, ctx.seed))
+    val_dl = DataLoader(TensorDataset(*val_ids), batch_size=cfg.batch_size, collate_fn=collate)
+    ckpt_dir = Path(ctx.work_dir) / "checkpoints"
+    callbacks = [_checkpoint_callback(ckpt_dir, cfg.checkpoint_every), _progress_callback(ctx, cfg.max_steps)]
+    if cfg.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.max_steps // PROGRESS_BAR_UPDATES)))
+    n_train_batches = max(1, len(train_dl))
+    trainer = pl.Trainer(
+        max_steps=cfg.max_steps, max_epochs=-1, accelerator=cfg.accelerator, devices=cfg.devices,
+        strategy=cfg.strategy, precision=resolve_precision(cfg.precision, gpu),
+        accumulate_grad_batches=cfg.grad_accum,
+        gradient_clip_val=cfg.grad_clip or None, logger=_logger(ctx), callbacks=callbacks,
+        val_check_interval=min(cfg.val_every, n_train_batches) if cfg.val_every else None,
+        check_val_every_n_epoch=None if cfg.val_every else 1,
+        limit_val_batches=cfg.val_batches, num_sanity_val_steps=0,
+        log_every_n_steps=max(1, min(10, cfg.max_steps // 10)),
+        enable_progress_bar=cfg.progress_bar, enable_model_summary=False,
+        default_root_dir=str(ctx.work_dir))
+    last = ckpt_dir / "last.ckpt"
+    module.resumed_from_step = checkpoint_step(last)
+    t0, cpu0 = time.monotonic(), time.process_time()
+    trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if last.exists() else None)
+    seconds = time.monotonic() - t0
+    module.cpu_seconds = time.process_time() - cpu0  # all threads: a contention-free cost estimate
+    if cfg.val_every:  # a final validation on the finished model
+        trainer.validate(module, val_dl, verbose=False)
+    return module, trainer, seconds
+
+
+def fit_on_workers(cfg: Any, factory: TwoTowerFactory, block_size: int, train_ids, val_ids,
+                   ctx: StageContext):
+    """`fit` across `cfg.num_workers` Ray Train workers; returns (module with the trained weights
+    loaded, metrics of the last step report, seconds)."""
+    from stages.train_distributed import LazyFactory, config_from_train, fit_distributed
+
+    dist = config_from_train(cfg, storage_path=str(Path(ctx.work_dir).resolve()), name="distributed",
+                             seed=ctx.seed)
+    make_module = LazyFactory("stages.denoiser_module:DenoiserModule", (factory, cfg, block_size))
+
+    def on_report(report: dict) -> None:
+        ctx.progress(report.get("step", 0), cfg.max_steps, "distributed")
+        ctx.log_metrics({k.replace("/", "_"): float(v) for k, v in report.items() if k != "step"},
+                        step=int(report.get("step", 0)))
+
+    t0 = time.monotonic()
+    result = fit_distributed(make_module, RowLoaders(train_ids, val_ids, block_size, cfg.batch_size),
+                             dist, on_report=on_report)
+    seconds = time.monotonic() - t0
+    module = make_module()
+    module.load_state_dict(result.load_state_dict(), strict=False)  # the frozen tower is not saved
+    return module, dict(result.metrics), seconds

@@ -1,0 +1,88 @@
+"""`python -m pipeline plan` on the shipped Granite-4.0-H-style and Gemma 3 configs: parameters,
+active parameters and memory match a count made here independently on the meta device (within 1%).
+
+The independent count reads the family's own config fields and module names, which is exactly what
+`twotower.sizing` may not do (it asks the adapter), so the two agree only if the adapter's facts
+are right.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pipeline.estimate import SHIPPED_BACKBONES, config_from_json
+
+ROOT = Path(__file__).resolve().parent.parent
+GIB = 2**30
+
+
+def within(value: float, expected: float, rel: float = 0.01) -> bool:
+    return abs(value - expected) <= rel * abs(expected)
+
+
+def independent_count(config) -> dict:
+    """Totals, active parameters and bf16 decode memory from the config and module names."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = {id(p): (n, p.numel()) for n, p in model.named_parameters()}
+    total = sum(n for _, n in params.values())
+    if config.model_type == "granitemoehybrid":
+        routed = sum(n for name, n in params.values() if ".block_sparse_moe.experts." in name)
+        active = total - routed + routed * config.num_experts_per_tok // config.num_local_experts
+        n_attn = config.layers_block_type.count("full_attention")
+        kv_per_token = n_attn * 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+        n_mamba = config.layers_block_type.count("linear_attention")
+        inner = config.mamba_n_heads * config.mamba_d_head
+        states = n_mamba * (inner * config.mamba_d_state * 4
+                            + (inner + 2 * config.mamba_n_groups * config.mamba_d_state) * (config.mamba_d_conv - 1) * 2)
+    else:  # gemma3_text: dense, every layer attention (sliding layers keep every key too)
+        active = total
+        kv_per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim
+        states = 0
+    return {"total": total, "active": active, "kv_bytes_per_token": kv_per_token * 2, "state_bytes": states}
+
+
+CASES = {
+    "granite_4_h_small": "granite-4.0-h-small-style.json",
+    "gemma3_1b": "gemma-3-1b-pt-style.json",
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(CASES))
+def test_plan_matches_an_independent_meta_count(recipe, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RUN_ROOT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "plan", f"recipes/{recipe}.yaml", "--json"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    est = json.loads(proc.stdout)["estimate"]
+    ref = independent_count(config_from_json(SHIPPED_BACKBONES / CASES[recipe]))
+    ctx = est["params"]["context_tower"]
+    assert within(ctx["total"], ref["total"]) and within(ctx["active"], ref["active"])
+    dec = est["decode_memory"]["batch_1"]
+    assert within(dec["diffusion"]["context_weights_gib"], ref["total"] * 2 / GIB)
+    context_len = dec["context_len"]
+    expected_ar = (ref["total"] * 2 + ref["kv_bytes_per_token"] * context_len + ref["state_bytes"]) / GIB
+    assert within(dec["ar_only"]["device_gib"], expected_ar)
+    if ref["state_bytes"]:
+        assert within(dec["mamba_state_gib"], ref["state_bytes"] / GIB)
+    assert within(dec["kv_cache_gib"], ref["kv_bytes_per_token"] * context_len / GIB)
+
+
+def test_granite_facts_count_its_moe_and_mamba_layers():
+    """Granite's field names differ from Nemotron-H's (mamba_n_heads, num_local_experts): the
+    facts come from the adapter, so its MoE and Mamba layers are all counted."""
+    from twotower import sizing
+
+    model = sizing.build_on_meta(config_from_json(SHIPPED_BACKBONES / CASES["granite_4_h_small"]))
+    facts = sizing.family_facts(model)
+    assert sizing.layer_kinds(facts) == {"attention": 4, "mamba": 36, "moe": 40, "mlp": 0}
+    assert facts.experts == (72, 10) and facts.num_layers == 40
+    counts = sizing.count_parameters(model, facts)
+    assert 0.25 < counts.active / counts.total < 0.3  # ~9 B of ~32 B
