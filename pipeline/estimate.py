@@ -117,6 +117,9 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
     sec = Sections.of(cfg)
     gpu_gib = float(sec.plan.gpu_memory_gib or sec.backbone.device_memory_gb or gpu_gib)
     name = sec.backbone.name_or_path
+    if not name and sec.backbone.gguf_file:
+        return {"backbone": None, "note": f"backbone.gguf_file={sec.backbone.gguf_file!r}: sized by "
+                "duplicate_backbone once converted (the plan reads no weights)"}
     if not name:
         return {"backbone": None, "note": "backbone.name_or_path is not set (the backbone is pretrained "
                 "by the pipeline); nothing to size before it exists"}

@@ -12,5 +12,7 @@ REGISTRY: dict[str, str] = {
     "train_denoiser": "stages.train_denoiser",
     "calibrate_gamma": "stages.calibrate_gamma",
     "evaluate": "stages.evaluate",
+    "fidelity": "stages.fidelity",
     "export": "stages.export",
+    "lm_eval": "stages.lm_eval_stage",
 }

@@ -1,6 +1,7 @@
 """Rows from outside the repository for `prepare_data`: local files (`data.source: files`) and hub
 datasets (`data.source: hf`), read through HF `datasets`, with the checks that name the bad file,
-extension, encoding or column before anything is tokenized.
+extension, encoding or column before anything is tokenized; and the Python standard library's own
+sources (`data.source: python_stdlib`, offline, `stages/code_corpus.py`).
 """
 from __future__ import annotations
 
@@ -72,7 +73,11 @@ def check_columns(rows_source: str, columns: list[str], cfg: Config, is_txt: boo
 
 
 def external_rows(cfg: Config, cache_dir: str | None) -> list[dict[str, Any]]:
-    """Rows from `files` or `hf`, each checked for the configured columns."""
+    """Rows from `files`, `hf` or `python_stdlib`, each checked for the configured columns."""
+    if cfg.source == "python_stdlib":
+        from stages.code_corpus import stdlib_rows
+
+        return stdlib_rows(cfg.max_documents, cfg.text_column)
     if cfg.source == "hf":
         rows, cols = load_hf_rows(cfg)
         check_columns(f"hub dataset {cfg.hf_name!r}", cols, cfg, is_txt=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -40,6 +41,12 @@ class Config:
     name_or_path: str | None = None
     """A local directory (or hub id, when online) loadable by `AutoModelForCausalLM`. Ignored when
     `pretrain_backbone` is in the graph: its model is used."""
+    gguf_file: str | None = None
+    """A GGUF checkpoint instead: a path (relative to `name_or_path` when that is a directory) or
+    `package:MODULE/FILE` inside an installed package. Converted once to a safetensors directory
+    under `<run.root>/cache/backbone_sources/` (stages/backbone_source.py; the `[real]` extra)."""
+    revision: str | None = None
+    """Hub revision of `name_or_path` (part of the hub source's key); None: the default branch."""
     dtype: Dtype = "float32"
     """Dtype the towers are held in for the memory plan and for loading: float32, bfloat16, float16."""
     context_device: str = "auto"
@@ -63,16 +70,21 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"backbone.{key}={value!r}: expected auto, cpu, mps, cuda or cuda:N")
 
 
-def resolve_backbone_path(cfg: Config, inputs: dict[str, dict]) -> str:
-    """The backbone to use: the pretrained tiny model when present upstream, else the config's."""
+def resolve_backbone_path(cfg: Config, inputs: dict[str, dict], cache_root: Path | None = None) -> str:
+    """The backbone to use: the pretrained tiny model when present upstream, else the config's
+    (a GGUF file converted once into `cache_root`; see `stages.backbone_source`)."""
+    return resolve_backbone(cfg, inputs, cache_root)[0]
+
+
+def resolve_backbone(cfg: Config, inputs: dict[str, dict], cache_root: Path | None = None) -> tuple[str, dict]:
+    """(loadable path, description of the source checkpoint for the card and summary.json)."""
+    from stages import backbone_source
+
     if "pretrain_backbone" in inputs:
-        return inputs["pretrain_backbone"]["artifacts"]["model"]
-    if not cfg.name_or_path:
-        raise ValueError("backbone.name_or_path is required when pretrain_backbone is not in the graph")
-    path = Path(cfg.name_or_path).expanduser()
-    if path.exists() and not (path / "config.json").exists():
-        raise ValueError(f"backbone.name_or_path={cfg.name_or_path!r}: no config.json in that directory")
-    return str(path) if path.exists() else cfg.name_or_path
+        return inputs["pretrain_backbone"]["artifacts"]["model"], {"kind": "pretrain_backbone"}
+    root = Path(cache_root) if cache_root is not None else Path(tempfile.gettempdir()) / "twotower_backbones"
+    path, source = backbone_source.resolve(cfg.name_or_path, cfg.gguf_file, cfg.revision, root, cfg.dtype)
+    return path, source.describe()
 
 
 def layer_map(model) -> list[dict[str, Any]]:
@@ -117,7 +129,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     import torch
     from twotower import sizing
 
-    path = resolve_backbone_path(cfg, inputs)
+    path, source = resolve_backbone(cfg, inputs, Path(ctx.run_dir).parent / "cache" / "backbone_sources")
     model, tokenizer = load_backbone(path, cfg.dtype)
     lmap = layer_map(model)
     counts = sizing.count_parameters(model)
@@ -135,12 +147,16 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
                "n_sublayers": len(lmap), "weights_gib_per_tower": plan["weights_gib_per_tower"],
                "train_gib_per_gpu": plan["train_bf16_fsdp"]["total_gib"],
                **{f"layers_{k}": kinds.count(k) for k in sorted(set(kinds))}}
+    from stages.backbone_source import source_line
+
+    if source_line(source):
+        metrics["source_checkpoint"] = source_line(source)
     ctx.log_artifact(out / "layer_map.json")
     ctx.log_artifact(out / "memory_plan.json")
     return {"metrics": metrics,
             "backbone": BackboneRef(path, path, cfg.dtype, data.get("seq_len")).as_manifest(),
             "artifacts": {"layer_map": ctx.artifact_path("layer_map.json"),
                           "memory_plan": ctx.artifact_path("memory_plan.json")},
-            "model_type": model.config.model_type, "layer_map": lmap, "param_counts": counts.as_dict(),
+            "model_type": model.config.model_type, "source": source, "layer_map": lmap, "param_counts": counts.as_dict(),
             "memory_plan": {k: plan[k] for k in ("context_device", "denoiser_device", "decode_gib_per_device", "fits")},
             "vocab_size": len(tokenizer)}

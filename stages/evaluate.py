@@ -5,18 +5,23 @@ alone and with diffusion at the chosen γ (and B), interleaved in this process, 
 and overall quality, quality relative to AR, wall-clock speedup, tokens per denoiser forward and peak
 memory, plus a per-task bar chart. The metrics keys `ar_quality`, `diffusion_quality`,
 `relative_quality`, `speedup`, `tokens_per_forward` and `per_task` are a contract (summary.json).
+Each suite named in `suites` then runs in both modes too (`humaneval`: stages/humaneval.py, its
+`humaneval_*` metrics added to the same manifest).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal, get_args
 
 from stages.api import Range, StageContext
 
 SECTION = "evaluate"
 REQUIRES = ("prepare_data", "train_denoiser", "calibrate_gamma")
+Suite = Literal["humaneval"]
+"""Extra benchmark suites `evaluate.suites` may name (run after the held-out comparison)."""
+SUITES: tuple[str, ...] = get_args(Suite)
 
 
 @dataclass
@@ -31,10 +36,30 @@ class Config:
     """Generation cap per prompt (decoding stops earlier at EOS)."""
     num_threads: Annotated[int, Range(0)] = 0
     """torch intra-op threads; 0 leaves torch's default."""
+    suites: list[Suite] = field(default_factory=list)
+    """Extra suites, each in AR and in diffusion at the calibrated γ: `humaneval` (stages/humaneval.py)."""
+    humaneval_problems: Annotated[int, Range(1, 164)] = 164
+    """HumanEval subset size: the first N of the 164 problems."""
+    humaneval_max_new_tokens: Annotated[int, Range(1)] = 256
+    """Generation cap per HumanEval completion (it stops earlier at a stop sequence or EOS)."""
+    humaneval_timeout_s: Annotated[float, Range(0, low_open=True)] = 10.0
+    """Seconds each completion's tests may run in the sandbox."""
+    sandbox: Literal["auto", "namespaces", "guard"] = "auto"
+    """Isolation of executed code: `auto`, `namespaces` or `guard` (stages/sandbox.py)."""
 
     def __post_init__(self) -> None:
         if self.prompts_per_task < 1 or self.repeats < 1 or self.max_new_tokens < 1:
             raise ValueError("evaluate.prompts_per_task, evaluate.repeats and evaluate.max_new_tokens must be >= 1")
+        unknown = [s for s in self.suites if s not in SUITES]
+        if unknown:
+            raise ValueError(f"evaluate.suites: unknown suite(s) {unknown}; known: {list(SUITES)}")
+        if not 1 <= self.humaneval_problems <= 164 or self.humaneval_max_new_tokens < 1 or self.humaneval_timeout_s <= 0:
+            raise ValueError("evaluate.humaneval_problems must be in 1..164, evaluate.humaneval_max_new_tokens >= 1 "
+                             "and evaluate.humaneval_timeout_s > 0")
+        from stages.sandbox import ISOLATIONS
+
+        if self.sandbox not in ISOLATIONS:
+            raise ValueError(f"evaluate.sandbox must be one of {ISOLATIONS}, got {self.sandbox!r}")
 
 
 def bar_chart(per_task: dict[str, dict], path: Path, gamma: float) -> None:
@@ -107,10 +132,28 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
         "diffusion_tokens_per_second": summ["diffusion_tokens_per_second"],
         "n_prompts": len(examples), **memory,
     }
+    artifacts = {"bar_chart": ctx.artifact_path("per_task.png"),
+                 "evaluation": ctx.artifact_path("evaluation.json"),
+                 "predictions": ctx.artifact_path("predictions.jsonl")}
+    if "humaneval" in cfg.suites:
+        metrics.update(_humaneval(cfg, model, tokenizer, setting, out, ctx))
+        artifacts["humaneval"] = ctx.artifact_path("humaneval.jsonl")
     (out / "evaluation.json").write_text(json.dumps({**metrics, "worst_tasks": worst}, indent=1))
     ctx.log_artifact(out / "evaluation.json")
     return {"metrics": metrics,
-            "artifacts": {"bar_chart": ctx.artifact_path("per_task.png"),
-                          "evaluation": ctx.artifact_path("evaluation.json"),
-                          "predictions": ctx.artifact_path("predictions.jsonl")},
+            "artifacts": artifacts,
             "worst_tasks": worst, "gamma": gamma, "block_size": calib.get("block_size")}
+
+
+def _humaneval(cfg: Config, model, tokenizer, setting, out: Path, ctx: StageContext) -> dict:
+    """The HumanEval suite in AR and in diffusion at the calibrated setting (stages/humaneval.py)."""
+    from stages import humaneval
+
+    modes = [humaneval.DecodingMode("ar", "ar"),
+             humaneval.DecodingMode("diffusion", "diffusion", setting.gamma, setting.block_size)]
+    metrics = humaneval.run_suite(model, tokenizer, modes, problems=cfg.humaneval_problems,
+                                  max_new_tokens=cfg.humaneval_max_new_tokens, timeout_s=cfg.humaneval_timeout_s,
+                                  isolation=cfg.sandbox, out_path=out / "humaneval.jsonl",
+                                  progress=lambda d, t: ctx.progress(d, t, "humaneval"))
+    ctx.log_artifact(out / "humaneval.jsonl")
+    return metrics

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from stages.api import Range, StageContext
+from stages.backbone_source import source_line
 
 SECTION = "export"
 REQUIRES = ("prepare_data", "train_denoiser", "calibrate_gamma")
@@ -47,7 +48,24 @@ def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def model_card(ev: dict, calib: dict, train: dict, gen_cfg: dict, plots: list[str]) -> str:
+def fidelity_lines(fid: dict) -> list[str]:
+    """Model-card rows for the `fidelity` stage's checks on the real weights."""
+    m = fid.get("metrics", {})
+    if not m:
+        return []
+    n = m.get("n_prompts")
+    return ["", "## Fidelity to the backbone (real weights, held-out data)", "",
+            "| check | value |", "|---|---|",
+            f"| max abs(Δ logits), our layer walk vs transformers' forward | {m['parity_max_abs_logit_diff']:.3g} |",
+            f"| `ar` == transformers' greedy `generate`, token for token | {m['ar_equals_hf_prompts']}/{n} prompts |",
+            f"| `mock_ar` == `ar` | {m['mock_ar_equals_ar_prompts']}/{n} prompts |",
+            f"| denoiser masked accuracy before training | {m['masked_accuracy_before']:.3f} |",
+            f"| denoiser masked accuracy after training | {m['masked_accuracy_after']:.3f} |",
+            f"| denoiser masked loss before / after training | {m['masked_loss_before']:.3f} / {m['masked_loss_after']:.3f} |"]
+
+
+def model_card(ev: dict, calib: dict, train: dict, gen_cfg: dict, plots: list[str],
+               source: dict | None = None, fidelity: dict | None = None) -> str:
     """README.md: what the model is, how to load it, the results table and the plots."""
     m = ev.get("metrics", {})
     lines = [
@@ -56,6 +74,7 @@ def model_card(ev: dict, calib: dict, train: dict, gen_cfg: dict, plots: list[st
         "A frozen AR **context tower** (the backbone, bit for bit) and a trained **denoiser tower** that",
         f"fills blocks of {gen_cfg['block_size']} tokens in parallel, committing every token whose",
         f"confidence is at least γ = {gen_cfg['gamma']:g}.", "",
+        *([f"Source checkpoint: `{source_line(source)}`.", ""] if source_line(source) else []),
         "```python", "from transformers import AutoTokenizer", "from twotower import TwoTowerForDiffusionLM",
         "model = TwoTowerForDiffusionLM.from_pretrained(PATH)", "tok = AutoTokenizer.from_pretrained(PATH)",
         "ids = tok('12+34=', return_tensors='pt').input_ids",
@@ -69,6 +88,8 @@ def model_card(ev: dict, calib: dict, train: dict, gen_cfg: dict, plots: list[st
                 "gamma", "n_prompts", "peak_rss_mb"):
         if key in m:
             lines.append(f"| {key} | {_fmt(m[key])} |")
+    for key in sorted(k for k in m if k.startswith("humaneval_") and k.endswith(("_pass_at_1", "_tokens_per_forward"))):
+        lines.append(f"| {key} (on {m.get('humaneval_problems')} problems) | {_fmt(m[key])} |")
     per_task = m.get("per_task", {})
     if per_task:
         lines += ["", "| task | kind | AR | diffusion | relative | speedup |", "|---|---|---|---|---|---|"]
@@ -85,6 +106,7 @@ def model_card(ev: dict, calib: dict, train: dict, gen_cfg: dict, plots: list[st
     tm = train.get("metrics", {})
     if tm:
         lines += ["", f"Denoiser training: {tm.get('steps')} steps, {_fmt(tm.get('train_minutes', 0.0))} min."]
+    lines += fidelity_lines(fidelity or {})
     lines += [""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
     return "\n".join(lines)
 
@@ -159,10 +181,14 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
         if src and Path(src).exists():
             shutil.copy(src, path / Path(src).name)
             plots.append(str(path / Path(src).name))
-    (path / "README.md").write_text(model_card(ev, calib, train, gen_cfg, plots), encoding="utf-8")
+    source = inputs.get("duplicate_backbone", {}).get("source")
+    fid = inputs.get("fidelity", {})
+    (path / "README.md").write_text(model_card(ev, calib, train, gen_cfg, plots, source, fid), encoding="utf-8")
     ctx.log_artifact(path / "README.md")
     metrics: dict[str, Any] = {"path": reported or str(path), "gamma": gamma, "block_size": block_size,
                                "size_mb": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20}
+    if source_line(source):
+        metrics["source_checkpoint"] = source_line(source)
     if cfg.verify_prompts:
         rows = de.load_examples(inputs["prepare_data"]["artifacts"]["eval_examples"], 1)[: cfg.verify_prompts]
         check = verify(path, tokenizer, [r["prompt"] for r in rows], gamma, cfg.max_new_tokens,

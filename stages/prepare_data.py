@@ -9,6 +9,8 @@ Three sources, all through HF `datasets` except the built-in one:
   `answer_column` the rows are verifiable prompt/answer pairs and are packed like the synthetic
   ones; otherwise `text_column` holds documents, packed as one `<eos>`-separated token stream.
 - `hf`: a hub dataset (`hf_name`, streaming allowed), treated like `files`. Needs the network.
+- `python_stdlib` (offline): the Python standard library's own source files as plain-text code
+  documents (`stages/code_corpus.py`), treated like `files` with a text column.
 
 Outputs (see docs/architecture.md, "prepare_data manifest"): `tokenizer/` (the character-level
 tokenizer of `stages/tokenizer.py` unless `tokenizer` names another), `train.safetensors` and
@@ -35,15 +37,16 @@ from stages.tasks import FAMILIES, get_families
 SECTION = "data"
 DEFAULT_TASKS = ("add", "sort", "copy", "reverse", "recall", "facts")
 DEFAULT_WEIGHTS = {"add": 1.0, "sort": 1.5, "reverse": 2.0, "facts": 0.5}
-SOURCES = ("synthetic", "files", "hf")
+SOURCES = ("synthetic", "files", "hf", "python_stdlib")
 
 
 @dataclass
 class Config:
     """The `data` section."""
 
-    source: Literal["synthetic", "files", "hf"] = "synthetic"
-    """Where examples come from: `synthetic` (built in, offline), `files` (local) or `hf` (hub)."""
+    source: Literal["synthetic", "files", "hf", "python_stdlib"] = "synthetic"
+    """Where examples come from: `synthetic` (built in, offline), `files` (local), `hf` (hub) or
+    `python_stdlib` (the interpreter's own standard-library sources, offline)."""
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
     """Synthetic task families to generate (names in `stages/tasks.py`; `scan` is also available)."""
     train_examples_per_task: Annotated[int, Range(1)] = 10000
@@ -88,7 +91,9 @@ class Config:
     eval_answer_tokens: Annotated[int, Range(1)] = 32
     """Plain text: tokens after the prompt used as the reference continuation."""
     tokenizer: str | None = None
-    """A tokenizer name or directory for `AutoTokenizer`; None builds the offline char tokenizer."""
+    """A tokenizer name or directory for `AutoTokenizer`, or a GGUF file (a path or
+    `package:MODULE/FILE`, as `backbone.gguf_file`) whose embedded tokenizer is used; None builds
+    the offline char tokenizer."""
 
 
 def validate(cfg: Config) -> None:
@@ -112,6 +117,8 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"data.task_weights: weights must be > 0, got {dict(cfg.task_weights)}")
         if cfg.train_examples_per_task <= 0 or cfg.eval_examples_per_task <= 0:
             raise ValueError("data.train_examples_per_task and data.eval_examples_per_task must be > 0")
+    if cfg.source == "python_stdlib" and cfg.prompt_column:
+        raise ValueError("data.prompt_column: the python_stdlib source is plain code with no prompt/answer columns")
     if cfg.source == "files" and not cfg.paths:
         raise ValueError("data.paths: the `files` source needs at least one file")
     if cfg.source == "hf" and not cfg.hf_name:
@@ -134,7 +141,12 @@ def load_tokenizer(name: str | None) -> Any:
         return build_char_tokenizer()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name)
+    if name.startswith("package:") or name.endswith(".gguf"):
+        from stages.gguf_files import gguf_tokenizer
+
+        tok = gguf_tokenizer(name, key_name="data.tokenizer")
+    else:
+        tok = AutoTokenizer.from_pretrained(name)
     if tok.eos_token_id is None:
         raise ValueError(f"data.tokenizer: {name!r} has no EOS token")
     if tok.pad_token_id is None:

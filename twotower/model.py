@@ -243,6 +243,9 @@ class TwoTowerForDiffusionLM(nn.Module):
         d.mkdir(parents=True, exist_ok=True)
         self.config.twotower = self.tt_config.to_dict()
         self.config.backbone = self.context_tower.config.to_dict()
+        # An export must load anywhere: the backbone's `_name_or_path` is the local directory it was
+        # loaded from (a run cache), meaningless on another machine, so it is not written.
+        self.config.backbone.pop("_name_or_path", None)
         dtype = next(self.context_tower.parameters()).dtype
         self.config.backbone["dtype"] = str(dtype).removeprefix("torch.")  # what the weights are
         self.config.architectures = [type(self).__name__]

