@@ -2,9 +2,11 @@
 
 For every γ in the grid (and every block size, when a list is given) it decodes the same held-out
 prompts with AR and with diffusion, side by side in this process (`stages.decoding_eval`), and
-records quality relative to AR, tokens per denoiser forward and wall-clock speedup. It picks the
-smallest γ whose relative quality meets `target_relative_quality` (ties across block sizes: the
-fastest); when no point does, it picks the best available, says so loudly and records
+records quality relative to AR with its 95% paired-bootstrap interval over prompts
+(`stages.confidence`), tokens per denoiser forward and wall-clock speedup. It picks the smallest γ
+whose *lower confidence bound* of relative quality meets `target_relative_quality` (ties across
+block sizes: the fastest), so a γ that meets the target only by luck of the slice is not picked;
+when no point does, it picks the one with the best lower bound, says so loudly and records
 `target_met = 0`. A Pareto plot (relative quality against speedup, each point labelled) is saved.
 
 Calibration uses the first `prompts_per_task` held-out examples of each task; `evaluate` uses the
@@ -62,12 +64,18 @@ def validate(cfg: Config) -> None:
         raise ValueError("calibrate.prompts_per_task, calibrate.repeats and calibrate.max_new_tokens must be >= 1")
 
 
+def _low(p: dict) -> float:
+    """A point's lower confidence bound of relative quality (its point estimate when it has none)."""
+    return p.get("relative_quality_low", p["relative_quality"])
+
+
 def choose(points: list[dict], target: float) -> tuple[dict, bool]:
-    """The smallest γ meeting `target` (fastest among equal γ), else the best relative quality."""
-    ok = [p for p in points if p["relative_quality"] >= target]
+    """The smallest γ whose lower confidence bound meets `target` (fastest among equal γ), else the
+    best lower bound (then the best point estimate, then speed)."""
+    ok = [p for p in points if _low(p) >= target]
     if ok:
         return min(ok, key=lambda p: (p["gamma"], -p["speedup"])), True
-    return max(points, key=lambda p: (p["relative_quality"], p["speedup"])), False
+    return max(points, key=lambda p: (_low(p), p["relative_quality"], p["speedup"])), False
 
 
 def pareto_plot(points: list[dict], target: float, chosen: dict, path: Path) -> None:
@@ -78,6 +86,12 @@ def pareto_plot(points: list[dict], target: float, chosen: dict, path: Path) -> 
     xs = [p["speedup"] for p in points]
     ys = [p["relative_quality"] for p in points]
     ax.plot(xs, ys, "o", color="tab:blue")
+    ci = [p for p in points if "relative_quality_low" in p and "relative_quality_high" in p]
+    if ci:  # the 95% paired-bootstrap interval of each point
+        ax.errorbar([p["speedup"] for p in ci], [p["relative_quality"] for p in ci],
+                    yerr=[[max(0.0, p["relative_quality"] - p["relative_quality_low"]) for p in ci],
+                          [max(0.0, p["relative_quality_high"] - p["relative_quality"]) for p in ci]],
+                    fmt="none", ecolor="tab:blue", alpha=0.5, capsize=3)
     for p in points:
         label = f"γ={p['gamma']:g}" + (f",B={p['block_size']}" if p.get("block_size") else "")
         ax.annotate(label, (p["speedup"], p["relative_quality"]), textcoords="offset points",
@@ -116,9 +130,13 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     for i, s in enumerate(settings):
         summ = de.summarise(rows, s.label)
         point = {"gamma": s.gamma, "block_size": s.block_size, **{k: v for k, v in summ.items() if k != "per_task"},
-                 "per_task_relative_quality": {t: v["relative_quality"] for t, v in summ["per_task"].items()}}
+                 "per_task_relative_quality": {t: v["relative_quality"] for t, v in summ["per_task"].items()},
+                 "per_task_relative_quality_interval": {t: [v["relative_quality_low"], v["relative_quality_high"]]
+                                                        for t, v in summ["per_task"].items()}}
         points.append(point)
         ctx.log_metrics({"sweep_gamma": s.gamma, "sweep_relative_quality": point["relative_quality"],
+                         "sweep_relative_quality_low": point["relative_quality_low"],
+                         "sweep_relative_quality_high": point["relative_quality_high"],
                          "sweep_speedup": point["speedup"], "sweep_tokens_per_forward": point["tokens_per_forward"]},
                         step=i)
     chosen, met = choose(points, cfg.target_relative_quality)
@@ -128,6 +146,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     if not met:
         message = (f"NO γ MET calibrate.target_relative_quality={cfg.target_relative_quality}: using the best "
                    f"available γ={chosen['gamma']:g} (relative quality {chosen['relative_quality']:.3f}, "
+                   f"95% interval [{chosen['relative_quality_low']:.3f}, {chosen['relative_quality_high']:.3f}], "
                    f"speedup {chosen['speedup']:.2f}x)")
         ctx.warn(message)
     (out / "calibration.json").write_text(json.dumps({"points": points, "chosen": chosen, "target_met": met,
@@ -136,6 +155,8 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     ctx.log_artifact(out / "pareto.png")
     ctx.log_artifact(out / "calibration.json")
     metrics = {"gamma": chosen["gamma"], "relative_quality": chosen["relative_quality"],
+               "relative_quality_low": chosen["relative_quality_low"],
+               "relative_quality_high": chosen["relative_quality_high"],
                "speedup": chosen["speedup"], "tokens_per_forward": chosen["tokens_per_forward"],
                "ar_quality": chosen["ar_quality"], "diffusion_quality": chosen["diffusion_quality"],
                "target_met": 1.0 if met else 0.0, "n_prompts": len(examples)}

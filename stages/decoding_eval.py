@@ -180,7 +180,7 @@ def quality(rows: list[Row]) -> float:
     """Mean exact match where verifiable, else mean agreement with AR greedy."""
     if not rows:
         return 0.0
-    return statistics.fmean(r.correct if r.correct is not None else r.agreement for r in rows)
+    return statistics.fmean(score(r) for r in rows)
 
 
 def relative(q: float, q_ar: float) -> float:
@@ -190,8 +190,23 @@ def relative(q: float, q_ar: float) -> float:
     return q / q_ar
 
 
+def score(r: Row) -> float:
+    """One prompt's quality: exact match where verifiable, else agreement with AR greedy."""
+    return r.correct if r.correct is not None else r.agreement
+
+
+def relative_ci(ar: list[Row], dif: list[Row]) -> tuple[float, float]:
+    """Paired-bootstrap interval of relative quality (`stages.confidence`); rows in prompt order."""
+    from stages.confidence import paired_bootstrap
+
+    if not dif:
+        return 0.0, 0.0
+    return paired_bootstrap([score(r) for r in ar], [score(r) for r in dif])
+
+
 def summarise(rows: list[Row], setting: str) -> dict[str, Any]:
-    """Quality (overall and per task), relative quality, speedup and tokens/forward of `setting`."""
+    """Quality (overall and per task), relative quality with its paired-bootstrap interval over
+    prompts (`relative_quality_low` / `relative_quality_high`), speedup and tokens/forward of `setting`."""
     ar = [r for r in rows if r.setting == AR]
     dif = [r for r in rows if r.setting == setting]
     tasks = sorted({r.task for r in ar})
@@ -200,16 +215,20 @@ def summarise(rows: list[Row], setting: str) -> dict[str, Any]:
         a = [r for r in ar if r.task == t]
         d = [r for r in dif if r.task == t]
         qa, qd = quality(a), quality(d)
+        lo, hi = relative_ci(a, d)
         per_task[t] = {"kind": a[0].kind, "ar_quality": qa, "diffusion_quality": qd,
                        "relative_quality": relative(qd, qa),
+                       "relative_quality_low": lo, "relative_quality_high": hi,
                        "speedup": sum(r.seconds for r in a) / max(1e-12, sum(r.seconds for r in d)),
                        "tokens_per_forward": sum(r.new_tokens for r in d) / max(1, sum(r.denoiser_forwards for r in d)),
                        "n": len(a)}
     qa, qd = quality(ar), quality(dif)
     ar_s, d_s = sum(r.seconds for r in ar), sum(r.seconds for r in dif)
     tokens = sum(r.new_tokens for r in dif)
+    lo, hi = relative_ci(ar, dif)
     return {
         "ar_quality": qa, "diffusion_quality": qd, "relative_quality": relative(qd, qa),
+        "relative_quality_low": lo, "relative_quality_high": hi,
         "speedup": ar_s / max(1e-12, d_s),
         "median_speedup": statistics.median(a.seconds / max(1e-12, d.seconds) for a, d in zip(ar, dif)) if dif else 0.0,
         "tokens_per_forward": tokens / max(1, sum(r.denoiser_forwards for r in dif)),
@@ -255,5 +274,6 @@ def peak_memory_mb() -> dict[str, float]:
 
 
 def losers(per_task: dict[str, dict]) -> list[str]:
-    """Task names ordered by relative quality, worst first (who loses most to parallel decoding)."""
-    return sorted(per_task, key=lambda t: (per_task[t]["relative_quality"], t))
+    """Task names whose relative quality is below 1, worst first (who loses to parallel decoding)."""
+    return sorted((t for t in per_task if per_task[t]["relative_quality"] < 1.0),
+                  key=lambda t: (per_task[t]["relative_quality"], t))

@@ -2,7 +2,8 @@
 
 On the held-out examples that calibration did not use, it decodes each prompt with the AR tower
 alone and with diffusion at the chosen γ (and B), interleaved in this process, and reports per-task
-and overall quality, quality relative to AR, wall-clock speedup, tokens per denoiser forward and peak
+and overall quality, quality relative to AR with its 95% paired-bootstrap interval over prompts
+(`relative_quality_low` / `relative_quality_high`, stages/confidence.py), wall-clock speedup, tokens per denoiser forward and peak
 memory, plus a per-task bar chart. The metrics keys `ar_quality`, `diffusion_quality`,
 `relative_quality`, `speedup`, `tokens_per_forward` and `per_task` are a contract (summary.json).
 Each suite named in `suites` then runs in both modes too (`humaneval`: stages/humaneval.py, its
@@ -116,7 +117,8 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     ctx.log_artifact(out / "per_task.png")
     worst = de.losers(summ["per_task"])
     ctx.log_metrics({f"{t}_{k}": v[k] for t, v in summ["per_task"].items()
-                     for k in ("ar_quality", "diffusion_quality", "relative_quality", "speedup")})
+                     for k in ("ar_quality", "diffusion_quality", "relative_quality", "relative_quality_low",
+                               "relative_quality_high", "speedup")})
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
         for ex_rows in zip(*(iter(rows),) * 2):  # (AR, diffusion) per example, in order
             ar, dif = ex_rows
@@ -124,7 +126,8 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
                                 "ar_correct": ar.correct, "diffusion_correct": dif.correct}) + "\n")
     metrics = {
         "ar_quality": summ["ar_quality"], "diffusion_quality": summ["diffusion_quality"],
-        "relative_quality": summ["relative_quality"], "speedup": summ["speedup"],
+        "relative_quality": summ["relative_quality"], "relative_quality_low": summ["relative_quality_low"],
+        "relative_quality_high": summ["relative_quality_high"], "speedup": summ["speedup"],
         "tokens_per_forward": summ["tokens_per_forward"], "per_task": summ["per_task"],
         "gamma": gamma, "median_speedup": summ["median_speedup"],
         "tokens_per_model_forward": summ["tokens_per_model_forward"],

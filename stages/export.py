@@ -48,6 +48,20 @@ def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def _rel(v: dict) -> str:
+    """Relative quality with its 95% paired-bootstrap interval over prompts, when it has one."""
+    if "relative_quality_low" in v and "relative_quality_high" in v:
+        return f"{_fmt(v['relative_quality'])} [{_fmt(v['relative_quality_low'])}, {_fmt(v['relative_quality_high'])}]"
+    return _fmt(v["relative_quality"])
+
+
+def families_losing(ev: dict) -> list[str]:
+    """The evaluated families whose relative quality is below 1, worst first (at most three)."""
+    per_task = ev.get("metrics", {}).get("per_task", {})
+    return [t for t in ev.get("worst_tasks", [])
+            if per_task.get(t, {}).get("relative_quality", 0.0) < 1.0][:3]
+
+
 def fidelity_lines(fid: dict) -> list[str]:
     """Model-card rows for the `fidelity` stage's checks on the real weights."""
     m = fid.get("metrics", {})
@@ -87,20 +101,25 @@ def model_card(ev: dict, calib: dict, train: dict, gen_cfg: dict, plots: list[st
     for key in ("ar_quality", "diffusion_quality", "relative_quality", "speedup", "tokens_per_forward",
                 "gamma", "n_prompts", "peak_rss_mb"):
         if key in m:
-            lines.append(f"| {key} | {_fmt(m[key])} |")
+            lines.append(f"| {key} | {_rel(m) if key == 'relative_quality' else _fmt(m[key])} |")
     for key in sorted(k for k in m if k.startswith("humaneval_") and k.endswith(("_pass_at_1", "_tokens_per_forward"))):
         lines.append(f"| {key} (on {m.get('humaneval_problems')} problems) | {_fmt(m[key])} |")
+    if "relative_quality_low" in m:
+        lines += ["", "Relative quality is shown with its 95% interval [low, high]: a paired bootstrap over prompts."]
     per_task = m.get("per_task", {})
     if per_task:
-        lines += ["", "| task | kind | AR | diffusion | relative | speedup |", "|---|---|---|---|---|---|"]
+        lines += ["", "| task | kind | AR | diffusion | relative [95% CI] | speedup |", "|---|---|---|---|---|---|"]
         for t, v in per_task.items():
             lines.append(f"| {t} | {v['kind']} | {_fmt(v['ar_quality'])} | {_fmt(v['diffusion_quality'])} "
-                         f"| {_fmt(v['relative_quality'])} | {_fmt(v['speedup'])} |")
-    if ev.get("worst_tasks"):
-        lines += ["", f"Families that lose most to parallel decoding: {', '.join(ev['worst_tasks'][:3])}."]
+                         f"| {_rel(v)} | {_fmt(v['speedup'])} |")
+    losing = families_losing(ev)
+    if losing:
+        lines += ["", f"Families that lose most to parallel decoding: {', '.join(losing)}."]
     cm = calib.get("metrics", {})
     if cm:
-        lines += ["", f"γ was calibrated on held-out prompts: target met = {bool(cm.get('target_met'))}."]
+        ci = (f" (relative quality on the calibration prompts {_rel(cm)}; γ is picked by the lower bound)"
+              if "relative_quality_low" in cm else "")
+        lines += ["", f"γ was calibrated on held-out prompts: target met = {bool(cm.get('target_met'))}{ci}."]
         if calib.get("warning"):
             lines.append(f"**Warning:** {calib['warning']}")
     tm = train.get("metrics", {})

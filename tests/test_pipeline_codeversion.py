@@ -62,6 +62,7 @@ def changed_by_edit(root: Path, cfg, relative: str) -> set[str]:
 @pytest.mark.parametrize("relative, expected", [
     ("stages/train_distributed.py", TRAIN_AND_AFTER),  # once missing from train_denoiser's list
     ("stages/decoding_eval.py", {"calibrate_gamma", "evaluate", "export"}),  # export imports it in run()
+    ("stages/confidence.py", {"calibrate_gamma", "evaluate", "export"}),  # via decoding_eval, in a function
     ("stages/train_denoiser.py", TRAIN_AND_AFTER),  # freeze/attach do not import it
     ("stages/pretrain_backbone.py", {"pretrain_backbone"} | ALL_AFTER_PRETRAIN),
     ("twotower/data.py", TRAIN_AND_AFTER),  # row layout: training only

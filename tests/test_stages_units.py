@@ -11,6 +11,8 @@ import pytest
 
 from stages import calibrate_gamma as C
 from stages import decoding_eval as de
+from stages import export as E
+from stages.confidence import paired_bootstrap
 from stages.attach_conditioning import check_block_size
 from stages.training import lr_factor
 
@@ -70,7 +72,67 @@ def test_summarise_quality_speed_and_per_task():
     assert s["relative_quality"] == 0.5 and s["speedup"] == pytest.approx(4.0)
     assert s["tokens_per_forward"] == pytest.approx(8 / 6)
     assert s["per_task"]["add"]["relative_quality"] == 0.0 and s["per_task"]["add"]["kind"] == "ltr"
-    assert de.losers(s["per_task"]) == ["add", "copy"]
+    assert de.losers(s["per_task"]) == ["add"]  # copy does not lose (relative quality 1)
+    assert s["relative_quality_low"] <= s["relative_quality"] <= s["relative_quality_high"]
+    assert s["per_task"]["copy"]["relative_quality_low"] == s["per_task"]["copy"]["relative_quality_high"] == 1.0
+
+
+def test_bootstrap_of_known_data_gives_expected_interval():
+    # AR right on all 20 prompts, diffusion on 15: the ratio is the diffusion accuracy of the
+    # resample, a binomial(20, 0.75)/20, whose central 95% lies within about 0.55..0.95.
+    ar, dif = [1.0] * 20, [1.0] * 15 + [0.0] * 5
+    lo, hi = paired_bootstrap(ar, dif)
+    assert 0.5 <= lo <= 0.6 and 0.9 <= hi <= 0.95
+    assert lo < 0.75 < hi
+    assert paired_bootstrap(ar, dif) == (lo, hi)  # fixed seed: deterministic
+
+
+def test_bootstrap_is_paired():
+    # diffusion wins exactly where AR does: every resample has the ratio 1, however few the prompts
+    ar = [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert paired_bootstrap(ar, ar) == (1.0, 1.0)
+    assert paired_bootstrap([0.0] * 4, [0.0] * 4) == (1.0, 1.0)  # both 0: ratio 1, as decoding_eval.relative
+
+
+def test_bootstrap_interval_narrows_with_more_prompts():
+    few = paired_bootstrap([1.0] * 8, [1.0] * 6 + [0.0] * 2)
+    many = paired_bootstrap([1.0] * 128, [1.0] * 96 + [0.0] * 32)
+    assert many[1] - many[0] < few[1] - few[0]
+    with pytest.raises(ValueError, match="paired_bootstrap"):
+        paired_bootstrap([1.0], [1.0, 0.0])
+
+
+def test_choose_uses_lower_bound_not_point_estimate():
+    lucky = {**_pt(0.7, 0.99, 2.5), "relative_quality_low": 0.93, "relative_quality_high": 1.0}
+    sure = {**_pt(0.9, 0.995, 1.5), "relative_quality_low": 0.988, "relative_quality_high": 1.0}
+    chosen, met = C.choose([lucky, sure], 0.987)
+    assert met and chosen["gamma"] == 0.9  # γ 0.7's point estimate meets 0.987, its lower bound does not
+    chosen, met = C.choose([lucky], 0.987)
+    assert not met and chosen["gamma"] == 0.7  # none meets it by lower bound: best available, flagged
+    worse_low = {**_pt(0.9, 0.999, 1.5), "relative_quality_low": 0.90, "relative_quality_high": 1.0}
+    chosen, met = C.choose([lucky, worse_low], 0.987)
+    assert not met and chosen["gamma"] == 0.7  # fallback ranks by lower bound, not point estimate
+
+
+def test_card_lists_only_families_that_lose():
+    per_task = {"add": {"kind": "ltr", "ar_quality": 1.0, "diffusion_quality": 0.8, "relative_quality": 0.8,
+                        "relative_quality_low": 0.6, "relative_quality_high": 0.95, "speedup": 2.0},
+                "copy": {"kind": "global", "ar_quality": 1.0, "diffusion_quality": 1.0, "relative_quality": 1.0,
+                         "relative_quality_low": 1.0, "relative_quality_high": 1.0, "speedup": 3.0},
+                "sort": {"kind": "global", "ar_quality": 0.5, "diffusion_quality": 0.6, "relative_quality": 1.2,
+                         "relative_quality_low": 1.0, "relative_quality_high": 1.5, "speedup": 3.0}}
+    ev = {"metrics": {"relative_quality": 0.95, "relative_quality_low": 0.9, "relative_quality_high": 1.0,
+                      "per_task": per_task},
+          "worst_tasks": ["add", "copy", "sort"]}  # an old manifest that listed every family
+    assert E.families_losing(ev) == ["add"]
+    card = E.model_card(ev, {"metrics": {"target_met": 1.0, "relative_quality": 0.99,
+                                         "relative_quality_low": 0.988, "relative_quality_high": 1.0}},
+                        {}, {"block_size": 4, "gamma": 0.9}, [])
+    assert "Families that lose most to parallel decoding: add." in card
+    assert "0.950 [0.900, 1.000]" in card and "0.800 [0.600, 0.950]" in card
+    assert "[0.988, 1.000]" in card
+    ev["worst_tasks"] = ["copy", "sort"]
+    assert "lose most" not in E.model_card(ev, {}, {}, {"block_size": 4, "gamma": 0.9}, [])
 
 
 def test_relative_quality_when_ar_scores_zero():
@@ -92,7 +154,7 @@ def test_load_examples_slices_per_task(tmp_path):
 
 
 def test_pareto_plot_is_written(tmp_path):
-    points = [_pt(0.5, 0.9, 3.0), _pt(0.9, 1.0, 1.5)]
+    points = [_pt(0.5, 0.9, 3.0), {**_pt(0.9, 1.0, 1.5), "relative_quality_low": 0.95, "relative_quality_high": 1.0}]
     C.pareto_plot(points, 0.987, points[1], tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
 
