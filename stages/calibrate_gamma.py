@@ -10,11 +10,14 @@ when no point does, it picks the one with the best lower bound, says so loudly a
 `target_met = 0`. A Pareto plot (relative quality against speedup, each point labelled) is saved.
 
 Calibration uses the first `prompts_per_task` held-out examples of each task; `evaluate` uses the
-ones after them.
+ones after them. With `max_interval_width` set, a chosen point whose interval is wider grows the
+slice once (`slice_size`: width ∝ 1/√n, capped at `max_prompts_per_task`) and the sweep is summarised
+again on all of it; `evaluate` then starts after the grown slice.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -43,6 +46,10 @@ class Config:
     """Generation cap per prompt (decoding stops earlier at EOS)."""
     num_threads: Annotated[int, Range(0)] = 0
     """torch intra-op threads; 0 leaves torch's default."""
+    max_interval_width: Annotated[float, Range(0, 1, low_open=True)] | None = None
+    """Widest 95% interval of the chosen point's relative quality; when wider, the slice grows (null: fixed slice)."""
+    max_prompts_per_task: Annotated[int, Range(1)] = 64
+    """Cap on the grown calibration slice per task (with `max_interval_width`)."""
 
     def __post_init__(self) -> None:
         validate(self)
@@ -64,6 +71,14 @@ def validate(cfg: Config) -> None:
         raise ValueError("calibrate.prompts_per_task, calibrate.repeats and calibrate.max_new_tokens must be >= 1")
 
 
+def slice_size(n: int, width: float, target_width: float, cap: int) -> int:
+    """Prompts per task for an interval of `target_width`, from one of `width` measured on `n`:
+    the width shrinks as 1/sqrt(n), so n·(width/target)², at least n, at most max(n, cap)."""
+    if width <= target_width or n >= cap:
+        return n
+    return min(cap, max(n + 1, math.ceil(n * (width / target_width) ** 2)))
+
+
 def _low(p: dict) -> float:
     """A point's lower confidence bound of relative quality (its point estimate when it has none)."""
     return p.get("relative_quality_low", p["relative_quality"])
@@ -76,6 +91,15 @@ def choose(points: list[dict], target: float) -> tuple[dict, bool]:
     if ok:
         return min(ok, key=lambda p: (p["gamma"], -p["speedup"])), True
     return max(points, key=lambda p: (_low(p), p["relative_quality"], p["speedup"])), False
+
+
+def _points(de, rows: list, settings: list) -> list[dict]:
+    """Summary rows of every setting (relative quality with its interval, speedup, ...)."""
+    out = []
+    for s in settings:
+        summ = de.summarise(rows, s.label)
+        out.append({"gamma": s.gamma, "block_size": s.block_size, **{k: v for k, v in summ.items() if k != "per_task"}})
+    return out
 
 
 def pareto_plot(points: list[dict], target: float, chosen: dict, path: Path) -> None:
@@ -126,6 +150,26 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     rows = de.measure(model, tokenizer, examples, settings, repeats=cfg.repeats,
                       max_new_tokens=cfg.max_new_tokens,
                       progress=lambda d, t: ctx.progress(d, t, "calibrating"))
+    per_task = cfg.prompts_per_task
+    if cfg.max_interval_width is not None:  # grow the slice until the chosen point's interval is narrow enough
+        first, _ = choose(_points(de, rows, settings), cfg.target_relative_quality)
+        width = first["relative_quality_high"] - first["relative_quality_low"]
+        want = slice_size(per_task, width, cfg.max_interval_width, cfg.max_prompts_per_task)
+        if want > per_task:
+            try:
+                more = de.load_examples(inputs["prepare_data"]["artifacts"]["eval_examples"], want - per_task,
+                                        offset=per_task)
+            except ValueError:
+                more = []
+            if more:
+                rows += de.measure(model, tokenizer, more, settings, repeats=cfg.repeats,
+                                   max_new_tokens=cfg.max_new_tokens,
+                                   progress=lambda d, t: ctx.progress(d, t, "calibrating (grown slice)"))
+                examples += more
+                per_task = want
+            ctx.warn(f"calibrate: interval width {width:.3f} > max_interval_width={cfg.max_interval_width}: "
+                     + (f"slice grown to {per_task} prompts per task" if more else
+                        "no further held-out prompts to grow the slice"))
     points = []
     for i, s in enumerate(settings):
         summ = de.summarise(rows, s.label)
@@ -167,4 +211,4 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
                           "calibration": ctx.artifact_path("calibration.json")},
             "gamma": chosen["gamma"], "block_size": chosen.get("block_size"), "target_met": met,
             "warning": message, "points": points,
-            "calibration_examples": {"per_task": cfg.prompts_per_task, "offset": 0}}
+            "calibration_examples": {"per_task": per_task, "offset": 0}}

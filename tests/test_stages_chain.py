@@ -216,6 +216,17 @@ def test_generate_cli_rejects_bad_input(tmp_path, capsys):
     assert "not an export directory" in capsys.readouterr().err
 
 
+def test_calibrate_records_intervals_and_grows_the_slice(chain, tmp_path, monkeypatch):
+    c = chain["m"]["calibrate_gamma"]
+    for p in c["points"]:
+        assert p["relative_quality_low"] <= p["relative_quality"] <= p["relative_quality_high"]
+    assert "relative_quality_low" in chain["m"]["evaluate"]["metrics"]
+    monkeypatch.setattr(C, "slice_size", lambda n, w, t, cap: 2)  # whatever the width: grow 1 -> 2 per task
+    cfg = C.Config(gammas=[0.9], prompts_per_task=1, repeats=1, max_new_tokens=6, max_interval_width=0.01)
+    grown = C.run(cfg, chain["m"], make_ctx(tmp_path, "calibrate"))
+    assert grown["calibration_examples"]["per_task"] == 2 and grown["metrics"]["n_prompts"] == 4
+
+
 def test_calibrate_rejects_block_sizes_above_trained(chain, tmp_path):
     with pytest.raises(ValueError, match="calibrate.block_sizes"):
         C.run(C.Config(block_sizes=[BLOCK * 2]), chain["m"], make_ctx(tmp_path, "calibrate"))

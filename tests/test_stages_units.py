@@ -114,6 +114,15 @@ def test_choose_uses_lower_bound_not_point_estimate():
     assert not met and chosen["gamma"] == 0.7  # fallback ranks by lower bound, not point estimate
 
 
+def test_slice_size_from_interval_width():
+    assert C.slice_size(16, 0.10, 0.10, 64) == 16  # already narrow enough
+    assert C.slice_size(16, 0.20, 0.10, 64) == 64  # width halves at 4x the prompts
+    assert C.slice_size(16, 0.40, 0.10, 64) == 64  # capped
+    assert C.slice_size(16, 0.11, 0.10, 64) == 20  # ceil(16 * 1.21) = 20
+    assert C.slice_size(64, 0.40, 0.10, 64) == 64
+    assert C.Config(max_interval_width=0.05).max_interval_width == 0.05
+
+
 def test_card_lists_only_families_that_lose():
     per_task = {"add": {"kind": "ltr", "ar_quality": 1.0, "diffusion_quality": 0.8, "relative_quality": 0.8,
                         "relative_quality_low": 0.6, "relative_quality_high": 0.95, "speedup": 2.0},
