@@ -65,8 +65,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"{recipe or args.defaults or 'pipeline.yaml'}: INVALID\n{err}", file=sys.stderr)
             status = 2
             continue
+        error, warning = _check_root(cfg)
+        if error:
+            print(f"{recipe or args.defaults or 'pipeline.yaml'}: INVALID\n{error}", file=sys.stderr)
+            status = 2
+            continue
+        if warning:
+            print(f"{recipe or 'pipeline.yaml'}: warning: {warning}", file=sys.stderr)
         print(f"{recipe or 'pipeline.yaml'}: ok ({len(cfg.stages)} stages: {' -> '.join(cfg.stages)})")
     return status
+
+
+def _check_root(cfg: PipelineConfig, estimate: Any = None) -> tuple[str | None, str | None]:
+    """`run.root` writable (else an error) and, given the plan's estimate, with room for what the
+    run writes (else a warning: a big recipe is planned on a laptop before it runs on a cluster's
+    root). `validate` passes no estimate: sizing a backbone on the meta device costs seconds per
+    recipe, which `plan` pays anyway."""
+    from stages.diskspace import check_root, plan_bytes
+    return check_root(Path(cfg.run.root), plan_bytes(estimate if isinstance(estimate, dict) else None))
 
 
 def plan_of(cfg: PipelineConfig, with_estimate: bool = True) -> dict[str, Any]:
@@ -104,6 +120,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Print the resolved DAG (and the estimate) without running anything."""
     cfg, _ = _load(args)
     plan = plan_of(cfg, with_estimate=not args.no_estimate)
+    error, warning = _check_root(cfg, plan.get("estimate"))
+    if error or warning:
+        plan["run_root"] = error or warning
+        print(f"warning: {error or warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(plan, indent=2, default=str))
         return 0
@@ -127,20 +147,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the pipeline (or, with --resume, rerun a previous run's saved config: same cache keys)."""
+    hooks: list[Any] = []
     if args.resume is not None:
-        cfg = _load_resume(args)
+        cfg = _load_resume(args, hooks)
     else:
         cfg, _ = _load(args)
     from pipeline.runner import run_pipeline
     result = run_pipeline(cfg, runner=args.runner, force=args.force or [], from_stage=args.from_stage,
-                          display=not args.quiet, tracking=False if args.no_track else None)
+                          display=not args.quiet, tracking=False if args.no_track else None, hooks=hooks)
     if args.quiet:
         print(result.run_dir)
     return 0
 
 
-def _load_resume(args: argparse.Namespace) -> PipelineConfig:
-    """The resolved `config.yaml` of a previous run (default: runs/latest), plus any overrides."""
+def _load_resume(args: argparse.Namespace, hooks: list[Any]) -> PipelineConfig:
+    """The resolved `config.yaml` of a previous run (default: runs/latest), plus any overrides.
+
+    With overrides, the unfinished stages keep their checkpoints (`pipeline.resume`) and the new
+    run records what changed in `resume.json` (a hook appended to `hooks`)."""
     recipe, overrides = split_args(args.args)
     if recipe is not None:
         raise ConfigError([Problem(recipe, "--resume takes the run's saved config: give no recipe", CLI)])
@@ -148,6 +172,11 @@ def _load_resume(args: argparse.Namespace) -> PipelineConfig:
     summary = json.loads((run_dir / "summary.json").read_text())
     cfg = load_config(None, overrides, defaults=run_dir / "config.yaml")
     cfg.name = summary.get("name") or cfg.name
+    if overrides:
+        from pipeline.resume import ResumeRecord, carry_checkpoints, config_changes
+        old = load_config(None, [], defaults=run_dir / "config.yaml")
+        carried = carry_checkpoints(old, cfg, summary)
+        hooks.append(ResumeRecord(run_dir, overrides, config_changes(old.resolved, cfg.resolved), carried))
     return cfg
 
 
