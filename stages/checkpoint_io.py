@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.store import sha256_file, write_atomic
+from stages.backbone_source import file_sha256 as sha256_file
 
 SIDECAR = ".sha256"
 
@@ -66,7 +66,10 @@ def make_checkpoint_io():
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
-            write_atomic(sidecar(path), sha256_file(path) + "\n")
+            side = sidecar(path)
+            side_tmp = side.with_name(f".{side.name}.{uuid.uuid4().hex[:8]}.tmp")
+            side_tmp.write_text(sha256_file(path) + "\n")
+            os.replace(side_tmp, side)
 
         def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
             problem = checkpoint_problem(Path(path))
