@@ -14,7 +14,7 @@ from typing import Any
 
 from stages.api import StageContext
 from stages.loading import TwoTowerFactory
-from stages.rows import BucketSampler, RowLoaders, trim_blocks
+from stages.rows import BucketSampler, trim_blocks
 from stages.training import checkpoint_step, resolve_precision
 
 PROGRESS_EVERY = 5
@@ -57,27 +57,39 @@ def _checkpoint_callback(ckpt_dir: Path, every: int):
     return ModelCheckpoint(**kwargs)
 
 
-def fit(cfg: Any, factory: TwoTowerFactory, block_size: int, train_ids, val_ids, ctx: StageContext):
-    """Train with resume from `ctx.work_dir/checkpoints/last.ckpt`; return (module, trainer, secs)."""
+def memory_loaders(train_ids, val_ids, block_size: int, batch_size: int, seed: int):
+    """(train, val) loaders over rows held in memory (the block-aligned task corpus): alike rows
+    batched together (`BucketSampler`) and all-pad blocks trimmed per batch."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    collate = trim_blocks(block_size)
+    return (DataLoader(TensorDataset(*train_ids), collate_fn=collate,
+                       batch_sampler=BucketSampler(train_ids[1], block_size, batch_size, seed)),
+            DataLoader(TensorDataset(*val_ids), batch_size=batch_size, collate_fn=collate))
+
+
+def fit(cfg: Any, factory: TwoTowerFactory, block_size: int, loaders, ctx: StageContext):
+    """Train on `loaders` (a `(train, val)` DataLoader pair) with resume from
+    `ctx.work_dir/checkpoints/last.ckpt`; return (module, trainer, secs). A `RowSampler` training
+    loader has its cursor saved in the checkpoints, so a resume continues at the exact batch."""
     import pytorch_lightning as pl
     import torch
     from pytorch_lightning.callbacks import TQDMProgressBar
-    from torch.utils.data import DataLoader, TensorDataset
 
     from stages.denoiser_module import DenoiserModule
+    from stages.row_sampler import RowSampler, sampler_checkpoint
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     pl.seed_everything(ctx.seed, workers=True, verbose=False)
     gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     module = DenoiserModule(factory, cfg, block_size)
-    # (ids, attn, loss) rows; alike rows batched together and all-pad blocks trimmed per batch
-    collate = trim_blocks(block_size)
-    train_dl = DataLoader(TensorDataset(*train_ids), collate_fn=collate,
-                          batch_sampler=BucketSampler(train_ids[1], block_size, cfg.batch_size, ctx.seed))
-    val_dl = DataLoader(TensorDataset(*val_ids), batch_size=cfg.batch_size, collate_fn=collate)
+    train_dl, val_dl = loaders
     ckpt_dir = Path(ctx.work_dir) / "checkpoints"
     callbacks = [_checkpoint_callback(ckpt_dir, cfg.checkpoint_every), _progress_callback(ctx, cfg.max_steps)]
+    row_sampler = isinstance(train_dl.batch_sampler, RowSampler)
+    if row_sampler:  # first: its cursor must be advanced before a checkpoint of the same batch
+        callbacks.insert(0, sampler_checkpoint(train_dl.batch_sampler))
     if cfg.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.max_steps // PROGRESS_BAR_UPDATES)))
     n_train_batches = max(1, len(train_dl))
@@ -91,7 +103,7 @@ def fit(cfg: Any, factory: TwoTowerFactory, block_size: int, train_ids, val_ids,
         limit_val_batches=cfg.val_batches, num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(10, cfg.max_steps // 10)),
         enable_progress_bar=cfg.progress_bar, enable_model_summary=False,
-        default_root_dir=str(ctx.work_dir))
+        use_distributed_sampler=not row_sampler, default_root_dir=str(ctx.work_dir))
     last = ckpt_dir / "last.ckpt"
     module.resumed_from_step = checkpoint_step(last)
     t0, cpu0 = time.monotonic(), time.process_time()
@@ -103,10 +115,10 @@ def fit(cfg: Any, factory: TwoTowerFactory, block_size: int, train_ids, val_ids,
     return module, trainer, seconds
 
 
-def fit_on_workers(cfg: Any, factory: TwoTowerFactory, block_size: int, train_ids, val_ids,
-                   ctx: StageContext):
-    """`fit` across `cfg.num_workers` Ray Train workers; returns (module with the trained weights
-    loaded, metrics of the last step report, seconds)."""
+def fit_on_workers(cfg: Any, factory: TwoTowerFactory, block_size: int, make_loaders, ctx: StageContext):
+    """`fit` across `cfg.num_workers` Ray Train workers, each calling `make_loaders()` (a picklable
+    `RowLoaders` or `ShardLoaders`); returns (module with the trained weights loaded, metrics of
+    the last step report, seconds)."""
     from stages.train_distributed import LazyFactory, config_from_train, fit_distributed
 
     dist = config_from_train(cfg, storage_path=str(Path(ctx.work_dir).resolve()), name="distributed",
@@ -119,8 +131,7 @@ def fit_on_workers(cfg: Any, factory: TwoTowerFactory, block_size: int, train_id
                         step=int(report.get("step", 0)))
 
     t0 = time.monotonic()
-    result = fit_distributed(make_module, RowLoaders(train_ids, val_ids, block_size, cfg.batch_size),
-                             dist, on_report=on_report)
+    result = fit_distributed(make_module, make_loaders, dist, on_report=on_report)
     seconds = time.monotonic() - t0
     module = make_module()
     module.load_state_dict(result.load_state_dict(), strict=False)  # the frozen tower is not saved

@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 from stages.api import Range, StageContext
 from stages.loading import BackboneRef, TwoTowerFactory, save_denoiser
 from stages.attach_conditioning import check_block_size
-from stages.rows import Layout, NoiseOn, build_rows
+from stages.rows import Layout, NoiseOn, RowLoaders, ShardLoaders, ShardRows, build_rows
 from stages.training import Optimisation, load_tokens
 
 SECTION = "train"
@@ -52,6 +52,10 @@ class Config(Optimisation):
     """Ray Train workers. Above 1 the fit runs through `stages.train_distributed.fit_distributed`
     (one worker per GPU, FSDP on GPU, DDP over gloo on CPU; checkpoints in the stage's work dir on
     shared storage, resumed after a restart)."""
+    max_failures: Annotated[int, Range(0)] = 0
+    """`num_workers > 1`: times Ray Train restarts the worker group after a worker dies (its
+    `FailureConfig`); each restart resumes from the last checkpoint on `run.root`, the row order at
+    the exact batch (`stages.row_sampler`). Set it on preemptible nodes."""
     progress_bar: bool = True
     """Show Lightning's progress bar."""
     layout: Layout = "auto"
@@ -70,26 +74,40 @@ class Config(Optimisation):
 
 def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     """Train the denoiser; write `denoiser.safetensors`; return losses, ELBO and throughput."""
-    from stages.denoiser_fit import fit, fit_on_workers
+    from stages.denoiser_fit import fit, fit_on_workers, memory_loaders
+    from stages.token_shards import TokenShards, is_shard_dir
 
     data, attach = inputs["prepare_data"], inputs["attach_conditioning"]
     backbone = BackboneRef.of(attach, "attach_conditioning")
     tt = dict(attach["twotower"])
     block_size = int(tt["block_size"])
-    train_ids = load_tokens(data["artifacts"]["train_tokens"], "prepare_data.artifacts.train_tokens")
-    val_ids = load_tokens(data["artifacts"]["eval_tokens"], "prepare_data.artifacts.eval_tokens")
-    check_block_size(block_size, int(train_ids[0].shape[1]))
     pad_id = int(data.get("pad_token_id", 0) or 0)
-    fill_id = data.get("eos_token_id") if cfg.fill_after_eos else None
-    train_ids = build_rows(train_ids, cfg.layout, cfg.noise_on, block_size, pad_id, fill_id)
-    val_ids = build_rows(val_ids, cfg.layout, cfg.noise_on, block_size, pad_id, fill_id)
+    train_path, val_path = data["artifacts"]["train_tokens"], data["artifacts"]["eval_tokens"]
+    lazy = is_shard_dir(train_path) and (
+        cfg.layout == "packed" or (cfg.layout == "auto" and not data.get("verifiable", True)))
+    if lazy:  # a text corpus: rows read from the memory-mapped shards, each worker its own
+        train = ShardRows(TokenShards(train_path, "prepare_data.artifacts.train_tokens"), cfg.noise_on, pad_id)
+        val = ShardRows(TokenShards(val_path, "prepare_data.artifacts.eval_tokens"), cfg.noise_on, pad_id)
+        n_rows, row_len = len(train), train.shards.seq_len
+        check_block_size(block_size, row_len)
+        loaders = ShardLoaders(train, val, block_size, cfg.batch_size, ctx.seed)
+    else:  # prompt/answer examples (small by construction), re-laid in memory
+        train_ids = load_tokens(train_path, "prepare_data.artifacts.train_tokens")
+        val_ids = load_tokens(val_path, "prepare_data.artifacts.eval_tokens")
+        check_block_size(block_size, int(train_ids[0].shape[1]))
+        fill_id = data.get("eos_token_id") if cfg.fill_after_eos else None
+        train_ids = build_rows(train_ids, cfg.layout, cfg.noise_on, block_size, pad_id, fill_id)
+        val_ids = build_rows(val_ids, cfg.layout, cfg.noise_on, block_size, pad_id, fill_id)
+        n_rows, row_len = int(train_ids[0].shape[0]), int(train_ids[0].shape[1])
+        loaders = RowLoaders(train_ids, val_ids, block_size, cfg.batch_size)
     factory = TwoTowerFactory.of(backbone, tt)
     if cfg.num_workers > 1:
-        module, logged, seconds = fit_on_workers(cfg, factory, block_size, train_ids, val_ids, ctx)
+        module, logged, seconds = fit_on_workers(cfg, factory, block_size, loaders, ctx)
         steps = int(logged.pop("step", cfg.max_steps))
         timing = {"train_minutes": seconds / 60.0, "num_workers": cfg.num_workers}
     else:
-        module, trainer, seconds = fit(cfg, factory, block_size, train_ids, val_ids, ctx)
+        local = loaders() if lazy else memory_loaders(train_ids, val_ids, block_size, cfg.batch_size, ctx.seed)
+        module, trainer, seconds = fit(cfg, factory, block_size, local, ctx)
         logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         steps = int(trainer.global_step)
         timing = {"resumed_from_step": module.resumed_from_step, "train_minutes": module.elapsed() / 60.0,
@@ -97,8 +115,8 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_denoiser(module.model, out / "denoiser.safetensors")
-    tokens = steps * cfg.batch_size * cfg.grad_accum * int(train_ids[0].shape[1]) * cfg.num_workers
-    metrics_layout = {"train_rows": int(train_ids[0].shape[0]), "row_len": int(train_ids[0].shape[1])}
+    tokens = steps * cfg.batch_size * cfg.grad_accum * row_len * cfg.num_workers
+    metrics_layout = {"train_rows": n_rows, "row_len": row_len}
     metrics = {"steps": steps, **timing, "tokens_per_second": tokens / max(seconds, 1e-9),
                **metrics_layout, **{k.replace("/", "_"): float(v) for k, v in logged.items()
                                     if isinstance(v, (int, float))}}
