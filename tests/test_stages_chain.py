@@ -245,6 +245,29 @@ def test_calibrate_records_intervals_and_grows_the_slice(chain, tmp_path, monkey
     assert grown["calibration_examples"]["per_task"] == 2 and grown["metrics"]["n_prompts"] == 4
 
 
+def test_calibrate_sweeps_batch_sizes_into_the_exports_auto_modes(chain):
+    """The batch sweep timed every mode at every batch size on the real model; its table follows the
+    decision rule, reaches generation_config.json, and `auto` runs the mode it names."""
+    from stages.batch_sweep import decide
+    from twotower import TwoTowerForDiffusionLM
+
+    c = chain["m"]["calibrate_gamma"]
+    sweep = c["batch_sweep"]
+    assert [r["batch"] for r in sweep] == [1, 2, 4, 8, 16]
+    for r in sweep:
+        assert all(r[f"{m}_seconds"] > 0 and r[f"{m}_tokens"] >= r["batch"] for m in ("ar", "diffusion", "verified"))
+        assert r["ar_speedup"] == 1.0 and r["auto"] == c["auto_modes"][str(r["batch"])]
+    chosen = json.loads(Path(c["artifacts"]["calibration"]).read_text())["chosen"]
+    assert {int(b): m for b, m in c["auto_modes"].items()} == decide(
+        sweep, chosen["relative_quality_low"], C.Config().target_relative_quality)
+    assert c["metrics"]["b16_verified_speedup"] == sweep[-1]["verified_speedup"]
+    path = Path(chain["m"]["export"]["metrics"]["path"])
+    assert json.loads((path / "generation_config.json").read_text())["auto_modes"] == c["auto_modes"]
+    model = TwoTowerForDiffusionLM.from_pretrained(path)
+    ids = [[1, 5, 6, 7]] * 8
+    assert model.generate(ids, mode="auto", max_new_tokens=4).mode == c["auto_modes"]["8"]
+
+
 def test_calibrate_rejects_block_sizes_above_trained(chain, tmp_path):
     with pytest.raises(ValueError, match="calibrate.block_sizes"):
         C.run(C.Config(block_sizes=[BLOCK * 2]), chain["m"], make_ctx(tmp_path, "calibrate"))
