@@ -11,8 +11,9 @@ temporary directory) lists every file's size and sha256: a crash, even `kill -9`
 directory that looks complete. A lookup re-hashes a file whose stat (size, mtime, inode) differs
 from the one recorded in `_VERIFIED.json` when it was last hashed, so a truncated or bit-flipped
 file is caught while an unchanged cache costs one stat per file; `verify_checksums` re-hashes all.
-A damaged artifact is a miss (its stage is recomputed) and `damage[(stage, key)]` names the file. `cache_key` hashes the stage's name, code version, resolved config
-section, the run seed and the upstream stages' keys, so a re-run in a new run directory reuses work.
+A damaged artifact is a miss (its stage is recomputed) and `damage[(stage, key)]` names the file.
+`cache_key` hashes the stage's name, code version, resolved config section, the run seed and the
+upstream stages' keys, so a re-run in a new run directory reuses work.
 """
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ class ArtifactStore:
     def lookup(self, stage: str, key: str) -> dict[str, Any] | None:
         """The manifest of a complete, intact artifact, else None (a damaged one: see `damage`)."""
         final = self.final_dir(stage, key)
+        self.damage.pop((stage, key), None)
         try:
             marker = json.loads((final / MARKER).read_text())
             manifest = json.loads((final / MANIFEST).read_text())

@@ -6,7 +6,7 @@ sources (`data.source: python_stdlib`, offline, `stages/code_corpus.py`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
     from stages.prepare_data import Config
@@ -17,17 +17,29 @@ FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt"
 
 def check_utf8(path: Path) -> None:
     """A clear error for a text file that is not UTF-8 (datasets' own error names no file)."""
-    try:
-        path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"data.paths: {path} is not UTF-8 text (invalid byte 0x{err.object[err.start]:02x} at offset "
-            f"{err.start}); re-encode it, e.g. `iconv -f latin1 -t utf-8`"
-        ) from None
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:  # in chunks: a corpus file need not fit in memory
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"data.paths: {path} is not UTF-8 text (invalid byte 0x{err.object[err.start]:02x} at offset "
+                    f"{offset + err.start}); re-encode it, e.g. `iconv -f latin1 -t utf-8`"
+                ) from None
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise ValueError(f"data.paths: {path} is not UTF-8 text (truncated sequence at its end); "
+                             f"re-encode it, e.g. `iconv -f latin1 -t utf-8`") from None
 
 
-def load_file_rows(path_str: str, cfg: Config, cache_dir: str | None) -> tuple[list[dict[str, Any]], list[str]]:
-    """All rows of one local file (at most `max_documents`) and its column names."""
+def open_file_dataset(path_str: str, cfg: Config, cache_dir: str | None) -> Any:
+    """One local file as a `datasets.Dataset` (Arrow, memory-mapped), after the checks that name
+    the bad file, extension or encoding."""
     import datasets
 
     path = Path(path_str).expanduser()
@@ -46,19 +58,7 @@ def load_file_rows(path_str: str, cfg: Config, cache_dir: str | None) -> tuple[l
         raise ValueError(f"data.paths: could not read {path} as {fmt}: {err}") from err
     if len(ds) == 0:
         raise ValueError(f"data.paths: {path} has no rows")
-    ds = ds.select(range(min(len(ds), cfg.max_documents)))
-    return [dict(r) for r in ds], list(ds.column_names)
-
-
-def load_hf_rows(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
-    """At most `max_documents` rows of a hub dataset (streamed by default; needs the network)."""
-    import datasets
-
-    ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split, streaming=cfg.streaming)
-    rows = [dict(r) for _, r in zip(range(cfg.max_documents), ds)]
-    if not rows:
-        raise ValueError(f"data.hf_name: {cfg.hf_name!r} split {cfg.hf_split!r} has no rows")
-    return rows, list(rows[0])
+    return ds
 
 
 def check_columns(rows_source: str, columns: list[str], cfg: Config, is_txt: bool) -> None:
@@ -72,24 +72,44 @@ def check_columns(rows_source: str, columns: list[str], cfg: Config, is_txt: boo
             raise ValueError(f"data.{key}: column {col!r} not found in {rows_source}; its columns are {columns}")
 
 
-def external_rows(cfg: Config, cache_dir: str | None) -> list[dict[str, Any]]:
-    """Rows from `files`, `hf` or `python_stdlib`, each checked for the configured columns."""
+def iter_external_rows(cfg: Config, cache_dir: str | None) -> Iterator[dict[str, Any]]:
+    """Rows from `files`, `hf` or `python_stdlib` one at a time, each source checked for the
+    configured columns before its first row. Local files are read through `datasets`' Arrow cache
+    (memory-mapped) and the hub in streaming mode, so a caller that does not keep the rows holds
+    only the current one."""
+    import datasets
+
     if cfg.source == "python_stdlib":
         from stages.code_corpus import stdlib_rows
 
-        return stdlib_rows(cfg.max_documents, cfg.text_column)
+        yield from stdlib_rows(cfg.max_documents, cfg.text_column)
+        return
     if cfg.source == "hf":
-        rows, cols = load_hf_rows(cfg)
-        check_columns(f"hub dataset {cfg.hf_name!r}", cols, cfg, is_txt=False)
-        return rows
-    out: list[dict[str, Any]] = []
+        ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split, streaming=cfg.streaming)
+        n = 0
+        for n, r in enumerate(ds, 1):
+            if n == 1:
+                check_columns(f"hub dataset {cfg.hf_name!r}", list(r), cfg, is_txt=False)
+            yield dict(r)
+            if n >= cfg.max_documents:
+                break
+        if n == 0:
+            raise ValueError(f"data.hf_name: {cfg.hf_name!r} split {cfg.hf_split!r} has no rows")
+        return
     for p in cfg.paths:
-        rows, cols = load_file_rows(p, cfg, cache_dir)
+        ds = open_file_dataset(p, cfg, cache_dir)
         is_txt = Path(p).suffix.lower() == ".txt"
         if is_txt and cfg.prompt_column:
             raise ValueError(f"data.prompt_column: {p} is plain text and has no columns; use .jsonl or .parquet")
-        check_columns(str(p), cols, cfg, is_txt)
-        if is_txt:
-            rows = [{cfg.text_column: r["text"]} for r in rows if r["text"].strip()]
-        out.extend(rows)
-    return out
+        check_columns(str(p), list(ds.column_names), cfg, is_txt)
+        for r in ds.select(range(min(len(ds), cfg.max_documents))):
+            if is_txt:
+                if r["text"].strip():
+                    yield {cfg.text_column: r["text"]}
+            else:
+                yield dict(r)
+
+
+def external_rows(cfg: Config, cache_dir: str | None) -> list[dict[str, Any]]:
+    """All rows of `iter_external_rows` in a list (prompt/answer pairs, which are split in memory)."""
+    return list(iter_external_rows(cfg, cache_dir))

@@ -17,7 +17,7 @@ from stages.api import StageContext
 from stages.checkpoint_io import make_checkpoint_io, usable_checkpoint
 from stages.finite_guard import make_finite_guard
 from stages.loading import TwoTowerFactory
-from stages.rows import BucketSampler, RowLoaders, trim_blocks
+from stages.rows import BucketSampler, trim_blocks
 from stages.training import checkpoint_step, resolve_precision
 
 PROGRESS_EVERY = 5
@@ -60,33 +60,45 @@ def _checkpoint_callback(ckpt_dir: Path, every: int):
     return ModelCheckpoint(**kwargs)
 
 
-def fit(cfg: Any, factory: TwoTowerFactory, block_size: int, train_ids, val_ids, ctx: StageContext):
-    """Train with resume from `ctx.work_dir/checkpoints/last.ckpt`; return (module, trainer, secs)."""
+def memory_loaders(train_ids, val_ids, block_size: int, batch_size: int, seed: int):
+    """(train, val) loaders over rows held in memory (the block-aligned task corpus): alike rows
+    batched together (`BucketSampler`) and all-pad blocks trimmed per batch."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    collate = trim_blocks(block_size)
+    return (DataLoader(TensorDataset(*train_ids), collate_fn=collate,
+                       batch_sampler=BucketSampler(train_ids[1], block_size, batch_size, seed)),
+            DataLoader(TensorDataset(*val_ids), batch_size=batch_size, collate_fn=collate))
+
+
+def fit(cfg: Any, factory: TwoTowerFactory, block_size: int, loaders, ctx: StageContext):
+    """Train on `loaders` (a `(train, val)` DataLoader pair) with resume from
+    `ctx.work_dir/checkpoints/last.ckpt`; return (module, trainer, secs). A `RowSampler` training
+    loader has its cursor saved in the checkpoints, so a resume continues at the exact batch."""
     import pytorch_lightning as pl
     import torch
     from pytorch_lightning.callbacks import TQDMProgressBar
-    from torch.utils.data import DataLoader, TensorDataset
 
     from stages.denoiser_module import DenoiserModule
+    from stages.row_sampler import RowSampler, sampler_checkpoint
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     pl.seed_everything(ctx.seed, workers=True, verbose=False)
     gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     module = DenoiserModule(factory, cfg, block_size)
-    # (ids, attn, loss) rows; alike rows batched together and all-pad blocks trimmed per batch
-    collate = trim_blocks(block_size)
-    train_dl = DataLoader(TensorDataset(*train_ids), collate_fn=collate,
-                          batch_sampler=BucketSampler(train_ids[1], block_size, cfg.batch_size, ctx.seed))
-    val_dl = DataLoader(TensorDataset(*val_ids), batch_size=cfg.batch_size, collate_fn=collate)
+    train_dl, val_dl = loaders
     ckpt_dir = Path(ctx.work_dir) / "checkpoints"
     callbacks = [_checkpoint_callback(ckpt_dir, cfg.checkpoint_every), _progress_callback(ctx, cfg.max_steps),
                  make_finite_guard(ckpt_dir)]
+    row_sampler = isinstance(train_dl.batch_sampler, RowSampler)
+    if row_sampler:  # first: its cursor must be advanced before a checkpoint of the same batch
+        callbacks.insert(0, sampler_checkpoint(train_dl.batch_sampler))
     if cfg.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.max_steps // PROGRESS_BAR_UPDATES)))
     n_train_batches = max(1, len(train_dl))
     trainer = pl.Trainer(
-        max_steps=cfg.max_steps, max_epochs=-1, accelerator=cfg.accelerator, devices=cfg.devices,
+        max_steps=cfg.max_steps, max_epochs=-1, accelerator=cfg.accelerator, devices=1,  # one process: stages.world_size
         strategy=cfg.strategy, precision=resolve_precision(cfg.precision, gpu),
         accumulate_grad_batches=cfg.grad_accum,
         gradient_clip_val=cfg.grad_clip or None, logger=_logger(ctx), callbacks=callbacks,
@@ -95,7 +107,8 @@ def fit(cfg: Any, factory: TwoTowerFactory, block_size: int, train_ids, val_ids,
         limit_val_batches=cfg.val_batches, num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(10, cfg.max_steps // 10)),
         enable_progress_bar=cfg.progress_bar, enable_model_summary=False,
-        default_root_dir=str(ctx.work_dir), plugins=[make_checkpoint_io()])
+        use_distributed_sampler=not row_sampler, default_root_dir=str(ctx.work_dir),
+        plugins=[make_checkpoint_io()])
     last = usable_checkpoint(ckpt_dir / "last.ckpt", ctx.warn)  # None: absent, or corrupt (moved aside)
     module.resumed_from_step = checkpoint_step(last) if last else 0
     t0, cpu0 = time.monotonic(), time.process_time()
@@ -107,10 +120,10 @@ def fit(cfg: Any, factory: TwoTowerFactory, block_size: int, train_ids, val_ids,
     return module, trainer, seconds
 
 
-def fit_on_workers(cfg: Any, factory: TwoTowerFactory, block_size: int, train_ids, val_ids,
-                   ctx: StageContext):
-    """`fit` across `cfg.num_workers` Ray Train workers; returns (module with the trained weights
-    loaded, metrics of the last step report, seconds)."""
+def fit_on_workers(cfg: Any, factory: TwoTowerFactory, block_size: int, make_loaders, ctx: StageContext):
+    """`fit` across `cfg.num_workers` Ray Train workers, each calling `make_loaders()` (a picklable
+    `RowLoaders` or `ShardLoaders`); returns (module with the trained weights loaded, metrics of
+    the last step report, seconds)."""
     from stages.train_distributed import LazyFactory, config_from_train, fit_distributed
 
     dist = config_from_train(cfg, storage_path=str(Path(ctx.work_dir).resolve()), name="distributed",
@@ -123,8 +136,7 @@ def fit_on_workers(cfg: Any, factory: TwoTowerFactory, block_size: int, train_id
                         step=int(report.get("step", 0)))
 
     t0 = time.monotonic()
-    result = fit_distributed(make_module, RowLoaders(train_ids, val_ids, block_size, cfg.batch_size),
-                             dist, on_report=on_report)
+    result = fit_distributed(make_module, make_loaders, dist, on_report=on_report)
     seconds = time.monotonic() - t0
     module = make_module()
     module.load_state_dict(result.load_state_dict(), strict=False)  # the frozen tower is not saved

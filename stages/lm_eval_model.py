@@ -6,8 +6,10 @@
 `twotower-lm-eval` (also `python -m stages.lm_eval_model`) is lm-eval's own command line, run after
 importing this module, which registers the model under the name `twotower`. The plain `lm_eval`
 command cannot be used for it: lm-eval 0.4.x (0.4.13 is the newest release) finds models only in
-its own source tree, with no plugin entry point and no option to import a module first; the
-wrapper is the way its maintainers suggest (EleutherAI/lm-evaluation-harness#1621).
+its own source tree (the `MODEL_MAPPING` dict of `lm_eval/models/__init__.py`, registered by its
+`_register_all_models()`), with no plugin entry point and no option to import a module first (see
+docs/stages.md, "lm-evaluation-harness"); the wrapper is the way its maintainers suggest
+(EleutherAI/lm-evaluation-harness#1621).
 In Python, `import stages.lm_eval_model` and then `lm_eval.simple_evaluate(model="twotower", ...)`.
 
 What each request type runs:
@@ -33,6 +35,10 @@ try:
     from lm_eval import utils as lm_utils
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
+    # lm-eval's own models first: `lm_eval.api.registry.get_model` imports `lm_eval.models` (which
+    # registers `hf`, `vllm`, ... as lazy placeholders) only while the registry is *empty*, so
+    # registering `twotower` alone would hide every built-in model from this process.
+    import lm_eval.models  # noqa: F401
 except ImportError as e:  # the optional extra
     raise ImportError(EXTRA_HINT) from e
 

@@ -13,12 +13,17 @@ Three sources, all through HF `datasets` except the built-in one:
   documents (`stages/code_corpus.py`), treated like `files` with a text column.
 
 Outputs (see docs/architecture.md, "prepare_data manifest"): `tokenizer/` (the character-level
-tokenizer of `stages/tokenizer.py` unless `tokenizer` names another), `train.safetensors` and
-`eval.safetensors` (`input_ids` int64 [N, seq_len], plus `loss_mask` int8 [N, seq_len] marking answer
-tokens and their EOS; 1 everywhere but padding for plain text), and `eval_examples.jsonl` (rows
+tokenizer of `stages/tokenizer.py` unless `tokenizer` names another), `train_shards/` and
+`eval_shards/` (token shards, `stages/token_shards.py`: ids [N, seq_len] as uint16/uint32 plus a
+loss mask marking answer tokens and their EOS, implied all-ones for plain text), and `eval_examples.jsonl` (rows
 `{"task", "kind", "prompt", "answer"}`; for plain text `answer` is "" and `reference` holds the
 document's continuation). The eval split is held out: a synthetic training example
 whose prompt is also an eval prompt is dropped (except closed-book families such as `facts`).
+
+Plain text streams with bounded memory (`stream_text`): documents are read one at a time,
+tokenized `TOKENIZE_CHUNK` at a time, sent to the eval split by a seeded coin, packed and written
+shard by shard. Synthetic and prompt/answer sources are built in memory (their size is set by the
+config) and then written the same way.
 
 Bad input raises `ValueError` naming the key, file or column before anything is trained.
 """
@@ -31,7 +36,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from stages.api import Range, StageContext
-from stages.data_sources import external_rows
+from stages.data_sources import external_rows, iter_external_rows
+from stages.token_shards import ShardWriter
 from stages.tasks import FAMILIES, get_families
 
 SECTION = "data"
@@ -94,6 +100,9 @@ class Config:
     """A tokenizer name or directory for `AutoTokenizer`, or a GGUF file (a path or
     `package:MODULE/FILE`, as `backbone.gguf_file`) whose embedded tokenizer is used; None builds
     the offline char tokenizer."""
+    shard_tokens: Annotated[int, Range(1)] = 1 << 24
+    """Tokens per on-disk shard of a split (`stages/token_shards.py`): prepare_data holds at most
+    one shard in memory while writing (16 M uint16 ids = 32 MiB by default)."""
 
 
 def validate(cfg: Config) -> None:
@@ -207,14 +216,6 @@ def pack_examples(
     return rows, masks
 
 
-def pack_stream(docs: list[list[int]], seq_len: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Concatenate documents (each already ending in EOS) and cut rows of `seq_len`; the tail
-    shorter than a row is dropped."""
-    stream = [t for d in docs for t in d]
-    rows = [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
-    return rows, [[1] * seq_len for _ in rows]
-
-
 # ----------------------------------------------------------------------------------------------
 # Sources
 
@@ -271,83 +272,145 @@ def text_eval_examples(docs: list[list[int]], tok: Any, cfg: Config) -> list[dic
     return out
 
 
+TOKENIZE_CHUNK = 256
+"""Documents tokenized per tokenizer call when streaming plain text (bounds what is held at once)."""
+
+
+class RowPacker:
+    """Documents (each ending in EOS) concatenated and cut into rows of `seq_len`, streaming: it holds
+    less than one row; the tail shorter than a row is dropped."""
+
+    def __init__(self, seq_len: int) -> None:
+        self.seq_len, self.carry = seq_len, []
+
+    def add(self, doc: list[int]) -> list[list[int]]:
+        self.carry += doc
+        n = len(self.carry) // self.seq_len * self.seq_len
+        rows = [self.carry[i: i + self.seq_len] for i in range(0, n, self.seq_len)]
+        self.carry = self.carry[n:]
+        return rows
+
+
 def build(cfg: Config, seed: int, cache_dir: str | None = None) -> dict[str, Any]:
-    """Everything but the writing: tokenizer, packed rows and masks, eval examples, task kinds."""
+    """Tokenizer, packed rows and masks, eval examples and task kinds of the sources that fit in
+    memory by construction (synthetic families, prompt/answer pairs); plain text streams instead
+    (`stream_text`)."""
     validate(cfg)
     tok = load_tokenizer(cfg.tokenizer)
     source_name = "synthetic" if cfg.source == "synthetic" else cfg.source
-    verifiable = True
     if cfg.source == "synthetic":
         train_ex, eval_ex = synthetic_examples(cfg, seed)
+    elif cfg.prompt_column:
+        train_ex, eval_ex = pair_splits(external_rows(cfg, cache_dir), cfg, source_name, seed)
     else:
-        rows = external_rows(cfg, cache_dir)
-        if cfg.prompt_column:
-            train_ex, eval_ex = pair_splits(rows, cfg, source_name, seed)
-        else:
-            verifiable = False
-            train_ex, eval_ex = [], []
-    if verifiable:
-        train_rows, train_mask = pack_examples(encode_pairs(tok, [(e["prompt"], e["answer"]) for e in train_ex]),
-                                               cfg.seq_len, tok.pad_token_id)
-        eval_rows, eval_mask = pack_examples(encode_pairs(tok, [(e["prompt"], e["answer"]) for e in eval_ex]),
-                                             cfg.seq_len, tok.pad_token_id)
-    else:
-        texts = [str(r[cfg.text_column]) for r in rows if str(r[cfg.text_column]).strip()]
-        docs = [ids + [tok.eos_token_id] for ids in tok(texts).input_ids] if texts else []
-        random.Random(seed).shuffle(docs)
-        n_eval = max(1, int(len(docs) * cfg.eval_fraction))
-        train_rows, train_mask = pack_stream(docs[n_eval:], cfg.seq_len)
-        eval_rows, eval_mask = pack_stream(docs[:n_eval], cfg.seq_len)
-        eval_ex = text_eval_examples(docs[:n_eval], tok, cfg)
-    where = f"data.paths {cfg.paths}" if cfg.source == "files" else f"data.{'hf_name' if cfg.source == 'hf' else 'source'}"
-    if not train_rows or not eval_rows or not eval_ex:
-        raise ValueError(
-            f"{where}: dataset too short for data.seq_len={cfg.seq_len}: got {len(train_rows)} training rows, "
-            f"{len(eval_rows)} eval rows and {len(eval_ex)} eval prompts; need at least one of each "
-            f"(add data, lower data.seq_len or raise data.eval_fraction)"
-        )
+        raise ValueError("data.prompt_column: plain-text sources stream through `stream_text`, not `build`")
+    train_rows, train_mask = pack_examples(encode_pairs(tok, [(e["prompt"], e["answer"]) for e in train_ex]),
+                                           cfg.seq_len, tok.pad_token_id)
+    eval_rows, eval_mask = pack_examples(encode_pairs(tok, [(e["prompt"], e["answer"]) for e in eval_ex]),
+                                         cfg.seq_len, tok.pad_token_id)
+    check_not_empty(cfg, len(train_rows), len(eval_rows), len(eval_ex))
     kinds = {e["task"]: e["kind"] for e in eval_ex}
     return {"tokenizer": tok, "train": (train_rows, train_mask), "eval": (eval_rows, eval_mask),
-            "eval_examples": eval_ex, "tasks": kinds, "verifiable": verifiable}
+            "eval_examples": eval_ex, "tasks": kinds, "verifiable": True}
 
 
-def write_tokens(path: Path, rows: list[list[int]], mask: list[list[int]]) -> None:
-    import torch
-    from safetensors.torch import save_file
+def check_not_empty(cfg: Config, train_rows: int, eval_rows: int, eval_examples: int) -> None:
+    where = f"data.paths {cfg.paths}" if cfg.source == "files" else f"data.{'hf_name' if cfg.source == 'hf' else 'source'}"
+    if not train_rows or not eval_rows or not eval_examples:
+        raise ValueError(
+            f"{where}: dataset too short for data.seq_len={cfg.seq_len}: got {train_rows} training rows, "
+            f"{eval_rows} eval rows and {eval_examples} eval prompts; need at least one of each "
+            f"(add data, lower data.seq_len or raise data.eval_fraction)"
+        )
 
-    save_file({"input_ids": torch.tensor(rows, dtype=torch.int64),
-               "loss_mask": torch.tensor(mask, dtype=torch.int8)}, str(path))
+
+def stream_text(cfg: Config, tok: Any, seed: int, cache_dir: str | None, train: Any, evals: Any) -> list[dict]:
+    """Plain-text documents from the source, one chunk of `TOKENIZE_CHUNK` at a time, each sent
+    to the eval split with probability `eval_fraction` (seeded; the first document always, so a
+    small corpus has one), packed as an `<eos>`-separated stream into rows written to the shard
+    writers `train` / `evals`. Memory: one chunk, one partial row per split, one shard buffer.
+    Returns the eval prompts cut from held-out documents."""
+    encode = _char_encoder(tok)
+    rng = random.Random(seed)
+    packers = {"train": RowPacker(cfg.seq_len), "eval": RowPacker(cfg.seq_len)}
+    writers = {"train": train, "eval": evals}
+    eval_ex: list[dict] = []
+    chunk: list[str] = []
+    n_docs = 0
+
+    def flush() -> None:
+        nonlocal n_docs
+        ids_list = [encode(t) for t in chunk] if encode is not None else tok(chunk).input_ids
+        for ids in ids_list:
+            doc = list(ids) + [tok.eos_token_id]
+            split = "eval" if n_docs == 0 or rng.random() < cfg.eval_fraction else "train"
+            n_docs += 1
+            for row in packers[split].add(doc):
+                writers[split].add(row)
+            if split == "eval" and len(eval_ex) < cfg.eval_examples_per_task:
+                eval_ex.extend(text_eval_examples([doc], tok, cfg))
+        chunk.clear()
+
+    for row in iter_external_rows(cfg, cache_dir):
+        text = str(row[cfg.text_column])
+        if text.strip():
+            chunk.append(text)
+            if len(chunk) == TOKENIZE_CHUNK:
+                flush()
+    if chunk:
+        flush()
+    return eval_ex
+
+
+def write_split(path: Path, rows: list[list[int]], mask: list[list[int]], seq_len: int, vocab_size: int,
+                shard_tokens: int) -> dict[str, Any]:
+    """In-memory rows -> a token-shard directory (the synthetic and pair sources)."""
+    with ShardWriter(path, seq_len, vocab_size, shard_tokens) as writer:
+        for r, m in zip(rows, mask):
+            writer.add(r, m)
+    return json.loads((path / "index.json").read_text())
 
 
 def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
-    """Build and write the splits; return the manifest of docs/architecture.md."""
+    """Build and write the splits as token shards; return the manifest of docs/architecture.md."""
     validate(cfg)
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = str(Path(ctx.work_dir) / "hf_datasets")
-    built = build(cfg, seed=cfg.seed + ctx.seed, cache_dir=cache_dir)
-    tok = built["tokenizer"]
+    seed = cfg.seed + ctx.seed
+    if cfg.source == "synthetic" or cfg.prompt_column:
+        built = build(cfg, seed=seed, cache_dir=cache_dir)
+        tok, eval_ex, kinds, verifiable = built["tokenizer"], built["eval_examples"], built["tasks"], True
+        train_index = write_split(out / "train_shards", *built["train"], cfg.seq_len, len(tok), cfg.shard_tokens)
+        eval_index = write_split(out / "eval_shards", *built["eval"], cfg.seq_len, len(tok), cfg.shard_tokens)
+    else:
+        tok = load_tokenizer(cfg.tokenizer)
+        with ShardWriter(out / "train_shards", cfg.seq_len, len(tok), cfg.shard_tokens) as train, \
+                ShardWriter(out / "eval_shards", cfg.seq_len, len(tok), cfg.shard_tokens) as evals:
+            eval_ex = stream_text(cfg, tok, seed, cache_dir, train, evals)
+            check_not_empty(cfg, train.rows, evals.rows, len(eval_ex))
+        train_index = json.loads((out / "train_shards" / "index.json").read_text())
+        eval_index = json.loads((out / "eval_shards" / "index.json").read_text())
+        kinds, verifiable = {"text": "global"}, False
     tok.save_pretrained(str(out / "tokenizer"))
-    write_tokens(out / "train.safetensors", *built["train"])
-    write_tokens(out / "eval.safetensors", *built["eval"])
     with open(out / "eval_examples.jsonl", "w", encoding="utf-8") as f:
-        for e in built["eval_examples"]:
+        for e in eval_ex:
             f.write(json.dumps(e, ensure_ascii=False) + "\n")
-    train_rows, train_mask = built["train"]
     metrics = {
-        "train_rows": len(train_rows),
-        "eval_rows": len(built["eval"][0]),
-        "eval_examples": len(built["eval_examples"]),
-        "train_tokens": sum(len(r) for r in train_rows),
-        "train_loss_tokens": sum(sum(m) for m in train_mask),
+        "train_rows": train_index["rows"],
+        "eval_rows": eval_index["rows"],
+        "eval_examples": len(eval_ex),
+        "train_tokens": train_index["rows"] * cfg.seq_len,
+        "train_loss_tokens": train_index["loss_tokens"],
+        "train_shards": len(train_index["shards"]),
     }
     ctx.log_metrics(metrics)
     return {
         "metrics": metrics,
         "artifacts": {
             "tokenizer": ctx.artifact_path("tokenizer"),
-            "train_tokens": ctx.artifact_path("train.safetensors"),
-            "eval_tokens": ctx.artifact_path("eval.safetensors"),
+            "train_tokens": ctx.artifact_path("train_shards"),
+            "eval_tokens": ctx.artifact_path("eval_shards"),
             "eval_examples": ctx.artifact_path("eval_examples.jsonl"),
         },
         "source": cfg.source,
@@ -358,6 +421,6 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
         "pad_token_id": tok.pad_token_id,
         "bos_token_id": tok.bos_token_id,
         "mask_token_id": tok.mask_token_id,
-        "tasks": built["tasks"],
-        "verifiable": built["verifiable"],
+        "tasks": kinds,
+        "verifiable": verifiable,
     }

@@ -128,3 +128,54 @@ class RowLoaders:
         return (DataLoader(TensorDataset(*self.train_ids), batch_size=self.batch_size, shuffle=True,
                            collate_fn=collate, drop_last=True),
                 DataLoader(TensorDataset(*self.val_ids), batch_size=self.batch_size, collate_fn=collate))
+
+
+class ShardRows:
+    """Packed training rows read lazily from a token-shard split (`stages.token_shards`): item `i`
+    is (ids int64, attention bool, loss bool) of row `i`, as `build_rows(..., "packed", ...)` would
+    give for the whole split in memory. Pickles without the memory maps (reopened on a worker)."""
+
+    def __init__(self, shards: Any, noise_on: NoiseOn, pad_id: int) -> None:
+        self.shards, self.noise_on, self.pad_id = shards, noise_on, pad_id
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        ids, lm = (torch.from_numpy(a) for a in self.shards.row(int(i)))
+        real = right_pad_mask(ids[None], self.pad_id)[0]
+        return ids, real, (lm & real) if self.noise_on == "answers" else real
+
+
+@dataclass
+class ShardLoaders:
+    """Picklable `(train, val)` loader factory over token shards for Ray Train workers and the
+    single process: the training loader's batch sampler is a `RowSampler` for this worker's rank
+    (read from Ray Train's context when there is one), so each worker reads only its own rows, in
+    an order that resumes at the exact batch (`stages.row_sampler`)."""
+
+    train: ShardRows
+    val: ShardRows
+    block_size: int
+    batch_size: int
+    seed: int
+
+    def __call__(self):
+        from torch.utils.data import DataLoader
+
+        from stages.row_sampler import RowSampler
+
+        rank, world = 0, 1
+        try:
+            import ray.train
+
+            context = ray.train.get_context()
+            rank, world = context.get_world_rank(), context.get_world_size()
+        except Exception:  # noqa: BLE001 - not inside a Ray Train worker: one process
+            pass
+        collate = trim_blocks(self.block_size)
+        sampler = RowSampler(len(self.train), self.batch_size, self.seed, rank=rank, world_size=world)
+        return (DataLoader(self.train, batch_sampler=sampler, collate_fn=collate),
+                DataLoader(self.val, batch_size=self.batch_size, collate_fn=collate))

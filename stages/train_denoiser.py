@@ -21,8 +21,9 @@ from typing import Annotated, Literal
 from stages.api import Range, StageContext
 from stages.loading import BackboneRef, TwoTowerFactory, save_denoiser
 from stages.attach_conditioning import check_block_size
-from stages.rows import Layout, NoiseOn, build_rows
+from stages.rows import Layout, NoiseOn, RowLoaders, ShardLoaders, ShardRows, build_rows
 from stages.training import Optimisation, load_tokens
+from stages.world_size import REMOVED_TRAIN_KEYS, check_stage_resources, world_of
 
 SECTION = "train"
 REQUIRES = ("prepare_data", "attach_conditioning")
@@ -32,6 +33,8 @@ REQUIRES = ("prepare_data", "attach_conditioning")
 class Config(Optimisation):
     """The `train` section: optimisation of the denoiser tower (the shared fields of
     `stages.training.Optimisation`, then the denoiser's own)."""
+
+    REMOVED_KEYS = REMOVED_TRAIN_KEYS  # not a field: keys a recipe may still set, and their replacement
 
     max_minutes: Annotated[float, Range(0, low_open=True)] | None = None
     """Wall-clock budget in minutes across resumes; null: steps only. The LR schedule follows it."""
@@ -44,14 +47,19 @@ class Config(Optimisation):
     """Eval micro-batches per validation (0: no validation)."""
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     """Lightning accelerator."""
-    devices: Annotated[int, Range(1)] = 1
-    """Devices for the Trainer."""
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     """Lightning strategy; under `num_workers > 1`, `auto` is FSDP on GPU and DDP on CPU."""
     num_workers: Annotated[int, Range(1)] = 1
-    """Ray Train workers. Above 1 the fit runs through `stages.train_distributed.fit_distributed`
-    (one worker per GPU, FSDP on GPU, DDP over gloo on CPU; checkpoints in the stage's work dir on
-    shared storage, resumed after a restart)."""
+    """Training processes. Above 1 the fit runs on Ray Train workers through
+    `stages.train_distributed.fit_distributed` (FSDP on GPU, DDP over gloo on CPU; checkpoints in
+    the stage's work dir on shared storage, resumed after a restart). The world size is this times
+    `gpus_per_worker` GPUs (`stages.world_size`)."""
+    gpus_per_worker: Annotated[int, Range(0, 1)] | None = None
+    """GPUs each process reserves: 0 (CPU, gloo) or 1; null: 1 when `accelerator` is gpu/cuda."""
+    max_failures: Annotated[int, Range(0)] = 0
+    """`num_workers > 1`: times Ray Train restarts the worker group after a worker dies (its
+    `FailureConfig`); each restart resumes from the last checkpoint on `run.root`, the row order at
+    the exact batch (`stages.row_sampler`). Set it on preemptible nodes."""
     progress_bar: bool = True
     """Show Lightning's progress bar."""
     layout: Layout = "auto"
@@ -68,28 +76,55 @@ class Config(Optimisation):
     visible to the denoiser in training but not when decoding)."""
 
 
+def validate(cfg: Config) -> None:
+    """Config-only checks: `gpus_per_worker` against `accelerator` (ValueError naming the keys)."""
+    world_of(cfg, 1)
+
+
+def check_resources(cfg: Config, sections: dict, resources, stage: str) -> None:
+    """The engine's config-time hook: the world size against this stage's own Ray task
+    (`resources`: its `graph.<stage>.resources`)."""
+    seq_len = int((sections.get("data") or {}).get("seq_len", 1))
+    check_stage_resources(world_of(cfg, seq_len), stage, float(resources.num_gpus))
+
+
 def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     """Train the denoiser; write `denoiser.safetensors`; return losses, ELBO and throughput."""
-    from stages.denoiser_fit import fit, fit_on_workers
+    from stages.denoiser_fit import fit, fit_on_workers, memory_loaders
+    from stages.token_shards import TokenShards, is_shard_dir
 
     data, attach = inputs["prepare_data"], inputs["attach_conditioning"]
     backbone = BackboneRef.of(attach, "attach_conditioning")
     tt = dict(attach["twotower"])
     block_size = int(tt["block_size"])
-    train_ids = load_tokens(data["artifacts"]["train_tokens"], "prepare_data.artifacts.train_tokens")
-    val_ids = load_tokens(data["artifacts"]["eval_tokens"], "prepare_data.artifacts.eval_tokens")
-    check_block_size(block_size, int(train_ids[0].shape[1]))
     pad_id = int(data.get("pad_token_id", 0) or 0)
-    fill_id = data.get("eos_token_id") if cfg.fill_after_eos else None
-    train_ids = build_rows(train_ids, cfg.layout, cfg.noise_on, block_size, pad_id, fill_id)
-    val_ids = build_rows(val_ids, cfg.layout, cfg.noise_on, block_size, pad_id, fill_id)
+    train_path, val_path = data["artifacts"]["train_tokens"], data["artifacts"]["eval_tokens"]
+    lazy = is_shard_dir(train_path) and (
+        cfg.layout == "packed" or (cfg.layout == "auto" and not data.get("verifiable", True)))
+    if lazy:  # a text corpus: rows read from the memory-mapped shards, each worker its own
+        train = ShardRows(TokenShards(train_path, "prepare_data.artifacts.train_tokens"), cfg.noise_on, pad_id)
+        val = ShardRows(TokenShards(val_path, "prepare_data.artifacts.eval_tokens"), cfg.noise_on, pad_id)
+        n_rows, row_len = len(train), train.shards.seq_len
+        check_block_size(block_size, row_len)
+        loaders = ShardLoaders(train, val, block_size, cfg.batch_size, ctx.seed)
+    else:  # prompt/answer examples (small by construction), re-laid in memory
+        train_ids = load_tokens(train_path, "prepare_data.artifacts.train_tokens")
+        val_ids = load_tokens(val_path, "prepare_data.artifacts.eval_tokens")
+        check_block_size(block_size, int(train_ids[0].shape[1]))
+        fill_id = data.get("eos_token_id") if cfg.fill_after_eos else None
+        train_ids = build_rows(train_ids, cfg.layout, cfg.noise_on, block_size, pad_id, fill_id)
+        val_ids = build_rows(val_ids, cfg.layout, cfg.noise_on, block_size, pad_id, fill_id)
+        n_rows, row_len = int(train_ids[0].shape[0]), int(train_ids[0].shape[1])
+        loaders = RowLoaders(train_ids, val_ids, block_size, cfg.batch_size)
     factory = TwoTowerFactory.of(backbone, tt)
-    if cfg.num_workers > 1:
-        module, logged, seconds = fit_on_workers(cfg, factory, block_size, train_ids, val_ids, ctx)
+    world = world_of(cfg, int(data.get("seq_len") or row_len))
+    if world.distributed:
+        module, logged, seconds = fit_on_workers(cfg, factory, block_size, loaders, ctx)
         steps = int(logged.pop("step", cfg.max_steps))
         timing = {"train_minutes": seconds / 60.0, "num_workers": cfg.num_workers}
     else:
-        module, trainer, seconds = fit(cfg, factory, block_size, train_ids, val_ids, ctx)
+        local = loaders() if lazy else memory_loaders(train_ids, val_ids, block_size, cfg.batch_size, ctx.seed)
+        module, trainer, seconds = fit(cfg, factory, block_size, local, ctx)
         logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         steps = int(trainer.global_step)
         timing = {"resumed_from_step": module.resumed_from_step,
@@ -98,9 +133,11 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_denoiser(module.model, out / "denoiser.safetensors")
-    tokens = steps * cfg.batch_size * cfg.grad_accum * int(train_ids[0].shape[1]) * cfg.num_workers
-    metrics_layout = {"train_rows": int(train_ids[0].shape[0]), "row_len": int(train_ids[0].shape[1])}
-    metrics = {"steps": steps, **timing, "tokens_per_second": tokens / max(seconds, 1e-9),
+    tokens = steps * cfg.batch_size * cfg.grad_accum * row_len * world.num_workers
+    metrics_layout = {"train_rows": n_rows, "row_len": row_len}
+    metrics = {"steps": steps, **timing, "world_size": world.world_size, "gpus": world.gpus,
+               "micro_batch": world.micro_batch, "tokens_per_step": world.tokens_per_step,
+               "tokens_per_second": tokens / max(seconds, 1e-9),
                **metrics_layout, **{k.replace("/", "_"): float(v) for k, v in logged.items()
                                     if isinstance(v, (int, float))}}
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=1))

@@ -149,14 +149,15 @@ class LazyFactory:
 def config_from_train(train_cfg: Any, *, storage_path: str, name: str, num_workers: int | None = None,
                       seed: int = 0) -> DistributedConfig:
     """A `DistributedConfig` from `train_denoiser`'s `train` section (fields read when present):
-    `num_workers` (else `devices`), `accelerator`, `strategy`, `precision`, `max_steps`,
-    `grad_accum`, `grad_clip`, `checkpoint_every`. `auto` strategy means FSDP on GPU, DDP on CPU."""
-    import torch
+    `num_workers`, `gpus_per_worker` / `accelerator` (one rule: `stages.world_size`), `strategy`,
+    `precision`, `max_steps`, `grad_accum`, `grad_clip`, `checkpoint_every`, `max_failures`. `auto`
+    strategy means FSDP on GPU, DDP on CPU."""
+    from stages.world_size import world_of
 
     get = lambda key, default: getattr(train_cfg, key, default)  # noqa: E731
-    workers = num_workers or int(get("num_workers", 0) or get("devices", 1) or 1)
-    accelerator = str(get("accelerator", "auto"))
-    use_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    world = world_of(train_cfg, 1)
+    workers = num_workers or world.num_workers
+    use_gpu = world.gpus_per_worker > 0
     strategy = str(get("strategy", "auto"))
     if strategy == "auto":
         strategy = "fsdp" if use_gpu else "ddp"
@@ -165,6 +166,7 @@ def config_from_train(train_cfg: Any, *, storage_path: str, name: str, num_worke
         precision=str(get("precision", "auto")), max_steps=int(get("max_steps", Optimisation.max_steps)),
         grad_accum=int(get("grad_accum", 1)), grad_clip=float(get("grad_clip", 0.0) or 0.0),
         checkpoint_every=int(get("checkpoint_every", Optimisation.checkpoint_every)), seed=seed,
+        max_failures=int(get("max_failures", 0)),
         report_every=max(1, min(REPORT_EVERY_AT_MOST, int(get("checkpoint_every", Optimisation.checkpoint_every)))),
     )
 
@@ -296,11 +298,18 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     from ray.train.lightning import RayLightningEnvironment, prepare_trainer
 
+    from stages.row_sampler import RowSampler, sampler_checkpoint
+
     cfg = DistributedConfig(**loop_config["cfg"])
     os.environ.update(cfg.env)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = loop_config["make_module"]()
     data = loop_config["make_data"]()
+    train_loader = data[0] if isinstance(data, tuple) else data
+    sampler = getattr(train_loader, "batch_sampler", None)
+    row_sampler = isinstance(sampler, RowSampler)  # shards itself per rank, resumes at the exact batch
+    # the sampler's cursor first: it must move before the step report checkpoints the same batch
+    callbacks = ([sampler_checkpoint(sampler)] if row_sampler else []) + [_step_report_callback(cfg)]
     trainer = pl.Trainer(
         max_steps=cfg.max_steps,
         accelerator="gpu" if cfg.use_gpu else "cpu",
@@ -310,7 +319,8 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         precision=_precision(cfg),
         accumulate_grad_batches=cfg.grad_accum,
         gradient_clip_val=cfg.grad_clip or None,
-        callbacks=[_step_report_callback(cfg)],
+        callbacks=callbacks,
+        use_distributed_sampler=not row_sampler,
         enable_checkpointing=False,  # checkpoints go through ray.train.report
         logger=False,
         enable_progress_bar=False,

@@ -67,15 +67,24 @@ def checkpoint_step(path: Path) -> int:
 
 
 def load_tokens(path: str, key_name: str) -> tuple[Any, Any]:
-    """(`input_ids` int64 [N, L], `loss_mask` bool [N, L]) of a prepare_data token file.
+    """(`input_ids` int64 [N, L], `loss_mask` bool [N, L]) of a prepare_data split, in memory.
 
-    A file without `loss_mask` gets an all-ones one (every token is scored). Errors name the
-    manifest key the path came from (`key_name`)."""
+    `path` is a token-shard directory (`stages.token_shards`, what prepare_data writes) or a
+    safetensors file with `input_ids` and optionally `loss_mask` (an all-ones one when absent).
+    Only for splits that are small by construction (eval rows, the synthetic task corpus);
+    training on a corpus reads it lazily (`stages.rows.ShardRows`). Errors name the manifest key
+    the path came from (`key_name`)."""
     import torch
     from safetensors.torch import load_file
 
+    from stages.token_shards import TokenShards, is_shard_dir
+
+    if is_shard_dir(path):
+        return TokenShards(path, key_name).to_tensors()
     if not Path(path).exists():
         raise ValueError(f"{key_name}: token file {path} does not exist")
+    if Path(path).is_dir():
+        raise ValueError(f"{key_name}: {path} is a directory without index.json (an unfinished token-shard split?)")
     tensors = load_file(path)
     ids = tensors.get("input_ids")
     if ids is None:

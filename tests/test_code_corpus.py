@@ -1,11 +1,15 @@
 """`data.source: python_stdlib`: the standard library's own definitions as an offline code corpus."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from gguf_fixtures import tiny_llama, write_llama_gguf
-from stages import code_corpus
-from stages.prepare_data import Config, build, validate
+from stages import code_corpus, prepare_data
+from stages.api import StageContext
+from stages.prepare_data import Config, validate
+from stages.training import load_tokens
 
 MODULE = '''"""A module docstring."""
 import os
@@ -43,11 +47,13 @@ def test_prepare_data_packs_stdlib_code_into_whole_blocks_with_completion_prompt
     gguf = write_llama_gguf(tiny_llama(), tmp_path / "tiny.gguf")
     cfg = Config(source="python_stdlib", tokenizer=str(gguf), seq_len=64, block_size=16, max_documents=60,
                  eval_fraction=0.2, eval_examples_per_task=5, eval_prompt_tokens=24, eval_answer_tokens=8)
-    built = build(cfg, seed=0)
-    train_rows, train_mask = built["train"]
-    assert train_rows and all(len(r) == 64 for r in train_rows) and all(all(m) for m in train_mask)
-    assert not built["verifiable"] and len(built["eval_examples"]) == 5
-    for e in built["eval_examples"]:
+    m = prepare_data.run(cfg, {}, StageContext(name="prepare_data", out_dir=tmp_path / "out",
+                                               work_dir=tmp_path / "work", run_dir=tmp_path))
+    train_rows, train_mask = load_tokens(m["artifacts"]["train_tokens"], "train_tokens")
+    assert len(train_rows) and train_rows.shape[1] == 64 and bool(train_mask.all())
+    evals = [json.loads(line) for line in open(m["artifacts"]["eval_examples"])]
+    assert not m["verifiable"] and len(evals) == 5
+    for e in evals:
         assert e["prompt"].lstrip().startswith(("def ", "class ", "@", "async def ")) and e["reference"]
         assert e["answer"] == ""  # scored by agreement with the backbone's own greedy continuation
 

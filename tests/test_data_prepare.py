@@ -24,12 +24,13 @@ def _small(**kw) -> Config:
 
 
 def _digest(d: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in d.glob("*.*")}
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in d.rglob("*.*")}
 
 
 def test_synthetic_manifest_files_and_determinism(tmp_path):
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
+
+    from stages.training import load_tokens
 
     m = prepare_data.run(_small(), {}, _ctx(tmp_path, "a"))
     for key in ("tokenizer", "train_tokens", "eval_tokens", "eval_examples"):
@@ -40,8 +41,7 @@ def test_synthetic_manifest_files_and_determinism(tmp_path):
     assert m["vocab_size"] == len(tok) and m["eos_token_id"] == tok.eos_token_id
     assert m["pad_token_id"] == tok.pad_token_id and m["mask_token_id"] == tok.mask_token_id
 
-    train = load_file(m["artifacts"]["train_tokens"])
-    ids, mask = train["input_ids"], train["loss_mask"]
+    ids, mask = load_tokens(m["artifacts"]["train_tokens"], "train_tokens")
     assert ids.dtype.is_floating_point is False and str(ids.dtype) == "torch.int64"
     assert ids.shape[1] == 64 and ids.shape == mask.shape and m["metrics"]["train_rows"] == ids.shape[0]
     # the mask covers exactly the answers and their EOS: decode masked spans back to answers
@@ -63,7 +63,7 @@ def test_synthetic_manifest_files_and_determinism(tmp_path):
     m2 = prepare_data.run(_small(), {}, _ctx(tmp_path, "b"))
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     prepare_data.run(_small(seed=1), {}, _ctx(tmp_path, "c"))
-    assert _digest(tmp_path / "a")["train.safetensors"] != _digest(tmp_path / "c")["train.safetensors"]
+    assert _digest(tmp_path / "a")["train_shards/tokens-00000.npy"] != _digest(tmp_path / "c")["train_shards/tokens-00000.npy"]
     assert m2["artifacts"]["train_tokens"].startswith(str(tmp_path / "b"))
 
 

@@ -244,3 +244,39 @@ def test_missing_tasks_and_extra_are_named(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
     with pytest.raises(ValueError, match=r"\[eval\]"):
         S.validate(S.Config(tasks=["tt_mc"]))
+
+
+REGISTRY_PROBE = """
+import json
+from lm_eval.api import registry
+before = "twotower" in registry.model_registry
+try:
+    registry.get_model("twotower")
+    found_before = True
+except ValueError:
+    found_before = False
+import stages.lm_eval_model as m
+after, hf_after = registry.get_model("twotower") is m.TwoTowerLM, registry.get_model("hf").__name__
+import lm_eval.models
+print(json.dumps({"before": before, "found_before": found_before, "after": after, "hf_after": hf_after,
+                  "in_lm_evals_mapping": "twotower" in lm_eval.models.MODEL_MAPPING}))
+"""
+
+
+def test_twotower_is_registered_by_importing_the_module_and_not_before():
+    """lm-eval finds models only through its own `MODEL_MAPPING` (no entry points), so `twotower`
+    exists once `stages.lm_eval_model` is imported, and not before. A fresh interpreter: the registry
+    is process-global. Importing it first must not hide lm-eval's own models (`hf`): `get_model`
+    loads them only while the registry is empty."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    for order in ("", "import stages.lm_eval_model\n"):
+        probe = REGISTRY_PROBE if not order else REGISTRY_PROBE.replace(
+            'before = "twotower" in registry.model_registry',
+            'import stages.lm_eval_model\nbefore = "twotower" in registry.model_registry')
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=str(REPO),
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got["in_lm_evals_mapping"] is False
+        assert got["after"] is True and got["hf_after"] == "HFLM"
+        assert got["before"] is got["found_before"] is bool(order)

