@@ -65,8 +65,46 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"{recipe or args.defaults or 'pipeline.yaml'}: INVALID\n{err}", file=sys.stderr)
             status = 2
             continue
+        cluster = _cluster_problem(cfg)
+        if cluster:
+            print(f"{recipe or 'pipeline.yaml'}: INVALID on the cluster\n{cluster}", file=sys.stderr)
+            status = 2
+            continue
         print(f"{recipe or 'pipeline.yaml'}: ok ({len(cfg.stages)} stages: {' -> '.join(cfg.stages)})")
     return status
+
+
+def _cluster_problem(cfg: PipelineConfig) -> str | None:
+    """The training world against the Ray cluster, when one is reachable (`ray.address`,
+    `RAY_ADDRESS`, or a Ray already initialised in this process); None when it fits or none is."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if not address and "ray" not in sys.modules:
+        return None
+    import ray
+    from pipeline.estimate import plan_world
+    from stages.world_size import World, check_cluster
+    world = plan_world(cfg)
+    if world is None:
+        return None
+    owns = not ray.is_initialized()
+    if owns and not address:
+        return None
+    if owns:
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        except Exception as err:  # not reachable: the config alone was checked
+            print(f"note: Ray at {address} not reachable ({type(err).__name__}); cluster not checked",
+                  file=sys.stderr)
+            return None
+    try:
+        keep = {k: world[k] for k in ("num_workers", "gpus_per_worker", "micro_batch", "grad_accum", "seq_len")}
+        check_cluster(World(**keep), ray.cluster_resources())
+    except ValueError as err:
+        return f"  {err}"
+    finally:
+        if owns:
+            ray.shutdown()
+    return None
 
 
 def plan_of(cfg: PipelineConfig, with_estimate: bool = True) -> dict[str, Any]:
@@ -82,6 +120,8 @@ def plan_of(cfg: PipelineConfig, with_estimate: bool = True) -> dict[str, Any]:
                         "cache_key": keys[name], "cached": store.lookup(name, keys[name]) is not None}
     plan: dict[str, Any] = {"name": cfg.name, "sources": cfg.sources, "runner": cfg.run.runner,
                             "order": list(cfg.stages), "stages": stages, "config": cfg.resolved}
+    from pipeline.estimate import plan_world
+    plan["world"] = plan_world(cfg)  # what train_denoiser will run: stages/world_size.py
     if with_estimate:
         plan["estimate"] = _estimate(cfg)
     return plan
@@ -119,6 +159,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         table.add_row(name, ", ".join(st["needs"]) or "-", f"{res['num_cpus']:g}", f"{res['num_gpus']:g}",
                       mem, st["section"], "cached" if st["cached"] else "to run")
     console.print(table)
+    if plan.get("world"):
+        w = plan["world"]
+        console.print(f"[bold]training world[/] {w['num_workers']} worker(s) x {w['gpus_per_worker']} GPU, "
+                      f"micro-batch {w['micro_batch']} x {w['seq_len']} tokens, grad_accum {w['grad_accum']}: "
+                      f"{w['tokens_per_step']:,} tokens per step")
     if plan.get("estimate") is not None:
         console.print("[bold]estimate[/]")
         console.print_json(json.dumps(plan["estimate"], default=str))

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pipeline.runner import RunInfo, StageState
 
-STYLE = {"pending": "dim", "running": "yellow", "cached": "cyan", "done": "green", "failed": "bold red",
-         "skipped": "dim", "interrupted": "magenta"}
+STYLE = {"pending": "dim", "waiting": "blue", "running": "yellow", "cached": "cyan", "done": "green",
+         "failed": "bold red", "skipped": "dim", "interrupted": "magenta"}
 
 
 def _fmt_metrics(metrics: dict[str, Any], limit: int = 4) -> str:
@@ -64,6 +64,8 @@ class LiveDisplay:
                                  f"{st.progress.get('message', '')}")
             elif st.status == "failed":
                 progress = st.error or ""
+            elif st.status == "waiting":
+                progress = f"waiting for {name} ({st.waiting_for})"
             elif st.status in ("done", "cached"):
                 progress = _fmt_metrics(st.metrics)
             table.add_row(name, f"[{STYLE.get(st.status, '')}]{st.status}[/]", f"{elapsed:.1f}s", progress)
@@ -98,6 +100,8 @@ class LiveDisplay:
     def on_stage_event(self, run: "RunInfo", st: "StageState", event: dict[str, Any]) -> None:
         if event.get("kind") == "retry":
             self._line(st, f"retrying after {event.get('error')}")
+        elif event.get("kind") in ("waiting", "lock"):  # another run computes (or computed) this key
+            self._line(st, event.get("message", ""))
         elif event.get("kind") == "warning":  # printed above the live table too: it must be seen
             self.console.print(f"[bold yellow]WARNING[/] {st.name}: {event.get('message', '')}", highlight=False)
         self._refresh()

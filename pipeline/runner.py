@@ -27,6 +27,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig, Stage
 from pipeline.contracts import Executor, RunHook
+from pipeline.locks import StageLock
 from pipeline.rundir import EventTail, dump_yaml, new_run_dir
 from pipeline.schema import suggest
 from pipeline.store import ArtifactStore, cache_key, write_atomic, write_json_atomic
@@ -56,7 +57,8 @@ class StageState:
     key: str
     """Its cache key."""
     status: str = "pending"
-    """pending, running, cached, done, failed, skipped or interrupted."""
+    """pending, waiting (another run holds its key's lock), running, cached, done, failed, skipped or
+    interrupted."""
     started: float | None = None
     """Wall-clock start of the current attempt (time.time())."""
     duration_s: float = 0.0
@@ -73,6 +75,8 @@ class StageState:
     """The last progress event (`done`, `total`, `message`)."""
     mlflow_run_id: str | None = None
     """The stage's nested MLflow run, set by the tracking hook."""
+    waiting_for: str | None = None
+    """`run <id> on <host>`: the run computing this key while this one waits for it."""
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -155,6 +159,8 @@ def summary_of(run: RunInfo) -> dict[str, Any]:
                                  "artifact_dir": st.artifact_dir}
         if st.error:
             entry["error"] = st.error
+        if st.waiting_for:
+            entry["waited_for"] = st.waiting_for
         if st.mlflow_run_id:
             entry["mlflow_run_id"] = st.mlflow_run_id
         stages[name] = entry
@@ -183,6 +189,7 @@ class Runner:
         self.run = RunInfo(cfg=cfg, run_dir=self.run_dir, runner=runner, cache_only=hits is not None,
                            states={n: StageState(name=n, key=k) for n, k in keys.items()})
         self.tails = {n: EventTail(self.run_dir / "events" / f"{n}.jsonl") for n in keys}
+        self.locks: dict[str, StageLock] = {}  # a stage's key lock, taken before it is computed
 
     def write_summary(self) -> dict[str, Any]:
         """Write `summary.json` atomically and return it."""
@@ -216,7 +223,7 @@ class Runner:
             progressed = False
             for name, stage in self.cfg.stages.items():
                 st = self.run.states[name]
-                if st.status != "pending":
+                if st.status not in ("pending", "waiting"):
                     continue
                 if not all(self.run.states[n].status in FINISHED for n in stage.spec.needs):
                     continue
@@ -224,6 +231,12 @@ class Runner:
                     manifest = self.hits.pop(name)
                 else:
                     manifest = None if name in self.forced else self.store.lookup(name, st.key)
+                if manifest is None and not self._lock(name, st):
+                    continue  # another run computes this key: use its artifact when it is done
+                if manifest is None and name not in self.forced:  # it may have finished while we waited
+                    manifest = self.store.lookup(name, st.key)
+                    if manifest is not None:
+                        self._unlock(name)
                 if manifest is not None:
                     st.status, st.manifest = "cached", manifest
                     st.artifact_dir = str(self.store.final_dir(name, st.key))
@@ -235,6 +248,31 @@ class Runner:
                     self._submit(stage, st)
                     if getattr(self.executor, "synchronous", False):
                         return  # it already finished: let the caller collect it first
+
+    def _lock(self, name: str, st: StageState) -> bool:
+        """Take the key's lock (True), or mark the stage waiting for the run that holds it (False)."""
+        lock = self.locks.get(name) or StageLock(self.store.root, name, st.key, self.run_dir.name,
+                                                 self.cfg.run.lock_stale_s)
+        self.locks[name] = lock
+        if lock.acquire():
+            if lock.broke is not None:
+                who = f"run {lock.broke.get('run', '?')} on {lock.broke.get('host', '?')}"
+                _call(self.hooks, "on_stage_event", self.run, st, {
+                    "kind": "lock", "message": f"took over {name} from {who} (its lock was stale): "
+                                               "resuming from its checkpoints"})
+                lock.broke = None
+            return True
+        who = lock.describe_holder()
+        if st.status != "waiting" or st.waiting_for != who:
+            st.status, st.waiting_for = "waiting", who
+            _call(self.hooks, "on_stage_event", self.run, st,
+                  {"kind": "waiting", "holder": lock.holder, "message": f"waiting for {name} ({who})"})
+        return False
+
+    def _unlock(self, name: str) -> None:
+        lock = self.locks.pop(name, None)
+        if lock is not None:
+            lock.release()
 
     def _submit(self, stage: Stage, st: StageState) -> None:
         st.status, st.started, st.attempts = "running", time.time(), st.attempts + 1
@@ -261,6 +299,7 @@ class Runner:
             st.status, st.manifest = "done", outcome["manifest"]
             st.artifact_dir = str(self.store.final_dir(name, st.key))
             self._save_manifest(st)
+            self._unlock(name)
             _call(self.hooks, "on_stage_end", self.run, st)
             return None
         st.error = f"{outcome['error_type']}: {outcome['message']}"
@@ -273,6 +312,7 @@ class Runner:
             self._submit(stage, st)
             return None
         st.status = "failed"
+        self._unlock(name)
         _call(self.hooks, "on_stage_end", self.run, st)
         return StageFailed(name, outcome["error_type"], outcome["message"], str(log))
 
@@ -283,10 +323,13 @@ class Runner:
         failure: StageFailed | None = None
         try:
             self._schedule(False)
-            while any(st.status == "running" for st in self.run.states.values()):
+            while any(st.status == "running" or (st.status == "waiting" and failure is None)
+                      for st in self.run.states.values()):
                 for name, st in self.run.states.items():
                     if st.status == "running":
                         self._drain_events(name)
+                if not any(st.status == "running" for st in self.run.states.values()):
+                    time.sleep(0.25)  # only waiting for other runs' locks: poll them, not the executor
                 for name, outcome in self.executor.wait(0.25):
                     failure = self._finish(name, outcome) or failure
                     self.write_summary()
@@ -299,8 +342,10 @@ class Runner:
                     st.status, st.duration_s = "interrupted", time.time() - (st.started or time.time())
             raise
         finally:
+            for name in list(self.locks):
+                self._unlock(name)
             for st in self.run.states.values():
-                if st.status == "pending":
+                if st.status in ("pending", "waiting"):
                     st.status = "skipped"
             if self.run.status == "running":
                 self.run.status = "failed" if failure else "done"

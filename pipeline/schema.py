@@ -64,6 +64,9 @@ class RunConfig:
     """`ray`: each stage is a Ray task; `local`: stages run in this process (tests, debugging)."""
     verify_checksums: bool = False
     """Re-hash every file of a cached artifact before reusing it (sizes are always checked)."""
+    lock_stale_s: Annotated[float, Range(0, low_open=True)] = 60.0
+    """A stage key's lock (`pipeline/locks.py`) whose heartbeat is older than this is broken and the
+    stage resumes from its checkpoints in another run (a dead pid on the same host is noticed at once)."""
 
 
 @dataclass
@@ -92,6 +95,10 @@ class TrackingConfig:
     """Tracking URI; None: `sqlite:///<run.root>/mlflow.db` (MLflow 3 refuses the plain file store)."""
     experiment: str = "twotower"
     """MLflow experiment name."""
+    probe_timeout_s: Annotated[float, Range(0, low_open=True)] = 3.0
+    """`validate` and the start of `run` check that `tracking.uri` answers within this many seconds."""
+    required: bool = True
+    """A tracking URI that does not answer is an error (exit 2); false: warn and run untracked."""
 
 
 @dataclass
@@ -217,8 +224,11 @@ def check_dataclass(value: Any, schema: type, path: str, known: set[str] | None 
     accepted = set(fields) | (known or set())
     prefix = f"{path}." if path else ""
     problems: list[tuple[str, str]] = []
+    removed = getattr(schema, "REMOVED_KEYS", {})  # key -> what replaced it (a class attribute)
     for key in value:
-        if key not in accepted:
+        if key in removed and key not in accepted:
+            problems.append((prefix + str(key), removed[key]))
+        elif key not in accepted:
             problems.append((prefix + str(key), f"unknown key{suggest(str(key), accepted)} "
                              f"(valid keys: {', '.join(sorted(accepted))})"))
     for name, f in fields.items():

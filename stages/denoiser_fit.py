@@ -94,7 +94,7 @@ def fit(cfg: Any, factory: TwoTowerFactory, block_size: int, loaders, ctx: Stage
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.max_steps // PROGRESS_BAR_UPDATES)))
     n_train_batches = max(1, len(train_dl))
     trainer = pl.Trainer(
-        max_steps=cfg.max_steps, max_epochs=-1, accelerator=cfg.accelerator, devices=cfg.devices,
+        max_steps=cfg.max_steps, max_epochs=-1, accelerator=cfg.accelerator, devices=1,  # one process: stages.world_size
         strategy=cfg.strategy, precision=resolve_precision(cfg.precision, gpu),
         accumulate_grad_batches=cfg.grad_accum,
         gradient_clip_val=cfg.grad_clip or None, logger=_logger(ctx), callbacks=callbacks,
