@@ -45,6 +45,9 @@ class Config:
     """Generation cap per HumanEval completion (it stops earlier at a stop sequence or EOS)."""
     humaneval_timeout_s: Annotated[float, Range(0, low_open=True)] = 10.0
     """Seconds each completion's tests may run in the sandbox."""
+    humaneval_chat_template: bool = False
+    """Send each HumanEval prompt as a user turn through the tokenizer's chat template and check the
+    code of the fenced answer (instruct models, e.g. SmolLM2-Instruct; stages/humaneval.py)."""
     sandbox: Literal["auto", "namespaces", "guard"] = "auto"
     """Isolation of executed code: `auto`, `namespaces` or `guard` (stages/sandbox.py)."""
 
@@ -157,6 +160,7 @@ def _humaneval(cfg: Config, model, tokenizer, setting, out: Path, ctx: StageCont
     metrics = humaneval.run_suite(model, tokenizer, modes, problems=cfg.humaneval_problems,
                                   max_new_tokens=cfg.humaneval_max_new_tokens, timeout_s=cfg.humaneval_timeout_s,
                                   isolation=cfg.sandbox, out_path=out / "humaneval.jsonl",
+                                  chat_template=cfg.humaneval_chat_template,
                                   progress=lambda d, t: ctx.progress(d, t, "humaneval"))
     ctx.log_artifact(out / "humaneval.jsonl")
     return metrics

@@ -37,11 +37,16 @@ class Config:
     """Raise when the reloaded model's `mock_ar` differs from `ar` or its logits differ."""
 
 
-def generation_config(gamma: float, block_size: int, tokenizer, max_new_tokens: int) -> dict[str, Any]:
-    """The decoding defaults `pipeline generate` and users read back."""
-    return {"mode": "diffusion", "gamma": gamma, "block_size": block_size,
-            "max_new_tokens": max_new_tokens, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id}
+def generation_config(gamma: float, block_size: int, tokenizer, max_new_tokens: int,
+                      auto_modes: dict[str, str] | None = None) -> dict[str, Any]:
+    """The decoding defaults `pipeline generate` and users read back; `auto_modes` (batch size ->
+    mode, calibrate_gamma's batch sweep) is what `generate(mode="auto")` picks from."""
+    out = {"mode": "diffusion", "gamma": gamma, "block_size": block_size,
+           "max_new_tokens": max_new_tokens, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id}
+    if auto_modes:
+        out["auto_modes"] = {str(b): m for b, m in auto_modes.items()}
+    return out
 
 
 def _fmt(v: Any) -> str:
@@ -191,7 +196,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
-    gen_cfg = generation_config(gamma, block_size, tokenizer, cfg.max_new_tokens)
+    gen_cfg = generation_config(gamma, block_size, tokenizer, cfg.max_new_tokens, calib.get("auto_modes"))
     existing = path / "generation_config.json"
     merged = {**(json.loads(existing.read_text()) if existing.exists() else {}), **gen_cfg}
     existing.write_text(json.dumps(merged, indent=1))

@@ -109,3 +109,58 @@ def test_evaluate_config_names_bad_suite():
         Config(suites=["humaneval"], humaneval_problems=0)
     with pytest.raises(ValueError, match="evaluate.sandbox"):
         Config(sandbox="none")
+
+
+CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def test_chat_prompt_goes_through_the_tokenizers_chat_template():
+    from stages.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    prompt = H.load_problems(1)[0]["prompt"]
+    with pytest.raises(ValueError, match="evaluate.humaneval_chat_template=true, but the tokenizer has no chat"):
+        H.chat_prompt_ids(tok, prompt)
+    tok.chat_template = CHAT
+    text = tok.decode(H.chat_prompt_ids(tok, prompt))
+    assert text == f"<|user|>\n{H.CHAT_INSTRUCTION}\n\n```python\n{prompt.rstrip()}\n```<|end|>\n<|assistant|>\n"
+
+
+def test_code_from_a_fenced_answer_is_checked_as_the_completion():
+    problem = H.load_problems(3)[2]  # truncate_number
+    whole = problem["prompt"] + problem["canonical_solution"]
+    answer = f"Here it is:\n```python\nimport math\n```\nand\n```python\n{whole}```\nIt returns the decimals."
+    code = H.code_from_answer(answer, problem["entry_point"])
+    assert code == "\n" + whole  # the block that defines the entry point, at column 0 below the stub
+    assert H.check(problem, code, 5.0)["passed"]
+    wrong = H.code_from_answer(f"```python\ndef {problem['entry_point']}(x):\n    return 0.0\n```", "truncate_number")
+    assert not H.check(problem, wrong, 5.0)["passed"]  # the redefinition is what runs
+    unclosed = H.code_from_answer("```py\n" + whole, problem["entry_point"])  # cut by the token cap
+    assert unclosed == "\n" + whole
+    body = problem["canonical_solution"]  # no fence, no def: a continuation of the stub
+    assert H.code_from_answer(body, problem["entry_point"]) == body and H.check(problem, body, 5.0)["passed"]
+    assert H.code_from_answer("```\nx = 1\n```", "f") == "x = 1\n"  # no block defines it: the first block
+
+
+def test_suite_with_chat_template_decodes_from_the_chat_prompt(tmp_path):
+    model, tok = tiny_char_twotower()
+    tok.chat_template = CHAT
+    problem = H.load_problems(1)[0]
+    out = tmp_path / "humaneval.jsonl"
+    metrics = H.run_suite(model, tok, [H.DecodingMode("ar", "ar")], problems=1, max_new_tokens=12,
+                          timeout_s=5.0, out_path=out, chat_template=True)
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    ids = H.chat_prompt_ids(tok, problem["prompt"])
+    direct = model.generate(torch.tensor([ids]), mode="ar", max_new_tokens=12)
+    from stages.decoding_eval import answer_text
+
+    assert row["answer"] == answer_text(tok, direct.sequences[0, len(ids):].tolist())[0]
+    assert row["completion"] == H.code_from_answer(row["answer"], problem["entry_point"])
+    assert metrics["humaneval_ar_pass_at_1"] == float(row["passed"])
+    plain = H.run_suite(model, tok, [H.DecodingMode("ar", "ar")], problems=1, max_new_tokens=12, timeout_s=5.0,
+                        out_path=tmp_path / "plain.jsonl")
+    assert "answer" not in json.loads((tmp_path / "plain.jsonl").read_text()) and plain["humaneval_problems"] == 1
+    from stages.evaluate import Config
+
+    assert Config().humaneval_chat_template is False
