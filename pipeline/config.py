@@ -84,7 +84,9 @@ def _semantic_checks(order: list[str], modules: dict[str, ModuleType], sections:
     """Value checks the types cannot express, before any stage runs (a bad calibration target must
     not surface after pretraining). Three hooks a stage module may offer: its `Config`'s own
     `__post_init__`, `validate(cfg)` for its section alone, and `check(sections)` across sections
-    (e.g. the block size against `data.seq_len`). Each raises ValueError naming the key."""
+    (e.g. the block size against `data.seq_len`). Each raises ValueError naming the key. A fourth,
+    `check_resources(cfg, sections, resources, stage)`, checks a stage against its graph entry's
+    resources (`_validate` calls it once the sections pass)."""
     built: dict[str, Any] = {}
     checked: set[Any] = set()  # by id: test stages may be unhashable namespaces
     for name in order:
@@ -268,6 +270,13 @@ def _validate(plain: dict[str, Any], problems: list[tuple[str, str]], reg: dict[
         return None
     dag = build_dag({n: list(s.needs) for n, s in specs.items()}, requires)
     built = _semantic_checks(dag.order, modules, sections, problems)
+    for name in dag.order:  # a stage's settings against its own reservation (GPUs, devices)
+        hook = getattr(modules[name], "check_resources", None)
+        if hook is not None and name in built:
+            try:
+                hook(built[name], sections, specs[name].resources, name)
+            except ValueError as err:
+                problems.append((f"graph.{name}.resources", str(err)))
     if problems:
         return None
     stages = {}

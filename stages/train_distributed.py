@@ -149,14 +149,15 @@ class LazyFactory:
 def config_from_train(train_cfg: Any, *, storage_path: str, name: str, num_workers: int | None = None,
                       seed: int = 0) -> DistributedConfig:
     """A `DistributedConfig` from `train_denoiser`'s `train` section (fields read when present):
-    `num_workers` (else `devices`), `accelerator`, `strategy`, `precision`, `max_steps`,
-    `grad_accum`, `grad_clip`, `checkpoint_every`, `max_failures`. `auto` strategy means FSDP on GPU, DDP on CPU."""
-    import torch
+    `num_workers`, `gpus_per_worker` / `accelerator` (one rule: `stages.world_size`), `strategy`,
+    `precision`, `max_steps`, `grad_accum`, `grad_clip`, `checkpoint_every`, `max_failures`. `auto`
+    strategy means FSDP on GPU, DDP on CPU."""
+    from stages.world_size import world_of
 
     get = lambda key, default: getattr(train_cfg, key, default)  # noqa: E731
-    workers = num_workers or int(get("num_workers", 0) or get("devices", 1) or 1)
-    accelerator = str(get("accelerator", "auto"))
-    use_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    world = world_of(train_cfg, 1)
+    workers = num_workers or world.num_workers
+    use_gpu = world.gpus_per_worker > 0
     strategy = str(get("strategy", "auto"))
     if strategy == "auto":
         strategy = "fsdp" if use_gpu else "ddp"

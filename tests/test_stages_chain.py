@@ -119,6 +119,24 @@ def test_train_resumes_from_last_checkpoint(chain):
     assert out["metrics"]["steps"] == 6
 
 
+def test_plan_and_run_agree_on_the_world(chain, tmp_path):
+    """`plan` and the fit read one world (stages/world_size.py): the same resolved recipe gives the
+    same world size, micro-batch and tokens per step in the plan and in the stage's metrics."""
+    from pipeline.cli import plan_of
+    from pipeline.config import load_config
+    from pipeline.schema import build
+
+    over = [f"train.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in TRAIN.items()]
+    cfg = load_config("recipes/tiny.yaml", over + ["train.max_steps=2", "train.grad_accum=2", "train.max_minutes=null",
+                                                   f"data.seq_len={SEQ_LEN}", f"data.block_size={BLOCK}"])
+    world = plan_of(cfg, with_estimate=False)["world"]
+    out = T.run(build(T.Config, cfg.stages["train_denoiser"].config), chain["m"], make_ctx(tmp_path, "train"))
+    ran = out["metrics"]
+    assert (ran["world_size"], ran["micro_batch"], ran["tokens_per_step"]) == (
+        world["world_size"], world["micro_batch"], world["tokens_per_step"]) == (1, TRAIN["batch_size"],
+                                                                                 TRAIN["batch_size"] * 2 * SEQ_LEN)
+
+
 def test_trained_model_keeps_context_tower_bit_identical(chain):
     from transformers import AutoModelForCausalLM
     from twotower import checks
@@ -309,7 +327,8 @@ def test_train_on_two_ray_workers_writes_a_trained_denoiser(chain, tmp_path):
                     chain["m"], make_ctx(tmp_path, "train", events=events))
     finally:
         ray.shutdown()
-    assert out["metrics"]["steps"] == 2 and out["metrics"]["num_workers"] == 2
+    assert out["metrics"]["steps"] == 2 and out["metrics"]["num_workers"] == out["metrics"]["world_size"] == 2
+    assert out["metrics"]["tokens_per_step"] == 2 * TRAIN["batch_size"] * SEQ_LEN
     trained = load_file(out["artifacts"]["denoiser"])
     model, _ = load_trained(out)
     initial = TwoTowerFactory.of(BackboneRef.of(out, "train_denoiser"), out["twotower"])()
