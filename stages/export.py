@@ -84,6 +84,26 @@ def fidelity_lines(fid: dict) -> list[str]:
             f"| denoiser masked loss before / after training | {m['masked_loss_before']:.3f} / {m['masked_loss_after']:.3f} |"]
 
 
+def mode_lines(modes: dict, auto_modes: dict) -> list[str]:
+    """Model-card rows of evaluate's mode table (stages/mode_table.py): every mode at every batch
+    size, and the per-batch-size table `auto` picks from."""
+    if not modes:
+        return []
+    lines = ["", "## Every decoding mode side by side (same prompts, same process)", "",
+             "| batch | mode | relative quality [95% CI] | speedup vs ar | tokens / denoiser forward "
+             "| tokens / model forward |", "|---|---|---|---|---|---|"]
+    for b, per_mode in modes.items():
+        for mode, v in per_mode.items():
+            den = v.get("tokens_per_denoiser_forward")
+            lines.append(f"| {b} | {mode} | {_rel(v)} | {_fmt(v['speedup'])} | {'–' if den is None else _fmt(den)} "
+                         f"| {_fmt(v['tokens_per_model_forward'])} |")
+    if auto_modes:
+        picks = ", ".join(f"{b} → {m}" for b, m in sorted(auto_modes.items(), key=lambda kv: int(kv[0])))
+        lines += ["", f"`mode='auto'` runs, by batch size (the fastest mode meeting the quality target in "
+                      f"calibration's batch sweep; a batch between two sizes takes the smaller's): {picks}."]
+    return lines
+
+
 def model_card(ev: dict, calib: dict, train: dict, gen_cfg: dict, plots: list[str],
                source: dict | None = None, fidelity: dict | None = None) -> str:
     """README.md: what the model is, how to load it, the results table and the plots."""
@@ -100,7 +120,7 @@ def model_card(ev: dict, calib: dict, train: dict, gen_cfg: dict, plots: list[st
         "ids = tok('12+34=', return_tensors='pt').input_ids",
         f"out = model.generate(ids, mode='diffusion', gamma={gen_cfg['gamma']:g}, max_new_tokens=32)",
         "print(tok.decode(out.sequences[0]))", "```", "",
-        "or `python -m pipeline generate PATH --prompt TEXT [--mode diffusion|mock_ar|ar] [--show-steps]`.", "",
+        "or `python -m pipeline generate PATH --prompt TEXT [--mode diffusion|verified|auto|mock_ar|ar] [--show-steps]`.", "",
         "## Results (AR vs diffusion, side by side, same process, batch 1)", "",
         "| metric | value |", "|---|---|",
     ]
@@ -118,6 +138,7 @@ def model_card(ev: dict, calib: dict, train: dict, gen_cfg: dict, plots: list[st
         for t, v in per_task.items():
             lines.append(f"| {t} | {v['kind']} | {_fmt(v['ar_quality'])} | {_fmt(v['diffusion_quality'])} "
                          f"| {_rel(v)} | {_fmt(v['speedup'])} |")
+    lines += mode_lines(m.get("modes") or {}, calib.get("auto_modes") or {})
     losing = families_losing(ev)
     if losing:
         lines += ["", f"Families that lose most to parallel decoding: {', '.join(losing)}."]
@@ -212,7 +233,8 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     merged = {**(json.loads(existing.read_text()) if existing.exists() else {}), **gen_cfg}
     existing.write_text(json.dumps(merged, indent=1))
     plots = []
-    for src in (calib.get("artifacts", {}).get("pareto"), ev.get("artifacts", {}).get("bar_chart")):
+    for src in (calib.get("artifacts", {}).get("pareto"), ev.get("artifacts", {}).get("bar_chart"),
+                ev.get("artifacts", {}).get("speedup")):
         if src and Path(src).exists():
             shutil.copy(src, path / Path(src).name)
             plots.append(str(path / Path(src).name))
