@@ -50,7 +50,7 @@ def split_args(args: list[str]) -> tuple[str | None, list[str]]:
 def _load(args: argparse.Namespace) -> tuple[PipelineConfig, Path | None]:
     recipe_arg, overrides = split_args(args.args)
     recipe = resolve_recipe(recipe_arg, args.defaults)
-    return load_config(recipe, overrides, defaults=args.defaults), recipe
+    return load_config(recipe, overrides, defaults=args.defaults, overlays=args.overlay), recipe
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -61,7 +61,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for arg in recipes:
         recipe = resolve_recipe(arg, args.defaults)
         try:
-            cfg = load_config(recipe, overrides, defaults=args.defaults)
+            cfg = load_config(recipe, overrides, defaults=args.defaults, overlays=args.overlay)
         except ConfigError as err:
             print(f"{recipe or args.defaults or 'pipeline.yaml'}: INVALID\n{err}", file=sys.stderr)
             status = 2
@@ -325,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a recipe (file, or name under recipes/; default recipes/tiny.yaml), "
                             "then overrides key=value or ~key")
         p.add_argument("--defaults", default=None, help="the defaults file (default: pipeline.yaml)")
+        p.add_argument("--overlay", action="append", default=None, metavar="FILE",
+                       help="a YAML file merged over the recipe, before the overrides (repeatable)")
 
     p = sub.add_parser("run", help="run the pipeline (default: the embedded recipes/tiny.yaml)")
     with_config(p)
