@@ -84,7 +84,9 @@ def _semantic_checks(order: list[str], modules: dict[str, ModuleType], sections:
     """Value checks the types cannot express, before any stage runs (a bad calibration target must
     not surface after pretraining). Three hooks a stage module may offer: its `Config`'s own
     `__post_init__`, `validate(cfg)` for its section alone, and `check(sections)` across sections
-    (e.g. the block size against `data.seq_len`). Each raises ValueError naming the key."""
+    (e.g. the block size against `data.seq_len`). Each raises ValueError naming the key. A fourth,
+    `check_resources(cfg, sections, resources, stage)`, checks a stage against its graph entry's
+    resources (`_validate` calls it once the sections pass)."""
     built: dict[str, Any] = {}
     checked: set[Any] = set()  # by id: test stages may be unhashable namespaces
     for name in order:
@@ -135,9 +137,10 @@ def _import_stage(name: str, path: str) -> tuple[Any, str | None]:
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None, *,
-                defaults: str | Path | None = None, stages_registry: dict[str, str] | None = None
-                ) -> PipelineConfig:
-    """Merge `defaults` (pipeline.yaml) <- `recipe` <- `overrides`, resolve and validate.
+                defaults: str | Path | None = None, stages_registry: dict[str, str] | None = None,
+                overlays: list[str | Path] | None = None) -> PipelineConfig:
+    """Merge `defaults` (pipeline.yaml) <- `recipe` <- `overlays` (files, in order) <- `overrides`,
+    resolve and validate.
 
     Raises `ConfigError` with every problem found. `stages_registry` adds stage modules to
     `stages.REGISTRY` (a graph entry may also name its module with `graph.<name>.module`).
@@ -158,6 +161,12 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
         if rec is not None:
             configs.append(rec)
             layers.append((str(recipe), OmegaConf.to_container(rec, resolve=False)))
+    for overlay in overlays or []:  # a documented variant of the recipe, e.g. a CPU rehearsal
+        sources.append(str(overlay))
+        layer = load_yaml(Path(overlay), problems)
+        if layer is not None:
+            configs.append(layer)
+            layers.append((str(overlay), OmegaConf.to_container(layer, resolve=False)))
     over, deletes = parse_overrides(list(overrides or []), problems)
     layers.append((CLI, OmegaConf.to_container(over, resolve=False)))
     if problems:
@@ -268,6 +277,13 @@ def _validate(plain: dict[str, Any], problems: list[tuple[str, str]], reg: dict[
         return None
     dag = build_dag({n: list(s.needs) for n, s in specs.items()}, requires)
     built = _semantic_checks(dag.order, modules, sections, problems)
+    for name in dag.order:  # a stage's settings against its own reservation (GPUs, devices)
+        hook = getattr(modules[name], "check_resources", None)
+        if hook is not None and name in built:
+            try:
+                hook(built[name], sections, specs[name].resources, name)
+            except ValueError as err:
+                problems.append((f"graph.{name}.resources", str(err)))
     if problems:
         return None
     stages = {}

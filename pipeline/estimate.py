@@ -162,6 +162,8 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
         "ar_only_gib_batch1": round(decode["batch_1"]["ar_only"]["device_gib"], 1),
         "train_gib_per_gpu": round(train["total_gib"], 1),
         "train_gpus": shape.num_gpus,
+        "world_size": world(sec).world_size,
+        "tokens_per_step": world(sec).tokens_per_step,
         "train_min_gpus": fit,
         "train_hours_for_max_steps": round(step_time["hours_for_max_steps"], 1),
     }
@@ -189,15 +191,37 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
 
 
 def _train_shape(sec: Sections, block_size: int, num_gpus: int | None):
-    """The training job to size: GPUs from `plan.num_gpus`, else `train.num_workers` /
-    `train.devices` (`UNSET_GPUS` if none is set above 1); rows of `data.seq_len` tokens in
+    """The training job to size: GPUs from `plan.num_gpus`, else the run's world size
+    (`stages.world_size`; `UNSET_GPUS` if neither is above 1); rows of `data.seq_len` tokens in
     micro-batches of `train.batch_size`."""
     from twotower.sizing import TrainShape
 
-    workers = num_gpus or sec.plan.num_gpus or max(sec.train.num_workers, sec.train.devices)
+    workers = num_gpus or sec.plan.num_gpus or world(sec).num_workers
     seq_len = int(sec.data.seq_len)
     return TrainShape(num_gpus=workers if workers > 1 else UNSET_GPUS, micro_batch=int(sec.train.batch_size),
                       seq_len=seq_len - seq_len % block_size or block_size, block_size=block_size)
+
+
+def world(sec: Sections):
+    """The training world the run will use (`stages.world_size.world_of`, as `train_denoiser` calls it)."""
+    from stages.world_size import world_of
+
+    return world_of(sec.train, int(sec.data.seq_len))
+
+
+def plan_world(cfg: Any) -> dict | None:
+    """World size, micro-batch and tokens per step of the recipe's training, for `plan`; None when
+    the graph does not train the denoiser. Light: no backbone config is read."""
+    from pipeline.schema import build
+    from stages import prepare_data, train_denoiser
+    from stages.world_size import world_of
+
+    plain = _plain(cfg)
+    if "train_denoiser" not in (plain.get("graph") or {}):
+        return None
+    train = build(train_denoiser.Config, dict(plain.get("train") or {}))
+    data = build(prepare_data.Config, dict(plain.get("data") or {}))
+    return world_of(train, int(data.seq_len)).as_dict()
 
 
 def _new_parameters(sec: Sections, backbone, facts, block_size: int) -> tuple[dict, str]:

@@ -224,8 +224,11 @@ def check_dataclass(value: Any, schema: type, path: str, known: set[str] | None 
     accepted = set(fields) | (known or set())
     prefix = f"{path}." if path else ""
     problems: list[tuple[str, str]] = []
+    removed = getattr(schema, "REMOVED_KEYS", {})  # key -> what replaced it (a class attribute)
     for key in value:
-        if key not in accepted:
+        if key in removed and key not in accepted:
+            problems.append((prefix + str(key), removed[key]))
+        elif key not in accepted:
             problems.append((prefix + str(key), f"unknown key{suggest(str(key), accepted)} "
                              f"(valid keys: {', '.join(sorted(accepted))})"))
     for name, f in fields.items():

@@ -8,6 +8,9 @@ whose *lower confidence bound* of relative quality meets `target_relative_qualit
 block sizes: the fastest), so a γ that meets the target only by luck of the slice is not picked;
 when no point does, it picks the one with the best lower bound, says so loudly and records
 `target_met = 0`. A Pareto plot (relative quality against speedup, each point labelled) is saved.
+Then, at the chosen γ, a batch-size sweep (`batch_sizes`, stages/batch_sweep.py) times ar,
+diffusion and verified side by side and records per batch size the fastest mode meeting the
+target: `auto_modes`, which export writes into generation_config.json for `generate(mode="auto")`.
 
 Calibration uses the first `prompts_per_task` held-out examples of each task; `evaluate` uses the
 ones after them. With `max_interval_width` set, a chosen point whose interval is wider grows the
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Annotated
 
 from stages.api import Range, StageContext
+from stages.placement import check_reserved, devices_of
 
 SECTION = "calibrate"
 REQUIRES = ("prepare_data", "train_denoiser")
@@ -50,6 +54,10 @@ class Config:
     """Widest 95% interval of the chosen point's relative quality; when wider, the slice grows (null: fixed slice)."""
     max_prompts_per_task: Annotated[int, Range(1)] = 64
     """Cap on the grown calibration slice per task (with `max_interval_width`)."""
+    batch_sizes: list[Annotated[int, Range(1)]] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    """Batch sizes of the mode sweep (ar, diffusion at the chosen γ, verified) that fills `auto_modes`; [] skips it."""
+    batch_rounds: Annotated[int, Range(1)] = 3
+    """Interleaved timing rounds of the batch sweep (the median is kept)."""
 
     def __post_init__(self) -> None:
         validate(self)
@@ -69,6 +77,10 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"calibrate.block_sizes={cfg.block_sizes}: each must be >= 2")
     if cfg.prompts_per_task < 1 or cfg.repeats < 1 or cfg.max_new_tokens < 1:
         raise ValueError("calibrate.prompts_per_task, calibrate.repeats and calibrate.max_new_tokens must be >= 1")
+    if any(b < 1 for b in cfg.batch_sizes) or len(set(cfg.batch_sizes)) != len(cfg.batch_sizes):
+        raise ValueError(f"calibrate.batch_sizes={cfg.batch_sizes}: each must be >= 1, without repeats")
+    if cfg.batch_rounds < 1:
+        raise ValueError(f"calibrate.batch_rounds={cfg.batch_rounds}: must be >= 1")
 
 
 def slice_size(n: int, width: float, target_width: float, cap: int) -> int:
@@ -127,6 +139,12 @@ def pareto_plot(points: list[dict], target: float, chosen: dict, path: Path) -> 
     ax.set_xlabel("wall-clock speedup over AR (×)")
     plots.save(fig, ax, path, title="γ calibration: quality vs speed", ylabel="quality relative to AR",
                legend_loc="lower left")
+
+
+def check_resources(cfg: Config, sections: dict, resources, stage: str) -> None:
+    """Config time: the towers' devices (`backbone.context_device` / `denoiser_device`) against the
+    GPUs this stage reserves (`stages.placement`)."""
+    check_reserved(sections.get("backbone") or {}, float(resources.num_gpus), stage)
 
 
 def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
@@ -193,8 +211,10 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
                    f"95% interval [{chosen['relative_quality_low']:.3f}, {chosen['relative_quality_high']:.3f}], "
                    f"speedup {chosen['speedup']:.2f}x)")
         ctx.warn(message)
-    (out / "calibration.json").write_text(json.dumps({"points": points, "chosen": chosen, "target_met": met,
-                                                       "config": asdict(cfg), "warning": message}, indent=1))
+    sweep, auto_modes = _batch_sweep(cfg, model, tokenizer, examples, chosen, ctx)
+    (out / "calibration.json").write_text(json.dumps({
+        "points": points, "chosen": chosen, "target_met": met, "config": asdict(cfg), "warning": message,
+        "batch_sweep": sweep, "auto_modes": {str(b): m for b, m in auto_modes.items()}}, indent=1))
     pareto_plot(points, cfg.target_relative_quality, chosen, out / "pareto.png")
     ctx.log_artifact(out / "pareto.png")
     ctx.log_artifact(out / "calibration.json")
@@ -206,9 +226,34 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
                "target_met": 1.0 if met else 0.0, "n_prompts": len(examples)}
     if chosen.get("block_size"):
         metrics["block_size"] = chosen["block_size"]
-    return {"metrics": metrics,
+    for row in sweep:  # flat, so MLflow shows them: speedup of each mode per batch size
+        metrics.update({f"b{row['batch']}_{m}_speedup": row[f"{m}_speedup"] for m in ("diffusion", "verified")})
+        metrics[f"b{row['batch']}_auto_speedup"] = row[f"{auto_modes[row['batch']]}_speedup"]
+    return {"metrics": metrics, "placement": devices_of(model),
             "artifacts": {"pareto": ctx.artifact_path("pareto.png"),
                           "calibration": ctx.artifact_path("calibration.json")},
             "gamma": chosen["gamma"], "block_size": chosen.get("block_size"), "target_met": met,
             "warning": message, "points": points,
-            "calibration_examples": {"per_task": per_task, "offset": 0}}
+            "calibration_examples": {"per_task": per_task, "offset": 0},
+            "batch_sweep": sweep, "auto_modes": {str(b): m for b, m in auto_modes.items()}}
+
+
+def _batch_sweep(cfg: Config, model, tokenizer, examples: list[dict], chosen: dict,
+                 ctx: StageContext) -> tuple[list[dict], dict[int, str]]:
+    """Time ar, diffusion at the chosen γ and verified at each of `batch_sizes` (stages/batch_sweep.py)
+    and pick per batch size the fastest mode meeting the quality target: `auto`'s table."""
+    from stages import batch_sweep
+
+    if not cfg.batch_sizes:
+        return [], {}
+    sizes = sorted(cfg.batch_sizes)
+    rows = batch_sweep.measure(model, tokenizer, examples, sizes, gamma=chosen["gamma"],
+                               block_size=chosen.get("block_size"), rounds=cfg.batch_rounds,
+                               max_new_tokens=cfg.max_new_tokens,
+                               progress=lambda d, t: ctx.progress(d, t, "batch sweep"))
+    table = batch_sweep.decide(rows, _low(chosen), cfg.target_relative_quality)
+    for i, row in enumerate(rows):
+        row["auto"] = table[row["batch"]]
+        ctx.log_metrics({"batch_sweep_batch": row["batch"], **{f"batch_sweep_{m}_speedup": row[f"{m}_speedup"]
+                                                         for m in batch_sweep.SWEPT_MODES}}, step=i)
+    return rows, table

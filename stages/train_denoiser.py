@@ -23,6 +23,7 @@ from stages.loading import BackboneRef, TwoTowerFactory, save_denoiser
 from stages.attach_conditioning import check_block_size
 from stages.rows import Layout, NoiseOn, RowLoaders, ShardLoaders, ShardRows, build_rows
 from stages.training import Optimisation, load_tokens
+from stages.world_size import REMOVED_TRAIN_KEYS, check_stage_resources, world_of
 
 SECTION = "train"
 REQUIRES = ("prepare_data", "attach_conditioning")
@@ -32,6 +33,8 @@ REQUIRES = ("prepare_data", "attach_conditioning")
 class Config(Optimisation):
     """The `train` section: optimisation of the denoiser tower (the shared fields of
     `stages.training.Optimisation`, then the denoiser's own)."""
+
+    REMOVED_KEYS = REMOVED_TRAIN_KEYS  # not a field: keys a recipe may still set, and their replacement
 
     max_minutes: Annotated[float, Range(0, low_open=True)] | None = None
     """Wall-clock budget in minutes across resumes; null: steps only. The LR schedule follows it."""
@@ -44,14 +47,15 @@ class Config(Optimisation):
     """Eval micro-batches per validation (0: no validation)."""
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     """Lightning accelerator."""
-    devices: Annotated[int, Range(1)] = 1
-    """Devices for the Trainer."""
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     """Lightning strategy; under `num_workers > 1`, `auto` is FSDP on GPU and DDP on CPU."""
     num_workers: Annotated[int, Range(1)] = 1
-    """Ray Train workers. Above 1 the fit runs through `stages.train_distributed.fit_distributed`
-    (one worker per GPU, FSDP on GPU, DDP over gloo on CPU; checkpoints in the stage's work dir on
-    shared storage, resumed after a restart)."""
+    """Training processes. Above 1 the fit runs on Ray Train workers through
+    `stages.train_distributed.fit_distributed` (FSDP on GPU, DDP over gloo on CPU; checkpoints in
+    the stage's work dir on shared storage, resumed after a restart). The world size is this times
+    `gpus_per_worker` GPUs (`stages.world_size`)."""
+    gpus_per_worker: Annotated[int, Range(0, 1)] | None = None
+    """GPUs each process reserves: 0 (CPU, gloo) or 1; null: 1 when `accelerator` is gpu/cuda."""
     max_failures: Annotated[int, Range(0)] = 0
     """`num_workers > 1`: times Ray Train restarts the worker group after a worker dies (its
     `FailureConfig`); each restart resumes from the last checkpoint on `run.root`, the row order at
@@ -70,6 +74,18 @@ class Config(Optimisation):
     the denoiser learns where the answer ends (decoding denoises all B positions of a block; see
     `twotower.data.block_aligned_batch`). False leaves pads there (the answer length is then
     visible to the denoiser in training but not when decoding)."""
+
+
+def validate(cfg: Config) -> None:
+    """Config-only checks: `gpus_per_worker` against `accelerator` (ValueError naming the keys)."""
+    world_of(cfg, 1)
+
+
+def check_resources(cfg: Config, sections: dict, resources, stage: str) -> None:
+    """The engine's config-time hook: the world size against this stage's own Ray task
+    (`resources`: its `graph.<stage>.resources`)."""
+    seq_len = int((sections.get("data") or {}).get("seq_len", 1))
+    check_stage_resources(world_of(cfg, seq_len), stage, float(resources.num_gpus))
 
 
 def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
@@ -101,7 +117,8 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
         n_rows, row_len = int(train_ids[0].shape[0]), int(train_ids[0].shape[1])
         loaders = RowLoaders(train_ids, val_ids, block_size, cfg.batch_size)
     factory = TwoTowerFactory.of(backbone, tt)
-    if cfg.num_workers > 1:
+    world = world_of(cfg, int(data.get("seq_len") or row_len))
+    if world.distributed:
         module, logged, seconds = fit_on_workers(cfg, factory, block_size, loaders, ctx)
         steps = int(logged.pop("step", cfg.max_steps))
         timing = {"train_minutes": seconds / 60.0, "num_workers": cfg.num_workers}
@@ -110,14 +127,17 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
         module, trainer, seconds = fit(cfg, factory, block_size, local, ctx)
         logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         steps = int(trainer.global_step)
-        timing = {"resumed_from_step": module.resumed_from_step, "train_minutes": module.elapsed() / 60.0,
+        timing = {"resumed_from_step": module.resumed_from_step,
+                  **({"resumed_lr_was": module.resumed_lr} if module.resumed_lr is not None else {}), "train_minutes": module.elapsed() / 60.0,
                   "train_cpu_minutes": module.cpu_seconds / 60.0}
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_denoiser(module.model, out / "denoiser.safetensors")
-    tokens = steps * cfg.batch_size * cfg.grad_accum * row_len * cfg.num_workers
+    tokens = steps * cfg.batch_size * cfg.grad_accum * row_len * world.num_workers
     metrics_layout = {"train_rows": n_rows, "row_len": row_len}
-    metrics = {"steps": steps, **timing, "tokens_per_second": tokens / max(seconds, 1e-9),
+    metrics = {"steps": steps, **timing, "world_size": world.world_size, "gpus": world.gpus,
+               "micro_batch": world.micro_batch, "tokens_per_step": world.tokens_per_step,
+               "tokens_per_second": tokens / max(seconds, 1e-9),
                **metrics_layout, **{k.replace("/", "_"): float(v) for k, v in logged.items()
                                     if isinstance(v, (int, float))}}
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=1))

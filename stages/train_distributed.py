@@ -149,14 +149,15 @@ class LazyFactory:
 def config_from_train(train_cfg: Any, *, storage_path: str, name: str, num_workers: int | None = None,
                       seed: int = 0) -> DistributedConfig:
     """A `DistributedConfig` from `train_denoiser`'s `train` section (fields read when present):
-    `num_workers` (else `devices`), `accelerator`, `strategy`, `precision`, `max_steps`,
-    `grad_accum`, `grad_clip`, `checkpoint_every`, `max_failures`. `auto` strategy means FSDP on GPU, DDP on CPU."""
-    import torch
+    `num_workers`, `gpus_per_worker` / `accelerator` (one rule: `stages.world_size`), `strategy`,
+    `precision`, `max_steps`, `grad_accum`, `grad_clip`, `checkpoint_every`, `max_failures`. `auto`
+    strategy means FSDP on GPU, DDP on CPU."""
+    from stages.world_size import world_of
 
     get = lambda key, default: getattr(train_cfg, key, default)  # noqa: E731
-    workers = num_workers or int(get("num_workers", 0) or get("devices", 1) or 1)
-    accelerator = str(get("accelerator", "auto"))
-    use_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    world = world_of(train_cfg, 1)
+    workers = num_workers or world.num_workers
+    use_gpu = world.gpus_per_worker > 0
     strategy = str(get("strategy", "auto"))
     if strategy == "auto":
         strategy = "fsdp" if use_gpu else "ddp"
@@ -297,6 +298,7 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     from ray.train.lightning import RayLightningEnvironment, prepare_trainer
 
+    from stages.finite_guard import make_finite_guard
     from stages.row_sampler import RowSampler, sampler_checkpoint
 
     cfg = DistributedConfig(**loop_config["cfg"])
@@ -308,7 +310,9 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sampler = getattr(train_loader, "batch_sampler", None)
     row_sampler = isinstance(sampler, RowSampler)  # shards itself per rank, resumes at the exact batch
     # the sampler's cursor first: it must move before the step report checkpoints the same batch
-    callbacks = ([sampler_checkpoint(sampler)] if row_sampler else []) + [_step_report_callback(cfg)]
+    # the NaN guard before the step report: a non-finite step is never reported as a checkpoint
+    guard = make_finite_guard(None, f"the latest Ray Train checkpoint under {_run_dir(cfg)}")
+    callbacks = ([sampler_checkpoint(sampler)] if row_sampler else []) + [guard, _step_report_callback(cfg)]
     trainer = pl.Trainer(
         max_steps=cfg.max_steps,
         accelerator="gpu" if cfg.use_gpu else "cpu",

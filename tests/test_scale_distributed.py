@@ -185,7 +185,7 @@ def test_lazy_factory_and_train_section_mapping():
         LazyFactory("twotower.sizing")()
 
     class Train:  # the fields of train_denoiser's `train` section that the runner reads
-        devices, accelerator, strategy, precision = 16, "gpu", "fsdp", "bf16-mixed"
+        num_workers, accelerator, strategy, precision = 16, "gpu", "fsdp", "bf16-mixed"
         max_steps, grad_accum, grad_clip, checkpoint_every = 2000, 8, 1.0, 500
 
     cfg = config_from_train(Train(), storage_path="/shared/runs", name="nano")

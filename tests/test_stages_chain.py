@@ -119,6 +119,24 @@ def test_train_resumes_from_last_checkpoint(chain):
     assert out["metrics"]["steps"] == 6
 
 
+def test_plan_and_run_agree_on_the_world(chain, tmp_path):
+    """`plan` and the fit read one world (stages/world_size.py): the same resolved recipe gives the
+    same world size, micro-batch and tokens per step in the plan and in the stage's metrics."""
+    from pipeline.cli import plan_of
+    from pipeline.config import load_config
+    from pipeline.schema import build
+
+    over = [f"train.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in TRAIN.items()]
+    cfg = load_config("recipes/tiny.yaml", over + ["train.max_steps=2", "train.grad_accum=2", "train.max_minutes=null",
+                                                   f"data.seq_len={SEQ_LEN}", f"data.block_size={BLOCK}"])
+    world = plan_of(cfg, with_estimate=False)["world"]
+    out = T.run(build(T.Config, cfg.stages["train_denoiser"].config), chain["m"], make_ctx(tmp_path, "train"))
+    ran = out["metrics"]
+    assert (ran["world_size"], ran["micro_batch"], ran["tokens_per_step"]) == (
+        world["world_size"], world["micro_batch"], world["tokens_per_step"]) == (1, TRAIN["batch_size"],
+                                                                                 TRAIN["batch_size"] * 2 * SEQ_LEN)
+
+
 def test_trained_model_keeps_context_tower_bit_identical(chain):
     from transformers import AutoModelForCausalLM
     from twotower import checks
@@ -227,6 +245,60 @@ def test_calibrate_records_intervals_and_grows_the_slice(chain, tmp_path, monkey
     assert grown["calibration_examples"]["per_task"] == 2 and grown["metrics"]["n_prompts"] == 4
 
 
+def test_calibrate_sweeps_batch_sizes_into_the_exports_auto_modes(chain):
+    """The batch sweep timed every mode at every batch size on the real model; its table follows the
+    decision rule, reaches generation_config.json, and `auto` runs the mode it names."""
+    from stages.batch_sweep import decide
+    from twotower import TwoTowerForDiffusionLM
+
+    c = chain["m"]["calibrate_gamma"]
+    sweep = c["batch_sweep"]
+    assert [r["batch"] for r in sweep] == [1, 2, 4, 8, 16]
+    for r in sweep:
+        assert all(r[f"{m}_seconds"] > 0 and r[f"{m}_tokens"] >= r["batch"] for m in ("ar", "diffusion", "verified"))
+        assert r["ar_speedup"] == 1.0 and r["auto"] == c["auto_modes"][str(r["batch"])]
+    chosen = json.loads(Path(c["artifacts"]["calibration"]).read_text())["chosen"]
+    assert {int(b): m for b, m in c["auto_modes"].items()} == decide(
+        sweep, chosen["relative_quality_low"], C.Config().target_relative_quality)
+    assert c["metrics"]["b16_verified_speedup"] == sweep[-1]["verified_speedup"]
+    path = Path(chain["m"]["export"]["metrics"]["path"])
+    assert json.loads((path / "generation_config.json").read_text())["auto_modes"] == c["auto_modes"]
+    model = TwoTowerForDiffusionLM.from_pretrained(path)
+    ids = [[1, 5, 6, 7]] * 8
+    assert model.generate(ids, mode="auto", max_new_tokens=4).mode == c["auto_modes"]["8"]
+
+
+def test_evaluate_shows_every_mode_side_by_side(chain):
+    """ar, diffusion, verified and auto measured at batch 1 and 8 on the real model: verified is AR's
+    output (relative quality exactly 1), auto matches the mode its table names for the batch it ran,
+    and the table reaches summary metrics, evaluation.json, the plot and the model card."""
+    from twotower.generate import auto_mode
+
+    ev = chain["m"]["evaluate"]
+    modes = ev["metrics"]["modes"]
+    assert list(modes) == ["1", "8"] and all(list(v) == ["ar", "diffusion", "verified", "auto"] for v in modes.values())
+    for b, per_mode in modes.items():
+        assert per_mode["ar"]["speedup"] == 1.0 and per_mode["ar"]["tokens_per_denoiser_forward"] is None
+        assert per_mode["verified"]["relative_quality"] == 1.0 == per_mode["verified"]["relative_quality_low"]
+        assert per_mode["diffusion"]["tokens_per_denoiser_forward"] > 0
+        for m, v in per_mode.items():
+            assert v["speedup"] > 0 and v["tokens_per_model_forward"] > 0
+            assert v["relative_quality_low"] <= v["relative_quality"] <= v["relative_quality_high"], (b, m)
+    table = {int(k): v for k, v in chain["m"]["calibrate_gamma"]["auto_modes"].items()}
+    n = chain["m"]["evaluate"]["metrics"]["n_prompts"]  # 4 prompts: batch 8 runs one batch of 4
+    for b in ("1", "8"):
+        picked = auto_mode(table, min(int(b), n))
+        assert modes[b]["auto"]["quality"] == modes[b][picked]["quality"]
+    saved = json.loads(Path(ev["artifacts"]["evaluation"]).read_text())
+    assert saved["modes"] == json.loads(json.dumps(modes))
+    assert Path(ev["artifacts"]["speedup"]).stat().st_size > 1000
+    path = Path(chain["m"]["export"]["metrics"]["path"])
+    card = (path / "README.md").read_text()
+    assert "## Every decoding mode side by side" in card and "| 8 | verified | 1.000 [1.000, 1.000] |" in card
+    assert "| 1 | ar | 1.000 [1.000, 1.000] | 1.000 | – |" in card and "`mode='auto'` runs" in card
+    assert "speedup.png" in card and (path / "speedup.png").exists()
+
+
 def test_calibrate_rejects_block_sizes_above_trained(chain, tmp_path):
     with pytest.raises(ValueError, match="calibrate.block_sizes"):
         C.run(C.Config(block_sizes=[BLOCK * 2]), chain["m"], make_ctx(tmp_path, "calibrate"))
@@ -255,7 +327,8 @@ def test_train_on_two_ray_workers_writes_a_trained_denoiser(chain, tmp_path):
                     chain["m"], make_ctx(tmp_path, "train", events=events))
     finally:
         ray.shutdown()
-    assert out["metrics"]["steps"] == 2 and out["metrics"]["num_workers"] == 2
+    assert out["metrics"]["steps"] == 2 and out["metrics"]["num_workers"] == out["metrics"]["world_size"] == 2
+    assert out["metrics"]["tokens_per_step"] == 2 * TRAIN["batch_size"] * SEQ_LEN
     trained = load_file(out["artifacts"]["denoiser"])
     model, _ = load_trained(out)
     initial = TwoTowerFactory.of(BackboneRef.of(out, "train_denoiser"), out["twotower"])()

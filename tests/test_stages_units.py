@@ -228,3 +228,44 @@ def test_peak_memory_window_forgets_an_earlier_peak():
         pytest.skip("no /proc/self/clear_refs here: the peak is the process's")
     after = de.peak_memory_mb()["peak_rss_mb"]
     assert after < before - 150
+
+
+def _sweep_row(batch: int, ar: float, diffusion: float, verified: float) -> dict:
+    """A batch-sweep row with made-up seconds (for the pure decision rule only)."""
+    return {"batch": batch, "ar_seconds": ar, "diffusion_seconds": diffusion, "verified_seconds": verified}
+
+
+def test_batch_sweep_picks_the_fastest_mode_meeting_the_target():
+    from stages.batch_sweep import decide
+
+    rows = [_sweep_row(1, 1.0, 0.3, 0.4), _sweep_row(4, 1.0, 0.6, 0.5), _sweep_row(16, 1.0, 1.4, 1.2)]
+    assert decide(rows, diffusion_low=0.99, target=0.987) == {1: "diffusion", 4: "verified", 16: "ar"}
+    # diffusion's lower bound misses the target: it is never picked, however fast
+    assert decide(rows, diffusion_low=0.95, target=0.987) == {1: "verified", 4: "verified", 16: "ar"}
+    # a tie goes to the exact modes, AR first
+    assert decide([_sweep_row(2, 1.0, 1.0, 1.0)], diffusion_low=1.0, target=0.9) == {2: "ar"}
+    assert decide([_sweep_row(2, 1.0, 0.5, 0.5)], diffusion_low=1.0, target=0.9) == {2: "verified"}
+
+
+def test_batch_sweep_batches_mix_families_and_cycle():
+    from stages.batch_sweep import batch_prompts
+
+    ex = [{"task": "a", "prompt": "a1"}, {"task": "a", "prompt": "a2"}, {"task": "b", "prompt": "b1"}]
+    assert batch_prompts(ex, 1) == ["a1"]
+    assert batch_prompts(ex, 2) == ["a1", "b1"]
+    assert batch_prompts(ex, 5) == ["a1", "b1", "a2", "b1", "a1"]
+
+
+def test_calibrate_rejects_bad_batch_sizes():
+    with pytest.raises(ValueError, match="calibrate.batch_sizes"):
+        C.Config(batch_sizes=[1, 1])
+    with pytest.raises(ValueError, match="calibrate.batch_sizes"):
+        C.Config(batch_sizes=[0, 4])
+
+
+def test_evaluate_rejects_bad_mode_batches():
+    from stages import evaluate as EV
+
+    with pytest.raises(ValueError, match="evaluate.mode_batches"):
+        EV.Config(mode_batches=[8, 8])
+    assert EV.Config(mode_batches=[]).mode_batches == []

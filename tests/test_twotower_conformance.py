@@ -217,7 +217,7 @@ def test_drop_last_equals_the_cache_of_the_kept_prefix(name):
         block[1, 2] = walk.logits(h[:, -1]).argmax(-1)
         block[1, 3] = (walk.logits(h[:, -1]).argmax(-1) + 1) % VOCAB  # a wrong draft after a right one
         rows = _Rows(torch.arange(3), greedy, cache, [[] for _ in range(3)])
-        kept = _verify_block(model, block, rows, False, _Tally(torch.zeros(3, dtype=torch.long)), None)
+        kept = _verify_block(model, block, rows, False, _Tally(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)), None)
         assert int(kept[1]) >= 3 and len(set(kept.tolist())) > 1
         got, _ = context_forward(walk, nxt, rows.cache, chunk=B)
         for r in range(3):
@@ -242,8 +242,11 @@ def test_finished_rows_leave_the_batch(mode):
         alone = model.generate([p], mode=mode, **kw)
         assert alone.generated[0].tolist() == g.generated[i, : alone.generated.shape[1]].tolist()
         assert int(alone.row_forwards[0]) == int(g.row_forwards[i])  # no forward after it finished
+        assert int(alone.row_denoiser_forwards[0]) == int(g.row_denoiser_forwards[i])
+        assert int(alone.row_denoiser_forwards[0]) == alone.num_denoiser_forwards
+    assert int(g.row_denoiser_forwards.max()) <= g.num_denoiser_forwards
     if mode == "ar":
-        assert torch.equal(g.row_forwards, g.num_generated)
+        assert torch.equal(g.row_forwards, g.num_generated) and int(g.row_denoiser_forwards.sum()) == 0
     if mode in ("diffusion", "verified"):  # a row with a complete draft sits out its neighbours' steps
         for steps in g.trace:
             for before, after in zip(steps, steps[1:]):

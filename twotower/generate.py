@@ -87,6 +87,9 @@ class GenerateOutput:
     tower's first token of the block)."""
     mode: str = ""
     """The mode that ran (for `auto`: the one its table picked)."""
+    row_denoiser_forwards: torch.Tensor | None = None
+    """`[batch]` denoiser forwards each row took part in (a batched call's per-row tokens per
+    denoiser forward: a row that finished early or sat out steps is not charged for them)."""
 
     @property
     def generated(self) -> torch.Tensor:
@@ -147,6 +150,8 @@ class _Tally:
 
     row_forwards: torch.Tensor
     """`[batch]` forwards per original row."""
+    row_den: torch.Tensor
+    """`[batch]` denoiser forwards per original row."""
     den: int = 0
     ctx: int = 0
     verify_rows: int = 0
@@ -156,6 +161,8 @@ class _Tally:
         """One forward of `kind` ("den" / "ctx") over the original rows `rows`."""
         setattr(self, kind, getattr(self, kind) + 1)
         self.row_forwards[rows.cpu()] += 1
+        if kind == "den":
+            self.row_den[rows.cpu()] += 1
 
 
 @dataclass
@@ -271,7 +278,7 @@ def generate(
     walk = model.context_walk
     b = ids.shape[0]
     keep_hidden = cfg.cross_attention
-    tally = _Tally(torch.zeros(b, dtype=torch.long))
+    tally = _Tally(torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long))
     hidden, cache = context_forward(walk, ids, TowerCache.empty(b, ctx_dev), valid=valid, chunk=B,
                                     keep_hidden=keep_hidden)
     rows = _Rows(torch.arange(b, device=ctx_dev), walk.logits(hidden[:, -1]).argmax(-1), cache,
@@ -330,7 +337,8 @@ def generate(
     for i, seq in enumerate(rows.out):
         gen[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
     return GenerateOutput(torch.cat([ids, gen.to(ids.device)], dim=1), tally.den, tally.ctx, lengths, n_gen, trace,
-                          ids.shape[1], tally.row_forwards, tally.verify_rows, tally.accepted, mode)
+                          ids.shape[1], tally.row_forwards, tally.verify_rows, tally.accepted, mode,
+                          tally.row_den)
 
 
 def _denoise_block(model, block, rows, gamma, eos, pad, den_dev, tally, steps, draft=None, drafting=None):

@@ -1,0 +1,105 @@
+"""Batch-size sweep of `calibrate_gamma`: which decoding mode is fastest at each batch size (issue 13).
+
+Diffusion's speedup over AR shrinks as the batch grows (a batched block waits for its slowest row),
+so no one mode is best everywhere. `generate(mode="auto")` reads a table `auto_modes` (batch size
+-> mode) from the export's generation_config.json; this module measures it:
+
+- `measure` decodes the same prompts with `ar`, `diffusion` (at the calibrated γ) and `verified`
+  at each batch size, in this process, interleaved: every round times each (batch size, mode)
+  once, the order of the modes rotated from round to round, so load on a shared machine hits all
+  modes alike; each figure is the median of the rounds;
+- `decide` (pure, so its rule is unit-tested on made-up timings) picks per batch size the fastest
+  mode that meets the recipe's quality target: `ar` and `verified` always do (verified's output is
+  AR's, token for token), `diffusion` only when the lower 95% confidence bound of its relative
+  quality at the calibrated γ meets the target. Rows decode independently in every mode, so that
+  quality, measured at batch 1, holds at every batch size; only speed depends on the batch.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+SWEPT_MODES = ("ar", "diffusion", "verified")
+"""The modes the sweep times (`auto` picks among them)."""
+ALWAYS_EXACT = ("ar", "verified")
+"""Modes whose output is AR's by construction: they meet any quality target."""
+
+
+def batch_prompts(examples: list[dict], size: int) -> list[str]:
+    """`size` prompts taken round-robin over the task families (a batch mixes families, as real
+    traffic does), cycling when there are fewer examples than `size`."""
+    by_task: dict[str, list[str]] = {}
+    for ex in examples:
+        by_task.setdefault(ex.get("task", "text"), []).append(ex["prompt"])
+    mixed = [p for group in zip(*[g * (size // len(g) + 1) for g in by_task.values()]) for p in group]
+    return mixed[:size]
+
+
+def timed_generate(model, prompts, **kwargs) -> tuple[Any, float]:
+    """`model.generate(prompts, **kwargs)` and its wall-clock seconds (the accelerator synchronised)."""
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = model.generate(prompts, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - t0
+
+
+def measure(model, tokenizer, examples: list[dict], batch_sizes: list[int], *, gamma: float,
+            block_size: int | None, rounds: int, max_new_tokens: int, progress=None) -> list[dict[str, Any]]:
+    """Time every mode at every batch size, interleaved; one row per batch size with, per mode `m`,
+    `{m}_seconds` (median of `rounds`), `{m}_tokens` (generated, EOS included), `{m}_tokens_per_s`
+    and `{m}_speedup` (AR seconds / its seconds on the same prompts)."""
+    import torch
+
+    if not examples:
+        raise ValueError("batch sweep: no calibration examples to decode")
+    kwargs: dict[str, Any] = {"gamma": gamma, "max_new_tokens": max_new_tokens}
+    if block_size:
+        kwargs["block_size"] = block_size
+    batches = {b: [tokenizer(p)["input_ids"] for p in batch_prompts(examples, b)] for b in batch_sizes}
+    times: dict[tuple[int, str], list[float]] = {(b, m): [] for b in batch_sizes for m in SWEPT_MODES}
+    tokens: dict[tuple[int, str], int] = {}
+    with torch.inference_mode():
+        for m in SWEPT_MODES:  # warm-up, untimed: first calls pay for allocations
+            model.generate(batches[min(batch_sizes)], mode=m, **kwargs)
+        done, total = 0, rounds * len(batch_sizes)
+        for r in range(rounds):
+            for b in batch_sizes:
+                shift = (r + b) % len(SWEPT_MODES)
+                for m in SWEPT_MODES[shift:] + SWEPT_MODES[:shift]:
+                    out, secs = timed_generate(model, batches[b], mode=m, **kwargs)
+                    times[(b, m)].append(secs)
+                    tokens[(b, m)] = int(out.num_generated.sum())
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+    rows = []
+    for b in batch_sizes:
+        row: dict[str, Any] = {"batch": b}
+        for m in SWEPT_MODES:
+            secs = statistics.median(times[(b, m)])
+            row.update({f"{m}_seconds": secs, f"{m}_tokens": tokens[(b, m)],
+                        f"{m}_tokens_per_s": tokens[(b, m)] / max(1e-12, secs)})
+        for m in SWEPT_MODES:
+            row[f"{m}_speedup"] = row["ar_seconds"] / max(1e-12, row[f"{m}_seconds"])
+        rows.append(row)
+    return rows
+
+
+def decide(rows: list[dict[str, Any]], diffusion_low: float, target: float) -> dict[int, str]:
+    """Per batch size, the fastest mode (least seconds for the same prompts) that meets `target`:
+    `ar` and `verified` always, `diffusion` when `diffusion_low` (the lower confidence bound of its
+    relative quality at the calibrated γ) reaches `target`. Ties go to the exact modes, AR first."""
+    allowed = [m for m in ("ar", "verified", "diffusion") if m in ALWAYS_EXACT or diffusion_low >= target]
+    return {int(r["batch"]): min(allowed, key=lambda m: r[f"{m}_seconds"]) for r in rows}
+
+
+def auto_speedup(row: dict[str, Any], mode: str) -> float:
+    """`auto`'s speedup at a swept batch size: that of the mode the table picked there."""
+    return float(row[f"{mode}_speedup"])
