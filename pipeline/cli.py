@@ -1,4 +1,4 @@
-"""`python -m pipeline`: run, plan, validate, status, ui, generate.
+"""`python -m pipeline`: run, plan, validate, status, track, ui, generate.
 
     python -m pipeline run                              # the embedded default recipe (recipes/tiny.yaml)
     python -m pipeline run recipes/tiny.yaml train.max_steps=20 ~graph.export --runner local
@@ -7,6 +7,7 @@
     python -m pipeline plan recipes/nano.yaml --json    # resolved DAG, resources, size estimate
     python -m pipeline validate recipes/*.yaml
     python -m pipeline status [RUN_DIR]                 # default: runs/latest
+    python -m pipeline track RUN_DIR [--uri URI]        # log an untracked run to MLflow afterwards
     python -m pipeline ui                               # MLflow UI on 127.0.0.1 for the run store
     python -m pipeline generate EXPORT_DIR --prompt "..." [--mode diffusion] [--gamma 0.9]
 
@@ -49,7 +50,7 @@ def split_args(args: list[str]) -> tuple[str | None, list[str]]:
 def _load(args: argparse.Namespace) -> tuple[PipelineConfig, Path | None]:
     recipe_arg, overrides = split_args(args.args)
     recipe = resolve_recipe(recipe_arg, args.defaults)
-    return load_config(recipe, overrides, defaults=args.defaults), recipe
+    return load_config(recipe, overrides, defaults=args.defaults, overlays=args.overlay), recipe
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -60,20 +61,42 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for arg in recipes:
         recipe = resolve_recipe(arg, args.defaults)
         try:
-            cfg = load_config(recipe, overrides, defaults=args.defaults)
+            cfg = load_config(recipe, overrides, defaults=args.defaults, overlays=args.overlay)
         except ConfigError as err:
             print(f"{recipe or args.defaults or 'pipeline.yaml'}: INVALID\n{err}", file=sys.stderr)
             status = 2
             continue
+        error, warning = _check_root(cfg)
+        if error:
+            print(f"{recipe or args.defaults or 'pipeline.yaml'}: INVALID\n{error}", file=sys.stderr)
+            status = 2
+            continue
+        if warning:
+            print(f"{recipe or 'pipeline.yaml'}: warning: {warning}", file=sys.stderr)
         cluster = _cluster_problem(cfg)
         if cluster:
             print(f"{recipe or 'pipeline.yaml'}: INVALID on the cluster\n{cluster}", file=sys.stderr)
             status = 2
             continue
+        if cfg.tracking.enabled:
+            from pipeline.tracking import TrackingUnavailable, check_tracking
+            try:
+                check_tracking(cfg)
+            except TrackingUnavailable as err:
+                print(f"{recipe or args.defaults or 'pipeline.yaml'}: INVALID\n{err}", file=sys.stderr)
+                status = 2
+                continue
         print(f"{recipe or 'pipeline.yaml'}: ok ({len(cfg.stages)} stages: {' -> '.join(cfg.stages)})")
     return status
 
 
+def _check_root(cfg: PipelineConfig, estimate: Any = None) -> tuple[str | None, str | None]:
+    """`run.root` writable (else an error) and, given the plan's estimate, with room for what the
+    run writes (else a warning: a big recipe is planned on a laptop before it runs on a cluster's
+    root). `validate` passes no estimate: sizing a backbone on the meta device costs seconds per
+    recipe, which `plan` pays anyway."""
+    from stages.diskspace import check_root, plan_bytes
+    return check_root(Path(cfg.run.root), plan_bytes(estimate if isinstance(estimate, dict) else None))
 def _cluster_problem(cfg: PipelineConfig) -> str | None:
     """The training world against the Ray cluster, when one is reachable (`ray.address`,
     `RAY_ADDRESS`, or a Ray already initialised in this process); None when it fits or none is."""
@@ -144,6 +167,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Print the resolved DAG (and the estimate) without running anything."""
     cfg, _ = _load(args)
     plan = plan_of(cfg, with_estimate=not args.no_estimate)
+    error, warning = _check_root(cfg, plan.get("estimate"))
+    if error or warning:
+        plan["run_root"] = error or warning
+        print(f"warning: {error or warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(plan, indent=2, default=str))
         return 0
@@ -172,20 +199,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the pipeline (or, with --resume, rerun a previous run's saved config: same cache keys)."""
+    hooks: list[Any] = []
     if args.resume is not None:
-        cfg = _load_resume(args)
+        cfg = _load_resume(args, hooks)
     else:
         cfg, _ = _load(args)
     from pipeline.runner import run_pipeline
     result = run_pipeline(cfg, runner=args.runner, force=args.force or [], from_stage=args.from_stage,
-                          display=not args.quiet, tracking=False if args.no_track else None)
+                          display=not args.quiet, tracking=False if args.no_track else None, hooks=hooks)
     if args.quiet:
         print(result.run_dir)
     return 0
 
 
-def _load_resume(args: argparse.Namespace) -> PipelineConfig:
-    """The resolved `config.yaml` of a previous run (default: runs/latest), plus any overrides."""
+def _load_resume(args: argparse.Namespace, hooks: list[Any]) -> PipelineConfig:
+    """The resolved `config.yaml` of a previous run (default: runs/latest), plus any overrides.
+
+    With overrides, the unfinished stages keep their checkpoints (`pipeline.resume`) and the new
+    run records what changed in `resume.json` (a hook appended to `hooks`)."""
     recipe, overrides = split_args(args.args)
     if recipe is not None:
         raise ConfigError([Problem(recipe, "--resume takes the run's saved config: give no recipe", CLI)])
@@ -193,6 +224,11 @@ def _load_resume(args: argparse.Namespace) -> PipelineConfig:
     summary = json.loads((run_dir / "summary.json").read_text())
     cfg = load_config(None, overrides, defaults=run_dir / "config.yaml")
     cfg.name = summary.get("name") or cfg.name
+    if overrides:
+        from pipeline.resume import ResumeRecord, carry_checkpoints, config_changes
+        old = load_config(None, [], defaults=run_dir / "config.yaml")
+        carried = carry_checkpoints(old, cfg, summary)
+        hooks.append(ResumeRecord(run_dir, overrides, config_changes(old.resolved, cfg.resolved), carried))
     return cfg
 
 
@@ -240,6 +276,20 @@ def _driver_alive(driver: dict[str, Any]) -> bool | None:
     return True
 
 
+def cmd_track(args: argparse.Namespace) -> int:
+    """Log a run that went on without tracking (server down or dead mid-run) to MLflow now."""
+    from pipeline.replay import replay
+    from pipeline.tracking import TrackingUnavailable
+    run_dir = find_run_dir(args.run_dir, args.root)
+    try:
+        run_id = replay(run_dir, args.uri)
+    except TrackingUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{run_dir}: logged to MLflow as run {run_id}")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     """Start the MLflow UI on 127.0.0.1 for the run store."""
     from pipeline.tracking import default_tracking_uri
@@ -275,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a recipe (file, or name under recipes/; default recipes/tiny.yaml), "
                             "then overrides key=value or ~key")
         p.add_argument("--defaults", default=None, help="the defaults file (default: pipeline.yaml)")
+        p.add_argument("--overlay", action="append", default=None, metavar="FILE",
+                       help="a YAML file merged over the recipe, before the overrides (repeatable)")
 
     p = sub.add_parser("run", help="run the pipeline (default: the embedded recipes/tiny.yaml)")
     with_config(p)
@@ -306,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="runs", help="run root holding `latest` (default: runs)")
     p.add_argument("--json", action="store_true", help="print summary.json")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("track", help="log a run to MLflow afterwards (its tracking server was down)")
+    p.add_argument("run_dir", nargs="?", help="a run directory (default: runs/latest)")
+    p.add_argument("--root", default="runs", help="run root holding `latest` (default: runs)")
+    p.add_argument("--uri", default=None, help="tracking URI (default: the run's tracking.uri)")
+    p.set_defaults(func=cmd_track)
 
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the run store")
     p.add_argument("--root", default="runs", help="run root holding mlflow.db (default: runs)")

@@ -75,6 +75,8 @@ class StageState:
     """The last progress event (`done`, `total`, `message`)."""
     mlflow_run_id: str | None = None
     """The stage's nested MLflow run, set by the tracking hook."""
+    damaged: str | None = None
+    """Why its cached artifact was refused (a file that fails its checksum): the stage reran."""
     waiting_for: str | None = None
     """`run <id> on <host>`: the run computing this key while this one waits for it."""
 
@@ -163,6 +165,8 @@ def summary_of(run: RunInfo) -> dict[str, Any]:
             entry["waited_for"] = st.waiting_for
         if st.mlflow_run_id:
             entry["mlflow_run_id"] = st.mlflow_run_id
+        if st.damaged:
+            entry["damaged_artifact"] = st.damaged
         stages[name] = entry
     return {"run": run.run_dir.name, "name": run.cfg.name, "status": run.status,
             "driver": {"host": socket.gethostname(), "pid": os.getpid()},
@@ -245,7 +249,12 @@ class Runner:
                     self._save_manifest(st)
                     progressed = True
                 else:
+                    st.damaged = self.store.damage.get((name, st.key))
                     self._submit(stage, st)
+                    if st.damaged:
+                        _call(self.hooks, "on_stage_event", self.run, st, {
+                            "kind": "warning", "message": f"cached artifact damaged, recomputing "
+                                                          f"{name}: {st.damaged}"})
                     if getattr(self.executor, "synchronous", False):
                         return  # it already finished: let the caller collect it first
 
@@ -371,8 +380,13 @@ def run_pipeline(cfg: PipelineConfig, *, runner: str | None = None, force: list[
                                 f"(stages: {', '.join(cfg.stages)})")
     all_hooks: list[RunHook] = []
     if cfg.tracking.enabled if tracking is None else tracking:
-        from pipeline.tracking import MlflowHook
-        all_hooks.append(MlflowHook(cfg))
+        from pipeline.tracking import MlflowHook, TrackingUnavailable, check_tracking
+        try:  # seconds, before any work: a typo in tracking.uri must not cost minutes of retries
+            answers = check_tracking(cfg)
+        except TrackingUnavailable as err:
+            raise PipelineError(str(err)) from None
+        if answers:
+            all_hooks.append(MlflowHook(cfg))
     if display:
         from pipeline.display import LiveDisplay
         all_hooks.append(LiveDisplay())

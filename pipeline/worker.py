@@ -22,6 +22,7 @@ from pipeline.config import import_stage
 from pipeline.schema import build
 from pipeline.store import ArtifactStore
 from stages.api import StageContext
+from stages.diskspace import disk_error, is_disk_error
 
 PROGRESS_INTERVAL_S = 0.2
 """Minimum seconds between two progress events written (training may report every step)."""
@@ -98,6 +99,9 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         manifest = json.loads(json.dumps(manifest, default=_plain))  # plain JSON, or fail here, named
         store.commit(tmp, final, job["stage"], job["key"], manifest)
     except Exception as err:
+        failure: Exception = err
+        if is_disk_error(err):  # one error naming the path and the bytes, however it surfaced
+            failure = disk_error(err, tmp, Path(job["work_dir"]))
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written artifact behind
-        return _failure(err, started)
+        return _failure(failure, started)
     return {"ok": True, "manifest": manifest, "duration_s": time.time() - started, "pid": os.getpid()}

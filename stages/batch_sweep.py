@@ -36,6 +36,20 @@ def batch_prompts(examples: list[dict], size: int) -> list[str]:
     return mixed[:size]
 
 
+def timed_generate(model, prompts, **kwargs) -> tuple[Any, float]:
+    """`model.generate(prompts, **kwargs)` and its wall-clock seconds (the accelerator synchronised)."""
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = model.generate(prompts, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - t0
+
+
 def measure(model, tokenizer, examples: list[dict], batch_sizes: list[int], *, gamma: float,
             block_size: int | None, rounds: int, max_new_tokens: int, progress=None) -> list[dict[str, Any]]:
     """Time every mode at every batch size, interleaved; one row per batch size with, per mode `m`,
@@ -48,7 +62,6 @@ def measure(model, tokenizer, examples: list[dict], batch_sizes: list[int], *, g
     kwargs: dict[str, Any] = {"gamma": gamma, "max_new_tokens": max_new_tokens}
     if block_size:
         kwargs["block_size"] = block_size
-    device = next(model.parameters()).device
     batches = {b: [tokenizer(p)["input_ids"] for p in batch_prompts(examples, b)] for b in batch_sizes}
     times: dict[tuple[int, str], list[float]] = {(b, m): [] for b in batch_sizes for m in SWEPT_MODES}
     tokens: dict[tuple[int, str], int] = {}
@@ -60,13 +73,8 @@ def measure(model, tokenizer, examples: list[dict], batch_sizes: list[int], *, g
             for b in batch_sizes:
                 shift = (r + b) % len(SWEPT_MODES)
                 for m in SWEPT_MODES[shift:] + SWEPT_MODES[:shift]:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    t0 = time.perf_counter()
-                    out = model.generate(batches[b], mode=m, **kwargs)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    times[(b, m)].append(time.perf_counter() - t0)
+                    out, secs = timed_generate(model, batches[b], mode=m, **kwargs)
+                    times[(b, m)].append(secs)
                     tokens[(b, m)] = int(out.num_generated.sum())
                 done += 1
                 if progress is not None:

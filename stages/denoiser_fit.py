@@ -2,7 +2,8 @@
 
 Both paths take the same inputs (the `train` section, a model factory, the row tensors) and return
 the trained `DenoiserModule`; `train_denoiser.run` picks one by `train.num_workers`. The local path
-resumes from `ctx.work_dir/checkpoints/last.ckpt`, logs to the stage's MLflow run (a CSV logger when
+resumes from `ctx.work_dir/checkpoints/last.ckpt` when its sha256 sidecar matches
+(`stages.checkpoint_io`), stops at the first NaN/Inf (`stages.finite_guard`), logs to the stage's MLflow run (a CSV logger when
 tracking is off) and reports progress to the live display; the distributed one is
 `stages.train_distributed.fit_distributed` with checkpoints on the stage's work dir.
 """
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from stages.api import StageContext
+from stages.checkpoint_io import make_checkpoint_io, usable_checkpoint
+from stages.finite_guard import make_finite_guard
 from stages.loading import TwoTowerFactory
 from stages.rows import BucketSampler, trim_blocks
 from stages.training import checkpoint_step, resolve_precision
@@ -86,7 +89,8 @@ def fit(cfg: Any, factory: TwoTowerFactory, block_size: int, loaders, ctx: Stage
     module = DenoiserModule(factory, cfg, block_size)
     train_dl, val_dl = loaders
     ckpt_dir = Path(ctx.work_dir) / "checkpoints"
-    callbacks = [_checkpoint_callback(ckpt_dir, cfg.checkpoint_every), _progress_callback(ctx, cfg.max_steps)]
+    callbacks = [_checkpoint_callback(ckpt_dir, cfg.checkpoint_every), _progress_callback(ctx, cfg.max_steps),
+                 make_finite_guard(ckpt_dir)]
     row_sampler = isinstance(train_dl.batch_sampler, RowSampler)
     if row_sampler:  # first: its cursor must be advanced before a checkpoint of the same batch
         callbacks.insert(0, sampler_checkpoint(train_dl.batch_sampler))
@@ -103,11 +107,12 @@ def fit(cfg: Any, factory: TwoTowerFactory, block_size: int, loaders, ctx: Stage
         limit_val_batches=cfg.val_batches, num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(10, cfg.max_steps // 10)),
         enable_progress_bar=cfg.progress_bar, enable_model_summary=False,
-        use_distributed_sampler=not row_sampler, default_root_dir=str(ctx.work_dir))
-    last = ckpt_dir / "last.ckpt"
-    module.resumed_from_step = checkpoint_step(last)
+        use_distributed_sampler=not row_sampler, default_root_dir=str(ctx.work_dir),
+        plugins=[make_checkpoint_io()])
+    last = usable_checkpoint(ckpt_dir / "last.ckpt", ctx.warn)  # None: absent, or corrupt (moved aside)
+    module.resumed_from_step = checkpoint_step(last) if last else 0
     t0, cpu0 = time.monotonic(), time.process_time()
-    trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if last.exists() else None)
+    trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if last else None)
     seconds = time.monotonic() - t0
     module.cpu_seconds = time.process_time() - cpu0  # all threads: a contention-free cost estimate
     if cfg.val_every:  # a final validation on the finished model

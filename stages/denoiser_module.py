@@ -39,6 +39,7 @@ class DenoiserModule(pl.LightningModule):
         self.elapsed_before = 0.0  # seconds trained in earlier sessions (resume)
         self.started = time.monotonic()
         self.resumed_from_step = 0
+        self.resumed_lr: float | None = None  # the checkpoint's peak LR, when a resume changed it
         self.cpu_seconds = 0.0
 
     # budget and schedule ------------------------------------------------------------------------
@@ -93,3 +94,26 @@ class DenoiserModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         self.elapsed_before = float(checkpoint.get("elapsed_seconds", 0.0))
         self.started = time.monotonic()
+        self.resumed_lr = rescale_lr(checkpoint, float(self.cfg.lr))
+
+
+def rescale_lr(checkpoint: dict, lr: float) -> float | None:
+    """Make a resumed run follow `lr` (e.g. lowered after a NaN): the checkpoint's optimizer and
+    scheduler states carry the peak LR they were built with, and Lightning restores them after this
+    hook, so they are rewritten here. Returns the checkpoint's peak LR when it differed, else None."""
+    old = None
+    for sched in checkpoint.get("lr_schedulers") or []:
+        if "base_lrs" in sched:
+            old = old if old is not None else float(sched["base_lrs"][0])
+            factor = [last / base if base else 1.0 for last, base in
+                      zip(sched.get("_last_lr", sched["base_lrs"]), sched["base_lrs"])]
+            sched["base_lrs"] = [lr for _ in sched["base_lrs"]]
+            if "_last_lr" in sched:
+                sched["_last_lr"] = [lr * f for f in factor]
+    for opt in checkpoint.get("optimizer_states") or []:
+        for group in opt.get("param_groups", []):
+            initial = float(group.get("initial_lr", group["lr"]))
+            old = old if old is not None else initial
+            group["lr"] = lr * (group["lr"] / initial if initial else 1.0)
+            group["initial_lr"] = lr
+    return old if old is not None and abs(old - lr) > 1e-12 * max(abs(lr), 1.0) else None

@@ -7,7 +7,9 @@ and overall quality, quality relative to AR with its 95% paired-bootstrap interv
 memory, plus a per-task bar chart. The metrics keys `ar_quality`, `diffusion_quality`,
 `relative_quality`, `speedup`, `tokens_per_forward` and `per_task` are a contract (summary.json).
 Each suite named in `suites` then runs in both modes too (`humaneval`: stages/humaneval.py, its
-`humaneval_*` metrics added to the same manifest).
+`humaneval_*` metrics added to the same manifest). With `mode_batches`, every mode (ar, diffusion,
+verified, auto) is measured side by side at those batch sizes (stages/mode_table.py): `modes` in
+the metrics, flat `b<batch>_<mode>_<figure>` in MLflow, and `speedup.png` (speedup by batch size).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Literal, get_args
 
 from stages.api import Range, StageContext
+from stages.placement import check_reserved, devices_of
 
 SECTION = "evaluate"
 REQUIRES = ("prepare_data", "train_denoiser", "calibrate_gamma")
@@ -50,6 +53,8 @@ class Config:
     code of the fenced answer (instruct models, e.g. SmolLM2-Instruct; stages/humaneval.py)."""
     sandbox: Literal["auto", "namespaces", "guard"] = "auto"
     """Isolation of executed code: `auto`, `namespaces` or `guard` (stages/sandbox.py)."""
+    mode_batches: list[Annotated[int, Range(1)]] = field(default_factory=lambda: [1, 8])
+    """Batch sizes of the mode table (ar, diffusion, verified, auto side by side: stages/mode_table.py); [] skips it."""
 
     def __post_init__(self) -> None:
         if self.prompts_per_task < 1 or self.repeats < 1 or self.max_new_tokens < 1:
@@ -60,6 +65,8 @@ class Config:
         if not 1 <= self.humaneval_problems <= 164 or self.humaneval_max_new_tokens < 1 or self.humaneval_timeout_s <= 0:
             raise ValueError("evaluate.humaneval_problems must be in 1..164, evaluate.humaneval_max_new_tokens >= 1 "
                              "and evaluate.humaneval_timeout_s > 0")
+        if any(b < 1 for b in self.mode_batches) or len(set(self.mode_batches)) != len(self.mode_batches):
+            raise ValueError(f"evaluate.mode_batches={self.mode_batches}: each must be >= 1, without repeats")
         from stages.sandbox import ISOLATIONS
 
         if self.sandbox not in ISOLATIONS:
@@ -92,6 +99,12 @@ def _examples(path: str, cfg: Config, calib: dict, ctx: StageContext) -> list[di
         ctx.warn(f"no held-out examples after the {offset} calibration prompts per task in {path}; "
                  "evaluating on the calibration prompts")
         return de.load_examples(path, cfg.prompts_per_task)
+
+
+def check_resources(cfg: Config, sections: dict, resources, stage: str) -> None:
+    """Config time: the towers' devices (`backbone.context_device` / `denoiser_device`) against the
+    GPUs this stage reserves (`stages.placement`)."""
+    check_reserved(sections.get("backbone") or {}, float(resources.num_gpus), stage)
 
 
 def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
@@ -141,14 +154,36 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     artifacts = {"bar_chart": ctx.artifact_path("per_task.png"),
                  "evaluation": ctx.artifact_path("evaluation.json"),
                  "predictions": ctx.artifact_path("predictions.jsonl")}
+    if cfg.mode_batches:
+        metrics["modes"] = _mode_table(cfg, model, tokenizer, examples, setting, calib, out, ctx)
+        artifacts["speedup"] = ctx.artifact_path("speedup.png")
     if "humaneval" in cfg.suites:
         metrics.update(_humaneval(cfg, model, tokenizer, setting, out, ctx))
         artifacts["humaneval"] = ctx.artifact_path("humaneval.jsonl")
     (out / "evaluation.json").write_text(json.dumps({**metrics, "worst_tasks": worst}, indent=1))
     ctx.log_artifact(out / "evaluation.json")
-    return {"metrics": metrics,
+    return {"metrics": metrics, "placement": devices_of(model),
             "artifacts": artifacts,
             "worst_tasks": worst, "gamma": gamma, "block_size": calib.get("block_size")}
+
+
+def _mode_table(cfg: Config, model, tokenizer, examples: list[dict], setting, calib: dict, out: Path,
+                ctx: StageContext) -> dict:
+    """ar, diffusion at the calibrated γ, verified and auto side by side at each of `mode_batches`
+    (stages/mode_table.py), logged flat to MLflow, and the speedup-by-batch-size plot."""
+    from stages import mode_table
+
+    table_modes = calib.get("auto_modes") or {}
+    sizes = sorted(cfg.mode_batches)
+    rows = mode_table.measure(model, tokenizer, examples, sizes, gamma=setting.gamma, block_size=setting.block_size,
+                              auto_modes={int(b): m for b, m in table_modes.items()} or None,
+                              repeats=cfg.repeats, max_new_tokens=cfg.max_new_tokens,
+                              progress=lambda d, t: ctx.progress(d, t, "every mode"))
+    table = mode_table.summarise(rows, sizes)
+    ctx.log_metrics(mode_table.flat(table))
+    mode_table.speedup_plot(calib.get("batch_sweep") or [], table_modes, table, out / "speedup.png")
+    ctx.log_artifact(out / "speedup.png")
+    return table
 
 
 def _humaneval(cfg: Config, model, tokenizer, setting, out: Path, ctx: StageContext) -> dict:

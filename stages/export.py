@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 from stages.api import Range, StageContext
 from stages.backbone_source import source_line
+from stages.placement import check_reserved, devices_of, input_device
 
 SECTION = "export"
 REQUIRES = ("prepare_data", "train_denoiser", "calibrate_gamma")
@@ -83,6 +84,26 @@ def fidelity_lines(fid: dict) -> list[str]:
             f"| denoiser masked loss before / after training | {m['masked_loss_before']:.3f} / {m['masked_loss_after']:.3f} |"]
 
 
+def mode_lines(modes: dict, auto_modes: dict) -> list[str]:
+    """Model-card rows of evaluate's mode table (stages/mode_table.py): every mode at every batch
+    size, and the per-batch-size table `auto` picks from."""
+    if not modes:
+        return []
+    lines = ["", "## Every decoding mode side by side (same prompts, same process)", "",
+             "| batch | mode | relative quality [95% CI] | speedup vs ar | tokens / denoiser forward "
+             "| tokens / model forward |", "|---|---|---|---|---|---|"]
+    for b, per_mode in modes.items():
+        for mode, v in per_mode.items():
+            den = v.get("tokens_per_denoiser_forward")
+            lines.append(f"| {b} | {mode} | {_rel(v)} | {_fmt(v['speedup'])} | {'–' if den is None else _fmt(den)} "
+                         f"| {_fmt(v['tokens_per_model_forward'])} |")
+    if auto_modes:
+        picks = ", ".join(f"{b} → {m}" for b, m in sorted(auto_modes.items(), key=lambda kv: int(kv[0])))
+        lines += ["", f"`mode='auto'` runs, by batch size (the fastest mode meeting the quality target in "
+                      f"calibration's batch sweep; a batch between two sizes takes the smaller's): {picks}."]
+    return lines
+
+
 def model_card(ev: dict, calib: dict, train: dict, gen_cfg: dict, plots: list[str],
                source: dict | None = None, fidelity: dict | None = None) -> str:
     """README.md: what the model is, how to load it, the results table and the plots."""
@@ -99,7 +120,7 @@ def model_card(ev: dict, calib: dict, train: dict, gen_cfg: dict, plots: list[st
         "ids = tok('12+34=', return_tensors='pt').input_ids",
         f"out = model.generate(ids, mode='diffusion', gamma={gen_cfg['gamma']:g}, max_new_tokens=32)",
         "print(tok.decode(out.sequences[0]))", "```", "",
-        "or `python -m pipeline generate PATH --prompt TEXT [--mode diffusion|mock_ar|ar] [--show-steps]`.", "",
+        "or `python -m pipeline generate PATH --prompt TEXT [--mode diffusion|verified|auto|mock_ar|ar] [--show-steps]`.", "",
         "## Results (AR vs diffusion, side by side, same process, batch 1)", "",
         "| metric | value |", "|---|---|",
     ]
@@ -117,6 +138,7 @@ def model_card(ev: dict, calib: dict, train: dict, gen_cfg: dict, plots: list[st
         for t, v in per_task.items():
             lines.append(f"| {t} | {v['kind']} | {_fmt(v['ar_quality'])} | {_fmt(v['diffusion_quality'])} "
                          f"| {_rel(v)} | {_fmt(v['speedup'])} |")
+    lines += mode_lines(m.get("modes") or {}, calib.get("auto_modes") or {})
     losing = families_losing(ev)
     if losing:
         lines += ["", f"Families that lose most to parallel decoding: {', '.join(losing)}."]
@@ -139,13 +161,17 @@ def verify(path: Path, tokenizer, prompts: list[str], gamma: float, max_new_toke
            original=None, block_size: int = 16) -> dict[str, Any]:
     """Reload the export, generate in all three modes; compare mock_ar with ar (and logits with original)."""
     import torch
-    from twotower import TwoTowerForDiffusionLM
+    from twotower import TwoTowerForDiffusionLM, place_towers_on_devices
 
     model = TwoTowerForDiffusionLM.from_pretrained(str(path)).eval()
+    if original is not None:  # the reload decodes where the trained model does: the recipe's placement
+        placed = devices_of(original)
+        place_towers_on_devices(model, placed["context_tower"], placed["denoiser"])
+    device = input_device(model)
     result: dict[str, Any] = {"modes_ok": True, "mock_ar_equals_ar": True, "samples": []}
     with torch.inference_mode():
         for prompt in prompts:
-            ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+            ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
             outs = {mode: model.generate(ids, mode=mode, gamma=gamma, max_new_tokens=max_new_tokens)
                     for mode in ("diffusion", "mock_ar", "ar")}
             seqs = {m: o.sequences[0, ids.shape[1]:].tolist() for m, o in outs.items()}
@@ -153,15 +179,15 @@ def verify(path: Path, tokenizer, prompts: list[str], gamma: float, max_new_toke
             result["modes_ok"] &= all(len(s) > 0 for s in seqs.values())
             result["samples"].append({"prompt": prompt, **{m: tokenizer.decode(s) for m, s in seqs.items()}})
         if original is not None and prompts:
-            ids = torch.tensor([tokenizer(prompts[0])["input_ids"]])
+            ids = torch.tensor([tokenizer(prompts[0])["input_ids"]], device=device)
             n = ids.shape[1] // block_size * block_size
             if n >= block_size:
                 g = torch.Generator().manual_seed(0)
                 mask = torch.rand(1, n, generator=g) < 0.5
                 mask[:, ::block_size] = False
                 t = torch.full((1, n // block_size), 0.5)
-                a = original(ids[:, :n], noise_mask=mask, t=t).logits
-                b = model(ids[:, :n], noise_mask=mask, t=t).logits
+                a = original(ids[:, :n], noise_mask=mask.to(device), t=t.to(device)).logits.float().cpu()
+                b = model(ids[:, :n], noise_mask=mask.to(device), t=t.to(device)).logits.float().cpu()
                 result["reload_max_abs_logit_diff"] = float((a - b).abs().max())
     return result
 
@@ -172,6 +198,12 @@ def _is_export(path: Path) -> bool:
         return json.loads((path / "config.json").read_text()).get("model_type") == "twotower"
     except (OSError, ValueError):
         return False
+
+
+def check_resources(cfg: Config, sections: dict, resources, stage: str) -> None:
+    """Config time: the towers' devices (`backbone.context_device` / `denoiser_device`) against the
+    GPUs this stage reserves (`stages.placement`)."""
+    check_reserved(sections.get("backbone") or {}, float(resources.num_gpus), stage)
 
 
 def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
@@ -201,7 +233,8 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     merged = {**(json.loads(existing.read_text()) if existing.exists() else {}), **gen_cfg}
     existing.write_text(json.dumps(merged, indent=1))
     plots = []
-    for src in (calib.get("artifacts", {}).get("pareto"), ev.get("artifacts", {}).get("bar_chart")):
+    for src in (calib.get("artifacts", {}).get("pareto"), ev.get("artifacts", {}).get("bar_chart"),
+                ev.get("artifacts", {}).get("speedup")):
         if src and Path(src).exists():
             shutil.copy(src, path / Path(src).name)
             plots.append(str(path / Path(src).name))
@@ -224,5 +257,5 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
         bad = not check["mock_ar_equals_ar"] or not check["modes_ok"] or check.get("reload_max_abs_logit_diff", 0.0) > 1e-5
         if bad and cfg.fail_on_mismatch:
             raise ValueError(f"export {path}: reload check failed: {json.dumps(check)[:600]}")
-    return {"metrics": metrics, "artifacts": {"model": metrics["path"]}, "path": metrics["path"],
+    return {"metrics": metrics, "placement": devices_of(model), "artifacts": {"model": metrics["path"]}, "path": metrics["path"],
             "generation_config": gen_cfg}

@@ -127,7 +127,8 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
         module, trainer, seconds = fit(cfg, factory, block_size, local, ctx)
         logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         steps = int(trainer.global_step)
-        timing = {"resumed_from_step": module.resumed_from_step, "train_minutes": module.elapsed() / 60.0,
+        timing = {"resumed_from_step": module.resumed_from_step,
+                  **({"resumed_lr_was": module.resumed_lr} if module.resumed_lr is not None else {}), "train_minutes": module.elapsed() / 60.0,
                   "train_cpu_minutes": module.cpu_seconds / 60.0}
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -79,6 +79,8 @@ class CombineConfig:
     """Progress steps reported."""
     bad_manifest: bool = False
     """Return a manifest holding a non-JSON object (the engine must refuse it, naming the stage)."""
+    write_bytes: int = 0
+    """Also write a file of this many bytes (a disk-full test runs it under a file-size limit)."""
 
 
 def run_combine(cfg: CombineConfig, inputs: dict[str, dict], ctx: StageContext) -> dict[str, Any]:
@@ -104,6 +106,10 @@ def run_combine(cfg: CombineConfig, inputs: dict[str, dict], ctx: StageContext) 
     (ctx.out_dir / "plot.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
     ctx.log_artifact(ctx.out_dir / "plot.svg")  # logged once the artifact is in place
     (ctx.out_dir / "table.csv").write_text("a,b\n1,2\n")
+    if cfg.write_bytes:
+        with open(ctx.out_dir / "big.bin", "wb") as fh:
+            for _ in range(0, cfg.write_bytes, 1 << 16):
+                fh.write(b"\0" * (1 << 16))
     if cfg.bad_manifest:
         return {"metrics": {}, "weights": object()}
     return {"metrics": {"sum": sum(result), "nested": {"first": result[0]}},

@@ -28,7 +28,8 @@ TINY_BUDGET = [
     "train.checkpoint_every=2", "train.batch_size=8", "train.warmup_steps=1", "train.num_threads=1",
     "train.progress_bar=false",
     "calibrate.gammas=[0.7,0.9]", "calibrate.prompts_per_task=1", "calibrate.repeats=1",
-    "calibrate.max_new_tokens=8", "calibrate.num_threads=1",
+    "calibrate.max_new_tokens=8", "calibrate.num_threads=1", "calibrate.batch_sizes=[1,4]",
+    "calibrate.batch_rounds=1", "evaluate.mode_batches=[1,4]",
     "evaluate.prompts_per_task=1", "evaluate.repeats=1", "evaluate.max_new_tokens=8", "evaluate.num_threads=1",
     "export.verify_prompts=1", "export.max_new_tokens=8",
 ]
@@ -66,9 +67,13 @@ def test_tiny_recipe_end_to_end_under_ray_and_mlflow(tmp_path):
     for key in ("ar_quality", "diffusion_quality", "relative_quality", "speedup", "tokens_per_forward", "per_task"):
         assert key in ev, key
     assert len(ev["per_task"]) >= 5  # every synthetic family
+    assert set(ev["modes"]) == {"1", "4"} and set(ev["modes"]["4"]) == {"ar", "diffusion", "verified", "auto"}
+    assert ev["modes"]["4"]["verified"]["relative_quality"] == 1.0
+    assert set(stages["calibrate_gamma"]["metrics"]) >= {"b1_verified_speedup", "b4_auto_speedup"}
     export_dir = Path(stages["export"]["metrics"]["path"])
     assert (export_dir / "config.json").exists() and (export_dir / "README.md").exists()
     assert stages["export"]["metrics"]["mock_ar_equals_ar"] == 1.0
+    assert set(json.loads((export_dir / "generation_config.json").read_text())["auto_modes"]) == {"1", "4"}
 
     # MLflow: a parent run, a nested run per stage, training curves in train_denoiser's run
     import mlflow

@@ -268,6 +268,37 @@ def test_calibrate_sweeps_batch_sizes_into_the_exports_auto_modes(chain):
     assert model.generate(ids, mode="auto", max_new_tokens=4).mode == c["auto_modes"]["8"]
 
 
+def test_evaluate_shows_every_mode_side_by_side(chain):
+    """ar, diffusion, verified and auto measured at batch 1 and 8 on the real model: verified is AR's
+    output (relative quality exactly 1), auto matches the mode its table names for the batch it ran,
+    and the table reaches summary metrics, evaluation.json, the plot and the model card."""
+    from twotower.generate import auto_mode
+
+    ev = chain["m"]["evaluate"]
+    modes = ev["metrics"]["modes"]
+    assert list(modes) == ["1", "8"] and all(list(v) == ["ar", "diffusion", "verified", "auto"] for v in modes.values())
+    for b, per_mode in modes.items():
+        assert per_mode["ar"]["speedup"] == 1.0 and per_mode["ar"]["tokens_per_denoiser_forward"] is None
+        assert per_mode["verified"]["relative_quality"] == 1.0 == per_mode["verified"]["relative_quality_low"]
+        assert per_mode["diffusion"]["tokens_per_denoiser_forward"] > 0
+        for m, v in per_mode.items():
+            assert v["speedup"] > 0 and v["tokens_per_model_forward"] > 0
+            assert v["relative_quality_low"] <= v["relative_quality"] <= v["relative_quality_high"], (b, m)
+    table = {int(k): v for k, v in chain["m"]["calibrate_gamma"]["auto_modes"].items()}
+    n = chain["m"]["evaluate"]["metrics"]["n_prompts"]  # 4 prompts: batch 8 runs one batch of 4
+    for b in ("1", "8"):
+        picked = auto_mode(table, min(int(b), n))
+        assert modes[b]["auto"]["quality"] == modes[b][picked]["quality"]
+    saved = json.loads(Path(ev["artifacts"]["evaluation"]).read_text())
+    assert saved["modes"] == json.loads(json.dumps(modes))
+    assert Path(ev["artifacts"]["speedup"]).stat().st_size > 1000
+    path = Path(chain["m"]["export"]["metrics"]["path"])
+    card = (path / "README.md").read_text()
+    assert "## Every decoding mode side by side" in card and "| 8 | verified | 1.000 [1.000, 1.000] |" in card
+    assert "| 1 | ar | 1.000 [1.000, 1.000] | 1.000 | – |" in card and "`mode='auto'` runs" in card
+    assert "speedup.png" in card and (path / "speedup.png").exists()
+
+
 def test_calibrate_rejects_block_sizes_above_trained(chain, tmp_path):
     with pytest.raises(ValueError, match="calibrate.block_sizes"):
         C.run(C.Config(block_sizes=[BLOCK * 2]), chain["m"], make_ctx(tmp_path, "calibrate"))

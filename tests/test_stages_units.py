@@ -261,3 +261,11 @@ def test_calibrate_rejects_bad_batch_sizes():
         C.Config(batch_sizes=[1, 1])
     with pytest.raises(ValueError, match="calibrate.batch_sizes"):
         C.Config(batch_sizes=[0, 4])
+
+
+def test_evaluate_rejects_bad_mode_batches():
+    from stages import evaluate as EV
+
+    with pytest.raises(ValueError, match="evaluate.mode_batches"):
+        EV.Config(mode_batches=[8, 8])
+    assert EV.Config(mode_batches=[]).mode_batches == []
