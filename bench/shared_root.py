@@ -6,7 +6,7 @@
 1. One `python -m pipeline run recipes/tiny.yaml` alone on a fresh root, then two identical ones
    started together on another fresh root: the wall time of the pair against the single run. With
    the key locks (`pipeline/locks.py`) the second run waits for the first's stages and takes them
-   from the cache, so the ratio should be about 1 (without them: about 2 on a box the stages fill).
+   from the cache, so the ratio should be about 1: the second run adds its start-up, not the work.
 2. Time from `python -m pipeline run` to its exit with `tracking.uri` pointing at a port nothing
    listens on (connection refused) and at one that accepts and never answers (a hung server): exit
    2 naming `tracking.uri`, bounded by `tracking.probe_timeout_s` plus interpreter start-up.
