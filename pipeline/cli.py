@@ -1,4 +1,4 @@
-"""`python -m pipeline`: run, plan, validate, status, ui, generate.
+"""`python -m pipeline`: run, plan, validate, status, track, ui, generate.
 
     python -m pipeline run                              # the embedded default recipe (recipes/tiny.yaml)
     python -m pipeline run recipes/tiny.yaml train.max_steps=20 ~graph.export --runner local
@@ -7,6 +7,7 @@
     python -m pipeline plan recipes/nano.yaml --json    # resolved DAG, resources, size estimate
     python -m pipeline validate recipes/*.yaml
     python -m pipeline status [RUN_DIR]                 # default: runs/latest
+    python -m pipeline track RUN_DIR [--uri URI]        # log an untracked run to MLflow afterwards
     python -m pipeline ui                               # MLflow UI on 127.0.0.1 for the run store
     python -m pipeline generate EXPORT_DIR --prompt "..." [--mode diffusion] [--gamma 0.9]
 
@@ -49,7 +50,7 @@ def split_args(args: list[str]) -> tuple[str | None, list[str]]:
 def _load(args: argparse.Namespace) -> tuple[PipelineConfig, Path | None]:
     recipe_arg, overrides = split_args(args.args)
     recipe = resolve_recipe(recipe_arg, args.defaults)
-    return load_config(recipe, overrides, defaults=args.defaults), recipe
+    return load_config(recipe, overrides, defaults=args.defaults, overlays=args.overlay), recipe
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -60,7 +61,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for arg in recipes:
         recipe = resolve_recipe(arg, args.defaults)
         try:
-            cfg = load_config(recipe, overrides, defaults=args.defaults)
+            cfg = load_config(recipe, overrides, defaults=args.defaults, overlays=args.overlay)
         except ConfigError as err:
             print(f"{recipe or args.defaults or 'pipeline.yaml'}: INVALID\n{err}", file=sys.stderr)
             status = 2
@@ -77,6 +78,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"{recipe or 'pipeline.yaml'}: INVALID on the cluster\n{cluster}", file=sys.stderr)
             status = 2
             continue
+        if cfg.tracking.enabled:
+            from pipeline.tracking import TrackingUnavailable, check_tracking
+            try:
+                check_tracking(cfg)
+            except TrackingUnavailable as err:
+                print(f"{recipe or args.defaults or 'pipeline.yaml'}: INVALID\n{err}", file=sys.stderr)
+                status = 2
+                continue
         print(f"{recipe or 'pipeline.yaml'}: ok ({len(cfg.stages)} stages: {' -> '.join(cfg.stages)})")
     return status
 
@@ -267,6 +276,20 @@ def _driver_alive(driver: dict[str, Any]) -> bool | None:
     return True
 
 
+def cmd_track(args: argparse.Namespace) -> int:
+    """Log a run that went on without tracking (server down or dead mid-run) to MLflow now."""
+    from pipeline.replay import replay
+    from pipeline.tracking import TrackingUnavailable
+    run_dir = find_run_dir(args.run_dir, args.root)
+    try:
+        run_id = replay(run_dir, args.uri)
+    except TrackingUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{run_dir}: logged to MLflow as run {run_id}")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     """Start the MLflow UI on 127.0.0.1 for the run store."""
     from pipeline.tracking import default_tracking_uri
@@ -302,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a recipe (file, or name under recipes/; default recipes/tiny.yaml), "
                             "then overrides key=value or ~key")
         p.add_argument("--defaults", default=None, help="the defaults file (default: pipeline.yaml)")
+        p.add_argument("--overlay", action="append", default=None, metavar="FILE",
+                       help="a YAML file merged over the recipe, before the overrides (repeatable)")
 
     p = sub.add_parser("run", help="run the pipeline (default: the embedded recipes/tiny.yaml)")
     with_config(p)
@@ -333,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="runs", help="run root holding `latest` (default: runs)")
     p.add_argument("--json", action="store_true", help="print summary.json")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("track", help="log a run to MLflow afterwards (its tracking server was down)")
+    p.add_argument("run_dir", nargs="?", help="a run directory (default: runs/latest)")
+    p.add_argument("--root", default="runs", help="run root holding `latest` (default: runs)")
+    p.add_argument("--uri", default=None, help="tracking URI (default: the run's tracking.uri)")
+    p.set_defaults(func=cmd_track)
 
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the run store")
     p.add_argument("--root", default="runs", help="run root holding mlflow.db (default: runs)")

@@ -137,9 +137,10 @@ def _import_stage(name: str, path: str) -> tuple[Any, str | None]:
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None, *,
-                defaults: str | Path | None = None, stages_registry: dict[str, str] | None = None
-                ) -> PipelineConfig:
-    """Merge `defaults` (pipeline.yaml) <- `recipe` <- `overrides`, resolve and validate.
+                defaults: str | Path | None = None, stages_registry: dict[str, str] | None = None,
+                overlays: list[str | Path] | None = None) -> PipelineConfig:
+    """Merge `defaults` (pipeline.yaml) <- `recipe` <- `overlays` (files, in order) <- `overrides`,
+    resolve and validate.
 
     Raises `ConfigError` with every problem found. `stages_registry` adds stage modules to
     `stages.REGISTRY` (a graph entry may also name its module with `graph.<name>.module`).
@@ -160,6 +161,12 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
         if rec is not None:
             configs.append(rec)
             layers.append((str(recipe), OmegaConf.to_container(rec, resolve=False)))
+    for overlay in overlays or []:  # a documented variant of the recipe, e.g. a CPU rehearsal
+        sources.append(str(overlay))
+        layer = load_yaml(Path(overlay), problems)
+        if layer is not None:
+            configs.append(layer)
+            layers.append((str(overlay), OmegaConf.to_container(layer, resolve=False)))
     over, deletes = parse_overrides(list(overrides or []), problems)
     layers.append((CLI, OmegaConf.to_container(over, resolve=False)))
     if problems:

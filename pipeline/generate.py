@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=None, help="decoding block size (<= the trained one)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation cap")
     p.add_argument("--show-steps", action="store_true", help="show how each block fills in, step by step")
+    p.add_argument("--context-device", default="auto",
+                   help="device of the context tower (cpu, cuda:0, ...; auto: cuda:0 when a GPU exists)")
+    p.add_argument("--denoiser-device", default="auto",
+                   help="device of the denoiser (auto: cuda:1 with two GPUs, else the context tower's)")
     return p
 
 
@@ -88,8 +92,18 @@ def main(argv: list[str]) -> int:
     from twotower import TwoTowerForDiffusionLM
 
     tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
+    from stages.placement import DEVICE, input_device, place
+
     model = TwoTowerForDiffusionLM.from_pretrained(str(export_dir)).eval()
-    ids = torch.tensor([tokenizer(args.prompt)["input_ids"]])
+    try:
+        for flag, value in (("--context-device", args.context_device), ("--denoiser-device", args.denoiser_device)):
+            if not DEVICE.fullmatch(value):
+                raise ValueError(f"{flag} {value!r}: expected auto, cpu, mps, cuda or cuda:N")
+        place(model, args.context_device, args.denoiser_device, ("--context-device", "--denoiser-device"))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    ids = torch.tensor([tokenizer(args.prompt)["input_ids"]], device=input_device(model))
     kwargs = {"mode": mode, "gamma": gamma, "max_new_tokens": max_new,
               "return_trace": args.show_steps and mode in STEPPED}
     if block_size:

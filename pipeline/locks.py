@@ -62,7 +62,8 @@ def is_stale(path: Path, holder: dict[str, Any], stale_s: float) -> bool:
         return False  # gone: not stale, just free
     if age > stale_s:
         return True
-    return holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid") or 0) or -1)
+    pid = int(holder.get("pid") or 0)
+    return holder.get("host") == socket.gethostname() and pid > 0 and not pid_alive(pid)
 
 
 class StageLock:

@@ -380,8 +380,13 @@ def run_pipeline(cfg: PipelineConfig, *, runner: str | None = None, force: list[
                                 f"(stages: {', '.join(cfg.stages)})")
     all_hooks: list[RunHook] = []
     if cfg.tracking.enabled if tracking is None else tracking:
-        from pipeline.tracking import MlflowHook
-        all_hooks.append(MlflowHook(cfg))
+        from pipeline.tracking import MlflowHook, TrackingUnavailable, check_tracking
+        try:  # seconds, before any work: a typo in tracking.uri must not cost minutes of retries
+            answers = check_tracking(cfg)
+        except TrackingUnavailable as err:
+            raise PipelineError(str(err)) from None
+        if answers:
+            all_hooks.append(MlflowHook(cfg))
     if display:
         from pipeline.display import LiveDisplay
         all_hooks.append(LiveDisplay())

@@ -11,8 +11,11 @@ MLflow; a training stage may hand `ctx.tracking_uri` and `ctx.mlflow_run_id` to 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +25,13 @@ if TYPE_CHECKING:
 from pipeline.config import PipelineConfig
 
 MAX_PARAM_CHARS = 6000
+LOCKED_RETRIES = 8
+"""Attempts of a tracking call that SQLite refuses with "database is locked" (concurrent runs)."""
+HTTP_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+"""MLflow's HTTP client defaults retry for minutes (measured: 249 s against a dead URI); a server that
+dies mid-run should cost seconds, then the run goes on untracked (`pipeline track` replays later).
+Set only where the environment does not set them."""
 FIGURE_SUFFIXES = {".png", ".svg", ".pdf", ".md", ".csv"}
 """Manifest artifacts logged to the stage's MLflow run when they are files under 5 MiB."""
 
@@ -34,6 +44,51 @@ def default_tracking_uri(root: str | Path) -> str:
 def tracking_uri(cfg: PipelineConfig) -> str:
     """The run's tracking URI: `tracking.uri`, else the SQLite store under `run.root`."""
     return cfg.tracking.uri or default_tracking_uri(cfg.run.root)
+
+
+class TrackingUnavailable(RuntimeError):
+    """`tracking.uri` did not answer the probe."""
+
+
+def probe(uri: str, timeout_s: float) -> str | None:
+    """Why `uri` cannot be tracked to (None: it answers), found within `timeout_s` seconds.
+
+    http(s): any HTTP answer to `GET <uri>/health` counts (an MLflow server says OK; a proxy's 404
+    still proves something listens). sqlite: the database file, or the nearest existing directory it
+    would be created in, is writable. Other schemes (databricks, file, ...) are not probed.
+    """
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+        except urllib.error.HTTPError:
+            return None
+        except (OSError, ValueError) as err:
+            reason = getattr(err, "reason", err)
+            return f"{type(reason).__name__}: {reason}"
+        return None
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        target = path if path.exists() else next((p for p in path.parents if p.exists()), Path("/"))
+        if not os.access(target, os.W_OK):
+            return f"{target} is not writable"
+    return None
+
+
+def check_tracking(cfg: PipelineConfig, warn: Any = None) -> bool:
+    """Probe the run's tracking URI: True when it answers. When it does not: raise
+    `TrackingUnavailable` naming `tracking.uri` if `tracking.required`, else warn and return False."""
+    uri = tracking_uri(cfg)
+    reason = probe(uri, cfg.tracking.probe_timeout_s)
+    if reason is None:
+        return True
+    text = (f"tracking.uri={uri} does not answer within {cfg.tracking.probe_timeout_s:g} s ({reason})")
+    if cfg.tracking.required:
+        raise TrackingUnavailable(f"{text}; fix tracking.uri, run with --no-track, or set "
+                                  "tracking.required=false to run without tracking")
+    (warn or (lambda m: print(m, file=sys.stderr)))(
+        f"warning: {text}; running without tracking (tracking.required=false): metrics stay in the "
+        "run's summary.json and events/, `python -m pipeline track RUN_DIR` logs them later")
+    return False
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -66,17 +121,29 @@ class MlflowHook:
         self.broken = False
         self.pending: dict[str, list[str]] = {}
         self.parent_metrics: dict[str, float] = {}  # cached stages' metrics, logged once at run end
+        self.locked_retries = 0  # tracking calls retried after SQLite's "database is locked"
+        if self.uri.startswith(("http://", "https://")):
+            for var, value in HTTP_CLIENT_ENV.items():
+                os.environ.setdefault(var, value)
 
     def _guard(self, fn: Any, *args: Any) -> None:
         """Tracking must not kill a long run: warn once and stop tracking."""
         if self.broken:
             return
-        try:
-            fn(*args)
-        except Exception as err:
-            self.broken = True
-            print(f"warning: MLflow tracking disabled after an error: {type(err).__name__}: {err}",
-                  file=sys.stderr)
+        for attempt in range(LOCKED_RETRIES):
+            try:
+                fn(*args)
+                return
+            except Exception as err:
+                if "database is locked" in str(err) and attempt + 1 < LOCKED_RETRIES:
+                    self.locked_retries += 1  # another run writes the same SQLite store: wait, retry
+                    time.sleep(min(0.2 * 2 ** attempt, 5.0))
+                    continue
+                self.broken = True
+                print(f"warning: MLflow tracking disabled after an error: {type(err).__name__}: {err}; "
+                      "the run goes on, its metrics stay in summary.json and events/, and "
+                      "`python -m pipeline track RUN_DIR` logs them to MLflow later", file=sys.stderr)
+                return
 
     def _log(self, run_id: str, metrics: dict[str, float] | None = None, params: dict[str, Any] | None = None,
              step: int | None = None) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Annotated
 
 from stages.api import Range, StageContext
+from stages.placement import check_reserved, devices_of
 
 SECTION = "calibrate"
 REQUIRES = ("prepare_data", "train_denoiser")
@@ -140,6 +141,12 @@ def pareto_plot(points: list[dict], target: float, chosen: dict, path: Path) -> 
                legend_loc="lower left")
 
 
+def check_resources(cfg: Config, sections: dict, resources, stage: str) -> None:
+    """Config time: the towers' devices (`backbone.context_device` / `denoiser_device`) against the
+    GPUs this stage reserves (`stages.placement`)."""
+    check_reserved(sections.get("backbone") or {}, float(resources.num_gpus), stage)
+
+
 def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     """Sweep γ (× B), pick the smallest γ meeting the target, save table and Pareto plot."""
     import torch
@@ -223,7 +230,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     for row in sweep:  # flat, so MLflow shows them: speedup of each mode per batch size
         metrics.update({f"b{row['batch']}_{m}_speedup": row[f"{m}_speedup"] for m in ("diffusion", "verified")})
         metrics[f"b{row['batch']}_auto_speedup"] = auto_speedup(row, auto_modes[row["batch"]])
-    return {"metrics": metrics,
+    return {"metrics": metrics, "placement": devices_of(model),
             "artifacts": {"pareto": ctx.artifact_path("pareto.png"),
                           "calibration": ctx.artifact_path("calibration.json")},
             "gamma": chosen["gamma"], "block_size": chosen.get("block_size"), "target_met": met,

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stages.placement import input_device
+
 AR = "ar"
 
 
@@ -125,7 +127,7 @@ def measure(model, tokenizer, examples: list[dict], settings: list[Setting], *, 
     from stages.tasks import exact_match
 
     rows: list[Row] = []
-    device = next(model.parameters()).device
+    device = input_device(model)  # prompts go where the context tower is (stages.placement)
     plan: list[tuple[str, Setting | None]] = [(AR, None)] + [("diffusion", s) for s in settings]
     if examples:  # warm-up, untimed: first calls pay for allocations and lazy kernel selection
         warm = torch.tensor([tokenizer(examples[0]["prompt"])["input_ids"]], device=device)
@@ -169,7 +171,7 @@ def ar_nll(model, tokenizer, prompt: str, ids: list[int]) -> float:
     if not ids:
         return 0.0
     p = tokenizer(prompt)["input_ids"]
-    full = torch.tensor([p + ids], device=next(model.parameters()).device)
+    full = torch.tensor([p + ids], device=input_device(model))
     with torch.inference_mode():
         logits = model.context_tower(input_ids=full).logits.float()
     logp = torch.log_softmax(logits[0, len(p) - 1 : -1], -1)

@@ -13,7 +13,6 @@ upstream manifests. `Config` is the `backbone` section, shared with `freeze_cont
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Annotated, Any
 
 from stages.api import Range, StageContext
 from stages.loading import DTYPE_BYTES, BackboneRef, Dtype, load_backbone
+from stages.placement import DEVICE, resolve_devices
 
 SECTION = "backbone"
 REQUIRES: tuple[str, ...] = ()  # prepare_data and pretrain_backbone are read when the graph has them
@@ -56,10 +56,6 @@ class Config:
     context tower's device."""
     device_memory_gb: Annotated[float, Range(0, low_open=True)] = DEFAULT_DEVICE_MEMORY_GIB
     """Memory of one accelerator, for the plan's fit check (ignored on CPU)."""
-
-
-DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-"""What `backbone.context_device` / `backbone.denoiser_device` accept (torch device strings)."""
 
 
 def validate(cfg: Config) -> None:
@@ -103,10 +99,7 @@ def memory_plan(cfg: Config, model, counts, seq_len: int, n_gpus: int,
     """
     from twotower import sizing
 
-    ctx_dev = cfg.context_device if cfg.context_device != "auto" else ("cuda:0" if n_gpus else "cpu")
-    den_dev = cfg.denoiser_device
-    if den_dev == "auto":
-        den_dev = "cuda:1" if n_gpus >= 2 else ctx_dev
+    ctx_dev, den_dev = resolve_devices(cfg.context_device, cfg.denoiser_device, n_gpus)
     bytes_w = DTYPE_BYTES[cfg.dtype]
     facts = sizing.family_facts(model)
     decode = sizing.decode_memory(counts.total, counts.total, facts, batch=1,
@@ -154,7 +147,8 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     ctx.log_artifact(out / "layer_map.json")
     ctx.log_artifact(out / "memory_plan.json")
     return {"metrics": metrics,
-            "backbone": BackboneRef(path, path, cfg.dtype, data.get("seq_len")).as_manifest(),
+            "backbone": BackboneRef(path, path, cfg.dtype, data.get("seq_len"), cfg.context_device,
+                                    cfg.denoiser_device).as_manifest(),
             "artifacts": {"layer_map": ctx.artifact_path("layer_map.json"),
                           "memory_plan": ctx.artifact_path("memory_plan.json")},
             "model_type": model.config.model_type, "source": source, "layer_map": lmap, "param_counts": counts.as_dict(),

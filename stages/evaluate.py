@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Literal, get_args
 
 from stages.api import Range, StageContext
+from stages.placement import check_reserved, devices_of
 
 SECTION = "evaluate"
 REQUIRES = ("prepare_data", "train_denoiser", "calibrate_gamma")
@@ -100,6 +101,12 @@ def _examples(path: str, cfg: Config, calib: dict, ctx: StageContext) -> list[di
         return de.load_examples(path, cfg.prompts_per_task)
 
 
+def check_resources(cfg: Config, sections: dict, resources, stage: str) -> None:
+    """Config time: the towers' devices (`backbone.context_device` / `denoiser_device`) against the
+    GPUs this stage reserves (`stages.placement`)."""
+    check_reserved(sections.get("backbone") or {}, float(resources.num_gpus), stage)
+
+
 def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     """Decode the eval split both ways; return the contract metrics and a bar chart."""
     import torch
@@ -155,7 +162,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
         artifacts["humaneval"] = ctx.artifact_path("humaneval.jsonl")
     (out / "evaluation.json").write_text(json.dumps({**metrics, "worst_tasks": worst}, indent=1))
     ctx.log_artifact(out / "evaluation.json")
-    return {"metrics": metrics,
+    return {"metrics": metrics, "placement": devices_of(model),
             "artifacts": artifacts,
             "worst_tasks": worst, "gamma": gamma, "block_size": calib.get("block_size")}
 

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 from stages.api import Range, StageContext
 from stages.backbone_source import source_line
+from stages.placement import check_reserved, devices_of, input_device
 
 SECTION = "export"
 REQUIRES = ("prepare_data", "train_denoiser", "calibrate_gamma")
@@ -160,13 +161,17 @@ def verify(path: Path, tokenizer, prompts: list[str], gamma: float, max_new_toke
            original=None, block_size: int = 16) -> dict[str, Any]:
     """Reload the export, generate in all three modes; compare mock_ar with ar (and logits with original)."""
     import torch
-    from twotower import TwoTowerForDiffusionLM
+    from twotower import TwoTowerForDiffusionLM, place_towers_on_devices
 
     model = TwoTowerForDiffusionLM.from_pretrained(str(path)).eval()
+    if original is not None:  # the reload decodes where the trained model does: the recipe's placement
+        placed = devices_of(original)
+        place_towers_on_devices(model, placed["context_tower"], placed["denoiser"])
+    device = input_device(model)
     result: dict[str, Any] = {"modes_ok": True, "mock_ar_equals_ar": True, "samples": []}
     with torch.inference_mode():
         for prompt in prompts:
-            ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+            ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
             outs = {mode: model.generate(ids, mode=mode, gamma=gamma, max_new_tokens=max_new_tokens)
                     for mode in ("diffusion", "mock_ar", "ar")}
             seqs = {m: o.sequences[0, ids.shape[1]:].tolist() for m, o in outs.items()}
@@ -174,15 +179,15 @@ def verify(path: Path, tokenizer, prompts: list[str], gamma: float, max_new_toke
             result["modes_ok"] &= all(len(s) > 0 for s in seqs.values())
             result["samples"].append({"prompt": prompt, **{m: tokenizer.decode(s) for m, s in seqs.items()}})
         if original is not None and prompts:
-            ids = torch.tensor([tokenizer(prompts[0])["input_ids"]])
+            ids = torch.tensor([tokenizer(prompts[0])["input_ids"]], device=device)
             n = ids.shape[1] // block_size * block_size
             if n >= block_size:
                 g = torch.Generator().manual_seed(0)
                 mask = torch.rand(1, n, generator=g) < 0.5
                 mask[:, ::block_size] = False
                 t = torch.full((1, n // block_size), 0.5)
-                a = original(ids[:, :n], noise_mask=mask, t=t).logits
-                b = model(ids[:, :n], noise_mask=mask, t=t).logits
+                a = original(ids[:, :n], noise_mask=mask.to(device), t=t.to(device)).logits.float().cpu()
+                b = model(ids[:, :n], noise_mask=mask.to(device), t=t.to(device)).logits.float().cpu()
                 result["reload_max_abs_logit_diff"] = float((a - b).abs().max())
     return result
 
@@ -193,6 +198,12 @@ def _is_export(path: Path) -> bool:
         return json.loads((path / "config.json").read_text()).get("model_type") == "twotower"
     except (OSError, ValueError):
         return False
+
+
+def check_resources(cfg: Config, sections: dict, resources, stage: str) -> None:
+    """Config time: the towers' devices (`backbone.context_device` / `denoiser_device`) against the
+    GPUs this stage reserves (`stages.placement`)."""
+    check_reserved(sections.get("backbone") or {}, float(resources.num_gpus), stage)
 
 
 def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
@@ -246,5 +257,5 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
         bad = not check["mock_ar_equals_ar"] or not check["modes_ok"] or check.get("reload_max_abs_logit_diff", 0.0) > 1e-5
         if bad and cfg.fail_on_mismatch:
             raise ValueError(f"export {path}: reload check failed: {json.dumps(check)[:600]}")
-    return {"metrics": metrics, "artifacts": {"model": metrics["path"]}, "path": metrics["path"],
+    return {"metrics": metrics, "placement": devices_of(model), "artifacts": {"model": metrics["path"]}, "path": metrics["path"],
             "generation_config": gen_cfg}

@@ -41,19 +41,33 @@ def last_good_checkpoint(ckpt_dir: Path) -> str:
     return str(last) if last.exists() else f"none (no checkpoint in {ckpt_dir} yet: a resume starts at step 0)"
 
 
-def make_finite_guard(ckpt_dir: Path):
-    """The Lightning callback; imported lazily (Lightning takes seconds to import)."""
+def make_finite_guard(ckpt_dir: Path | None, last_good: str | None = None, section: str = "train"):
+    """The Lightning callback; imported lazily (Lightning takes seconds to import). The error names
+    `ckpt_dir/last.ckpt`, or `last_good` where checkpoints live elsewhere (Ray Train's storage).
+
+    Under torch.distributed every rank takes the same decision (a MAX all-reduce of its verdict),
+    so a NaN in one rank's gradient shard (FSDP) stops every rank instead of leaving the others
+    waiting in the next collective."""
     import pytorch_lightning as pl
     import torch
 
     fault = parse_fault(os.environ.get(FAULT_ENV))
 
+    def any_rank(bad: bool, device) -> bool:
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return bad
+        flag = torch.tensor([1.0 if bad else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
     class FiniteGuard(pl.Callback):
         def _fail(self, what: str, step: int, value: float) -> None:
+            where = last_good or last_good_checkpoint(ckpt_dir)
             raise NonFiniteError(
                 f"non-finite {what} ({value}) at optimizer step {step}; training stopped before the "
-                f"step was applied. Last good checkpoint: {last_good_checkpoint(ckpt_dir)}. "
-                "Resume with a change, e.g. `python -m pipeline run --resume RUN_DIR train.lr=...`")
+                f"step was applied. Last good checkpoint: {where}. Resume with a change, e.g. "
+                f"`python -m pipeline run --resume RUN_DIR {section}.lr=...`")
 
         def _injected(self, kind: str, step: int) -> bool:
             return fault is not None and fault == (kind, step)
@@ -76,17 +90,17 @@ def make_finite_guard(ckpt_dir: Path):
             if self._injected("weights", step) and params:
                 with torch.no_grad():
                     params[0].view(-1)[0] = math.nan
-            if not params:
-                return
             norm = float(torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params])))
-            if not math.isfinite(norm):
+                torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params]))) if params else 0.0
+            if any_rank(not math.isfinite(norm), pl_module.device):
                 self._fail("gradient norm", step, norm)
 
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
             # runs while the checkpoint is assembled, before any file is written
-            for name, tensor in checkpoint.get("state_dict", {}).items():
-                if torch.is_floating_point(tensor) and not bool(torch.isfinite(tensor).all()):
-                    self._fail(f"weight `{name}` in the checkpoint to save", trainer.global_step, math.nan)
+            bad = next((name for name, tensor in checkpoint.get("state_dict", {}).items()
+                        if torch.is_floating_point(tensor) and not bool(torch.isfinite(tensor).all())), None)
+            if any_rank(bad is not None, pl_module.device):
+                self._fail(f"weight `{bad or 'on another rank'}` in the checkpoint to save",
+                           trainer.global_step, math.nan)
 
     return FiniteGuard()

@@ -31,6 +31,10 @@ class BackboneRef:
     """Dtype the towers are loaded in (`backbone.dtype`)."""
     seq_len: int | None = None
     """Packed sequence length of the data (None when no data stage is upstream)."""
+    context_device: str = "auto"
+    """`backbone.context_device`: where decoding stages put the context tower (`stages.placement`)."""
+    denoiser_device: str = "auto"
+    """`backbone.denoiser_device`: where decoding stages put the denoiser tower."""
 
     def as_manifest(self) -> dict[str, Any]:
         """The plain-JSON entry stored under `manifest["backbone"]`."""
@@ -43,7 +47,8 @@ class BackboneRef:
         if not isinstance(entry, dict) or "model" not in entry:
             raise ValueError(f"the manifest of '{stage}' has no '{MANIFEST_KEY}' reference: it must come "
                              "after duplicate_backbone in the graph")
-        return cls(**{k: entry[k] for k in ("model", "tokenizer", "dtype", "seq_len") if k in entry})
+        return cls(**{k: entry[k] for k in ("model", "tokenizer", "dtype", "seq_len", "context_device",
+                                                  "denoiser_device") if k in entry})
 
 
 def torch_dtype(name: str):
@@ -99,10 +104,14 @@ def save_denoiser(model, path: Path) -> None:
     save_file(sd, str(path))
 
 
-def load_trained(train_manifest: dict, device: str = "cpu"):
-    """Rebuild the trained model from a train_denoiser manifest: (model, tokenizer), eval mode."""
+def load_trained(train_manifest: dict, context_device: str | None = None, denoiser_device: str | None = None):
+    """Rebuild the trained model from a train_denoiser manifest: (model, tokenizer), eval mode, the
+    towers placed per the run's `backbone.context_device` / `denoiser_device` (forwarded in the
+    manifest's `BackboneRef`; `auto` resolves against the GPUs this process sees) unless given here."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
+
+    from stages.placement import place
 
     backbone = BackboneRef.of(train_manifest, "train_denoiser")
     weights = train_manifest["artifacts"]["denoiser"]
@@ -111,5 +120,6 @@ def load_trained(train_manifest: dict, device: str = "cpu"):
     if missing or unexpected:
         raise ValueError(f"{weights}: does not match the denoiser "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    model.to(device).eval()
+    place(model, context_device or backbone.context_device, denoiser_device or backbone.denoiser_device)
+    model.eval()
     return model, AutoTokenizer.from_pretrained(backbone.tokenizer)

@@ -277,6 +277,9 @@ def train(cfg: Config, data: dict[str, Any], ctx: StageContext) -> tuple[Any, di
     from pytorch_lightning.callbacks import ModelCheckpoint
     from transformers import AutoTokenizer
 
+    from stages.checkpoint_io import make_checkpoint_io, usable_checkpoint
+    from stages.finite_guard import make_finite_guard
+
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     pl.seed_everything(cfg.seed + ctx.seed, workers=True, verbose=False)
@@ -300,13 +303,15 @@ def train(cfg: Config, data: dict[str, Any], ctx: StageContext) -> tuple[Any, di
     trainer = pl.Trainer(
         max_steps=cfg.max_steps, accelerator="gpu" if gpu else "cpu", devices=1, precision=precision,
         gradient_clip_val=cfg.grad_clip, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[quick, ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=cfg.checkpoint_every,
-                                          save_last=True, save_top_k=0)],
-        default_root_dir=str(ctx.work_dir), num_sanity_val_steps=0,
+        callbacks=[quick, make_finite_guard(ckpt_dir, section="pretrain"),
+                   ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=cfg.checkpoint_every,
+                                   save_last=True, save_top_k=0)],
+        default_root_dir=str(ctx.work_dir), num_sanity_val_steps=0, plugins=[make_checkpoint_io()],
     )
-    resumed_from = checkpoint_step(last)
+    resume = usable_checkpoint(last, ctx.warn)  # None: absent, or corrupt (moved aside)
+    resumed_from = checkpoint_step(resume) if resume else 0
     t0 = time.perf_counter()
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if last.exists() else None)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume else None)
     stats = {"train_time_s": time.perf_counter() - t0, "steps": int(trainer.global_step),
              "resumed_from_step": resumed_from, "history": quick.history}
     return module.model, stats

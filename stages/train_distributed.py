@@ -298,6 +298,7 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     from ray.train.lightning import RayLightningEnvironment, prepare_trainer
 
+    from stages.finite_guard import make_finite_guard
     from stages.row_sampler import RowSampler, sampler_checkpoint
 
     cfg = DistributedConfig(**loop_config["cfg"])
@@ -309,7 +310,9 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sampler = getattr(train_loader, "batch_sampler", None)
     row_sampler = isinstance(sampler, RowSampler)  # shards itself per rank, resumes at the exact batch
     # the sampler's cursor first: it must move before the step report checkpoints the same batch
-    callbacks = ([sampler_checkpoint(sampler)] if row_sampler else []) + [_step_report_callback(cfg)]
+    # the NaN guard before the step report: a non-finite step is never reported as a checkpoint
+    guard = make_finite_guard(None, f"the latest Ray Train checkpoint under {_run_dir(cfg)}")
+    callbacks = ([sampler_checkpoint(sampler)] if row_sampler else []) + [guard, _step_report_callback(cfg)]
     trainer = pl.Trainer(
         max_steps=cfg.max_steps,
         accelerator="gpu" if cfg.use_gpu else "cpu",

@@ -109,7 +109,16 @@ def test_damaged_artifact_is_not_reused(engine_defaults: Path, tmp_path: Path) -
     first = _run(engine_defaults)
     result_file = Path(first.summary["stages"]["combine"]["artifact_dir"]) / "result.json"
     result_file.write_text(result_file.read_text() + " ")  # size changes: the marker no longer matches
-    assert _statuses(_run(engine_defaults))["combine"] == "done"
+    second = _run(engine_defaults)
+    assert _statuses(second)["combine"] == "done"
+    assert second.summary["stages"]["combine"]["damaged_artifact"].startswith(f"{result_file}: size")
+    # same size, one byte changed: the checksum catches it (checkpoints and tokenizers:
+    # tests/test_training_failures.py, tests/test_pipeline_failures.py)
+    table = Path(second.summary["stages"]["combine"]["artifact_dir"]) / "table.csv"
+    table.write_text(table.read_text().replace("1", "7"))
+    third = _run(engine_defaults)
+    assert _statuses(third)["combine"] == "done"
+    assert third.summary["stages"]["combine"]["damaged_artifact"] == f"{table}: sha256 mismatch (the file is corrupt)"
 
 
 KILL_SCRIPT = """

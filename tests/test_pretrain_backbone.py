@@ -120,3 +120,16 @@ def test_ranges_are_config_errors_before_anything_runs(override, allowed):
 def test_needs_prepare_data(tmp_path):
     with pytest.raises(ValueError, match="needs the prepare_data stage"):
         pretrain_backbone.run(Config(**TINY), {}, _ctx(tmp_path))
+
+
+def test_nan_gradient_stops_pretraining_at_the_step_keeping_the_last_good_checkpoint(tmp_path, data, monkeypatch):
+    from stages.checkpoint_io import checkpoint_problem
+    from stages.finite_guard import FAULT_ENV, NonFiniteError
+    from stages.training import checkpoint_step
+
+    last = tmp_path / "work" / "checkpoints" / "last.ckpt"
+    monkeypatch.setenv(FAULT_ENV, "grad@3")
+    with pytest.raises(NonFiniteError, match=rf"gradient norm \(nan\) at optimizer step 3; .*Last good checkpoint: "
+                                             rf"{last}\. .*--resume RUN_DIR pretrain\.lr="):
+        pretrain_backbone.run(Config(max_steps=4, **TINY), {"prepare_data": data}, _ctx(tmp_path))
+    assert checkpoint_step(last) == 2 and checkpoint_problem(last) is None

@@ -97,3 +97,36 @@ def test_corrupt_checkpoint_is_named_and_training_starts_over(inputs, tmp_path):
     assert any(f"corrupt checkpoint, training starts over: {last}: sha256 mismatch" in w for w in warnings)
     assert last.with_name("last.ckpt.corrupt").exists() and checkpoint_problem(last) is None
     assert not math.isnan(out["metrics"].get("train_loss", 0.0))
+
+
+CKPT_DISK_SCRIPT = """
+import resource, signal, sys, torch
+from pathlib import Path
+from stages.checkpoint_io import make_checkpoint_io, checkpoint_problem
+from stages.diskspace import disk_error, is_disk_error
+io, path = make_checkpoint_io(), Path(sys.argv[1]) / "checkpoints" / "last.ckpt"
+io.save_checkpoint({"state_dict": {"w": torch.zeros(16)}, "global_step": 2}, path)   # a good one first
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))   # then the disk is "full"
+try:
+    io.save_checkpoint({"state_dict": {"w": torch.zeros(1 << 20)}, "global_step": 4}, path)
+except Exception as err:
+    print("DISK", is_disk_error(err), disk_error(err, Path(sys.argv[1]) / "out", path.parent))
+print("LEFT", sorted(p.name for p in path.parent.iterdir()))
+print("GOOD", checkpoint_problem(path), torch.load(str(path), weights_only=False)["global_step"])
+"""
+
+
+def test_disk_full_while_checkpointing_keeps_the_last_good_checkpoint(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", CKPT_DISK_SCRIPT, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    out = proc.stdout
+    assert "DISK True file size limit (ulimit -f) reached while writing" in out, out + proc.stderr
+    assert "LEFT ['last.ckpt', 'last.ckpt.sha256']" in out  # no torn temporary file
+    assert "GOOD None 2" in out  # the previous checkpoint is intact and still verifies

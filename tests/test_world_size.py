@@ -84,3 +84,23 @@ def test_validate_checks_the_world_against_a_reachable_cluster(capsys):
         assert main(["validate", "recipes/tiny.yaml"]) == 0
     finally:
         ray.shutdown()
+
+
+def test_an_overlay_file_restates_the_world_and_errors_name_it(tmp_path, capsys):
+    """`--overlay FILE` merges over the recipe, below the overrides: here the hardware of a CPU run
+    (2 gloo workers, towers on cpu, no GPU reserved), which the plan then reports."""
+    import json
+
+    overlay = tmp_path / "cpu.yaml"
+    overlay.write_text("train: {num_workers: 2, gpus_per_worker: 0, accelerator: cpu}\n"
+                       "backbone: {context_device: cpu, denoiser_device: cpu}\n"
+                       "graph:\n" + "".join(f"  {s}: {{resources: {{num_gpus: 0}}}}\n"
+                                            for s in ("calibrate_gamma", "evaluate", "export")))
+    assert main(["plan", NANO, "train.grad_accum=2", "--overlay", str(overlay), "--json", "--no-estimate"]) == 0
+    world = json.loads(capsys.readouterr().out)["world"]
+    assert (world["num_workers"], world["gpus"], world["tokens_per_step"]) == (2, 0, 2 * 1 * 2 * 4096)
+    assert main(["validate", NANO, "--overlay", str(overlay)]) == 0
+    overlay.write_text("train: {devices: 2}\n")
+    assert main(["validate", NANO, "--overlay", str(overlay)]) == 2
+    err = capsys.readouterr().err
+    assert "train.devices" in err and str(overlay) in err and "train.num_workers" in err
