@@ -152,6 +152,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     import torch
 
     from stages import decoding_eval as de
+    from stages.batch_sweep import auto_speedup
     from stages.loading import load_trained
 
     validate(cfg)
@@ -228,7 +229,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
         metrics["block_size"] = chosen["block_size"]
     for row in sweep:  # flat, so MLflow shows them: speedup of each mode per batch size
         metrics.update({f"b{row['batch']}_{m}_speedup": row[f"{m}_speedup"] for m in ("diffusion", "verified")})
-        metrics[f"b{row['batch']}_auto_speedup"] = row[f"{auto_modes[row['batch']]}_speedup"]
+        metrics[f"b{row['batch']}_auto_speedup"] = auto_speedup(row, auto_modes[row["batch"]])
     return {"metrics": metrics, "placement": devices_of(model),
             "artifacts": {"pareto": ctx.artifact_path("pareto.png"),
                           "calibration": ctx.artifact_path("calibration.json")},
