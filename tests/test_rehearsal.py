@@ -60,6 +60,14 @@ def test_the_overlay_changes_only_backbone_data_hardware_and_budgets():
         assert same.items() <= rehearsal.resolved[section].items(), section
 
 
+def test_a_swept_block_size_above_the_trained_one_is_a_config_error():
+    """What the rehearsal's first run found (calibrate failing after training): now refused by validate."""
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"calibrate.block_sizes: \[32\] exceed twotower.block_size=16"):
+        load_config(RECIPE, ["calibrate.block_sizes=[8,16,32]"])
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_the_rehearsal_runs_every_stage_of_the_shipped_recipe(tmp_path):
