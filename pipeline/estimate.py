@@ -13,63 +13,19 @@ the sections through the typed configs of the stages that own them (`backbone`, 
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
+from stages.backbone_configs import (SHIPPED_BACKBONES, config_from_json, load_backbone_config,  # noqa: F401
+                                     shipped_backbone_configs)
 from stages.duplicate_backbone import DEFAULT_DEVICE_MEMORY_GIB
-
-SHIPPED_BACKBONES = Path(__file__).resolve().parent.parent / "recipes" / "backbones"
-"""Backbone configs shipped with the repo, so `plan` works offline for the published recipes."""
 
 GPU_GIB = DEFAULT_DEVICE_MEMORY_GIB
 """The accelerator memory training plans are sized against when the recipe does not say."""
 UNSET_GPUS = 16
 """GPUs the training estimate is sized for when neither `plan.num_gpus` nor `train` asks for more
 than one: two 8-GPU nodes, the smallest job the shipped large recipe needs (docs/scaling.md)."""
-
-
-def shipped_backbone_configs() -> dict[str, Path]:
-    """Hub id (`_name_or_path`) -> shipped JSON file."""
-    out: dict[str, Path] = {}
-    for path in sorted(SHIPPED_BACKBONES.glob("*.json")):
-        name = json.loads(path.read_text()).get("_name_or_path")
-        if name:
-            out[name] = path
-    return out
-
-
-def load_backbone_config(name_or_path: str):
-    """The transformers config of a backbone, offline: a local directory/JSON or a shipped config."""
-    from transformers import AutoConfig
-
-    path = Path(name_or_path)
-    if path.is_dir() and (path / "config.json").is_file():
-        return AutoConfig.from_pretrained(path, local_files_only=True)
-    if path.suffix == ".json" and path.is_file():
-        return config_from_json(path)
-    shipped = shipped_backbone_configs()
-    if name_or_path in shipped:
-        return config_from_json(shipped[name_or_path])
-    raise ValueError(
-        f"backbone.name_or_path={name_or_path!r}: not a local checkpoint and no shipped config in "
-        f"{SHIPPED_BACKBONES} (shipped: {sorted(shipped)})"
-    )
-
-
-def config_from_json(path: Path):
-    """A transformers config from a config.json-style file, by its `model_type`."""
-    from transformers import AutoConfig
-
-    data = json.loads(Path(path).read_text())
-    if "model_type" not in data:
-        raise ValueError(f"{path}: no `model_type` key")
-    kwargs = {k: v for k, v in data.items() if not k.startswith("_") and k != "model_type"}
-    config = AutoConfig.for_model(data["model_type"], **kwargs)
-    config._name_or_path = data.get("_name_or_path", str(path))
-    return config
 
 
 def _plain(cfg: Any) -> dict:

@@ -76,6 +76,8 @@ def source_line(source: dict | None) -> str | None:
         return f"hub:{source['id']}@{source.get('revision') or 'main'}"
     if source["kind"] == "gguf":
         return f"{source['file']} sha256:{source['sha256']}"
+    if source["kind"] == "random_init":
+        return f"random init (seed {source['seed']}) of {source['architecture']}'s architecture, shrunk"
     return f"{source.get('name')} (local directory, content digest {source.get('content_digest')})"
 
 

@@ -37,16 +37,17 @@ def batch_prompts(examples: list[dict], size: int) -> list[str]:
 
 
 def timed_generate(model, prompts, **kwargs) -> tuple[Any, float]:
-    """`model.generate(prompts, **kwargs)` and its wall-clock seconds (the accelerator synchronised)."""
+    """`model.generate(prompts, **kwargs)` and its wall-clock seconds, every GPU the towers sit on
+    synchronised (the towers may be placed on different devices: stages/placement.py)."""
     import torch
 
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    gpus = {p.device for p in model.parameters() if p.device.type == "cuda"}
+    for d in gpus:
+        torch.cuda.synchronize(d)
     t0 = time.perf_counter()
     out = model.generate(prompts, **kwargs)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    for d in gpus:
+        torch.cuda.synchronize(d)
     return out, time.perf_counter() - t0
 
 

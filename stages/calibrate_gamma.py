@@ -83,6 +83,17 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"calibrate.batch_rounds={cfg.batch_rounds}: must be >= 1")
 
 
+def check(sections: dict) -> None:
+    """Config time, across sections: a swept block size above the trained one cannot decode (the
+    denoiser saw no longer blocks); found at config time, not after training. ValueError naming keys."""
+    sizes = (sections.get(SECTION) or {}).get("block_sizes") or []
+    trained = int((sections.get("twotower") or {}).get("block_size", 16))
+    too_big = [b for b in sizes if b > trained]
+    if too_big:
+        raise ValueError(f"calibrate.block_sizes: {too_big} exceed twotower.block_size={trained} (the trained "
+                         "block size); sweep sizes up to it")
+
+
 def slice_size(n: int, width: float, target_width: float, cap: int) -> int:
     """Prompts per task for an interval of `target_width`, from one of `width` measured on `n`:
     the width shrinks as 1/sqrt(n), so n·(width/target)², at least n, at most max(n, cap)."""
@@ -152,6 +163,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     import torch
 
     from stages import decoding_eval as de
+    from stages.batch_sweep import auto_speedup
     from stages.loading import load_trained
 
     validate(cfg)
@@ -228,7 +240,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
         metrics["block_size"] = chosen["block_size"]
     for row in sweep:  # flat, so MLflow shows them: speedup of each mode per batch size
         metrics.update({f"b{row['batch']}_{m}_speedup": row[f"{m}_speedup"] for m in ("diffusion", "verified")})
-        metrics[f"b{row['batch']}_auto_speedup"] = row[f"{auto_modes[row['batch']]}_speedup"]
+        metrics[f"b{row['batch']}_auto_speedup"] = auto_speedup(row, auto_modes[row["batch"]])
     return {"metrics": metrics, "placement": devices_of(model),
             "artifacts": {"pareto": ctx.artifact_path("pareto.png"),
                           "calibration": ctx.artifact_path("calibration.json")},

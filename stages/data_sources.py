@@ -13,6 +13,9 @@ if TYPE_CHECKING:
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 """File extension -> the `datasets` builder that reads it."""
+READ_CHUNK_BYTES = 1 << 20
+"""Bytes of a JSON-lines / text file that `datasets` parses at once (its default is 10 MB): with
+the Arrow table built from them, what reading a local corpus holds, whatever the file's size."""
 
 
 def check_utf8(path: Path) -> None:
@@ -37,9 +40,10 @@ def check_utf8(path: Path) -> None:
                              f"re-encode it, e.g. `iconv -f latin1 -t utf-8`") from None
 
 
-def open_file_dataset(path_str: str, cfg: Config, cache_dir: str | None) -> Any:
-    """One local file as a `datasets.Dataset` (Arrow, memory-mapped), after the checks that name
-    the bad file, extension or encoding."""
+def file_rows(path_str: str, cfg: Config, cache_dir: str | None) -> Iterator[dict[str, Any]]:
+    """Rows of one local file (at most `max_documents`), read by `datasets` in streaming mode (in
+    blocks, never the whole file, no Arrow copy in the cache), after the checks that name the bad
+    file, extension, encoding or column."""
     import datasets
 
     path = Path(path_str).expanduser()
@@ -52,13 +56,30 @@ def open_file_dataset(path_str: str, cfg: Config, cache_dir: str | None) -> Any:
         check_utf8(path)
     if path.stat().st_size == 0:
         raise ValueError(f"data.paths: {path} is empty")
+    is_txt = path.suffix.lower() == ".txt"
+    if is_txt and cfg.prompt_column:
+        raise ValueError(f"data.prompt_column: {path_str} is plain text and has no columns; use .jsonl or .parquet")
     try:
-        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=cache_dir)
+        chunks = {"chunksize": READ_CHUNK_BYTES} if fmt in ("json", "text") else {}
+        rows = iter(datasets.load_dataset(fmt, data_files=str(path), split="train", streaming=True,
+                                          cache_dir=cache_dir, **chunks))
+        first = next(rows, None)
     except Exception as err:  # datasets wraps parser errors in its own types
         raise ValueError(f"data.paths: could not read {path} as {fmt}: {err}") from err
-    if len(ds) == 0:
+    if first is None:
         raise ValueError(f"data.paths: {path} has no rows")
-    return ds
+    check_columns(str(path_str), list(first), cfg, is_txt)
+    n, row = 0, first
+    while row is not None and n < cfg.max_documents:
+        n += 1
+        if not is_txt:
+            yield dict(row)
+        elif row["text"].strip():
+            yield {cfg.text_column: row["text"]}
+        try:
+            row = next(rows, None)
+        except Exception as err:
+            raise ValueError(f"data.paths: could not read {path} as {fmt} (after row {n}): {err}") from err
 
 
 def check_columns(rows_source: str, columns: list[str], cfg: Config, is_txt: bool) -> None:
@@ -74,9 +95,8 @@ def check_columns(rows_source: str, columns: list[str], cfg: Config, is_txt: boo
 
 def iter_external_rows(cfg: Config, cache_dir: str | None) -> Iterator[dict[str, Any]]:
     """Rows from `files`, `hf` or `python_stdlib` one at a time, each source checked for the
-    configured columns before its first row. Local files are read through `datasets`' Arrow cache
-    (memory-mapped) and the hub in streaming mode, so a caller that does not keep the rows holds
-    only the current one."""
+    configured columns on its first row. Local files and the hub are both read by `datasets` in
+    streaming mode, so a caller that does not keep the rows holds only the current one."""
     import datasets
 
     if cfg.source == "python_stdlib":
@@ -97,17 +117,7 @@ def iter_external_rows(cfg: Config, cache_dir: str | None) -> Iterator[dict[str,
             raise ValueError(f"data.hf_name: {cfg.hf_name!r} split {cfg.hf_split!r} has no rows")
         return
     for p in cfg.paths:
-        ds = open_file_dataset(p, cfg, cache_dir)
-        is_txt = Path(p).suffix.lower() == ".txt"
-        if is_txt and cfg.prompt_column:
-            raise ValueError(f"data.prompt_column: {p} is plain text and has no columns; use .jsonl or .parquet")
-        check_columns(str(p), list(ds.column_names), cfg, is_txt)
-        for r in ds.select(range(min(len(ds), cfg.max_documents))):
-            if is_txt:
-                if r["text"].strip():
-                    yield {cfg.text_column: r["text"]}
-            else:
-                yield dict(r)
+        yield from file_rows(p, cfg, cache_dir)
 
 
 def external_rows(cfg: Config, cache_dir: str | None) -> list[dict[str, Any]]:

@@ -56,6 +56,10 @@ class Config:
     context tower's device."""
     device_memory_gb: Annotated[float, Range(0, low_open=True)] = DEFAULT_DEVICE_MEMORY_GIB
     """Memory of one accelerator, for the plan's fit check (ignored on CPU)."""
+    random_init: dict[str, Any] | None = None
+    """Config fields to override (widths, expert counts) on `name_or_path`'s architecture, then a
+    random init with the run's seed and the data's tokenizer (`stages.random_backbone`): the
+    recipe's layer pattern and kinds at a size a CPU holds. None: the pretrained weights."""
 
 
 def validate(cfg: Config) -> None:
@@ -72,13 +76,23 @@ def resolve_backbone_path(cfg: Config, inputs: dict[str, dict], cache_root: Path
     return resolve_backbone(cfg, inputs, cache_root)[0]
 
 
-def resolve_backbone(cfg: Config, inputs: dict[str, dict], cache_root: Path | None = None) -> tuple[str, dict]:
+def resolve_backbone(cfg: Config, inputs: dict[str, dict], cache_root: Path | None = None,
+                     seed: int = 0) -> tuple[str, dict]:
     """(loadable path, description of the source checkpoint for the card and summary.json)."""
     from stages import backbone_source
 
     if "pretrain_backbone" in inputs:
         return inputs["pretrain_backbone"]["artifacts"]["model"], {"kind": "pretrain_backbone"}
     root = Path(cache_root) if cache_root is not None else Path(tempfile.gettempdir()) / "twotower_backbones"
+    if cfg.random_init is not None:
+        from stages import random_backbone
+
+        tokenizer = inputs.get("prepare_data", {}).get("artifacts", {}).get("tokenizer")
+        if not cfg.name_or_path or not tokenizer:
+            raise ValueError("backbone.random_init needs backbone.name_or_path (the architecture) and "
+                             "prepare_data upstream (the tokenizer)")
+        path = random_backbone.materialise(cfg.name_or_path, dict(cfg.random_init), tokenizer, root, seed, cfg.dtype)
+        return path, {"kind": "random_init", "architecture": cfg.name_or_path, "seed": seed}
     path, source = backbone_source.resolve(cfg.name_or_path, cfg.gguf_file, cfg.revision, root, cfg.dtype)
     return path, source.describe()
 
@@ -122,7 +136,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     import torch
     from twotower import sizing
 
-    path, source = resolve_backbone(cfg, inputs, Path(ctx.run_dir).parent / "cache" / "backbone_sources")
+    path, source = resolve_backbone(cfg, inputs, Path(ctx.run_dir).parent / "cache" / "backbone_sources", ctx.seed)
     model, tokenizer = load_backbone(path, cfg.dtype)
     lmap = layer_map(model)
     counts = sizing.count_parameters(model)

@@ -120,13 +120,14 @@ def speedup_plot(sweep: list[dict], auto_modes: dict[str, str], table: dict, pat
     (`auto`: the speedup of the mode its table picked there), with evaluate's own measurements at
     `mode_batches` as open markers of the same colour."""
     from stages import plots
+    from stages.batch_sweep import auto_speedup
 
     fig, ax = plots.axes(5.5, 4)
     colours = {"ar": "tab:gray", "diffusion": "tab:blue", "verified": "tab:green", "auto": "tab:red"}
     xs = [r["batch"] for r in sweep]
     for m in MODES:
         if sweep:
-            ys = [r[f"{auto_modes[str(r['batch'])]}_speedup"] if m == "auto" else r[f"{m}_speedup"] for r in sweep]
+            ys = [auto_speedup(r, auto_modes[str(r["batch"])]) if m == "auto" else r[f"{m}_speedup"] for r in sweep]
             ax.plot(xs, ys, marker="o", ms=4, color=colours[m], ls="--" if m == "auto" else "-",
                     label=f"{m} (calibration sweep)")
         at = [(int(b), figs[m]["speedup"]) for b, figs in table.items() if m in figs]

@@ -1,0 +1,53 @@
+"""Backbone configs without weights: a local checkpoint's `config.json`, or a config shipped under
+`recipes/backbones/` (found by the hub id in its `_name_or_path`), so the published recipes work
+offline. Read by `pipeline.estimate` (`plan`) and `stages.random_backbone` (a shrunk random init of
+the same architecture); a stage module so that a stage importing it does not import the engine.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SHIPPED_BACKBONES = Path(__file__).resolve().parent.parent / "recipes" / "backbones"
+"""Backbone configs shipped with the repo, so `plan` works offline for the published recipes."""
+
+
+def shipped_backbone_configs() -> dict[str, Path]:
+    """Hub id (`_name_or_path`) -> shipped JSON file."""
+    out: dict[str, Path] = {}
+    for path in sorted(SHIPPED_BACKBONES.glob("*.json")):
+        name = json.loads(path.read_text()).get("_name_or_path")
+        if name:
+            out[name] = path
+    return out
+
+
+def load_backbone_config(name_or_path: str):
+    """The transformers config of a backbone, offline: a local directory/JSON or a shipped config."""
+    from transformers import AutoConfig
+
+    path = Path(name_or_path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    if path.suffix == ".json" and path.is_file():
+        return config_from_json(path)
+    shipped = shipped_backbone_configs()
+    if name_or_path in shipped:
+        return config_from_json(shipped[name_or_path])
+    raise ValueError(
+        f"backbone.name_or_path={name_or_path!r}: not a local checkpoint and no shipped config in "
+        f"{SHIPPED_BACKBONES} (shipped: {sorted(shipped)})"
+    )
+
+
+def config_from_json(path: Path):
+    """A transformers config from a config.json-style file, by its `model_type`."""
+    from transformers import AutoConfig
+
+    data = json.loads(Path(path).read_text())
+    if "model_type" not in data:
+        raise ValueError(f"{path}: no `model_type` key")
+    kwargs = {k: v for k, v in data.items() if not k.startswith("_") and k != "model_type"}
+    config = AutoConfig.for_model(data["model_type"], **kwargs)
+    config._name_or_path = data.get("_name_or_path", str(path))
+    return config
