@@ -66,7 +66,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"{recipe or args.defaults or 'pipeline.yaml'}: INVALID\n{err}", file=sys.stderr)
             status = 2
             continue
-        error, warning = _check_root(cfg)
+        from pipeline.estimate_cache import cached_estimate
+        error, warning = _check_root(cfg, cached_estimate(cfg))
         if error:
             print(f"{recipe or args.defaults or 'pipeline.yaml'}: INVALID\n{error}", file=sys.stderr)
             status = 2
@@ -92,11 +93,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _check_root(cfg: PipelineConfig, estimate: Any = None) -> tuple[str | None, str | None]:
     """`run.root` writable (else an error) and, given the plan's estimate, with room for what the
-    run writes (else a warning: a big recipe is planned on a laptop before it runs on a cluster's
-    root). `validate` passes no estimate: sizing a backbone on the meta device costs seconds per
-    recipe, which `plan` pays anyway."""
+    run writes (else a warning: a big recipe is validated on a laptop before it runs on a cluster's
+    root). `validate` passes the estimate's cached parameter counts (`pipeline.estimate_cache`:
+    sizing a backbone costs seconds of imports the first time only)."""
     from stages.diskspace import check_root, plan_bytes
     return check_root(Path(cfg.run.root), plan_bytes(estimate if isinstance(estimate, dict) else None))
+
+
 def _cluster_problem(cfg: PipelineConfig) -> str | None:
     """The training world against the Ray cluster, when one is reachable (`ray.address`,
     `RAY_ADDRESS`, or a Ray already initialised in this process); None when it fits or none is."""
@@ -158,9 +161,12 @@ def _estimate(cfg: PipelineConfig) -> Any:
             return None
         return {"error": f"{type(err).__name__}: {err}"}
     try:
-        return estimate.estimate(cfg)
+        result = estimate.estimate(cfg)
     except Exception as err:  # the plan stays useful without the estimate
         return {"error": f"{type(err).__name__}: {err}"}
+    from pipeline.estimate_cache import remember
+    remember(cfg, result)  # a later `validate` checks the disk against it without sizing again
+    return result
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -147,7 +147,7 @@ class RayExecutor:
         res = stage.spec.resources
         path = self.pythonpath if not self.ship_code else os.pathsep.join([".", self.pythonpath])
         # env_vars merge with the job's runtime_env (so a shipped working_dir stays the worker's cwd)
-        runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": path}}
+        runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": path, **fault_env()}}
         job = {**job, "num_threads": stage_threads(res.num_cpus)}
         options: dict[str, Any] = dict(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=0,
                                        name=f"stage:{name}", runtime_env=runtime_env)
@@ -180,6 +180,18 @@ class RayExecutor:
         self.running.clear()
         if self.owns:
             self.ray.shutdown()
+
+
+FAULT_ENV_PREFIX = "PIPELINE_FAULT_"
+"""Fault-injection variables (tests only, e.g. `stages.finite_guard`'s) the driver forwards to its
+stage tasks: a worker of a Ray joined over `ray.address` does not inherit the driver's environment.
+Only set ones are forwarded, so an ordinary run keeps one worker pool (a distinct `runtime_env`
+starts new worker processes)."""
+
+
+def fault_env() -> dict[str, str]:
+    """The driver's `PIPELINE_FAULT_*` variables."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FAULT_ENV_PREFIX)}
 
 
 def stage_threads(num_cpus: float) -> int | None:

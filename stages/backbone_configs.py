@@ -22,22 +22,31 @@ def shipped_backbone_configs() -> dict[str, Path]:
     return out
 
 
+def backbone_config_file(name_or_path: str) -> Path | None:
+    """The file `load_backbone_config` reads for `name_or_path` (a checkpoint's `config.json`, a
+    JSON file, or the shipped config of a hub id), found without importing transformers; None when
+    there is none offline."""
+    path = Path(name_or_path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path / "config.json"
+    if path.suffix == ".json" and path.is_file():
+        return path
+    return shipped_backbone_configs().get(name_or_path)
+
+
 def load_backbone_config(name_or_path: str):
     """The transformers config of a backbone, offline: a local directory/JSON or a shipped config."""
     from transformers import AutoConfig
 
-    path = Path(name_or_path)
-    if path.is_dir() and (path / "config.json").is_file():
-        return AutoConfig.from_pretrained(path, local_files_only=True)
-    if path.suffix == ".json" and path.is_file():
-        return config_from_json(path)
-    shipped = shipped_backbone_configs()
-    if name_or_path in shipped:
-        return config_from_json(shipped[name_or_path])
-    raise ValueError(
-        f"backbone.name_or_path={name_or_path!r}: not a local checkpoint and no shipped config in "
-        f"{SHIPPED_BACKBONES} (shipped: {sorted(shipped)})"
-    )
+    found = backbone_config_file(name_or_path)
+    if found is None:
+        raise ValueError(
+            f"backbone.name_or_path={name_or_path!r}: not a local checkpoint and no shipped config in "
+            f"{SHIPPED_BACKBONES} (shipped: {sorted(shipped_backbone_configs())})"
+        )
+    if Path(name_or_path).is_dir():
+        return AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+    return config_from_json(found)
 
 
 def config_from_json(path: Path):

@@ -53,8 +53,12 @@ def _checkpoint_callback(ckpt_dir: Path, every: int):
 
     from pytorch_lightning.callbacks import ModelCheckpoint
 
+    # enable_version_counter=False: `last.ckpt` is overwritten, never joined by `last-v1.ckpt`. A
+    # resume with an override (`pipeline.resume`) continues from a copied work dir; Lightning then
+    # finds a `last.ckpt` it did not write in this dir (the restored dirpath differs) and would
+    # version the new one, leaving `last.ckpt` at the old step for the next resume and the NaN error.
     kwargs: dict[str, Any] = {"dirpath": str(ckpt_dir), "every_n_train_steps": every, "save_last": True,
-                              "save_top_k": 1}
+                              "save_top_k": 1, "enable_version_counter": False}
     if "save_on_exception" in inspect.signature(ModelCheckpoint.__init__).parameters:
         kwargs["save_on_exception"] = False  # a crash resumes from the last periodic checkpoint
     return ModelCheckpoint(**kwargs)

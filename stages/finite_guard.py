@@ -9,6 +9,9 @@ while it is assembled, before any file is written (one pass over the weights per
 
 Fault injection for tests: `PIPELINE_FAULT_NONFINITE=grad@N` makes the gradients NaN at optimizer
 step N, `weights@N` makes a weight NaN at step N (the next loss is then NaN), `loss@N` the loss.
+The variable is read where the callback is built, i.e. in the training process: `fault_env()` is what
+a driver hands to processes it starts that may not inherit its environment (Ray Train workers of a
+Ray started earlier, or on other nodes).
 """
 from __future__ import annotations
 
@@ -33,6 +36,30 @@ def parse_fault(value: str | None) -> tuple[str, int] | None:
     if kind not in FAULT_KINDS or not step.isdigit():
         raise ValueError(f"{FAULT_ENV}={value!r}: expected KIND@STEP with KIND one of {', '.join(FAULT_KINDS)}")
     return kind, int(step)
+
+
+def fault_env() -> dict[str, str]:
+    """The fault injection setting of this process, for workers that do not inherit its environment."""
+    value = os.environ.get(FAULT_ENV)
+    return {FAULT_ENV: value} if value else {}
+
+
+def find_nonfinite(err: BaseException | None) -> NonFiniteError | None:
+    """The `NonFiniteError` inside `err`: its cause/context chain, or a Ray Train
+    `WorkerGroupError`'s per-rank `worker_failures` (the first rank that has one)."""
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, NonFiniteError):
+            return e
+        failures = getattr(e, "worker_failures", None) or {}
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        todo += [failures[rank] for rank in sorted(failures)]
+    return None
 
 
 def last_good_checkpoint(ckpt_dir: Path) -> str:

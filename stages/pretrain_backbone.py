@@ -305,7 +305,7 @@ def train(cfg: Config, data: dict[str, Any], ctx: StageContext) -> tuple[Any, di
         gradient_clip_val=cfg.grad_clip, logger=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[quick, make_finite_guard(ckpt_dir, section="pretrain"),
                    ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=cfg.checkpoint_every,
-                                   save_last=True, save_top_k=0)],
+                                   save_last=True, save_top_k=0, enable_version_counter=False)],  # see denoiser_fit
         default_root_dir=str(ctx.work_dir), num_sanity_val_steps=0, plugins=[make_checkpoint_io()],
     )
     resume = usable_checkpoint(last, ctx.warn)  # None: absent, or corrupt (moved aside)

@@ -21,6 +21,10 @@ What it sets up, and why:
 - **Resume across restarts**: a new call with the same `storage_path` and `name` restores Ray Train's
   checkpoint manager, `ray.train.get_checkpoint()` returns the latest one and Lightning resumes from
   it (optimizer, step counter, LR schedule). Worker failures restart from it up to `max_failures`.
+- **NaN/Inf stop every worker** (`stages.finite_guard`, each rank's verdict all-reduced): the
+  failing step is never reported as a checkpoint, and the driver re-raises the workers'
+  `NonFiniteError` naming the last checkpoint on storage and its step. The fault-injection
+  variable of the driver is forwarded to the workers, which need not inherit its environment.
 - **Step-based reporting**: metrics every `report_every` optimizer steps, not only at epoch end
   (Ray's stock `RayTrainReportCallback` reports per epoch); rank 0 also appends them to
   `storage_path/name/reports.jsonl` so the engine and the user can follow a run that is not theirs.
@@ -42,9 +46,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from stages.finite_guard import fault_env
 from stages.training import Optimisation
 
 CHECKPOINT_FILE = "checkpoint.ckpt"
+STEP_FILE = "step.json"
+"""Beside `CHECKPOINT_FILE` in each reported checkpoint: its optimizer step, readable without
+loading the checkpoint (a NaN error names the last good one from the driver)."""
+LATEST_CHECKPOINT = "the latest Ray Train checkpoint under {run_dir}"
+"""How a worker's `NonFiniteError` names the last good checkpoint: Ray picks the directory, so the
+driver replaces this phrase with the path it finds (`_nonfinite_on_driver`)."""
 REPORTS_FILE = "reports.jsonl"
 STRATEGIES = ("fsdp", "ddp")
 REPORT_EVERY_AT_MOST = 10
@@ -197,9 +208,10 @@ def fit_distributed(
     _check_cluster(cfg)
     run_dir = _run_dir(cfg)
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
+    worker_cfg = {**asdict(cfg), "env": {**fault_env(), **cfg.env}}
     trainer = TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config={"make_module": make_module, "make_data": make_data, "cfg": asdict(cfg)},
+        train_loop_config={"make_module": make_module, "make_data": make_data, "cfg": worker_cfg},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
@@ -210,7 +222,13 @@ def fit_distributed(
         ),
     )
     with _ReportTail(run_dir, on_report):
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as err:
+            nonfinite = _nonfinite_on_driver(err, run_dir)
+            if nonfinite is None:
+                raise
+            raise nonfinite from err
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     return DistributedResult(metrics=dict(result.metrics or {}), checkpoint_path=checkpoint,
                              history=read_reports(run_dir), run_dir=run_dir)
@@ -257,6 +275,34 @@ class _ReportTail:
         for line in complete.splitlines():
             if line.strip():
                 self.callback(json.loads(line))
+
+
+def latest_checkpoint(run_dir: str | Path) -> tuple[Path, int | None] | None:
+    """(checkpoint file, its optimizer step) of the newest checkpoint Ray Train persisted under
+    `run_dir` (directory names differ between Ray versions: the newest by mtime), or None."""
+    found = [d for d in Path(run_dir).glob("checkpoint_*") if (d / CHECKPOINT_FILE).is_file()]
+    if not found:
+        return None
+    newest = max(found, key=lambda d: d.stat().st_mtime_ns)
+    step_file = newest / STEP_FILE
+    step = int(json.loads(step_file.read_text())["step"]) if step_file.is_file() else None
+    return newest / CHECKPOINT_FILE, step
+
+
+def _nonfinite_on_driver(err: BaseException, run_dir: str):
+    """The workers' `NonFiniteError` (wrapped by Ray Train), naming the checkpoint a resume starts
+    from; None when `err` is another failure."""
+    from stages.finite_guard import NonFiniteError, find_nonfinite
+
+    found = find_nonfinite(err)
+    if found is None:
+        return None
+    latest = None if "://" in run_dir else latest_checkpoint(run_dir)
+    if latest is None:
+        where = f"none (no checkpoint under {run_dir} yet: a resume starts at step 0)"
+    else:
+        where = f"{latest[0]}" + (f" (optimizer step {latest[1]})" if latest[1] is not None else "")
+    return NonFiniteError(str(found).replace(LATEST_CHECKPOINT.format(run_dir=run_dir), where))
 
 
 def read_reports(run_dir: str | Path) -> list[dict[str, float]]:
@@ -311,7 +357,7 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     row_sampler = isinstance(sampler, RowSampler)  # shards itself per rank, resumes at the exact batch
     # the sampler's cursor first: it must move before the step report checkpoints the same batch
     # the NaN guard before the step report: a non-finite step is never reported as a checkpoint
-    guard = make_finite_guard(None, f"the latest Ray Train checkpoint under {_run_dir(cfg)}")
+    guard = make_finite_guard(None, LATEST_CHECKPOINT.format(run_dir=_run_dir(cfg)))
     callbacks = ([sampler_checkpoint(sampler)] if row_sampler else []) + [guard, _step_report_callback(cfg)]
     trainer = pl.Trainer(
         max_steps=cfg.max_steps,
@@ -436,6 +482,7 @@ def _step_report_callback(cfg: DistributedConfig):
                 return
             with tempfile.TemporaryDirectory() as tmp:
                 trainer.save_checkpoint(Path(tmp) / CHECKPOINT_FILE)  # collective under FSDP
+                (Path(tmp) / STEP_FILE).write_text(json.dumps({"step": step}))
                 checkpoint = Checkpoint.from_directory(tmp) if rank0 else None
                 ray.train.report(metrics, checkpoint=checkpoint)
 

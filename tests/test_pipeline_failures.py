@@ -152,6 +152,35 @@ def test_validate_refuses_an_unwritable_root_and_warns_about_space(tmp_path: Pat
     assert plan_bytes({"backbone": None}) is None
 
 
+def test_validate_warns_when_the_estimate_exceeds_the_free_space_and_caches_it(tmp_path: Path) -> None:
+    """The shipped Nano config with a vocabulary sized so that the estimate (~36 bytes per
+    parameter) is twice the free space of tmp_path's filesystem, whatever that disk is: `validate`
+    itself sizes it, warns naming run.root, free and needed GiB, exits 0, and keeps the counts."""
+    from stages.backbone_configs import SHIPPED_BACKBONES
+    from stages.diskspace import free_bytes
+
+    data = json.loads((SHIPPED_BACKBONES / "nemotron-3-nano-30b-a3b.json").read_text())
+    data["vocab_size"] = int(2 * free_bytes(tmp_path) / (36 * data["hidden_size"])) + 1
+    huge = tmp_path / "huge-backbone.json"
+    huge.write_text(json.dumps(data))
+    cache = tmp_path / "xdg"
+    args = ("validate", "nemotron_nano", f"run.root={tmp_path}/runs", f"backbone.name_or_path={huge}")
+    proc = cli(*args, env={"XDG_CACHE_HOME": str(cache), "RAY_ADDRESS": ""})
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stderr.splitlines() if "warning: run.root:" in x)
+    assert f"warning: run.root: {tmp_path}/runs has " in line and "the plan estimates up to" in line, line
+    free, needed = (float(x.split(" GiB")[0].split()[-1]) for x in line.split(" free, "))
+    assert needed > 1.5 * free, line
+    (kept,) = (cache / "twotower-pipeline" / "estimates").glob("*.json")
+    counts = json.loads(kept.read_text())
+    assert plan_bytes(counts) / 2**30 == pytest.approx(needed, abs=0.1)
+    # the next validate reads the kept counts instead of sizing again: shrunk, they fit
+    counts["params"] = {"denoiser": {"total": 1000}, "both_towers_total": 2000}
+    kept.write_text(json.dumps(counts))
+    again = cli(*args, env={"XDG_CACHE_HOME": str(cache), "RAY_ADDRESS": ""})
+    assert again.returncode == 0 and "warning: run.root" not in again.stderr, again.stderr
+
+
 def test_resume_with_an_override_keeps_the_work_dir_and_records_the_change(engine_defaults: Path,
                                                                           tmp_path: Path) -> None:
     root = tmp_path / "runs"

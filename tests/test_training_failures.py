@@ -2,6 +2,9 @@
 a NaN injected at a chosen step stops training naming the step and the last good checkpoint, never
 saving a non-finite `last.ckpt`; a resume with a lower `train.lr` continues from that checkpoint at
 the new LR; a corrupt checkpoint is detected by its sha256 sidecar, named, and training starts over.
+The same NaN on the multi-worker path (2 Ray Train workers, DDP over gloo) fails the stage naming the
+step and the last checkpoint Ray Train persisted, the fault forwarded to workers that did not inherit it.
+The CLI round trip (fail, then `run --resume RUN_DIR train.lr=...`): tests/test_pipeline_nan_resume.py.
 """
 from __future__ import annotations
 
@@ -130,3 +133,24 @@ def test_disk_full_while_checkpointing_keeps_the_last_good_checkpoint(tmp_path):
     assert "DISK True file size limit (ulimit -f) reached while writing" in out, out + proc.stderr
     assert "LEFT ['last.ckpt', 'last.ckpt.sha256']" in out  # no torn temporary file
     assert "GOOD None 2" in out  # the previous checkpoint is intact and still verifies
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_nan_in_ray_train_workers_fails_naming_the_step_and_keeps_the_last_good_checkpoint(
+        inputs, tmp_path, monkeypatch, ray_session):
+    """The multi-worker path (`train.num_workers: 2`, DDP over gloo on 2 CPU Ray Train workers). The
+    fault is set only after Ray started, so the workers see it only if the stage forwards it."""
+    ctx = make_ctx(tmp_path, "train")
+    monkeypatch.setenv(FAULT_ENV, "grad@3")
+    cfg = T.Config(**{**TRAIN, "num_workers": 2, "accelerator": "cpu"})
+    with pytest.raises(NonFiniteError) as failed:
+        T.run(cfg, inputs, ctx)
+    message = str(failed.value)
+    assert "non-finite gradient norm (nan) at optimizer step 3" in message
+    run_dir = Path(ctx.work_dir).resolve() / "distributed"
+    saved = sorted(run_dir.glob("checkpoint_*/checkpoint.ckpt"))
+    assert saved, list(run_dir.iterdir())
+    assert f"Last good checkpoint: {saved[-1]} (optimizer step 2)" in message
+    assert checkpoint_step(saved[-1]) == 2 and _all_finite(saved[-1])
+    assert all(checkpoint_step(p) <= 2 for p in saved)  # the failing step was never reported
