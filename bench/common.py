@@ -191,6 +191,7 @@ def decode_side_by_side(model, prompts: torch.Tensor, *, gamma: float, max_new_t
     for mode in modes:
         gen = gens[mode]
         tokens = int(gen.num_generated.sum())
+        row[f"{mode}_tokens"], row[f"{mode}_seconds"] = tokens * repeats, timing[mode]
         row[f"{mode}_tokens_per_s"] = tokens * repeats / timing[mode]
         row[f"{mode}_forwards"] = gen.num_denoiser_forwards + gen.num_context_forwards
         row[f"{mode}_tokens_per_forward"] = gen.tokens_per_forward
@@ -206,6 +207,38 @@ def decode_side_by_side(model, prompts: torch.Tensor, *, gamma: float, max_new_t
     if "auto" in gens:
         row["auto_picked"] = gens["auto"].mode
     if "diffusion" in gens:
+        row.update(speedup=row["diffusion_speedup"], agreement_with_ar=row["diffusion_agreement"],
+                   tokens_per_diffusion_forward=row["diffusion_tokens_per_forward"])
+    return row
+
+
+def decode_batches_side_by_side(model, batches: list, **kwargs) -> dict:
+    """`decode_side_by_side` over several batches of one size (the same prompts cut into batches of
+    b, so every batch size decodes the same prompts and no single prompt decides a size's figures),
+    merged into one row: tokens/s and speedup from the summed tokens and seconds, tokens per forward
+    from the summed forwards' share, agreement, wait and tokens kept per verification weighted by
+    each batch's tokens."""
+    parts = [decode_side_by_side(model, batch, **kwargs) for batch in batches]
+    if len(parts) == 1:
+        return parts[0]
+    modes = [k[: -len("_tokens_per_s")] for k in parts[0] if k.endswith("_tokens_per_s")]
+    row: dict = {"batch": parts[0]["batch"], "n_prompts": sum(len(b) for b in batches)}
+    for m in modes:
+        tokens = sum(p[f"{m}_tokens"] for p in parts)
+        row[f"{m}_tokens"], row[f"{m}_seconds"] = tokens, sum(p[f"{m}_seconds"] for p in parts)
+        row[f"{m}_tokens_per_s"] = tokens / row[f"{m}_seconds"]
+        row[f"{m}_forwards"] = sum(p[f"{m}_forwards"] for p in parts)
+        row[f"{m}_tokens_per_forward"] = tokens / sum(p[f"{m}_tokens"] / p[f"{m}_tokens_per_forward"] for p in parts)
+        for key in (f"{m}_agreement", f"{m}_wait"):
+            row[key] = sum(p[key] * p[f"{m}_tokens"] for p in parts) / tokens
+    for m in modes:
+        row[f"{m}_speedup"] = row[f"{m}_tokens_per_s"] / row["ar_tokens_per_s"]
+    if "verified_accepted_per_verify" in parts[0]:
+        row["verified_accepted_per_verify"] = sum(p["verified_accepted_per_verify"] * p["verified_tokens"]
+                                                  for p in parts) / row["verified_tokens"]
+    if "auto_picked" in parts[0]:
+        row["auto_picked"] = "/".join(dict.fromkeys(p["auto_picked"] for p in parts))
+    if "diffusion_speedup" in row:
         row.update(speedup=row["diffusion_speedup"], agreement_with_ar=row["diffusion_agreement"],
                    tokens_per_diffusion_forward=row["diffusion_tokens_per_forward"])
     return row

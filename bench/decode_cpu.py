@@ -7,7 +7,8 @@
     python bench/decode_cpu.py --model DIR             # ... and bench it again on copy-task prompts
 
 All modes decode the same prompts in the same process, interleaved (each repeat times every mode
-once), so the ratios are measured under the same load; every figure is the mean of `--repeats`
+once), so the ratios are measured under the same load; with `--examples`, every batch size decodes
+the same rows (the first `--shared-prompts`, cut into batches), so batch 1 is not one prompt's luck; every figure is the mean of `--repeats`
 timed runs after a warm-up. The table gives per mode tokens/s, the speedup over AR, generated
 tokens per model forward a row took part in, the fraction of tokens equal to AR greedy's, and for
 verified the tokens kept per verification.
@@ -24,7 +25,8 @@ import torch
 if __package__ in (None, ""):  # `python bench/decode_cpu.py`: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import DECODE_MODES, SIZES, auto_table, copy_task_batch, decode_side_by_side, format_decode_table, \
+from bench.common import DECODE_MODES, SIZES, auto_table, copy_task_batch, decode_batches_side_by_side, \
+    format_decode_table, \
     nemotron_h_config, train_steps  # noqa: E402
 
 
@@ -46,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(ar and verified always do); after the table, ar and auto are timed again side by side")
     p.add_argument("--draft", default="confident",
                    help="verified's draft policy: full, confident, or an int k (at most k denoiser steps)")
+    p.add_argument("--shared-prompts", type=int, default=None,
+                   help="with --examples: every batch size decodes the same first N rows, cut into batches "
+                        "(default: the largest batch size; a larger batch repeats them)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
@@ -87,9 +92,9 @@ def trained_copy_model(args: argparse.Namespace):
     print(f"[decode_cpu] trained: AR loss {ar['first_loss']:.2f} -> {ar['last_loss']:.2f}, "
           f"denoiser loss {den['first_loss']:.2f} -> {den['last_loss']:.2f}", flush=True)
 
-    def prompts(batch: int) -> torch.Tensor:
-        return copy_task_batch(batch, args.prompt_len, config.vocab_size, torch.Generator().manual_seed(batch),
-                               period=(4, 12))
+    def prompts(batch: int) -> list[torch.Tensor]:
+        return [copy_task_batch(batch, args.prompt_len, config.vocab_size, torch.Generator().manual_seed(batch),
+                                period=(4, 12))]
 
     return model, prompts
 
@@ -104,8 +109,8 @@ def exported_model(args: argparse.Namespace):
     if not args.examples:  # a model saved by --save: the copy task it was trained on
         vocab = model.backbone_config.vocab_size
 
-        def copy_prompts(batch: int) -> torch.Tensor:
-            return copy_task_batch(batch, args.prompt_len, vocab, torch.Generator().manual_seed(batch), period=(4, 12))
+        def copy_prompts(batch: int) -> list[torch.Tensor]:
+            return [copy_task_batch(batch, args.prompt_len, vocab, torch.Generator().manual_seed(batch), period=(4, 12))]
 
         return model, copy_prompts
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -113,8 +118,14 @@ def exported_model(args: argparse.Namespace):
     if not rows or "prompt" not in rows[0]:
         raise ValueError(f"{args.examples}: expected jsonl rows with a `prompt` field")
 
-    def prompts(batch: int) -> list[list[int]]:
-        return [tok(rows[i % len(rows)]["prompt"], add_special_tokens=False)["input_ids"] for i in range(batch)]
+    shared = max(args.batches) if args.shared_prompts is None else args.shared_prompts
+    # as the pipeline tokenizes its prompts (stages/decoding_eval.py): BOS included
+    ids = [tok(rows[i % len(rows)]["prompt"])["input_ids"] for i in range(shared)]
+
+    def prompts(batch: int) -> list[list[list[int]]]:
+        """The same `shared` prompts at every batch size, cut into batches of `batch`."""
+        return [ids[i:i + batch] for i in range(0, max(shared, batch), batch)] if batch <= shared else \
+            [[ids[i % shared] for i in range(batch)]]
 
     return model, prompts
 
@@ -130,7 +141,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         table = []
         for batch in args.batches:
             modes = tuple(dict.fromkeys(["ar", *args.modes]))
-            row = decode_side_by_side(model, prompts(batch), gamma=gamma, max_new_tokens=new_tokens,
+            row = decode_batches_side_by_side(model, prompts(batch), gamma=gamma, max_new_tokens=new_tokens,
                                       device=torch.device("cpu"), bf16=False, repeats=args.repeats, modes=modes,
                                       draft=int(args.draft) if args.draft.isdigit() else args.draft)
             table.append({**row, "gamma": gamma})
@@ -138,7 +149,7 @@ def run(args: argparse.Namespace) -> list[dict]:
               f"{args.threads} thread(s):\n{format_decode_table(table)}", flush=True)
         rows += table
         picks = auto_table(table, args.auto_agreement)
-        autos = [{**decode_side_by_side(model, prompts(batch), gamma=gamma, max_new_tokens=new_tokens,
+        autos = [{**decode_batches_side_by_side(model, prompts(batch), gamma=gamma, max_new_tokens=new_tokens,
                                         device=torch.device("cpu"), bf16=False, repeats=args.repeats,
                                         modes=("ar", "auto"), draft=int(args.draft) if args.draft.isdigit() else args.draft, auto_modes=picks),
                   "gamma": gamma} for batch in args.batches]

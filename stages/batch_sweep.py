@@ -7,7 +7,10 @@ so no one mode is best everywhere. `generate(mode="auto")` reads a table `auto_m
 - `measure` decodes the same prompts with `ar`, `diffusion` (at the calibrated γ) and `verified`
   at each batch size, in this process, interleaved: every round times each (batch size, mode)
   once, the order of the modes rotated from round to round, so load on a shared machine hits all
-  modes alike; each figure is the median of the rounds;
+  modes alike; each figure is the median of the rounds. Every batch size decodes the same
+  `max(batch_sizes)` prompts (mixed over the task families), cut into batches of that size: batch
+  1 is then timed on sixteen prompts, not on the first one alone, whose answer length and
+  acceptance would decide the table's batch-1 entry by chance;
 - `decide` (pure, so its rule is unit-tested on made-up timings) picks per batch size the fastest
   mode that meets the recipe's quality target: `ar` and `verified` always do (verified's output is
   AR's, token for token), `diffusion` only when the lower 95% confidence bound of its relative
@@ -54,8 +57,9 @@ def timed_generate(model, prompts, **kwargs) -> tuple[Any, float]:
 def measure(model, tokenizer, examples: list[dict], batch_sizes: list[int], *, gamma: float,
             block_size: int | None, rounds: int, max_new_tokens: int, progress=None) -> list[dict[str, Any]]:
     """Time every mode at every batch size, interleaved; one row per batch size with, per mode `m`,
-    `{m}_seconds` (median of `rounds`), `{m}_tokens` (generated, EOS included), `{m}_tokens_per_s`
-    and `{m}_speedup` (AR seconds / its seconds on the same prompts)."""
+    `{m}_seconds` (median of `rounds`, summed over the batches of the shared prompts),
+    `{m}_tokens` (generated, EOS included), `{m}_tokens_per_s` and `{m}_speedup` (AR seconds / its
+    seconds on the same prompts)."""
     import torch
 
     if not examples:
@@ -63,20 +67,24 @@ def measure(model, tokenizer, examples: list[dict], batch_sizes: list[int], *, g
     kwargs: dict[str, Any] = {"gamma": gamma, "max_new_tokens": max_new_tokens}
     if block_size:
         kwargs["block_size"] = block_size
-    batches = {b: [tokenizer(p)["input_ids"] for p in batch_prompts(examples, b)] for b in batch_sizes}
+    ids = [tokenizer(p)["input_ids"] for p in batch_prompts(examples, max(batch_sizes))]
+    batches = {b: [ids[i:i + b] for i in range(0, len(ids), b)] for b in batch_sizes}
     times: dict[tuple[int, str], list[float]] = {(b, m): [] for b in batch_sizes for m in SWEPT_MODES}
     tokens: dict[tuple[int, str], int] = {}
     with torch.inference_mode():
         for m in SWEPT_MODES:  # warm-up, untimed: first calls pay for allocations
-            model.generate(batches[min(batch_sizes)], mode=m, **kwargs)
+            model.generate(batches[min(batch_sizes)][0], mode=m, **kwargs)
         done, total = 0, rounds * len(batch_sizes)
         for r in range(rounds):
             for b in batch_sizes:
                 shift = (r + b) % len(SWEPT_MODES)
                 for m in SWEPT_MODES[shift:] + SWEPT_MODES[:shift]:
-                    out, secs = timed_generate(model, batches[b], mode=m, **kwargs)
+                    secs, n_tokens = 0.0, 0
+                    for batch in batches[b]:
+                        out, batch_secs = timed_generate(model, batch, mode=m, **kwargs)
+                        secs, n_tokens = secs + batch_secs, n_tokens + int(out.num_generated.sum())
                     times[(b, m)].append(secs)
-                    tokens[(b, m)] = int(out.num_generated.sum())
+                    tokens[(b, m)] = n_tokens
                 done += 1
                 if progress is not None:
                     progress(done, total)

@@ -255,7 +255,8 @@ def test_calibrate_sweeps_batch_sizes_into_the_exports_auto_modes(chain):
     sweep = c["batch_sweep"]
     assert [r["batch"] for r in sweep] == [1, 2, 4, 8, 16]
     for r in sweep:
-        assert all(r[f"{m}_seconds"] > 0 and r[f"{m}_tokens"] >= r["batch"] for m in ("ar", "diffusion", "verified"))
+        # every batch size decodes the same 16 prompts (batch 1 too, not its first prompt alone)
+        assert all(r[f"{m}_seconds"] > 0 and r[f"{m}_tokens"] >= 16 for m in ("ar", "diffusion", "verified"))
         assert r["ar_speedup"] == 1.0 and r["auto"] == c["auto_modes"][str(r["batch"])]
     chosen = json.loads(Path(c["artifacts"]["calibration"]).read_text())["chosen"]
     assert {int(b): m for b, m in c["auto_modes"].items()} == decide(
