@@ -1,6 +1,7 @@
 """Train a tiny Nemotron-H backbone on generated tasks, then its two-tower denoiser, and compare
 AR, diffusion and verified decoding side by side (exact match per task, tokens per denoiser forward,
-wall-clock ms per token) for several confidence thresholds gamma. CPU, one thread.
+wall-clock ms per token) for several confidence thresholds gamma, then `auto` (the per-batch-size table
+calibrate_gamma's rule gives) against AR at batch 1, 4 and 16. CPU, one thread.
 
     .venv/bin/python examples/train_tiny_twotower.py              # first run pretrains and caches the backbone
     .venv/bin/python examples/train_tiny_twotower.py              # later runs reuse it: ~7 minutes
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, NemotronHConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stages.batch_sweep import decide  # noqa: E402  (auto's rule, as calibrate_gamma applies it)
 from stages.tasks import generate  # noqa: E402  (the pipeline's own task families)
 from stages.tokenizer import vocabulary  # noqa: E402
 from twotower import TwoTowerConfig, TwoTowerForDiffusionLM  # noqa: E402
@@ -104,7 +106,9 @@ def train_denoiser(model, seconds: float, batch: int) -> None:
         for g in opt.param_groups:
             g["lr"] = lr_at(elapsed / seconds, 1e-3)
         ex = sample(batch, seed=20_000_000 + step)
-        rows = block_aligned_batch([p for _, p, _ in ex], [a for _, _, a in ex], BLOCK, PAD)
+        # each answer's last block filled with EOS, as the pipeline trains (train.fill_after_eos): decoding
+        # denoises all B positions of a block, so the denoiser must learn what follows the answer
+        rows = block_aligned_batch([p for _, p, _ in ex], [a for _, _, a in ex], BLOCK, PAD, fill_id=EOS)
         out = model(rows["input_ids"], attention_mask=rows["attention_mask"], loss_mask=rows["loss_mask"])
         opt.zero_grad()
         out.loss.backward()
@@ -146,17 +150,23 @@ def evaluate(model, examples, settings: list[tuple[str, float]]) -> list[dict]:
 BATCH_MODES = ("ar", "diffusion", "verified")
 
 
-def batched_speed(model, examples, gamma: float, batch: int) -> dict[str, float]:
-    """ms per generated token per mode decoding `batch` prompts at once, interleaved."""
-    tokens, wall = dict.fromkeys(BATCH_MODES, 0), dict.fromkeys(BATCH_MODES, 0.0)
+AUTO_TARGET = 0.987
+"""`auto` may pick diffusion where its relative quality (batch 1, γ 0.8) is at least this (the paper's
+98.7 %); ar and verified always qualify (stages/batch_sweep.py's rule, without the interval)."""
+
+
+def batched_speed(model, examples, gamma: float, batch: int, modes=BATCH_MODES, **kwargs) -> dict[str, float]:
+    """ms per generated token per mode decoding `batch` prompts at once, interleaved; `kwargs` go to
+    `generate` (e.g. `auto_modes`)."""
+    tokens, wall = dict.fromkeys(modes, 0), dict.fromkeys(modes, 0.0)
     for i in range(0, len(examples), batch):
         prompts = [p for _, p, _ in examples[i:i + batch]]
-        for mode in BATCH_MODES:
+        for mode in modes:
             t0 = time.perf_counter()
-            gen = model.generate(prompts, mode=mode, gamma=gamma, max_new_tokens=32)
+            gen = model.generate(prompts, mode=mode, gamma=gamma, max_new_tokens=32, **kwargs)
             wall[mode] += time.perf_counter() - t0
             tokens[mode] += int(gen.num_generated.sum())
-    return {mode: 1000 * wall[mode] / tokens[mode] for mode in BATCH_MODES}
+    return {mode: 1000 * wall[mode] / tokens[mode] for mode in modes}
 
 
 def main() -> None:
@@ -207,13 +217,24 @@ def main() -> None:
         g = "   - " if gamma is None else f"{gamma:5.2f}"
         print(f"{mode:10s} {g}  {r['exact']:5.3f}  {rel:5.3f}  {tasks}   {r['tokens_per_den_forward']:11.2f}  "
               f"{r['ms_per_token']:8.2f}  {ar['ms_per_token'] / r['ms_per_token']:6.2f}x")
+    rel08 = next((r["exact"] / ar["exact"] for (mode, g), r in zip(settings, results)
+                  if mode == "diffusion" and g == 0.8 and ar["exact"]), 0.0)
+    speeds = {}
     with torch.inference_mode():
         for batch in (1, 4, 16):
-            ms = batched_speed(model, examples, 0.8, batch)
+            ms = speeds[batch] = batched_speed(model, examples, 0.8, batch)
             fastest = min(("ar", "verified"), key=ms.get)  # the modes exact by construction
             print(f"batch {batch:2d}: ms/token (γ 0.8) " + "  ".join(f"{m} {ms[m]:6.2f} {ms['ar'] / ms[m]:4.2f}x"
                                                                       for m in BATCH_MODES)
                   + f"  fastest exact mode: {fastest}")
+        # auto: the table calibrate_gamma's rule would store, then timed again beside AR
+        table = decide([{"batch": b, **{f"{m}_seconds": ms[m] for m in BATCH_MODES}} for b, ms in speeds.items()],
+                       rel08, AUTO_TARGET)
+        print(f"auto table (diffusion qualifies when its relative quality {rel08:.3f} >= {AUTO_TARGET}): {table}")
+        for batch in (1, 4, 16):
+            ms = batched_speed(model, examples, 0.8, batch, modes=("ar", "auto"), auto_modes=table)
+            print(f"batch {batch:2d}: ms/token ar {ms['ar']:6.2f}  auto {ms['auto']:6.2f} "
+                  f"{ms['ar'] / ms['auto']:4.2f}x  (ran {table[batch]})")
 
 
 if __name__ == "__main__":
