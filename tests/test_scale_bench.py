@@ -120,3 +120,25 @@ def test_scan_cost_times_both_cuts_against_the_old_paths(tmp_path):
     assert out["every-pos scan/one_chunk_us"] > 0 and out["every-pos scan/token_chunks_us"] > 0
     from twotower import ops
     assert ops.EVERY_POSITION_MAX == 64
+
+
+def test_decode_over_several_batches_merges_their_tokens_and_seconds():
+    """Every batch size decodes the same prompts cut into batches (decode_cpu.py --shared-prompts):
+    the merged row sums the batches' tokens and seconds, so tokens/s is the whole set's, and
+    verified stays AR's output in every batch."""
+    import torch
+
+    from bench.common import decode_batches_side_by_side, decode_side_by_side
+
+    model, prompts = decode_cpu.trained_copy_model(decode_cpu.parse_args(["--quick"]))
+    (batch,) = prompts(4)
+    kwargs = dict(gamma=0.8, max_new_tokens=8, device=torch.device("cpu"), bf16=False, repeats=1)
+    whole = decode_side_by_side(model, batch, **kwargs)
+    merged = decode_batches_side_by_side(model, [batch[:2], batch[2:]], **kwargs)
+    assert merged["batch"] == 2 and merged["n_prompts"] == 4
+    for m in ("ar", "diffusion", "verified"):
+        assert merged[f"{m}_tokens"] == whole[f"{m}_tokens"]  # the same prompts, split: the same tokens
+        assert merged[f"{m}_tokens_per_s"] == pytest.approx(merged[f"{m}_tokens"] / merged[f"{m}_seconds"])
+        assert merged[f"{m}_tokens_per_forward"] > 0
+    assert merged["ar_speedup"] == 1.0 and merged["verified_agreement"] == 1.0
+    assert 1.0 <= merged["verified_accepted_per_verify"] <= 8
