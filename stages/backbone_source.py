@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from stages.built_once import build_once
 from stages.gguf_files import PACKAGE_PREFIX, gguf_path, gguf_tokenizer, package_file  # noqa: F401
 from stages.gguf_files import gguf_model_type as _gguf_model_type
 
@@ -197,20 +195,8 @@ def materialise(source: BackboneSource, cache_root: Path, dtype: str = "float32"
     if source.kind != "gguf":
         return source.reference
     final = Path(cache_root) / f"{source.key}-{dtype}"
-    if (final / CONVERTED_MARKER).exists():
-        return str(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        record = convert_gguf(Path(source.reference), tmp, dtype)
-        (tmp / CONVERTED_MARKER).write_text(json.dumps(record, indent=1))
-        if final.exists():  # an interrupted earlier attempt without its marker
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return str(final)
+    return build_once(final, CONVERTED_MARKER,
+                      lambda tmp: json.dumps(convert_gguf(Path(source.reference), tmp, dtype), indent=1))
 
 
 def resolve(name_or_path: str | None, gguf_file: str | None, revision: str | None, cache_root: Path,

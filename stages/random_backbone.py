@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from stages.built_once import build_once
 
 MARKER = "random_init.json"
 
@@ -49,21 +48,12 @@ def materialise(name_or_path: str, overrides: dict[str, Any], tokenizer_dir: str
     spec = json.dumps({"config": config.to_dict(), "tokenizer": str(tokenizer_dir), "seed": seed,
                        "dtype": dtype}, sort_keys=True, default=str)
     final = Path(cache_root) / f"random-{hashlib.sha256(spec.encode()).hexdigest()[:16]}"
-    if (final / MARKER).exists():
-        return str(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+
+    def build(tmp: Path) -> str:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        (tmp / MARKER).write_text(json.dumps({"name_or_path": name_or_path, "overrides": overrides,
-                                              "seed": seed}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return str(final)
+        return json.dumps({"name_or_path": name_or_path, "overrides": overrides, "seed": seed}, indent=1)
+
+    return build_once(final, MARKER, build)
