@@ -19,6 +19,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The second half of the last dim, negated, then the first half (the rotary pairing)."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotary position embedding of q/k `[N, H, T, d]` with cos/sin `[N, T, d]`: the same ops, in
+    the same order, as transformers' Llama and Gemma 3 `apply_rotary_pos_emb` (bit-identical).
+    Kept here so that importing an adapter loads no transformers modeling module: those import the
+    Auto classes, whose import registers `twotower.model`, a circular import when a twotower module
+    is the first thing imported."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
 KINDS = ("attention", "mamba", "moe", "mlp")
 
 

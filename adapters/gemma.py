@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 
-from adapters.base import Adapter, Sublayer, project_qkv
+from adapters.base import Adapter, Sublayer, apply_rotary_pos_emb, project_qkv
 
 
 class GemmaAdapter(Adapter):

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from adapters.base import Adapter, Experts, Mamba2Params, Sublayer, project_qkv
+from adapters.base import Adapter, Experts, Mamba2Params, Sublayer, apply_rotary_pos_emb, project_qkv
 from adapters.nemotron_h import mamba2_params
 
 

@@ -11,9 +11,8 @@ modules carry their own (`sliding_window`, None on full-attention layers); Mistr
 from __future__ import annotations
 
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from adapters.base import Adapter, Sublayer, project_qkv
+from adapters.base import Adapter, Sublayer, apply_rotary_pos_emb, project_qkv
 
 
 def attention_window(model: nn.Module, attn: nn.Module) -> int | None:

@@ -142,3 +142,46 @@ def test_decode_over_several_batches_merges_their_tokens_and_seconds():
         assert merged[f"{m}_tokens_per_forward"] > 0
     assert merged["ar_speedup"] == 1.0 and merged["verified_agreement"] == 1.0
     assert 1.0 <= merged["verified_accepted_per_verify"] <= 8
+
+
+def test_mode_ceiling_arithmetic():
+    """The cost model by hand: a 5-token answer in blocks of 4 is 2 blocks; AR pays prefill + 4 steps."""
+    from bench.mode_ceiling import ceilings
+
+    costs = {"prefill": 2.0, "ar_step": 1.0, "denoiser_forward": 2.0, "verify_forward": 2.0, "commit_forward": 1.0}
+    counts = {"ar": [(5, 0, 5)], "diffusion": [(5, 3, 2)], "verified": [(5, 3, 3)]}
+    out = ceilings(costs, counts, block=4)
+    assert out["mean_blocks"] == 2 and out["mean_answer_tokens"] == 5
+    # ar 2 + 4·1 = 6; diffusion at best 2 + 2·2 + 1·1 = 7, as run 2 + 3·2 + 1·1 = 9
+    assert out["diffusion"]["ceiling"] == pytest.approx(6 / 7)
+    assert out["diffusion"]["predicted"] == pytest.approx(6 / 9)
+    # verified at best 2 + 2·(2 + 2) = 10, as run 2 + 3·2 + 2·2 = 12
+    assert out["verified"]["ceiling"] == pytest.approx(6 / 10)
+    assert out["verified"]["predicted"] == pytest.approx(6 / 12)
+    assert out["diffusion"]["fewest_forwards_per_answer"] == 4 and out["verified"]["fewest_forwards_per_answer"] == 5
+    assert out["verified"]["forwards_per_answer"] == 6
+
+
+def test_mode_ceiling_on_an_export(tmp_path, capsys):
+    """bench/mode_ceiling.py end to end on a tiny export: verified (AR's output, so AR's answer
+    lengths) needs at least the fewest forwards, so its predicted speedup never exceeds its ceiling."""
+    from harness_fixtures import tiny_char_twotower
+
+    from bench import mode_ceiling
+
+    model, tok = tiny_char_twotower()
+    model.save_pretrained(tmp_path / "export")
+    tok.save_pretrained(tmp_path / "export")
+    rows = [{"task": t, "prompt": f"{t} {i} abc"} for t in ("copy", "add") for i in range(3)]
+    (tmp_path / "ex.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = mode_ceiling.main(["--model", str(tmp_path / "export"), "--examples", str(tmp_path / "ex.jsonl"),
+                                "--prompts-per-task", "2", "--skip-per-task", "1", "--max-new-tokens", "6",
+                                "--repeats", "1", "--rounds", "1", "--out", str(tmp_path / "r.json")])
+    assert report["prompts"] == 4
+    assert report["verified"]["same_as_ar"] == 1.0
+    r = report["verified"]
+    assert r["forwards_per_answer"] >= r["fewest_forwards_per_answer"]
+    assert 0 < r["predicted"] <= r["ceiling"] + 1e-9
+    assert all(report[m]["measured"] > 0 and report[m]["ceiling"] > 0 for m in mode_ceiling.MODES)
+    assert json.loads((tmp_path / "r.json").read_text())["block_size"] == 4
+    assert "ceiling" in capsys.readouterr().out

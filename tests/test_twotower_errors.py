@@ -100,3 +100,21 @@ def test_noise_mask_on_block_start_rejected(model):
     mask[0, 4] = True
     with pytest.raises(ValueError, match="position 0 of a block"):
         model(ids, noise_mask=mask, t=torch.full((1, 2), 0.5))
+
+
+@pytest.mark.parametrize("first", ["twotower.ops", "twotower.generate", "twotower.denoiser", "twotower.walk",
+                                   "adapters"])
+def test_any_runtime_module_imports_first_and_auto_classes_still_resolve(first):
+    """Importing one runtime module first, in a fresh process, works (it once hit a circular import:
+    an adapter loaded a transformers modeling module, whose Auto-class import registers
+    twotower.model, which imports the module being loaded), and the Auto classes know `twotower` after."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (f"import {first}, twotower; from transformers import AutoConfig, AutoModel; AutoModel.register; "
+            "print(type(AutoConfig.for_model('twotower')).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("TwoTowerHFConfig")

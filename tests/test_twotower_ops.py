@@ -70,6 +70,29 @@ def test_ssd_scan_matches_recurrence_and_boundary_states(T, chunk, with_init):
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("T,with_init", [(9, True), (9, False), (1, True)])
+def test_ssd_state_at_equals_the_every_position_states(T, with_init):
+    """A verified block's rollback: the state after any accepted length, from the kept ingredients
+    (`points`), equals the every-position scan's, per row at different lengths, 0 and T included;
+    the outputs are unchanged."""
+    from twotower.ops import ssd_state_at
+
+    g = torch.Generator().manual_seed(2)
+    N, H, P, G, S = 3, 4, 3, 2, 5
+    args = (torch.randn(N, T, H, P, generator=g), torch.rand(N, T, H, generator=g) + 0.1,
+            -torch.rand(H, generator=g) - 0.5, torch.randn(N, T, G, S, generator=g),
+            torch.randn(N, T, G, S, generator=g), torch.randn(H, generator=g),
+            torch.randn(N, H, P, S, generator=g) if with_init else None)
+    y, every = ssd_scan(*args, 1)  # [N, T+1, H, P, S]: the state after 0..T positions
+    points: dict = {}
+    y2, none = ssd_scan(*args, T, points=points)
+    assert none is None
+    torch.testing.assert_close(y2, y, atol=1e-5, rtol=1e-5)
+    for upto in ([0, T // 2, T], [T, 1, 0], [T, T, T]):
+        upto = torch.tensor(upto)
+        torch.testing.assert_close(ssd_state_at(points, upto), every[torch.arange(N), upto], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("T,chunk", [(16, 16), (11, 4)])
 def test_ssd_scan_without_states_gives_the_same_outputs(T, chunk):
     """`want_states=False` (the denoiser) changes nothing but dropping the boundary states."""

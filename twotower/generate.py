@@ -11,7 +11,7 @@ the block commit is the verification. Its logits are the context tower's greedy 
 longest draft prefix equal to them is kept, plus the context tower's own token at the first
 disagreement (the standard greedy speculative-decoding rule): the output is `ar`'s, token for
 token. The cache is rolled back to the accepted length (`TowerCache.drop_last`; Mamba-2 states
-taken per position from the verification's own scan).
+computed at the accepted length from the verification's own scan, `walk.rollback_states`).
 mock_ar: the same loop and caches, but positions 1..B-1 come from single-token context-tower
 forwards on a scratch copy of the cache: equal to `ar` token for token (checks the block commit).
 ar: the context tower alone, one token per forward.
@@ -33,7 +33,7 @@ import torch
 from twotower.cache import TowerCache
 from twotower.denoiser import DecodeContext
 from twotower.model import _pad_id, _prediction_logits
-from twotower.walk import context_forward
+from twotower.walk import context_forward, rollback_states
 
 MODES = ("diffusion", "verified", "mock_ar", "ar", "auto")
 MAX_BACKOFF = 8
@@ -419,23 +419,14 @@ def _verify_block(model, block, rows, keep_hidden, tally, steps) -> torch.Tensor
     to it and set `rows.first` to the context tower's token after it. Returns `[n]` tokens kept."""
     walk = model.context_walk
     B = block.shape[1]
-    mamba = any(sub.kind == "mamba" for sub in walk.subs)
-    record: dict | None = {} if mamba else None
-    # chunk 1 with `record`: the scan keeps the Mamba-2 state after every position (rollback)
-    hidden, extended = context_forward(walk, block, rows.cache, chunk=1 if mamba else B, record=record,
-                                       keep_hidden=keep_hidden)
+    rollback: dict = {}  # Mamba-2: what gives each sublayer's states at any accepted length
+    hidden, extended = context_forward(walk, block, rows.cache, chunk=B, rollback=rollback, keep_hidden=keep_hidden)
     tally.count("ctx", rows.index)
     greedy = walk.logits(hidden).argmax(-1)  # [n, B]: the context tower's token after each position
     agree = (block[:, 1:] == greedy[:, :-1]).long().cumprod(1)
     accepted = 1 + agree.sum(1)  # [n] in 1..B
     here = torch.arange(block.shape[0], device=block.device)
-    conv, ssm = dict(extended.conv), dict(extended.ssm)
-    if record is not None:
-        for i, states in record["states"].items():
-            ssm[i] = states[here, accepted]
-            xbc = record["xbc"][i]  # [n, Cd, K-1+B]: the conv state before the block, then the block's inputs
-            width = xbc.shape[-1] - B
-            conv[i] = xbc.unfold(-1, width, 1)[here, :, accepted]  # the K-1 inputs ending at the accepted length
+    conv, ssm = rollback_states(rollback, accepted)
     rows.cache = extended.drop_last(B - accepted, conv, ssm)
     rows.first = greedy[here, accepted - 1]
     tally.verify_rows += block.shape[0]

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from typing import TYPE_CHECKING
+
 from transformers.activations import ACT2FN
 
-from adapters.base import Mamba2Params
+if TYPE_CHECKING:  # annotations only: importing `adapters` at run time loads every adapter's
+    # transformers modules, whose Auto-class import registers twotower.model, which imports this
+    # module: a circular import when `twotower.ops` is the first thing imported
+    from adapters.base import Mamba2Params
 
 
 def attention(q, k, v, mask: torch.Tensor, scale: float, softcap: float | None = None) -> torch.Tensor:
@@ -85,7 +90,27 @@ and no chunk recurrence (`bench/scan_cost.py`, docs/benchmarks.md); its cost gro
 longer inputs take the chunk path."""
 
 
-def ssd_scan(x, dt, A, B, C, D, initial_state, chunk: int, want_states: bool = True):
+def ssd_state_at(points: dict, upto: torch.Tensor) -> torch.Tensor:
+    """The SSM state after the first `upto[n]` positions (0..T) of each row of a one-chunk scan, from
+    the ingredients `ssd_scan(..., points=...)` kept: `[N, H, P, S]`, float32.
+
+    A verified block needs the state at its accepted length only; this is one einsum over the block
+    per Mamba sublayer, the cost of the end state a block commit computes anyway, where keeping the
+    state after every position costs a T-times larger one (`bench/scan_cost.py`)."""
+    acum, B, xdt, init = points["acum"], points["B"], points["xdt"], points["init"]
+    length = acum.shape[-1]
+    upto = upto.to(acum.device)
+    last = (upto - 1).clamp(min=0)[:, None, None].expand(-1, acum.shape[1], 1)
+    end = torch.where(upto[:, None, None] > 0, acum.gather(-1, last), torch.zeros((), device=acum.device))  # [N, H, 1]
+    before = torch.arange(length, device=acum.device)[None, None, :] < upto[:, None, None]
+    weight = torch.exp((end - acum).masked_fill(~before, float("-inf")))  # exp(sum adt over m+1..upto-1)
+    state = torch.einsum("nhm,nmhs,nmhp->nhps", weight, B, xdt)
+    if init is not None:
+        state = state + init * torch.exp(end)[..., None]
+    return state
+
+
+def ssd_scan(x, dt, A, B, C, D, initial_state, chunk: int, want_states: bool = True, points: dict | None = None):
     """Mamba-2 SSD chunk scan in float32.
 
     x `[N, T, H, P]`, dt `[N, T, H]` (after bias, softplus, clamp), A `[H]` (negative),
@@ -97,6 +122,8 @@ def ssd_scan(x, dt, A, B, C, D, initial_state, chunk: int, want_states: bool = T
     want_states=False returns (y, None) and skips the end-state work of a one-chunk input, ~30 %
     of its cost (the denoiser never reads its own states: its blocks are seeded from the context
     tower's).
+    points (a dict, one-chunk inputs only) receives what `ssd_state_at` needs to give the state after
+    any position later (a verified block's rollback); the states are then not computed: (y, None).
     """
     n, length, heads, head_dim = x.shape
     rep = heads // B.shape[2]
@@ -104,7 +131,7 @@ def ssd_scan(x, dt, A, B, C, D, initial_state, chunk: int, want_states: bool = T
     B = B.float().repeat_interleave(rep, dim=2)
     C = C.float().repeat_interleave(rep, dim=2)
     skip = x * D.float()[:, None]
-    if length == 1:  # one token (AR steps): the recurrence itself, a handful of ops
+    if length == 1 and points is None:  # one token (AR steps): the recurrence itself, a handful of ops
         init = initial_state.float() if initial_state is not None else x.new_zeros(n, heads, head_dim, B.shape[-1])
         decay = torch.exp(dt[:, 0] * A.float())[..., None, None]  # [N, H, 1, 1]
         state = init * decay + (dt[:, 0, :, None] * x[:, 0])[..., None] * B[:, 0, :, None, :]
@@ -122,6 +149,9 @@ def ssd_scan(x, dt, A, B, C, D, initial_state, chunk: int, want_states: bool = T
         init = initial_state.float() if initial_state is not None else None
         if init is not None:
             y = y + torch.einsum("nlhs,nhps->nlhp", C, init) * torch.exp(acum).transpose(1, 2)[..., None]
+        if points is not None:
+            points.update(acum=acum, B=B, xdt=xdt, init=init)
+            return y + skip, None
         if not want_states:
             return y + skip, None
         if every:  # the state after each position: the same decay matrix, summed to every row
@@ -180,14 +210,15 @@ def _depthwise_conv(x, weight, bias):
     return y if bias is None else y + bias[:, None]
 
 
-def mamba2_mixer(p: Mamba2Params, h, conv_state, ssm_state, valid, chunk: int, want_states: bool = True):
+def mamba2_mixer(p: Mamba2Params, h, conv_state, ssm_state, valid, chunk: int, want_states: bool = True,
+                 points: dict | None = None):
     """One Mamba-2 mixer on normed hidden h `[N, T, d]`.
 
     conv_state `[N, Cd, K-1]` holds the last K-1 *pre-convolution* xBC inputs (None: zeros),
     ssm_state `[N, H, P, S]` (None: zeros). valid `[N, T]` (None: all real) zeroes the inputs at
     pads so a left-padded sequence ends in exactly the state of the unpadded one.
     Returns (out `[N, T, d]`, xbc `[N, Cd, K-1+T]` = conv_state ++ new pre-conv inputs,
-    boundary states `[N, c+1, H, P, S]`, None when not `want_states`). The caller keeps `xbc[..., -(K-1):]` as the new conv
+    boundary states `[N, c+1, H, P, S]`, None when not `want_states` or with `points`, see `ssd_scan`). The caller keeps `xbc[..., -(K-1):]` as the new conv
     state (a fresh tensor, never updated in place).
     """
     n, length, _ = h.shape
@@ -209,10 +240,12 @@ def mamba2_mixer(p: Mamba2Params, h, conv_state, ssm_state, valid, chunk: int, w
     x, B, C = conv.split([inner, gs, gs], dim=-1)
     dt = F.softplus(dt.float() + p.dt_bias.float()).clamp(min=p.dt_min)
     A = -torch.exp(p.A_log.float())
+    if points is not None and length > chunk:
+        raise ValueError(f"mamba2_mixer: rollback points need a one-chunk input, got {length} tokens in chunks of {chunk}")
     y, states = ssd_scan(
         x.reshape(n, length, p.num_heads, p.head_dim), dt, A,
         B.reshape(n, length, p.n_groups, p.state_size), C.reshape(n, length, p.n_groups, p.state_size),
-        p.D, ssm_state, chunk=min(chunk, length), want_states=want_states,
+        p.D, ssm_state, chunk=min(chunk, length), want_states=want_states, points=points,
     )
     y = p.norm(y.reshape(n, length, inner), gate)
     return p.out_proj(y.to(h.dtype)), xbc, states

@@ -20,7 +20,7 @@ from torch import nn
 
 from adapters import Adapter, Mamba2Params, Sublayer
 from twotower.cache import TowerCache
-from twotower.ops import attention, causal_mask, mamba2_mixer, window_mask
+from twotower.ops import attention, causal_mask, mamba2_mixer, ssd_state_at, window_mask
 
 
 @dataclass
@@ -115,9 +115,9 @@ class CacheExtension:
     Mamba-2 continues from the cached states; every new key and state goes into `new`."""
 
     def __init__(self, cache: TowerCache, new: TowerCache, positions: torch.Tensor,
-                 mamba_valid: torch.Tensor | None, chunk: int, record: dict | None):
+                 mamba_valid: torch.Tensor | None, chunk: int, record: dict | None, rollback: dict | None = None):
         self.cache, self.new, self.positions = cache, new, positions
-        self.mamba_valid, self.chunk, self.record = mamba_valid, chunk, record
+        self.mamba_valid, self.chunk, self.record, self.rollback = mamba_valid, chunk, record, rollback
         self.masks: dict[int | None, torch.Tensor] = {None: causal_mask(new.valid, positions.shape[1])}
 
     def mask(self, window: int | None) -> torch.Tensor:
@@ -137,8 +137,12 @@ class CacheExtension:
 
     def mamba(self, sub, p, x):
         i = sub.index
+        points = None if self.rollback is None else self.rollback.setdefault(i, {})
         out, xbc, states = mamba2_mixer(p, x, self.cache.conv.get(i), self.cache.ssm.get(i), self.mamba_valid,
-                                        self.chunk)
+                                        self.chunk, points=points)
+        if points is not None:  # the caller picks the states at its rollback point (`rollback_states`)
+            points["xbc"] = xbc
+            return out
         self.new.conv[i] = xbc[..., xbc.shape[-1] - (p.conv1d.weight.shape[-1] - 1):]
         self.new.ssm[i] = states[:, -1]
         if self.record is not None:
@@ -156,12 +160,16 @@ def context_forward(
     chunk: int,
     record: dict | None = None,
     keep_hidden: bool = False,
+    rollback: dict | None = None,
 ) -> tuple[torch.Tensor, TowerCache]:
     """Run `input_ids` `[N, T]` through the tower on top of `cache`.
 
     valid `[N, T]` marks real tokens (left pads False). chunk is the Mamba scan chunk (= B).
     record (a dict) receives `xbc[i]` `[N, Cd, K-1+T]` and `states[i]` `[N, c+1, H, P, S]` per
-    mamba sublayer. Returns (final-normed hidden `[N, T, d]`, extended cache).
+    mamba sublayer. rollback (a dict; T <= chunk) receives per mamba sublayer what
+    `rollback_states` needs to give its conv and SSM states after any position; the extended
+    cache then has no Mamba-2 states until the caller sets them (a verified block's rollback).
+    Returns (final-normed hidden `[N, T, d]`, extended cache).
     """
     n, length = input_ids.shape
     if record is None:  # only the end state is kept: a short input is cheapest as one scan chunk
@@ -172,7 +180,7 @@ def context_forward(
     positions = positions_for(cache, valid)
     new = TowerCache(torch.cat([cache.valid, valid], dim=1), cache.next_pos + valid.long().sum(1),
                      torch.cat([cache.positions, positions], dim=1))
-    mixing = CacheExtension(cache, new, positions, mamba_valid, chunk, record)
+    mixing = CacheExtension(cache, new, positions, mamba_valid, chunk, record, rollback)
     h = walk.adapter.embed(walk.model, input_ids)
     for sub in walk.subs:
         if keep_hidden:
@@ -180,3 +188,16 @@ def context_forward(
             new.hidden[i] = torch.cat([cache.hidden[i], h], 1) if i in cache.hidden else h
         h = sublayer_step(walk, sub, h, mixing, positions)
     return walk.adapter.final_norm(walk.model)(h), new
+
+
+def rollback_states(rollback: dict, upto: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Per mamba sublayer of a `context_forward(..., rollback=...)`, the conv and SSM states after the
+    first `upto[n]` `[N]` new tokens of each row: (conv `{i: [N, Cd, K-1]}`, ssm `{i: [N, H, P, S]}`)."""
+    conv, ssm = {}, {}
+    here = torch.arange(upto.shape[0], device=upto.device)
+    for i, points in rollback.items():
+        xbc = points["xbc"]  # [N, Cd, K-1+T]: the conv state before the new tokens, then their inputs
+        width = xbc.shape[-1] - points["acum"].shape[-1]
+        conv[i] = xbc.unfold(-1, width, 1)[here, :, upto.to(xbc.device)]  # the K-1 inputs ending at `upto`
+        ssm[i] = ssd_state_at(points, upto)
+    return conv, ssm
