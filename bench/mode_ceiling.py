@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draft", default="confident", help="verified's draft policy: full, confident or an int")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2, help="timed decoding rounds per prompt (after a warm-up)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the forward timings (median)")
+    p.add_argument("--rounds", type=int, default=9, help="interleaved rounds of the forward timings (median)")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args(argv)
     if args.draft not in ("full", "confident"):
@@ -102,7 +102,7 @@ def forward_costs(model, prompt: list[int], block: int, verify_len: int, rounds:
         for _ in range(rounds):
             for name, fn in calls.items():
                 timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
-                times[name].append(timer.blocked_autorange(min_run_time=0.3).median * 1000)
+                times[name].append(timer.blocked_autorange(min_run_time=0.2).median * 1000)
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
