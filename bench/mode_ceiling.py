@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def workload(path: str, tokenizer, per_task: int, skip: int) -> list[list[int]]:
     """The prompts, tokenized as the pipeline does (BOS included): `per_task` per family after the
     first `skip`."""
+    if not Path(path).is_file():
+        raise SystemExit(f"mode_ceiling: --examples {path}: no such file (a prepare_data eval_examples.jsonl)")
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     if not rows or "prompt" not in rows[0]:
         raise ValueError(f"{path}: expected jsonl rows with a `prompt` field")
