@@ -12,8 +12,8 @@ What it does, in order, and prints as it goes:
 3. decodes AR vs diffusion on the same prompts at batch 1 and batch 8, side by side: tokens/s,
    forwards, tokens per forward, agreement with AR;
 4. the two-device code path with both towers on one device (`place_towers_on_devices(model,
-   "cuda:0", "cuda:0")`): `mock_ar` equals `ar` token for token, and diffusion output is unchanged
-   by the placement; with two GPUs, also cuda:0 / cuda:1.
+   "cuda:0", "cuda:0")`): `mock_ar` and `verified` equal `ar` token for token, and diffusion output
+   is unchanged by the placement; with two GPUs, also cuda:0 / cuda:1.
 Record the printed numbers and the card in docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -123,13 +123,17 @@ def check_placement(model, prompts: torch.Tensor, args, device: torch.device) ->
     place_towers_on_devices(model, context_device=device, denoiser_device=device)
     ar = model.generate(prompts, mode="ar", **kw).sequences.cpu()
     mock = model.generate(prompts, mode="mock_ar", **kw).sequences.cpu()
+    verified = model.generate(prompts, mode="verified", **kw).sequences.cpu()
     after = model.generate(prompts, mode="diffusion", **kw).sequences.cpu()
     result = {"same_device": str(device), "mock_ar_equals_ar": bool(torch.equal(ar, mock)),
+              "verified_equals_ar": bool(torch.equal(ar, verified)),
               "diffusion_unchanged_by_placement": bool(torch.equal(before, after))}
     if device.type == "cuda" and torch.cuda.device_count() > 1:
         place_towers_on_devices(model, context_device="cuda:0", denoiser_device="cuda:1")
         two = model.generate(prompts, mode="diffusion", **kw).sequences.cpu()
         result["two_gpus_match_one"] = bool(torch.equal(two, after))
+        result["two_gpus_verified_equals_ar"] = bool(torch.equal(
+            model.generate(prompts, mode="verified", **kw).sequences.cpu(), ar))
         place_towers_on_devices(model, context_device=device, denoiser_device=device)
     return result
 
@@ -180,7 +184,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     report = run(parse_args(argv))
-    ok = report["placement"]["mock_ar_equals_ar"] and report["placement"]["diffusion_unchanged_by_placement"]
+    placement = report["placement"]
+    ok = all(placement[k] for k in ("mock_ar_equals_ar", "verified_equals_ar", "diffusion_unchanged_by_placement")) \
+        and placement.get("two_gpus_verified_equals_ar", True)
     print(f"[gpu_check] {'OK' if ok else 'FAILED'} in {report['wall_s']:.0f} s", flush=True)
     return 0 if ok else 1
 

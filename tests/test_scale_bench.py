@@ -22,7 +22,7 @@ def test_gpu_check_tiny_on_cpu(tmp_path):
             "--out", str(out)]
     assert gpu_check.main(args) == 0
     report = json.loads(out.read_text())
-    assert report["placement"] == {"same_device": "cpu", "mock_ar_equals_ar": True,
+    assert report["placement"] == {"same_device": "cpu", "mock_ar_equals_ar": True, "verified_equals_ar": True,
                                    "diffusion_unchanged_by_placement": True}
     assert [r["batch"] for r in report["decode"]] == [1, 8]
     for row in report["decode"]:
