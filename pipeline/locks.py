@@ -157,3 +157,24 @@ class StageLock:
         """`run <id> on <host>` of the other holder, for the display."""
         h = self.holder or {}
         return f"run {h.get('run', '?')} on {h.get('host', '?')}"
+
+
+class LockLostError(RuntimeError):
+    """The run computing a stage lost the key's lock (another run judged it dead and took over)."""
+
+
+def check_fence(lock_file: str | Path, token: str, stage: str) -> None:
+    """Raise `LockLostError` unless the lock at `lock_file` still holds `token`.
+
+    The fence for a worker that outlived its driver: a driver killed mid-stage stops its lock's
+    heartbeat, a waiting run breaks the stale lock and computes the stage itself, but the killed
+    run's worker (a Ray task, until Ray reaps it) may still be running. It checks here before it
+    publishes, so only the lock's current holder renames an artifact into the cache. (A check, not
+    an atomic compare-and-rename: the window between the two is one `rename`.)"""
+    holder = read_holder(Path(lock_file))
+    if (holder or {}).get("token") == token:
+        return
+    who = "nobody (released or broken)" if holder is None else \
+        f"run {holder.get('run', '?')} on {holder.get('host', '?')}"
+    raise LockLostError(f"{stage}: this run no longer holds the key's lock {lock_file} (it went stale and "
+                        f"now belongs to {who}); not publishing the artifact: the lock's holder computes it")

@@ -210,7 +210,16 @@ class Runner:
                 "events_path": str(self.run_dir / "events" / f"{stage.name}.jsonl"),
                 "tmp_dir": str(self.store.new_tmp_dir(stage.name, st.key)),
                 "final_dir": str(self.store.final_dir(stage.name, st.key)),
-                "work_dir": str(self.store.work_dir(stage.name, st.key))}
+                "work_dir": str(self.store.work_dir(stage.name, st.key)),
+                **self._fence(stage.name)}
+
+    def _fence(self, name: str) -> dict[str, str]:
+        """The lock this run holds for the stage's key (path and token): the worker publishes the
+        artifact only while the lock is still this run's (`locks.check_fence`)."""
+        lock = self.locks.get(name)
+        if lock is None or not lock.held:
+            return {}
+        return {"lock_path": str(lock.path), "lock_token": lock.token}
 
     def _check_from(self, keys: dict[str, str]) -> None:
         if self.from_stage is None:

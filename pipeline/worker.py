@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import import_stage
+from pipeline.locks import check_fence
 from pipeline.schema import build
 from pipeline.store import ArtifactStore
 from stages.api import StageContext
@@ -97,6 +98,8 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(manifest, dict):
             raise TypeError(f"run() must return a manifest dict, got {type(manifest).__name__}")
         manifest = json.loads(json.dumps(manifest, default=_plain))  # plain JSON, or fail here, named
+        if job.get("lock_token"):  # a worker that outlived its run's lock must not publish
+            check_fence(job["lock_path"], job["lock_token"], job["stage"])
         store.commit(tmp, final, job["stage"], job["key"], manifest)
     except Exception as err:
         failure: Exception = err

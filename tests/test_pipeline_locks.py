@@ -3,7 +3,8 @@
 Unit tests of the lock file (atomic create, heartbeat, stale by age, stale by dead pid, one breaker),
 then two real `python -m pipeline run` processes on one root: every stage runs once, the second run
 waits for the first and uses its artifacts; and a `kill -9` of the lock holder mid-stage lets the
-waiting run take the stage over, resuming from the holder's work directory.
+waiting run take the stage over, resuming from the holder's work directory. The fence: a worker
+whose run lost the lock (judged dead, taken over) does not publish its artifact.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from conftest import REPO, TESTS
 
-from pipeline.locks import StageLock, lock_path, read_holder
+from pipeline.locks import LockLostError, StageLock, check_fence, lock_path, read_holder
 
 
 def test_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
@@ -103,6 +104,68 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 def _summaries(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(root.glob("*/summary.json")) if p.parent.name != "latest"]
+
+
+def test_check_fence_names_the_run_that_took_the_lock_over(tmp_path: Path) -> None:
+    mine = StageLock(tmp_path, "train", "k", run_id="run-a", stale_s=3600)
+    assert mine.acquire()
+    check_fence(mine.path, mine.token, "train")  # still ours: nothing happens
+    mine._stop.set()  # the driver died: no more heartbeats, and the lock is taken over
+    mine.path.unlink()
+    other = StageLock(tmp_path, "train", "k", run_id="run-b", stale_s=3600)
+    assert other.acquire()
+    try:
+        check_fence(mine.path, mine.token, "train")
+        raise AssertionError("a lost lock passed the fence")
+    except LockLostError as err:
+        assert "run run-b on" in str(err) and str(mine.path) in str(err)
+    other.release()
+    try:
+        check_fence(mine.path, mine.token, "train")
+        raise AssertionError("a released lock passed the fence")
+    except LockLostError as err:
+        assert "nobody" in str(err)
+
+
+def _source_job(root: Path, lock: StageLock) -> dict:
+    """A worker job for the engine's `source` stage, as `Runner._job` builds it."""
+    from pipeline.store import ArtifactStore
+
+    store = ArtifactStore(root)
+    run_dir = root / "run-a"
+    (run_dir / "events").mkdir(parents=True)
+    return {"stage": "source", "module": "engine_stages:source", "config": {"n": 3}, "inputs": {}, "key": "k",
+            "root": str(root), "run_dir": str(run_dir), "seed": 0, "tracking_uri": None, "mlflow_run_id": None,
+            "events_path": str(run_dir / "events" / "source.jsonl"),
+            "tmp_dir": str(store.new_tmp_dir("source", "k")), "final_dir": str(store.final_dir("source", "k")),
+            "work_dir": str(store.work_dir("source", "k")), "lock_path": str(lock.path), "lock_token": lock.token}
+
+
+def test_a_worker_that_lost_its_runs_lock_does_not_publish(tmp_path: Path) -> None:
+    """The stage runs to the end in a worker whose run's lock was taken over meanwhile: the worker
+    fails with LockLostError, publishes nothing and removes its temporary directory; the lock's
+    holder is untouched. With the lock still held, the same job publishes."""
+    from pipeline.worker import execute
+
+    lost = StageLock(tmp_path, "source", "k", run_id="run-a", stale_s=3600)
+    assert lost.acquire()
+    lost._stop.set()
+    lost.path.unlink()
+    holder = StageLock(tmp_path, "source", "k", run_id="run-b", stale_s=3600)
+    assert holder.acquire()
+    job = _source_job(tmp_path, lost)
+    result = execute(job)
+    assert not result["ok"] and result["error_type"] == "LockLostError", result
+    assert "run run-b" in result["message"]
+    assert not Path(job["final_dir"]).exists() and not Path(job["tmp_dir"]).exists()
+    assert read_holder(holder.path)["token"] == holder.token
+    holder.release()
+
+    mine = StageLock(tmp_path / "ok", "source", "k", run_id="run-a", stale_s=3600)
+    assert mine.acquire()
+    job = _source_job(tmp_path / "ok", mine)
+    assert execute(job)["ok"] and (Path(job["final_dir"]) / "_COMPLETE.json").is_file()
+    mine.release()
 
 
 def test_two_runs_on_one_root_compute_each_stage_once(engine_defaults: Path, tmp_path: Path) -> None:
