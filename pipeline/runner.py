@@ -320,6 +320,14 @@ class Runner:
             self._unlock(name)
             _call(self.hooks, "on_stage_end", self.run, st)
             return None
+        if outcome.get("error_type") == "LockLostError":  # judged dead while alive: yield to the new holder
+            self._unlock(name)  # no longer ours: release() leaves the other run's lock file alone
+            self.forced.discard(name)  # the other run computes this key: its artifact serves a --force too
+            st.status = "waiting"
+            _call(self.hooks, "on_stage_event", self.run, st, {
+                "kind": "lock", "message": f"lost the lock of {name} (another run judged this one dead and "
+                                           f"took over): not publishing; waiting for that run's artifact"})
+            return None
         st.error = f"{outcome['error_type']}: {outcome['message']}"
         log = self.run_dir / "logs" / f"{name}.traceback"
         write_atomic(log, outcome.get("traceback", ""))

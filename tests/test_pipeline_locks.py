@@ -205,3 +205,26 @@ def test_kill_9_of_the_holder_lets_the_waiter_take_over(engine_defaults: Path, t
     assert _calls(root).count("combine") == 2 and _calls(root).count("source") == 1
     result = json.loads((Path(b["stages"]["combine"]["artifact_dir"]) / "result.json").read_text())
     assert result == [3.0, 6.0, 9.0, 12.0]
+
+
+def test_a_run_that_loses_its_lock_mid_stage_yields_and_finishes(engine_defaults: Path, tmp_path: Path) -> None:
+    """A live run whose stage lock is taken over mid-stage (another run judged it dead, e.g. a
+    heartbeat stalled past `run.lock_stale_s`): its worker does not publish, the run waits for the new
+    holder instead of failing, and computes the stage itself once that holder lets go unfinished."""
+    root = tmp_path / "runs"
+    run = _start(engine_defaults, "combine.sleep_s=6", "run.lock_stale_s=600", log=tmp_path / "a.log")
+    _wait_for(lambda: any(root.glob("*/combine.started")), 120, "the run to start combine")
+    (path,) = list((root / "locks" / "combine").glob("*.lock"))
+    path.unlink()  # the takeover, as a waiter that judged the run dead does it
+    thief = StageLock(root, "combine", path.name[: -len(".lock")], run_id="thief", stale_s=600)
+    assert thief.acquire()
+    _wait_for(lambda: "lost the lock of combine" in (tmp_path / "a.log").read_text(), 120, "the run to yield")
+    assert run.poll() is None  # waiting, not failed
+    assert not list((root / "cache" / "combine").glob("*/_COMPLETE.json"))  # nothing published
+    thief.release()  # the new holder gives up without an artifact: the run computes combine again
+    assert run.wait(timeout=120) == 0, (tmp_path / "a.log").read_text()
+    summary = _summaries(root)[-1]
+    assert summary["status"] == "done" and summary["stages"]["combine"]["status"] == "done"
+    assert _calls(root).count("combine") == 2
+    result = json.loads((Path(summary["stages"]["combine"]["artifact_dir"]) / "result.json").read_text())
+    assert result == [3.0, 6.0, 9.0, 12.0]
