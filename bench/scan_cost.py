@@ -11,6 +11,9 @@
    rescan of the accepted prefix (here half the block) from the old cache.
 4. Those every-position states from the one-chunk quadratic form (`ops.EVERY_POSITION_MAX`)
    against a scan with chunks of one token (EVERY_POSITION_MAX = 0).
+5. The rollback `generate` runs since `c5a04bb`: the verification forward keeping the scan's
+   ingredients (`rollback`) and the states at the accepted length (`walk.rollback_states`, here half
+   the block), against pair 3's every-position states.
 
 Shapes come from the backbone's first Mamba layer; 1 torch thread; each pair is timed alternately
 `--rounds` times with torch.utils.benchmark and the minimum and median are printed, with the ratio.
@@ -93,6 +96,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     def every_position():
         walk_mod.context_forward(walk, block, cache, chunk=1, record={})
 
+    def state_at():
+        rollback: dict = {}
+        walk_mod.context_forward(walk, block, cache, chunk=B, rollback=rollback)
+        walk_mod.rollback_states(rollback, torch.tensor([B // 2]))
+
     def states_scan(limit: int):
         def run():
             ops_mod.EVERY_POSITION_MAX = limit
@@ -106,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     out: dict[str, float] = {}
     with torch.inference_mode():
         _pair("rollback", {"rescan_prefix": rescan, "every_position": every_position}, args.rounds, out)
+        _pair("rollback now", {"every_position": every_position, "state_at": state_at}, args.rounds, out)
         _pair("every-pos scan", {"token_chunks": states_scan(0), "one_chunk": states_scan(every)}, args.rounds, out)
         _pair("block scan", {"with_states": lambda: ssd_scan(*scan, B),
                              "no_states": lambda: ssd_scan(*scan, B, want_states=False)}, args.rounds, out)
