@@ -79,10 +79,12 @@ class DenoiserModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         x = batch[0]
         out = self._forward(batch, torch.Generator().manual_seed(batch_idx))  # same noise each time
-        self.log("val/loss", out.loss, prog_bar=True, batch_size=x.shape[0])
+        # sync_dist: Ray Train workers validate disjoint parts of the eval rows (`ShardLoaders`);
+        # the logged value is their mean (a no-op in one process)
+        self.log("val/loss", out.loss, prog_bar=True, batch_size=x.shape[0], sync_dist=True)
         if getattr(out, "masked_accuracy", None) is not None:
-            self.log("val/masked_acc", out.masked_accuracy, batch_size=x.shape[0])
-        self.log("val/elbo", out.elbo, batch_size=x.shape[0])  # 1/t-weighted, per maskable token
+            self.log("val/masked_acc", out.masked_accuracy, batch_size=x.shape[0], sync_dist=True)
+        self.log("val/elbo", out.elbo, batch_size=x.shape[0], sync_dist=True)  # 1/t-weighted, per maskable token
 
     # checkpoints: denoiser only -------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint):

@@ -163,10 +163,6 @@ class ShardLoaders:
     seed: int
 
     def __call__(self):
-        from torch.utils.data import DataLoader
-
-        from stages.row_sampler import RowSampler
-
         rank, world = 0, 1
         try:
             import ray.train
@@ -175,7 +171,21 @@ class ShardLoaders:
             rank, world = context.get_world_rank(), context.get_world_size()
         except Exception:  # noqa: BLE001 - not inside a Ray Train worker: one process
             pass
+        return self.for_rank(rank, world)
+
+    def for_rank(self, rank: int, world: int):
+        """The loaders of worker `rank` of `world`: its `RowSampler` part of the training rows, and
+        its part of the eval rows (every `world`-th from `rank`, cut to equal lengths, so each worker
+        validates other rows and the logged metrics, averaged over workers, cover `world` times as
+        many; an eval split smaller than `world` is validated whole by every worker)."""
+        from torch.utils.data import DataLoader, Subset
+
+        from stages.row_sampler import RowSampler
+
         collate = trim_blocks(self.block_size)
         sampler = RowSampler(len(self.train), self.batch_size, self.seed, rank=rank, world_size=world)
+        val = self.val
+        if world > 1 and len(val) >= world:
+            val = Subset(val, range(rank, len(val) // world * world, world))
         return (DataLoader(self.train, batch_sampler=sampler, collate_fn=collate),
-                DataLoader(self.val, batch_size=self.batch_size, collate_fn=collate))
+                DataLoader(val, batch_size=self.batch_size, collate_fn=collate))

@@ -117,6 +117,25 @@ def test_ranks_read_disjoint_parts_of_equal_length():
         RowSampler(12, 5, seed=0, rank=0, world_size=4)
 
 
+def test_workers_validate_disjoint_eval_parts_of_equal_length():
+    """`ShardLoaders.for_rank`: worker r of w validates every w-th eval row from r (cut to equal
+    lengths); one process, or an eval split smaller than w, validates every row."""
+    import torch
+
+    from stages.rows import ShardLoaders
+
+    rows = [(torch.full((8,), i), torch.ones(8, dtype=torch.bool), torch.ones(8, dtype=torch.bool)) for i in range(11)]
+    loaders = ShardLoaders(rows, rows, block_size=4, batch_size=2, seed=0)
+    parts = [loaders.for_rank(r, 3)[1] for r in range(3)]
+    seen = [[int(b[0][i, 0]) for b in part for i in range(b[0].shape[0])] for part in parts]
+    assert [len(s) for s in seen] == [3, 3, 3] and len(set().union(*map(set, seen))) == 9  # 11 // 3 * 3, disjoint
+    assert seen[1] == [1, 4, 7]
+    whole = [int(b[0][i, 0]) for b in loaders.for_rank(0, 1)[1] for i in range(b[0].shape[0])]
+    assert whole == list(range(11))
+    tiny = ShardLoaders(rows, rows[:2], block_size=4, batch_size=2, seed=0)
+    assert len(tiny.for_rank(2, 3)[1].dataset) == 2
+
+
 def test_cursor_resumes_at_the_exact_batch_across_epochs():
     straight = RowSampler(30, 4, seed=1)  # 7 batches per epoch
     expected = []
