@@ -84,10 +84,11 @@ def _segsum_exp(a: torch.Tensor) -> torch.Tensor:
 
 
 EVERY_POSITION_MAX = 64
-"""chunk = 1 asks for the state after every position (a verified block's rollback points): up to
-this many tokens they come from the one-chunk quadratic form's own decay matrix, one more einsum
-and no chunk recurrence (`bench/scan_cost.py`, docs/benchmarks.md); its cost grows as T², so
-longer inputs take the chunk path."""
+"""chunk = 1 asks for the state after every position (the one-token blocks of `twotower.checks`;
+verified decoding's rollback used it until `c5a04bb`, and now computes the kept length's state
+only, `ssd_state_at`): up to this many tokens they come from the one-chunk quadratic form's own
+decay matrix, one more einsum and no chunk recurrence (`bench/scan_cost.py`, docs/benchmarks.md);
+its cost grows as T², so longer inputs take the chunk path."""
 
 
 def ssd_state_at(points: dict, upto: torch.Tensor) -> torch.Tensor:
