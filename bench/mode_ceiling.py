@@ -4,8 +4,8 @@
 
 A mode's speedup over AR at batch 1 is a ratio of sums of forward costs. For an answer of n
 tokens (EOS included) in blocks of B, with P the prefill, A an AR step, D a denoiser forward over a
-block, V a verification forward (the block's context-tower forward that keeps every position's
-state for rollback) and C a plain block commit:
+block, V a verification (the block's context-tower forward, its greedy tokens and the Mamba-2
+rollback to the kept length, as `generate` runs it) and C a plain block commit:
 
     ar          P + (n - 1)·A
     diffusion   P + k·D + (b - 1)·C       at best k = b = ceil(n / B): one denoiser step per block
@@ -74,16 +74,16 @@ def workload(path: str, tokenizer, per_task: int, skip: int) -> list[list[int]]:
 
 
 def forward_costs(model, prompt: list[int], block: int, verify_len: int, rounds: int) -> dict[str, float]:
-    """Median ms of the five decoding forwards on this prompt's shapes, timed interleaved."""
+    """Median ms of the five decoding forwards on this prompt's shapes, timed interleaved; the
+    verification keeps half its block (the rollback's cost hardly depends on where it cuts)."""
     from torch.utils import benchmark
 
     from twotower.cache import TowerCache
     from twotower.denoiser import DecodeContext
-    from twotower.walk import context_forward
+    from twotower.walk import context_forward, rollback_states
 
     walk, cfg = model.context_walk, model.tt_config
     keep = cfg.cross_attention
-    mamba = any(sub.kind == "mamba" for sub in walk.subs)
     ids = torch.tensor([prompt])
     _, cache = context_forward(walk, ids, TowerCache.empty(1, "cpu"), chunk=block, keep_hidden=keep)
     tokens = torch.full((1, block), int(prompt[-1]))
@@ -91,13 +91,23 @@ def forward_costs(model, prompt: list[int], block: int, verify_len: int, rounds:
     is_mask[:, 0] = False
     positions = cache.next_pos[:, None] + torch.arange(block)
     t = torch.ones(1)
+    head = walk.logits
+
+    def verify():  # as `generate` verifies: the block's forward, its greedy tokens, the rollback
+        rollback: dict = {}
+        hidden, _ = context_forward(walk, tokens[:, :verify_len], cache, chunk=block, rollback=rollback,
+                                    keep_hidden=keep)
+        head(hidden).argmax(-1)
+        rollback_states(rollback, torch.tensor([max(1, verify_len // 2)]))
+
+    # each as `generate` runs it, the context tower's LM head included (the denoiser's is in its forward)
     calls = {
-        "prefill": lambda: context_forward(walk, ids, TowerCache.empty(1, "cpu"), chunk=block, keep_hidden=keep),
-        "ar_step": lambda: context_forward(walk, tokens[:, :1], cache, chunk=block, keep_hidden=keep),
+        "prefill": lambda: head(context_forward(walk, ids, TowerCache.empty(1, "cpu"), chunk=block,
+                                                keep_hidden=keep)[0][:, -1]),
+        "ar_step": lambda: head(context_forward(walk, tokens[:, :1], cache, chunk=block, keep_hidden=keep)[0][:, -1]),
         "denoiser_forward": lambda: model.denoiser(tokens, is_mask, t, positions, DecodeContext(cache, cfg, block)),
-        "verify_forward": lambda: context_forward(walk, tokens[:, :verify_len], cache, chunk=1 if mamba else block,
-                                                  record={} if mamba else None, keep_hidden=keep),
-        "commit_forward": lambda: context_forward(walk, tokens, cache, chunk=block, keep_hidden=keep),
+        "verify_forward": verify,
+        "commit_forward": lambda: head(context_forward(walk, tokens, cache, chunk=block, keep_hidden=keep)[0][:, -1]),
     }
     times: dict[str, list[float]] = {k: [] for k in calls}
     with torch.inference_mode():
