@@ -65,6 +65,10 @@ class Sections:
                    plan=build(PlanConfig, section("plan")))
 
 
+SHALLOW_DEPTHS = (2, 4)
+"""Shallow denoiser depths `plan` sizes beside the full depth (DFlash drafts with ~5 layers)."""
+
+
 def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB) -> dict:
     """The plan's parameter/memory estimate for a resolved recipe config (DictConfig or dict)."""
     from twotower import sizing
@@ -84,11 +88,12 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
     backbone = sizing.build_on_meta(config)
     facts = sizing.family_facts(backbone)
     counts = sizing.count_parameters(backbone, facts)
-    new, new_source = _new_parameters(sec, backbone, facts, block_size)
+    new, new_source, kept = _new_parameters(sec, backbone, facts, block_size)
     context = counts.as_dict()
-    denoiser = {k: v + (new["total"] if k in ("total", "active", "total_without_embeddings",
-                                              "active_without_embeddings") else 0)
-                for k, v in context.items()}
+    n_layers = int(getattr(config, "num_hidden_layers", 0) or 0) or None
+    fraction = 1.0 if kept is None else kept["fraction"]
+    den_counts = sizing.shallow_counts(counts, fraction, new["total"])
+    denoiser = den_counts.as_dict()
     largest = sizing.largest_layer_params(backbone)
     shape = _train_shape(sec, block_size, num_gpus)
     decode = {
@@ -98,21 +103,33 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
         for b in (1, 8)
     }
     traffic = {f"batch_{b}": sizing.decode_traffic(counts, facts, batch=b, block_size=block_size,
-                                                    new_params=new["total"]) for b in (1, 8)}
+                                                    denoiser=den_counts) for b in (1, 8)}
     train = sizing.training_memory(context["total"], denoiser["total"], largest, facts, shape)
-    ctx_counts = counts
-    den_counts = sizing.ParamCounts(**{k: v + (new["total"] if k in ("total", "active") else 0)
-                                       for k, v in asdict(counts).items()})
-    step_time = sizing.training_step_time(ctx_counts, den_counts, shape,
-                                          grad_accum=int(sec.train.grad_accum))
+    step_time = sizing.training_step_time(counts, den_counts, shape, grad_accum=int(sec.train.grad_accum))
     steps = int(sec.train.max_steps)
     step_time["max_steps"] = steps
     step_time["hours_for_max_steps"] = steps * step_time["step_s"] / 3600
+    by_depth = {}  # the same recipe at full depth and at shallow depths, side by side (estimates)
+    for name, frac in [("full", 1.0)] + [(f"{k}_layers", k / n_layers) for k in SHALLOW_DEPTHS
+                                         if n_layers and k < n_layers]:
+        dc = sizing.shallow_counts(counts, frac, new["total"])
+        t = sizing.training_step_time(counts, dc, shape, grad_accum=int(sec.train.grad_accum))
+        by_depth[name] = {"denoiser_params_b": round(dc.total / 1e9, 3),
+                          "train_gib_per_gpu": round(sizing.training_memory(
+                              context["total"], dc.total, largest, facts, shape)["total_gib"], 1),
+                          "step_s": round(t["step_s"], 2), "bound": t["bound"],
+                          "train_hours_for_max_steps": round(steps * t["step_s"] / 3600, 2),
+                          "denoiser_forward_gib_batch1": round(sizing.decode_traffic(
+                              counts, facts, batch=1, block_size=block_size, denoiser=dc)["denoiser_forward_gib"], 2)}
     fit = sizing.min_gpus(context["total"], denoiser["total"], largest, facts, shape, gpu_gib)
     summary = {
         "params_per_tower_b": round(context["total"] / 1e9, 2),
         "active_per_token_b_without_embeddings": round(context["active_without_embeddings"] / 1e9, 2),
         "new_params_m": round(new["total"] / 1e6, 1),
+        "denoiser_layers": (kept or {}).get("layers", "all"),
+        "denoiser_params_b": round(denoiser["total"] / 1e9, 2),
+        "denoiser_forward_vs_ar_traffic_batch1": round(traffic["batch_1"]["denoiser_forward_gib"]
+                                                       / traffic["batch_1"]["ar_forward_gib"], 2),
         "diffusion_gib_per_device_batch1": [round(decode["batch_1"]["diffusion"]["context_device_gib"], 1),
                                             round(decode["batch_1"]["diffusion"]["denoiser_device_gib"], 1)],
         "ar_only_gib_batch1": round(decode["batch_1"]["ar_only"]["device_gib"], 1),
@@ -141,6 +158,7 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
         },
         "train_min_gpus": {"gpu_gib": gpu_gib, "num_gpus": fit},
         "train_time": step_time,
+        "train_by_denoiser_depth": by_depth,
         "placement": _placement(sec, decode["batch_1"]),
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -180,23 +198,41 @@ def plan_world(cfg: Any) -> dict | None:
     return world_of(train, int(data.seq_len)).as_dict()
 
 
-def _new_parameters(sec: Sections, backbone, facts, block_size: int) -> tuple[dict, str]:
-    """New parameters by kind from both towers built on meta; the formula if the runtime is absent."""
+def _new_parameters(sec: Sections, backbone, facts, block_size: int) -> tuple[dict, str, dict | None]:
+    """New parameters by kind from both towers built on meta (the formula if the runtime is
+    absent), and the kept layers of the denoiser: `{"layers": [...], "fraction": their share of
+    the backbone's layer parameters}` (None: full depth, or not built)."""
     from twotower import sizing
 
     try:
         from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
     except ImportError as err:
-        return _formula(sec, facts, block_size), f"formula ({err})"
+        return _formula(sec, facts, block_size), f"formula ({err})", None
     import torch
 
+    tt_cfg = TwoTowerConfig(**asdict(sec.twotower))
     try:
-        tt_cfg = TwoTowerConfig(**asdict(sec.twotower))
         with torch.device("meta"):
             model = TwoTowerForDiffusionLM.from_backbone(backbone, tt_cfg)
+    except ValueError as err:
+        if "denoiser_layers" in str(err):  # a layer the backbone does not have: the recipe's error
+            raise
+        return _formula(sec, facts, block_size), f"formula (meta build: {err})", None
     except Exception as err:  # noqa: BLE001 - report, never fail the plan on the optional build
-        return _formula(sec, facts, block_size), f"formula (meta build: {err})"
-    return sizing.new_parameters_by_kind(model.denoiser, backbone), "TwoTowerForDiffusionLM on meta"
+        return _formula(sec, facts, block_size), f"formula (meta build: {err})", None
+    new = sizing.new_parameters_by_kind(model.denoiser, backbone)
+    kept = None
+    if not model.full_depth:
+        kept = {"layers": model.denoiser_layers,
+                "fraction": layer_parameters(model.denoiser.backbone) / max(1, layer_parameters(backbone))}
+    return new, "TwoTowerForDiffusionLM on meta", kept
+
+
+def layer_parameters(model) -> int:
+    """Parameters of a causal LM outside its input embedding and LM head (tied ones counted once)."""
+    outside = {id(p) for mod in (model.get_input_embeddings(), model.get_output_embeddings()) if mod is not None
+               for p in mod.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in outside)
 
 
 def _formula(sec: Sections, facts, block_size: int) -> dict:

@@ -83,11 +83,18 @@ def run(cfg, inputs: dict[str, dict], ctx: StageContext) -> dict:
         raise ValueError("trainable set violates the contract after attaching: "
                          + ", ".join(report["violations"][:10]))
     new = sizing.new_parameters_by_kind(model.denoiser, backbone)
-    delta = float(checks.zero_init_identity(model, probe_ids(backbone.config.vocab_size, cfg.block_size, ctx.seed)))
-    tol = IDENTITY_TOLERANCE.get(dtype, 1e-4)
-    if not delta <= tol:
-        raise ValueError(f"zero-init identity failed: max |Δ| = {delta:.3g} > {tol:g} between the denoiser's "
-                         f"logits and the context tower's with twotower={asdict(cfg)}")
+    delta = None
+    if model.full_depth:  # every layer kept: at zero init the denoiser computes the backbone
+        delta = float(checks.zero_init_identity(model, probe_ids(backbone.config.vocab_size, cfg.block_size, ctx.seed)))
+        tol = IDENTITY_TOLERANCE.get(dtype, 1e-4)
+        if not delta <= tol:
+            raise ValueError(f"zero-init identity failed: max |Δ| = {delta:.3g} > {tol:g} between the denoiser's "
+                             f"logits and the context tower's with twotower={asdict(cfg)}")
+    else:  # a shallow denoiser: its kept layers must start as the backbone's own
+        bad = checks.kept_layers_match(model, backbone)
+        if bad:
+            raise ValueError(f"twotower.denoiser_layers={cfg.denoiser_layers}: the denoiser's copy differs from "
+                             f"the backbone at {bad[:5]}")
     if not checks.context_matches(model, backbone):
         raise ValueError("context tower differs from the backbone after attaching")
     layer_map = model.layer_map()
@@ -95,7 +102,10 @@ def run(cfg, inputs: dict[str, dict], ctx: StageContext) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "conditioning_map.json").write_text(json.dumps(layer_map, indent=1, default=str))
     (out / "twotower_config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    metrics = {"zero_init_max_abs_delta": delta, "params_new_total": new["total"],
+    den_params = sum(p.numel() for p in model.denoiser.parameters())
+    metrics = {**({"zero_init_max_abs_delta": delta} if delta is not None else {}),
+               "denoiser_layers": len(model.denoiser_layers), "denoiser_params": den_params,
+               "params_new_total": new["total"],
                **{f"params_new_{k}": v for k, v in new.items() if k != "total"},
                "params_trainable": report["trainable"], "params_frozen": report["frozen"],
                "block_size": cfg.block_size}

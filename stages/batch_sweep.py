@@ -39,19 +39,38 @@ def batch_prompts(examples: list[dict], size: int) -> list[str]:
     return mixed[:size]
 
 
+AR_THREADS: dict[int, int] = {}
+"""Batch size -> torch intra-op threads AR decoding is timed with, where they differ from the
+stage's `num_threads` (`calibrate.ar_threads`, `evaluate.ar_threads`; the stage sets this table
+for its own process). Every mode is timed at its own best settings: on 2 CPU cores a batch-1 AR
+step of a 135 M model is faster on one thread than on two (thread sync costs more than it splits),
+while a 16-token block forward gains from both; a speedup measured against AR held at two threads
+would be against a handicapped baseline."""
+
+
 def timed_generate(model, prompts, **kwargs) -> tuple[Any, float]:
     """`model.generate(prompts, **kwargs)` and its wall-clock seconds, every GPU the towers sit on
-    synchronised (the towers may be placed on different devices: stages/placement.py)."""
+    synchronised (the towers may be placed on different devices: stages/placement.py); AR at the
+    threads `AR_THREADS` names for this batch size."""
     import torch
 
     gpus = {p.device for p in model.parameters() if p.device.type == "cuda"}
-    for d in gpus:
-        torch.cuda.synchronize(d)
-    t0 = time.perf_counter()
-    out = model.generate(prompts, **kwargs)
-    for d in gpus:
-        torch.cuda.synchronize(d)
-    return out, time.perf_counter() - t0
+    batch = len(prompts) if not isinstance(prompts, torch.Tensor) or prompts.dim() > 1 else 1
+    threads = AR_THREADS.get(batch) if kwargs.get("mode") == "ar" else None
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        for d in gpus:
+            torch.cuda.synchronize(d)
+        t0 = time.perf_counter()
+        out = model.generate(prompts, **kwargs)
+        for d in gpus:
+            torch.cuda.synchronize(d)
+        return out, time.perf_counter() - t0
+    finally:
+        if threads:
+            torch.set_num_threads(before)
 
 
 def measure(model, tokenizer, examples: list[dict], batch_sizes: list[int], *, gamma: float,

@@ -50,6 +50,10 @@ class Config:
     """Generation cap per prompt (decoding stops earlier at EOS)."""
     num_threads: Annotated[int, Range(0)] = 0
     """torch intra-op threads; 0 leaves torch's default."""
+    ar_threads: dict[int, Annotated[int, Range(1)]] = field(default_factory=dict)
+    """Batch size -> torch threads AR decoding is timed with, where its best differs from
+    `num_threads` (e.g. `{1: 1}` on 2 CPU cores: a batch-1 AR step is faster on one thread). Every
+    mode is timed at its own best settings (`stages.batch_sweep.AR_THREADS`)."""
     max_interval_width: Annotated[float, Range(0, 1, low_open=True)] | None = None
     """Widest 95% interval of the chosen point's relative quality; when wider, the slice grows (null: fixed slice)."""
     max_prompts_per_task: Annotated[int, Range(1)] = 64
@@ -169,6 +173,10 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     validate(cfg)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    from stages import batch_sweep
+
+    batch_sweep.AR_THREADS.clear()
+    batch_sweep.AR_THREADS.update({int(b): int(n) for b, n in cfg.ar_threads.items()})
     torch.manual_seed(ctx.seed)
     examples = de.load_examples(inputs["prepare_data"]["artifacts"]["eval_examples"], cfg.prompts_per_task)
     model, tokenizer = load_trained(inputs["train_denoiser"])

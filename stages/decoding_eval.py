@@ -102,15 +102,15 @@ def answer_text(tokenizer, new_ids: list[int]) -> tuple[str, list[int]]:
 def _generate(model, ids, mode: str, setting: Setting | None, max_new_tokens: int):
     import torch
 
+    from stages.batch_sweep import timed_generate
+
     kwargs: dict[str, Any] = {"mode": mode, "max_new_tokens": max_new_tokens}
     if setting is not None:
         kwargs["gamma"] = setting.gamma
         if setting.block_size:
             kwargs["block_size"] = setting.block_size
     with torch.inference_mode():
-        t0 = time.perf_counter()
-        gen = model.generate(ids, **kwargs)
-        return gen, time.perf_counter() - t0
+        return timed_generate(model, ids, **kwargs)
 
 
 def _agreement(ar_ids: list[int], ids: list[int]) -> float:

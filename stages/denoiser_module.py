@@ -54,7 +54,10 @@ class DenoiserModule(pl.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=ADAMW_BETAS)
+        # foreach: one fused kernel per op over all tensors (on CPU the per-tensor loop cost ~0.2 s
+        # a step on a 35 M-parameter denoiser)
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=ADAMW_BETAS,
+                                foreach=True)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: lr_factor(step, self.cfg.warmup_steps, self.progress_fraction(),
                                         self.cfg.min_lr_ratio))

@@ -40,6 +40,10 @@ class Config:
     """Generation cap per prompt (decoding stops earlier at EOS)."""
     num_threads: Annotated[int, Range(0)] = 0
     """torch intra-op threads; 0 leaves torch's default."""
+    ar_threads: dict[int, Annotated[int, Range(1)]] = field(default_factory=dict)
+    """Batch size -> torch threads AR decoding is timed with, where its best differs from
+    `num_threads` (e.g. `{1: 1}` on 2 CPU cores: a batch-1 AR step is faster on one thread). Every
+    mode is timed at its own best settings (`stages.batch_sweep.AR_THREADS`)."""
     suites: list[Suite] = field(default_factory=list)
     """Extra suites, each in AR and in diffusion at the calibrated γ: `humaneval` (stages/humaneval.py)."""
     humaneval_problems: Annotated[int, Range(1, 164)] = 164
@@ -116,6 +120,10 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    from stages import batch_sweep
+
+    batch_sweep.AR_THREADS.clear()
+    batch_sweep.AR_THREADS.update({int(b): int(n) for b, n in cfg.ar_threads.items()})
     torch.manual_seed(ctx.seed)
     calib = inputs["calibrate_gamma"]
     gamma = float(calib["metrics"]["gamma"])

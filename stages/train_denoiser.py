@@ -8,7 +8,8 @@ process or on Ray Train workers (`stages.denoiser_fit`), and saves the denoiser 
 rebuilds it from the backbone reference. `export` writes both towers once.
 
 Training: fp32 on CPU / bf16-mixed on GPU, gradient accumulation, linear warmup then cosine decay
-over the step *or* time budget (whichever ends first), checkpoints every N steps in `ctx.work_dir`
+over the step budget (or an opt-in time budget, whichever ends first; the summary says when time
+ended it), checkpoints every N steps in `ctx.work_dir`
 with resume from the last one, a validation loss plus the ELBO (1/t weighting) on the eval split.
 """
 from __future__ import annotations
@@ -37,7 +38,11 @@ class Config(Optimisation):
     REMOVED_KEYS = REMOVED_TRAIN_KEYS  # not a field: keys a recipe may still set, and their replacement
 
     max_minutes: Annotated[float, Range(0, low_open=True)] | None = None
-    """Wall-clock budget in minutes across resumes; null: steps only. The LR schedule follows it."""
+    """Opt-in wall-clock budget in minutes across resumes; null (the default, and every shipped
+    recipe): `max_steps` alone ends training, so the same recipe gives the same model on a loaded
+    laptop and an idle server. Set, it ends training at whichever comes first and the LR schedule
+    follows it; the model then depends on the machine's speed and load, and the summary says so
+    (`metrics.budget`)."""
     grad_accum: Annotated[int, Range(1)] = 1
     """Micro-batches accumulated per optimizer step."""
     val_every: Annotated[int, Range(0)] = 100
@@ -81,6 +86,36 @@ def validate(cfg: Config) -> None:
     world_of(cfg, 1)
 
 
+def budget_note(cfg: Config, steps: int) -> str:
+    """What ended training, for the summary: `steps` (the recipe's step budget: the same model on
+    any machine), or the opt-in time budget, which makes the model depend on the machine's load."""
+    if not cfg.max_minutes:
+        return "steps"
+    if steps < cfg.max_steps:
+        return (f"time: train.max_minutes={cfg.max_minutes:g} ended training at step {steps} of {cfg.max_steps}; "
+                "the model depends on this machine's speed and load")
+    return "steps (train.max_minutes was set, but train.max_steps came first)"
+
+
+def check_teacher_vocabulary(twotower: dict, data_tokenizer: str | None, backbone: BackboneRef) -> None:
+    """`twotower.targets` other than `data` trains on the context tower's predictions over the
+    data's token ids: the data must be tokenized with the backbone's own vocabulary, or every
+    target would name a different string. ValueError naming both keys when they differ."""
+    targets = twotower.get("targets", "data")
+    if targets == "data" or not data_tokenizer:
+        return
+    from transformers import AutoTokenizer
+
+    mine = AutoTokenizer.from_pretrained(data_tokenizer).get_vocab()
+    theirs = AutoTokenizer.from_pretrained(backbone.tokenizer).get_vocab()
+    if mine != theirs:
+        differ = sorted(set(mine.items()) ^ set(theirs.items()), key=str)[:3]
+        raise ValueError(f"twotower.targets={targets!r}: the data's tokenizer ({data_tokenizer}, {len(mine)} "
+                         f"tokens; data.tokenizer) is not the backbone's ({backbone.tokenizer}, {len(theirs)} "
+                         f"tokens), e.g. {differ}: the context tower's predictions would not be the data's "
+                         "ids; tokenize the data with the backbone's tokenizer or use twotower.targets=data")
+
+
 def check_resources(cfg: Config, sections: dict, resources, stage: str) -> None:
     """The engine's config-time hook: the world size against this stage's own Ray task
     (`resources`: its `graph.<stage>.resources`)."""
@@ -96,6 +131,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     data, attach = inputs["prepare_data"], inputs["attach_conditioning"]
     backbone = BackboneRef.of(attach, "attach_conditioning")
     tt = dict(attach["twotower"])
+    check_teacher_vocabulary(tt, (data.get("artifacts") or {}).get("tokenizer"), backbone)
     block_size = int(tt["block_size"])
     pad_id = int(data.get("pad_token_id", 0) or 0)
     train_path, val_path = data["artifacts"]["train_tokens"], data["artifacts"]["eval_tokens"]
@@ -135,7 +171,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     save_denoiser(module.model, out / "denoiser.safetensors")
     tokens = steps * cfg.batch_size * cfg.grad_accum * row_len * world.num_workers
     metrics_layout = {"train_rows": n_rows, "row_len": row_len}
-    metrics = {"steps": steps, **timing, "world_size": world.world_size, "gpus": world.gpus,
+    metrics = {"steps": steps, "budget": budget_note(cfg, steps), **timing, "world_size": world.world_size, "gpus": world.gpus,
                "micro_batch": world.micro_batch, "tokens_per_step": world.tokens_per_step,
                "tokens_per_second": tokens / max(seconds, 1e-9),
                **metrics_layout, **{k.replace("/", "_"): float(v) for k, v in logged.items()

@@ -219,3 +219,29 @@ def test_summary_headline(nano_plan):
     assert (s["params_per_tower_b"], s["active_per_token_b_without_embeddings"]) == (31.58, 3.23)
     assert s["diffusion_gib_per_device_batch1"][0] == pytest.approx(58.9, abs=0.05)
     assert s["train_min_gpus"] == nano_plan["train_min_gpus"]["num_gpus"]
+
+
+def test_plan_sizes_full_depth_against_shallow_denoisers(nano_plan):
+    """`plan` prices the recipe's denoiser depth beside the full depth and 2 / 4 kept layers: a
+    shallow tower has fewer parameters, less training memory and time, and a cheaper forward."""
+    by_depth = nano_plan["train_by_denoiser_depth"]
+    assert set(by_depth) == {"full", "2_layers", "4_layers"}
+    full, four, two = by_depth["full"], by_depth["4_layers"], by_depth["2_layers"]
+    assert full["denoiser_params_b"] > four["denoiser_params_b"] > two["denoiser_params_b"]
+    assert full["train_hours_for_max_steps"] > two["train_hours_for_max_steps"]
+    assert full["train_gib_per_gpu"] > two["train_gib_per_gpu"]
+    assert full["denoiser_forward_gib_batch1"] > four["denoiser_forward_gib_batch1"] > two["denoiser_forward_gib_batch1"]
+    assert nano_plan["summary"]["denoiser_layers"] == "all"
+
+
+def test_plan_of_a_shallow_recipe_counts_its_own_tower():
+    """With `twotower.denoiser_layers` set, the denoiser's counts are the built tower's: the kept
+    layers' share of the backbone's layer parameters plus the new modules."""
+    plan = estimate({"backbone": {"name_or_path": NANO}, "twotower": {"block_size": 16, "denoiser_layers": 4}})
+    full = estimate({"backbone": {"name_or_path": NANO}, "twotower": {"block_size": 16}})
+    assert plan["summary"]["denoiser_layers"] == [0, 17, 34, 51]
+    assert plan["params"]["context_tower"] == full["params"]["context_tower"]
+    assert plan["params"]["denoiser"]["total"] < 0.25 * full["params"]["denoiser"]["total"]
+    assert plan["summary"]["denoiser_forward_vs_ar_traffic_batch1"] < full["summary"]["denoiser_forward_vs_ar_traffic_batch1"]
+    with pytest.raises(ValueError, match=r"twotower\.denoiser_layers names layer\(s\) \[60\]"):
+        estimate({"backbone": {"name_or_path": NANO}, "twotower": {"block_size": 16, "denoiser_layers": [0, 60]}})

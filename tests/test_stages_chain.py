@@ -355,3 +355,22 @@ def test_evaluate_runs_the_humaneval_suite(chain):
     assert mt["humaneval_problems"] == 2 and "ar_quality" in mt  # the contract metrics stay
     saved = json.loads(Path(e["artifacts"]["evaluation"]).read_text())
     assert saved["humaneval_diffusion_pass_at_1"] == mt["humaneval_diffusion_pass_at_1"]
+
+
+def test_a_shallow_distilled_denoiser_through_the_stages(chain, tmp_path):
+    """attach -> train -> evaluate with `denoiser_layers` and `targets` set: attach checks the kept
+    layers against the backbone instead of the zero-init identity (no identity below full depth),
+    records the dropped layers, and the trained shallow model decodes `verified` exactly as `ar`."""
+    m = dict(chain["m"])
+    a = A.run(A.Config(block_size=BLOCK, denoiser_layers=[1, 3], targets="context_greedy", share_embeddings=True),
+              {"freeze_context": m["freeze_context"]}, make_ctx(tmp_path, "attach"))
+    assert "zero_init_max_abs_delta" not in a["metrics"] and a["metrics"]["denoiser_layers"] == 2
+    assert [r["layer"] for r in a["conditioning_map"] if r["conditioning"] == "not in denoiser"] == [0, 2]
+    m["attach_conditioning"] = a
+    t = T.run(T.Config(**{**TRAIN, "max_steps": 2, "val_every": 0, "val_batches": 0}), m, make_ctx(tmp_path, "train"))
+    assert t["metrics"]["steps"] == 2 and t["metrics"]["budget"] == "steps"
+    model, _ = load_trained(t)
+    assert model.denoiser_layers == [1, 3] and model.tt_config.targets == "context_greedy"
+    prompt = [[1, 5, 6, 7]]
+    assert torch.equal(model.generate(prompt, mode="verified", max_new_tokens=12).sequences,
+                       model.generate(prompt, mode="ar", max_new_tokens=12).sequences)

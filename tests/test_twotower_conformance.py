@@ -556,7 +556,7 @@ def test_adaln_memo_follows_weight_updates():
         after = den.sublayer_modulation(t)
     assert after is not first
     fresh = den.sublayer_modulation(t)  # grad enabled: never memoised
-    for (s0, a0, g0), (s1, a1, g1) in zip(after, fresh):
+    for (s0, a0, g0), (s1, a1, g1) in zip(after.values(), fresh.values()):
         torch.testing.assert_close(s0, s1), torch.testing.assert_close(a0, a1), torch.testing.assert_close(g0, g1)
     assert not torch.allclose(first[0][0], after[0][0])
 

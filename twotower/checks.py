@@ -3,6 +3,9 @@
 zero_init_identity: with every new module at its zero init, the denoiser's forward computes the
 backbone's logits (invariant 4), checked on the real forward, never a copy of it.
 context_matches: the context tower is bit-identical to a reference backbone (invariant 1).
+kept_layers_match: a shallow denoiser's kept layers (and embedding, final norm, LM head) start
+bit-identical to the backbone's (`denoiser_layers`); there is no backbone computation a shallow
+denoiser equals at init, so this is what replaces the zero-init identity below full depth.
 """
 from __future__ import annotations
 
@@ -64,3 +67,16 @@ def context_matches(model, backbone) -> bool:
     if mine.keys() != ref.keys():
         return False
     return all(torch.equal(mine[k].cpu(), ref[k].cpu()) for k in ref)
+
+
+@torch.no_grad()
+def kept_layers_match(model, backbone) -> list[str]:
+    """The denoiser-backbone tensors that differ from the backbone's tensor of the same name (empty
+    when every kept layer, the embedding, final norm and LM head start as the backbone's), plus the
+    name of any denoiser-backbone tensor the backbone lacks."""
+    ref = backbone.state_dict()
+    bad = []
+    for name, value in model.denoiser.backbone.state_dict().items():
+        if name not in ref or not torch.equal(value.cpu(), ref[name].cpu()):
+            bad.append(name)
+    return bad

@@ -13,6 +13,7 @@ CHOICES = {
     "time_conditioning": ("adaln", "none"),
     "loss_weighting": ("uniform", "elbo"),
     "router_dtype": ("float32",),
+    "targets": ("data", "context_greedy", "context_kl"),
 }
 
 
@@ -61,6 +62,36 @@ class TwoTowerConfig:
     decoding often finishes a dependency chain (a carry, a running sum) left to right, i.e. with
     the prefix committed and the rest masked, a pattern i.i.d. masks rarely show; these blocks
     train it and keep the copied backbone's left-to-right skill (docs/model.md)."""
+    denoiser_layers: int | list[int] | None = None
+    """Which backbone layers the denoiser keeps (its depth): None = every layer (the paper's
+    full-depth copy); an int k = k layers evenly spaced from the first to the last (k=1: the last;
+    k=2: the first and the last, so the embedding still feeds the layer trained on it and the
+    final norm and LM head still read the layer trained for them); a list = exactly those layer
+    indices (ascending, each < the backbone's layer count; checked by `check_denoiser_layers`).
+    Each kept layer starts from the backbone's weights and stays layer-aligned: its attention reads
+    the context tower's *own* layer's keys/values and its Mamba-2 scan starts from the same layer's
+    state, however many layers lie between it and the last kept one. A shallow denoiser drafts a
+    block for a fraction of a full-depth forward (DFlash, EAGLE-3); only the full depth keeps the
+    zero-init identity (step 0 computes the backbone)."""
+    targets: str = "data"
+    """Training only: what a masked position learns. `data`: the data's own token; `context_greedy`:
+    the context tower's greedy token there (argmax of its teacher-forced logits on the clean
+    sequence, the token `verified` accepts and `relative quality` compares against);
+    `context_kl`: the context tower's whole next-token distribution (cross-entropy to its softmax,
+    i.e. KL up to a constant). Both context targets cost one LM-head product per masked position
+    on top of the frozen forward that training runs anyway."""
+    share_embeddings: bool = False
+    """The denoiser reads the context tower's own input embedding and LM head (frozen, one copy in
+    memory) instead of training copies of them, as DFlash and EAGLE-3 drafters do. For a small
+    backbone with a large vocabulary they are most of a shallow denoiser's parameters (SmolLM2:
+    28 M of 35 M at depth 2), so sharing them removes most of its optimizer work and the LM head's
+    weight gradient; the [MASK] row (`mask_embedding`) stays trainable."""
+    noise_draws: int = 1
+    """Training only: noise draws (t and mask) denoised per row on top of ONE frozen context pass,
+    their losses averaged. The frozen tower's outputs for a row do not depend on the noise, so K
+    draws pay for the context forward (and the teacher's) once instead of K times: the lever that
+    makes a training step cost mostly the denoiser when the denoiser is shallow and the frozen
+    forward is most of a step (docs/model.md, "Denoiser depth")."""
     router_dtype: str = "float32"
     """Precision of MoE routing. Recorded and validated: the Nemotron-H router computes its logits
     in float32 whatever the model dtype (so training and decoding route alike); wider is not wired."""
@@ -78,8 +109,47 @@ class TwoTowerConfig:
         if self.context_position_keys and self.attention_conditioning != "context_kv":
             raise ValueError("twotower.context_position_keys needs attention_conditioning=context_kv "
                              f"(got {self.attention_conditioning!r}): it shifts the context keys")
+        if isinstance(self.noise_draws, bool) or not isinstance(self.noise_draws, int) or self.noise_draws < 1:
+            raise ValueError(f"twotower.noise_draws must be an integer >= 1, got {self.noise_draws!r}")
+        if self.targets != "data" and not self.token_shift:
+            raise ValueError(f"twotower.targets={self.targets!r} needs token_shift=true: the context tower "
+                             "predicts position p from p-1, which a block's first position does not have")
+        layers = self.denoiser_layers
+        if isinstance(layers, bool) or not (layers is None or isinstance(layers, int) or (
+                isinstance(layers, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in layers))):
+            raise ValueError("twotower.denoiser_layers must be null (every layer), an integer k >= 1 or a "
+                             f"list of layer indices, got {layers!r}")
+        if isinstance(layers, int) and layers < 1:
+            raise ValueError(f"twotower.denoiser_layers must be >= 1 (a denoiser of {layers} layers has "
+                             "nothing to run); null keeps every layer")
+        if isinstance(layers, (list, tuple)):
+            if not layers:
+                raise ValueError("twotower.denoiser_layers is an empty list: name at least one layer (null keeps every layer)")
+            if any(x < 0 for x in layers) or list(layers) != sorted(set(layers)):
+                raise ValueError(f"twotower.denoiser_layers={list(layers)}: layer indices must be >= 0, "
+                                 "ascending and distinct")
+            self.denoiser_layers = list(layers)
         if not 0.0 <= self.suffix_mask_prob <= 1.0:
             raise ValueError(f"twotower.suffix_mask_prob must be in [0, 1], got {self.suffix_mask_prob!r}")
+
+    def kept_layers(self, n_layers: int) -> list[int]:
+        """The backbone layer indices the denoiser keeps, for a backbone of `n_layers` layers
+        (ValueError naming `twotower.denoiser_layers` when a listed layer does not exist or k is
+        larger than the backbone)."""
+        layers = self.denoiser_layers
+        if layers is None:
+            return list(range(n_layers))
+        if isinstance(layers, int):
+            if layers > n_layers:
+                raise ValueError(f"twotower.denoiser_layers={layers}: the backbone has only {n_layers} layers")
+            if layers == 1:
+                return [n_layers - 1]
+            return sorted({round(i * (n_layers - 1) / (layers - 1)) for i in range(layers)})
+        missing = [x for x in layers if x >= n_layers]
+        if missing:
+            raise ValueError(f"twotower.denoiser_layers names layer(s) {missing}, but the backbone has "
+                             f"{n_layers} layers (0..{n_layers - 1})")
+        return list(layers)
 
     def to_dict(self) -> dict:
         return asdict(self)

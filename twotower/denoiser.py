@@ -74,12 +74,18 @@ class CrossAttention(nn.Module):
 class DenoiserTower(nn.Module):
     """The trainable tower: `backbone` (a copy of the HF model, same state-dict keys) + new modules."""
 
-    def __init__(self, backbone: nn.Module, adapter: Adapter, cfg: TwoTowerConfig):
+    def __init__(self, backbone: nn.Module, adapter: Adapter, cfg: TwoTowerConfig, subs: list | None = None):
+        """backbone: the denoiser's own copy; subs: its sublayers (default: every sublayer of
+        `backbone`; `from_backbone` passes only those of the kept layers, `denoiser_layers`)."""
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
         self.adapter = adapter
-        self.walk = Walk.of(adapter, backbone)
+        self.walk = Walk(adapter, backbone, adapter.sublayers(backbone) if subs is None else list(subs))
+        self.slot = {sub.index: j for j, sub in enumerate(self.walk.subs)}
+        """Context-tower sublayer index -> row of the denoiser's AdaLN and cross-attention modules
+        (the same numbers at full depth; a shallow denoiser keeps the context tower's indices, so
+        each kept sublayer reads its own layer's keys and states)."""
         emb = adapter.embedding_weight(backbone)
         d, n_sub = emb.shape[1], len(self.walk.subs)
         self.hidden_size = d
@@ -122,9 +128,26 @@ class DenoiserTower(nn.Module):
 
     @classmethod
     def from_backbone(cls, backbone: nn.Module, adapter: Adapter, cfg: TwoTowerConfig) -> "DenoiserTower":
-        copy_ = copy.deepcopy(backbone)
+        """A trainable copy of `backbone` holding only the layers `cfg.denoiser_layers` keeps: the
+        dropped layers are never copied (each becomes an empty placeholder module in the copy's
+        layer list, so the kept ones keep the backbone's state-dict keys)."""
+        subs = adapter.sublayers(backbone)
+        kept = set(cfg.kept_layers(1 + max(sub.layer for sub in subs)))
+        memo: dict = {}
+        if len(kept) <= max(sub.layer for sub in subs):
+            container = layer_container(backbone, subs)
+            for layer, module in enumerate(container):
+                if layer not in kept:
+                    memo[id(module)] = nn.Module()  # deepcopy returns this instead of copying the layer
+        shared = [m for m in (backbone.get_input_embeddings(), backbone.get_output_embeddings())
+                  if m is not None] if cfg.share_embeddings else []
+        for module in shared:
+            memo[id(module)] = module  # deepcopy returns the context tower's own (frozen) module
+        copy_, kept_subs = copy.deepcopy((backbone, [s for s in subs if s.layer in kept]), memo)
         copy_.requires_grad_(True)  # deepcopy of a frozen tower keeps requires_grad=False
-        return cls(copy_, adapter, cfg)
+        for module in shared:
+            module.requires_grad_(False)
+        return cls(copy_, adapter, cfg, kept_subs)
 
     def modulation(self, t: torch.Tensor) -> torch.Tensor | None:
         """t `[N]` -> `[N, n_sub, 3, d]` (shift, scale, gate), or None without AdaLN."""
@@ -133,8 +156,9 @@ class DenoiserTower(nn.Module):
         emb = timestep_embedding(t, self.cfg.time_embed_dim).to(self.adaln.weight.dtype)
         return self.adaln(self.time_mlp(emb)).view(t.shape[0], len(self.walk.subs), 3, self.hidden_size)
 
-    def sublayer_modulation(self, t: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
-        """Per sublayer `(shift, 1 + scale, 1 + gate)`, each `[N, 1, d]`, or None without AdaLN.
+    def sublayer_modulation(self, t: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+        """Per kept sublayer (by its index) `(shift, 1 + scale, 1 + gate)`, each `[N, 1, d]`, or None
+        without AdaLN.
 
         Decoding asks for the same few t values over and over (t = masked fraction of a block), and
         the AdaLN MLP is a large share of a tiny denoiser's forward on CPU, so without autograd the
@@ -150,7 +174,8 @@ class DenoiserTower(nn.Module):
             if hit is not None:
                 return hit
         mod = self.modulation(t)
-        out = [(mod[:, i, 0, None], 1 + mod[:, i, 1, None], 1 + mod[:, i, 2, None]) for i in range(mod.shape[1])]
+        out = {sub.index: (mod[:, j, 0, None], 1 + mod[:, j, 1, None], 1 + mod[:, j, 2, None])
+               for j, sub in enumerate(self.walk.subs)}
         if key is not None:
             if len(self._modulation_memo) >= MODULATION_MEMO_SIZE:
                 self._modulation_memo.clear()
@@ -177,6 +202,19 @@ class DenoiserTower(nn.Module):
         return self.walk.logits(self.adapter.final_norm(self.backbone)(h))
 
 
+def layer_container(model: nn.Module, subs: list) -> nn.ModuleList:
+    """The `nn.ModuleList` of `model`'s decoder layers (entry l holds the modules of every sublayer
+    with `layer == l`), found by structure so that it works for every adapter's layout."""
+    n = 1 + max(sub.layer for sub in subs)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            inside = [{id(m) for m in layer.modules()} for layer in module]
+            if all(id(sub.mixer) in inside[sub.layer] for sub in subs):
+                return module
+    raise ValueError(f"twotower.denoiser_layers: cannot find the {n} decoder layers of {type(model).__name__} "
+                     "as one nn.ModuleList (the adapter's sublayers name their layers)")
+
+
 class BlockMixing:
     """The denoiser's `Mixing` for one forward: attention through the block context (plus the
     learned context-key offsets), Mamba-2 seeded with the context's state at the block start."""
@@ -195,7 +233,7 @@ class BlockMixing:
         return mamba2_mixer(p, x, conv, ssm, self.ctx.block_valid, x.shape[1], want_states=False)[0]
 
     def cross(self, i, x):
-        return self.ctx.cross(i, self.den.cross_attn[i], x)
+        return self.ctx.cross(i, self.den.cross_attn[self.den.slot[i]], x)
 
 
 class BlockContext(Protocol):

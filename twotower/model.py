@@ -108,11 +108,25 @@ class TwoTowerForDiffusionLM(nn.Module):
             "mlp": "none",
         }
         rows = []
+        kept = self.denoiser.slot
         for sub in self.context_walk.subs:
+            if sub.index not in kept:
+                rows.append({"index": sub.index, "layer": sub.layer, "kind": sub.kind, "conditioning": "not in denoiser"})
+                continue
             cond = [how[sub.kind]] + (["cross_attention"] if cfg.cross_attention else [])
             cond += ["adaln"] if cfg.time_conditioning == "adaln" else []
             rows.append({"index": sub.index, "layer": sub.layer, "kind": sub.kind, "conditioning": "+".join(cond)})
         return rows
+
+    @property
+    def denoiser_layers(self) -> list[int]:
+        """The backbone layers the denoiser tower keeps (every layer at full depth)."""
+        return sorted({sub.layer for sub in self.denoiser.walk.subs})
+
+    @property
+    def full_depth(self) -> bool:
+        """True when the denoiser keeps every backbone layer (the paper's design)."""
+        return len(self.denoiser.walk.subs) == len(self.context_walk.subs)
 
     def new_parameter_names(self) -> list[str]:
         """Names of the parameters the backbone does not have (all under `denoiser.`)."""
@@ -177,8 +191,9 @@ class TwoTowerForDiffusionLM(nn.Module):
             maskable[:, :, 0] = False
         if (noise_mask is None) != (t is None):
             raise ValueError("pass both noise_mask and t, or neither")
+        draws = []  # (t, mask) per noise draw, all denoised on top of ONE context pass
         if noise_mask is None:
-            t, mask = self.sample_noise(maskable, generator)
+            draws = [self.sample_noise(maskable, generator) for _ in range(self.tt_config.noise_draws)]
         else:
             if noise_mask.shape != input_ids.shape or t.shape != (b, n):
                 raise ValueError(f"noise_mask must be {tuple(input_ids.shape)} and t ({b}, {n}); got "
@@ -186,19 +201,33 @@ class TwoTowerForDiffusionLM(nn.Module):
             mask = F.pad(noise_mask.bool(), (0, L - L0), value=False).view(b, n, B)
             if first and mask[:, :, 0].any():
                 raise ValueError("noise_mask sets position 0 of a block, which token shift keeps clean")
-            mask = mask & maskable
+            draws = [(t, mask & maskable)]
         ctx_device = next(self.context_tower.parameters()).device
         with torch.no_grad():
             record: dict = {}
             real_ctx = real.to(ctx_device)
-            _, cache = context_forward(self.context_walk, ids.to(ctx_device), TowerCache.empty(b, ctx_device),
-                                       valid=real_ctx, chunk=B, record=record,
-                                       keep_hidden=self.tt_config.cross_attention)
+            ctx_hidden, cache = context_forward(self.context_walk, ids.to(ctx_device), TowerCache.empty(b, ctx_device),
+                                                valid=real_ctx, chunk=B, record=record,
+                                                keep_hidden=self.tt_config.cross_attention)
         den_device = next(self.denoiser.parameters()).device
         if ctx_device != den_device:
             cache = cache.to(den_device)
             record = {k: {i: x.to(den_device) for i, x in v.items()} for k, v in record.items()}
-        ids, mask, t = ids.to(den_device), mask.to(den_device), t.to(den_device)
+        ids = ids.to(den_device)
+        outs = [self._denoise_draw(ids, mask.to(den_device), t.to(den_device), cache, record, ctx_hidden, real,
+                                   L0, skip_unmasked_blocks) for t, mask in draws]
+        if len(outs) == 1:
+            return outs[0]
+        mean = lambda name: torch.stack([getattr(o, name) for o in outs]).mean()  # noqa: E731
+        first = outs[0]
+        return TwoTowerOutput(mean("loss"), first.logits, mean("masked_accuracy"), mean("elbo"), first.noise_mask, first.t)
+
+    def _denoise_draw(self, ids, mask, t, cache, record, ctx_hidden, real, L0, skip_unmasked_blocks) -> TwoTowerOutput:
+        """Denoise one noise draw (`mask` `[b, n, B]`, `t` `[b, n]`) of the clean `ids` `[b, L]` on top
+        of the context pass (`cache`, `record`, `ctx_hidden`) and score it."""
+        B = self.block_size
+        b, n = t.shape
+        L = n * B
         noisy = ids.view(b, n, B).masked_fill(mask, self.tt_config.mask_token_id or 0).view(b * n, B)
         positions = cache.positions.reshape(b * n, B)
         t_rows, block_mask = t.reshape(b * n), mask.view(b * n, B)
@@ -211,19 +240,45 @@ class TwoTowerForDiffusionLM(nn.Module):
             ctx = TrainingContext(cache, record, self.tt_config, b, n, blocks=blocks)
             out = self.denoiser(noisy[blocks], block_mask[blocks], t_rows[blocks], positions[blocks], ctx)
             logits = out.new_zeros(b * n, B, out.shape[-1]).index_copy(0, blocks, out).view(b, L, -1)
-        return self._loss(logits, ids, mask.view(b, L), t, L0)
+        teacher = self._teacher(ctx_hidden, real, mask.view(b, L)) if self.tt_config.targets != "data" else None
+        return self._loss(logits, ids, mask.view(b, L), t, L0, teacher)
 
-    def _loss(self, logits, ids, mask, t, L0) -> TwoTowerOutput:
+    @torch.no_grad()
+    def _teacher(self, ctx_hidden: torch.Tensor, real: torch.Tensor, mask: torch.Tensor):
+        """The context tower's teacher-forced next-token logits for every masked position, in
+        `mask`'s row-major order: `(logits [M, V] float32, usable [M] bool)`. Position p is
+        predicted by the context tower's output at p-1 (its LM head run only there); a masked
+        position right after a pad (or at a row's start) has no prediction and keeps its data label."""
+        b, L = mask.shape
+        rows, cols = mask.nonzero(as_tuple=True)
+        prev = (cols - 1).clamp(min=0)
+        usable = (cols > 0) & real.to(mask.device)[rows, prev]
+        dev = ctx_hidden.device
+        logits = self.context_walk.logits(ctx_hidden[rows.to(dev), prev.to(dev)]).to(mask.device)
+        return logits, usable
+
+    def _loss(self, logits, ids, mask, t, L0, teacher=None) -> TwoTowerOutput:
         b, L, V = logits.shape
         B = self.block_size
         pred = _prediction_logits(logits.view(-1, B, V), self.tt_config.token_shift).view(b, L, V)
-        ce = F.cross_entropy(pred[mask], ids[mask], reduction="none")
+        labels = ids[mask]
+        if teacher is None:
+            ce = F.cross_entropy(pred[mask], labels, reduction="none")
+        else:  # targets from the context tower (data labels where it has no prediction)
+            t_logits, usable = teacher
+            labels = torch.where(usable, t_logits.argmax(-1), labels)
+            if self.tt_config.targets == "context_greedy":
+                ce = F.cross_entropy(pred[mask], labels, reduction="none")
+            else:  # context_kl: cross-entropy to the context tower's softmax (= KL + its entropy)
+                logp = F.log_softmax(pred[mask], dim=-1)
+                soft = -(F.softmax(t_logits, dim=-1) * logp).sum(-1)
+                ce = torch.where(usable, soft, -logp.gather(1, labels[:, None]).squeeze(1))
         weight = (1.0 / t.repeat_interleave(B, dim=1))[mask]
         count = mask.sum().clamp(min=1)
         maskable = b * L * (B - 1) / B if self.tt_config.token_shift else b * L
         elbo = (ce * weight).sum() / maskable
         loss = ce.sum() / count if self.tt_config.loss_weighting == "uniform" else elbo
-        acc = (pred[mask].argmax(-1) == ids[mask]).float().sum() / count
+        acc = (pred[mask].argmax(-1) == labels).float().sum() / count  # against the targets trained on
         return TwoTowerOutput(loss, logits[:, :L0], acc, elbo.detach(), mask[:, :L0], t)
 
     # ---------------------------------------------------------------- decoding

@@ -307,17 +307,21 @@ def weight_bytes_per_forward(counts: ParamCounts, facts: FamilyFacts, tokens: in
     return BF16_BYTES * (dense + counts.routed_experts * expert_fraction_touched(facts, tokens))
 
 
-def decode_traffic(counts: ParamCounts, facts: FamilyFacts, *, batch: int, block_size: int, new_params: int = 0) -> dict:
+def decode_traffic(counts: ParamCounts, facts: FamilyFacts, *, batch: int, block_size: int, new_params: int = 0,
+                   denoiser: ParamCounts | None = None) -> dict:
     """Weight traffic of AR vs diffusion decoding of one block per sequence, memory-bound regime.
 
     AR: `block_size` forwards over `batch` tokens. Diffusion: s denoiser forwards over
     batch x block_size tokens plus one context forward over the same tokens (commit). On a MoE
     backbone a block forward touches many more experts than a one-token forward, so diffusion
-    saves traffic only while s stays below `break_even_denoiser_steps`.
+    saves traffic only while s stays below `break_even_denoiser_steps`. `denoiser`: the denoiser
+    tower's own counts (new modules included; a shallow one from `shallow_counts`), else the
+    backbone's plus `new_params`.
     """
     ar = weight_bytes_per_forward(counts, facts, batch)
     block_ctx = weight_bytes_per_forward(counts, facts, batch * block_size)
-    block_den = weight_bytes_per_forward(counts, facts, batch * block_size, new_params)
+    block_den = (weight_bytes_per_forward(counts, facts, batch * block_size, new_params) if denoiser is None
+                 else weight_bytes_per_forward(denoiser, facts, batch * block_size))  # a shallow denoiser's own
     return {
         "batch": batch,
         "ar_forward_gib": ar / GIB,
@@ -342,6 +346,19 @@ class TrainShape:
     """Tokens per sequence (a whole number of blocks)."""
     block_size: int = 16
     """Diffusion block size B."""
+
+
+def shallow_counts(counts: ParamCounts, fraction: float, new_params: int = 0) -> ParamCounts:
+    """A denoiser tower's counts when it keeps `fraction` of the backbone's layer parameters
+    (`twotower.denoiser_layers`): embeddings and LM head whole, the layers' dense and routed
+    parameters scaled, the new conditioning modules added (exact for the totals when `fraction` is
+    measured on the built tower; proportional for the active count)."""
+    body = counts.total - counts.embeddings - counts.lm_head
+    active_body = counts.active - counts.embeddings - counts.lm_head
+    return ParamCounts(total=counts.embeddings + counts.lm_head + round(fraction * body) + new_params,
+                       embeddings=counts.embeddings, lm_head=counts.lm_head,
+                       routed_experts=round(fraction * counts.routed_experts),
+                       active=counts.embeddings + counts.lm_head + round(fraction * active_body) + new_params)
 
 
 def training_memory(

@@ -1,0 +1,87 @@
+"""Training budgets that do not depend on the machine's load, and AR timed at its own best threads.
+
+Every shipped recipe bounds denoiser training by steps (the same model on a loaded laptop and an
+idle server); a time budget is opt-in and the summary says what ended training. Decoding timings
+run AR at the threads a recipe names for a batch size (`ar_threads`), every other mode at the
+stage's own.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from stages import batch_sweep
+from stages.train_denoiser import Config, budget_note, check_teacher_vocabulary
+from stages.loading import BackboneRef
+from twotower_fixtures import tiny_twotower
+
+RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_train_on_a_step_budget(recipe):
+    train = (yaml.safe_load(recipe.read_text()) or {}).get("train") or {}
+    assert train.get("max_minutes") is None, f"{recipe.name}: train.max_minutes makes the model depend on load"
+
+
+def test_budget_note_says_what_ended_training():
+    assert budget_note(Config(max_steps=100), 100) == "steps"
+    timed = budget_note(Config(max_steps=100, max_minutes=2.0), 40)
+    assert "max_minutes=2" in timed and "step 40 of 100" in timed and "load" in timed
+    assert budget_note(Config(max_steps=100, max_minutes=2.0), 100).startswith("steps")
+
+
+class Recording:
+    """A real two-tower model whose generate records the torch threads it ran with."""
+
+    def __init__(self):
+        self.model = tiny_twotower("llama")
+        self.seen: list[tuple[str, int]] = []
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def generate(self, prompts, **kwargs):
+        self.seen.append((kwargs["mode"], torch.get_num_threads()))
+        return self.model.generate(prompts, **kwargs)
+
+
+def test_ar_is_timed_at_its_own_threads_per_batch_size():
+    rec = Recording()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    batch_sweep.AR_THREADS.clear()
+    batch_sweep.AR_THREADS.update({1: 1})
+    try:
+        one, four = [[3, 4, 5]], [[3, 4, 5]] * 4
+        for prompts in (one, four):
+            for mode in ("ar", "verified"):
+                batch_sweep.timed_generate(rec, prompts, mode=mode, max_new_tokens=4)
+        batch_sweep.timed_generate(rec, torch.tensor([3, 4, 5]), mode="ar", max_new_tokens=4)
+        assert rec.seen == [("ar", 1), ("verified", 2), ("ar", 2), ("verified", 2), ("ar", 1)]
+        assert torch.get_num_threads() == 2  # restored after each call
+    finally:
+        batch_sweep.AR_THREADS.clear()
+        torch.set_num_threads(before)
+
+
+def test_context_targets_need_the_backbones_tokenizer(tmp_path):
+    from stages.tokenizer import build_char_tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    char = build_char_tokenizer()
+    char.save_pretrained(tmp_path / "data_tok")
+    vocab = dict(char.get_vocab())
+    other = PreTrainedTokenizerFast(tokenizer_object=char.backend_tokenizer)
+    other.add_tokens(["<extra_token>"])
+    other.save_pretrained(tmp_path / "backbone_tok")
+    ref = BackboneRef(model=str(tmp_path / "m"), tokenizer=str(tmp_path / "backbone_tok"))
+    check_teacher_vocabulary({"targets": "data"}, str(tmp_path / "data_tok"), ref)  # no teacher: no check
+    with pytest.raises(ValueError, match=r"twotower.targets='context_greedy'.*data.tokenizer.*not the backbone's"):
+        check_teacher_vocabulary({"targets": "context_greedy"}, str(tmp_path / "data_tok"), ref)
+    same = BackboneRef(model=str(tmp_path / "m"), tokenizer=str(tmp_path / "data_tok"))
+    check_teacher_vocabulary({"targets": "context_kl"}, str(tmp_path / "data_tok"), same)
+    assert len(vocab) + 1 == len(other.get_vocab())
