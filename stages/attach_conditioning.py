@@ -53,6 +53,29 @@ def check(sections: dict) -> None:
     if "block_size" in data and int(data["block_size"]) != int(block):
         raise ValueError(f"twotower.block_size={block} differs from data.block_size={data['block_size']}: "
                          "the data is laid out for the denoiser's blocks; set them equal")
+    check_denoiser_layers(sections)
+
+
+def check_denoiser_layers(sections: dict) -> None:
+    """`twotower.denoiser_layers` against the backbone's layer count, at config time, when the
+    backbone's config is readable offline without weights (a local checkpoint or a config shipped
+    under recipes/backbones/, and no `random_init` reshaping it); otherwise the stage checks it
+    when it builds the towers. ValueError naming the key and the layer count."""
+    import json
+
+    from stages.backbone_configs import backbone_config_file
+
+    layers = (sections.get("twotower") or {}).get("denoiser_layers")
+    backbone = sections.get("backbone") or {}
+    name = backbone.get("name_or_path")
+    if layers is None or not name or backbone.get("random_init"):
+        return
+    found = backbone_config_file(str(name))
+    n = json.loads(found.read_text()).get("num_hidden_layers") if found else None
+    if isinstance(n, int):
+        from twotower.config import TwoTowerConfig
+
+        TwoTowerConfig(denoiser_layers=layers).kept_layers(n)
 
 
 def probe_ids(vocab_size: int, block_size: int, seed: int, n_blocks: int = 3):

@@ -62,6 +62,10 @@ class Row:
     agreement: float = 1.0
     """Fraction of the AR greedy answer tokens reproduced position by position (AR: 1)."""
     ids: list[int] = field(default_factory=list, repr=False)
+    verifies: float = 0.0
+    """`verified`: the row's share of its batch's verification row-blocks (0 in other modes)."""
+    accepted: float = 0.0
+    """`verified`: the row's share of the tokens those verifications kept."""
 
 
 def load_examples(path: str, per_task: int | None = None, offset: int = 0) -> list[dict[str, Any]]:

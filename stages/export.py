@@ -91,16 +91,36 @@ def mode_lines(modes: dict, auto_modes: dict) -> list[str]:
         return []
     lines = ["", "## Every decoding mode side by side (same prompts, same process)", "",
              "| batch | mode | relative quality [95% CI] | speedup vs ar | tokens / denoiser forward "
-             "| tokens / model forward |", "|---|---|---|---|---|---|"]
+             "| tokens / model forward | tokens / verification |", "|---|---|---|---|---|---|---|"]
     for b, per_mode in modes.items():
         for mode, v in per_mode.items():
-            den = v.get("tokens_per_denoiser_forward")
+            den, acc = v.get("tokens_per_denoiser_forward"), v.get("accepted_per_verify")
             lines.append(f"| {b} | {mode} | {_rel(v)} | {_fmt(v['speedup'])} | {'–' if den is None else _fmt(den)} "
-                         f"| {_fmt(v['tokens_per_model_forward'])} |")
+                         f"| {_fmt(v['tokens_per_model_forward'])} | {'–' if acc is None else _fmt(acc)} |")
     if auto_modes:
         picks = ", ".join(f"{b} → {m}" for b, m in sorted(auto_modes.items(), key=lambda kv: int(kv[0])))
         lines += ["", f"`mode='auto'` runs, by batch size (the fastest mode meeting the quality target in "
                       f"calibration's batch sweep; a batch between two sizes takes the smaller's): {picks}."]
+    return lines
+
+
+def denoiser_lines(train: dict) -> list[str]:
+    """Model-card rows for the denoiser tower: its depth, targets, size and training cost."""
+    tt, tm = train.get("twotower") or {}, train.get("metrics") or {}
+    if not tm:
+        return []
+    layers = tt.get("denoiser_layers")
+    depth = "every backbone layer (full depth)" if layers is None else (
+        f"{layers} layers, evenly spaced" if isinstance(layers, int) else f"layers {layers}")
+    lines = ["", "## The denoiser tower", "", "| | |", "|---|---|",
+             f"| depth | {depth} |",
+             f"| targets | {tt.get('targets', 'data')} |",
+             f"| embedding and LM head | {'shared with the context tower (frozen)' if tt.get('share_embeddings') else 'own copy (trained)'} |"]
+    for key, label in (("denoiser_params", "parameters"), ("steps", "training steps"),
+                       ("tokens_per_second", "training tokens / s"), ("train_minutes", "training minutes (wall)"),
+                       ("budget", "what ended training")):
+        if key in tm:
+            lines.append(f"| {label} | {_fmt(tm[key])} |")
     return lines
 
 
@@ -149,9 +169,7 @@ def model_card(ev: dict, calib: dict, train: dict, gen_cfg: dict, plots: list[st
         lines += ["", f"γ was calibrated on held-out prompts: target met = {bool(cm.get('target_met'))}{ci}."]
         if calib.get("warning"):
             lines.append(f"**Warning:** {calib['warning']}")
-    tm = train.get("metrics", {})
-    if tm:
-        lines += ["", f"Denoiser training: {tm.get('steps')} steps, {_fmt(tm.get('train_minutes', 0.0))} min."]
+    lines += denoiser_lines(train)
     lines += fidelity_lines(fidelity or {})
     lines += [""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
     return "\n".join(lines)

@@ -24,7 +24,7 @@ from typing import Any
 MODES = ("ar", "diffusion", "verified", "auto")
 """The modes of the table, AR (the reference) first."""
 FIGURES = ("relative_quality", "relative_quality_low", "relative_quality_high", "speedup",
-           "tokens_per_denoiser_forward", "tokens_per_model_forward")
+           "tokens_per_denoiser_forward", "tokens_per_model_forward", "accepted_per_verify")
 """The figures reported per batch size and mode."""
 
 
@@ -78,7 +78,8 @@ def measure(model, tokenizer, examples: list[dict], batch_sizes: list[int], *, g
                         correct=None if answer in (None, "") else float(exact_match(text, answer)),
                         new_tokens=len(generated) if eos in generated else len(new),
                         denoiser_forwards=den, context_forwards=int(out.row_forwards[i]) - den,
-                        seconds=secs / len(batch), agreement=de._agreement(ar_ids[i], new), ids=new))
+                        seconds=secs / len(batch), agreement=de._agreement(ar_ids[i], new), ids=new,
+                        verifies=out.num_verify_rows / len(batch), accepted=out.num_accepted / len(batch)))
             if progress is not None:
                 progress(n + 1, len(chunks))
     return rows
@@ -104,7 +105,10 @@ def summarise(rows: list, batch_sizes: list[int]) -> dict[str, dict[str, dict[st
             per_mode[m] = {"quality": summ["diffusion_quality"],
                            **{k: summ[k] for k in ("relative_quality", "relative_quality_low",
                                                    "relative_quality_high", "speedup", "tokens_per_model_forward")},
-                           "tokens_per_denoiser_forward": summ["tokens_per_forward"] if den else None}
+                           "tokens_per_denoiser_forward": summ["tokens_per_forward"] if den else None,
+                           # verified's acceptance length: tokens kept per verification (1..B)
+                           "accepted_per_verify": (sum(r.accepted for r in mine) / verifies
+                                                   if (verifies := sum(r.verifies for r in mine)) else None)}
         table[str(b)] = per_mode
     return table
 

@@ -171,7 +171,11 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     save_denoiser(module.model, out / "denoiser.safetensors")
     tokens = steps * cfg.batch_size * cfg.grad_accum * row_len * world.num_workers
     metrics_layout = {"train_rows": n_rows, "row_len": row_len}
-    metrics = {"steps": steps, "budget": budget_note(cfg, steps), **timing, "world_size": world.world_size, "gpus": world.gpus,
+    den = module.model.denoiser
+    sizes = {"denoiser_layers": len(module.model.denoiser_layers),
+             "denoiser_params": sum(p.numel() for p in den.parameters()),
+             "denoiser_trainable_params": sum(p.numel() for p in den.parameters() if p.requires_grad)}
+    metrics = {"steps": steps, "budget": budget_note(cfg, steps), **timing, **sizes, "world_size": world.world_size, "gpus": world.gpus,
                "micro_batch": world.micro_batch, "tokens_per_step": world.tokens_per_step,
                "tokens_per_second": tokens / max(seconds, 1e-9),
                **metrics_layout, **{k.replace("/", "_"): float(v) for k, v in logged.items()

@@ -85,3 +85,44 @@ def test_context_targets_need_the_backbones_tokenizer(tmp_path):
     same = BackboneRef(model=str(tmp_path / "m"), tokenizer=str(tmp_path / "data_tok"))
     check_teacher_vocabulary({"targets": "context_kl"}, str(tmp_path / "data_tok"), same)
     assert len(vocab) + 1 == len(other.get_vocab())
+
+
+def test_full_depth_variant_overlays_the_smollm2_recipe():
+    """The shipped full-depth comparison is an overlay of the SmolLM2 recipe: same data and
+    evaluation, the paper's full-depth tower, a step budget (no time budget)."""
+    from pipeline.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    shallow = load_config(repo / "recipes/smollm2_135m.yaml").resolved
+    full = load_config(repo / "recipes/smollm2_135m.yaml",
+                       overlays=[repo / "recipes/variants/smollm2_full_depth.yaml"]).resolved
+    assert shallow["twotower"]["denoiser_layers"] == 4 and shallow["twotower"]["targets"] == "context_greedy"
+    assert full["twotower"]["denoiser_layers"] is None and not full["twotower"]["share_embeddings"]
+    assert full["data"] == shallow["data"] and full["evaluate"] == shallow["evaluate"]
+    assert full["train"]["max_steps"] < shallow["train"]["max_steps"] and full["train"].get("max_minutes") is None
+
+
+def test_depth_targets_table_reads_the_pipelines_own_figures():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("depth_targets", Path(__file__).resolve().parents[1] / "bench/depth_targets.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.cell_overrides("full", "data", None) == ["twotower.denoiser_layers=null", "twotower.targets=data"]
+    assert bench.cell_overrides("4", "context_greedy", 300)[-1] == "train.max_steps=300"
+    assert bench.cell_overrides("1,3", "data", None)[0] == "twotower.denoiser_layers=[1,3]"
+    summary = {"stages": {
+        "train_denoiser": {"metrics": {"steps": 300, "tokens_per_second": 512.0, "train_minutes": 4.5,
+                                       "denoiser_params": 42e6}},
+        "evaluate": {"metrics": {"gamma": 0.7, "tokens_per_forward": 2.5, "relative_quality": 0.91,
+                                 "relative_quality_low": 0.85, "relative_quality_high": 0.97, "speedup": 1.6,
+                                 "modes": {"1": {"verified": {"speedup": 1.2, "accepted_per_verify": 3.5,
+                                                              "relative_quality": 1.0},
+                                                 "diffusion": {"speedup": 1.7}},
+                                           "4": {"verified": {"speedup": 1.1, "accepted_per_verify": 3.1,
+                                                              "relative_quality": 1.0}}}}}}}
+    row = {"depth": "4", "targets": "context_greedy", **bench.figures(summary)}
+    assert row["verified_accepted_b1"] == 3.5 and row["verified_speedup_b4"] == 1.1 and row["diffusion_speedup_b1"] == 1.7
+    table = bench.markdown([row], ["1", "4"])
+    assert "| 4 | context_greedy | 300 | 512 | 42.0 | 0.70 | 2.50 | 0.910 [0.850, 0.970] |" in table
+    assert table.splitlines()[-1].endswith("| 3.50 | 3.10 | 1.20 | 1.10 |")

@@ -241,3 +241,21 @@ def test_shared_embeddings_are_the_context_towers_and_stay_frozen(name, tmp_path
     assert torch.equal(back.generate(prompts, mode="verified", max_new_tokens=9, block_size=B).sequences, ar.sequences)
     torch.testing.assert_close(back.generate(prompts, mode="diffusion", max_new_tokens=9, block_size=B).sequences,
                                model.generate(prompts, mode="diffusion", max_new_tokens=9, block_size=B).sequences)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("twotower.denoiser_layers=[0,60]", r"names layer\(s\) \[60\], but the backbone has 52 layers"),
+    ("twotower.denoiser_layers=53", "has only 52 layers"),
+    ("twotower.denoiser_layers=0", "must be >= 1"),
+    ("twotower.targets=teacher", "twotower.targets must be one of")])
+def test_validate_names_bad_depths_and_targets_at_config_time(override, message):
+    """`pipeline validate` (exit 2) catches a depth the backbone cannot have before anything runs,
+    when the backbone's config is readable offline (the shipped Nemotron-3-Nano config here)."""
+    from pathlib import Path
+
+    from pipeline.config import ConfigError, load_config
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes/nemotron_nano.yaml"
+    with pytest.raises(ConfigError, match=message):
+        load_config(recipe, [override])
+    load_config(recipe, ["twotower.denoiser_layers=[0,51]"])
