@@ -47,13 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-per-task", type=int, default=16,
                    help="rows skipped per family first (the pipeline's calibration slice)")
     p.add_argument("--gamma", type=float, default=0.9)
-    p.add_argument("--draft", default="confident", help="verified's draft policy: full, confident or an int")
+    p.add_argument("--draft", default="confident", help="verified's draft policy: full, confident, prefix or an int")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2, help="timed decoding rounds per prompt (after a warm-up)")
     p.add_argument("--rounds", type=int, default=9, help="interleaved rounds of the forward timings (median)")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args(argv)
-    if args.draft not in ("full", "confident"):
+    if args.draft not in ("full", "confident", "prefix"):
         args.draft = int(args.draft)
     return args
 

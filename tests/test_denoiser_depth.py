@@ -259,3 +259,30 @@ def test_validate_names_bad_depths_and_targets_at_config_time(override, message)
     with pytest.raises(ConfigError, match=message):
         load_config(recipe, [override])
     load_config(recipe, ["twotower.denoiser_layers=[0,51]"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("gamma", [0.05, 0.5, 0.99])
+def test_prefix_drafts_stay_exact(name, gamma):
+    """draft="prefix" verifies each block only through the first guessed position: the output is
+    still `ar`'s token for token, on every family, whether the denoiser is sure or not."""
+    model = tiny_twotower(name, denoiser_layers=1, perturb=0.2)
+    prompts = [ids(1, 5, seed=1)[0].tolist(), ids(1, 3, seed=2)[0].tolist(), ids(1, 7, seed=3)[0].tolist()]
+    ar = model.generate(prompts, mode="ar", max_new_tokens=11, block_size=B)
+    out = model.generate(prompts, mode="verified", gamma=gamma, draft="prefix", max_new_tokens=11, block_size=B)
+    assert torch.equal(out.sequences, ar.sequences)
+
+
+def test_prefix_cut_keeps_each_rows_first_guess():
+    """The verification covers, for the row that needs most, its positions through its first guess;
+    a paused row needs only the context tower's token; a row with no guess needs the whole block."""
+    from twotower.generate import _through_first_guess
+
+    block = torch.arange(24).view(3, 8)
+    sure = torch.tensor([[1, 1, 1, 0, 1, 0, 0, 0],     # first guess at 3: needs 4 columns
+                         [1, 0, 0, 0, 0, 0, 0, 0],     # first guess at 1: needs 2
+                         [1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)  # paused below: needs 1
+    drafting = torch.tensor([True, True, False])
+    assert torch.equal(_through_first_guess(block, sure, drafting), block[:, :4])
+    assert _through_first_guess(block, torch.ones_like(sure), torch.tensor([True, False, False])).shape[1] == 8
+    assert _through_first_guess(block, sure, torch.tensor([False, False, False])).shape[1] == 1

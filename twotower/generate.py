@@ -38,7 +38,7 @@ from twotower.walk import context_forward, rollback_states
 MODES = ("diffusion", "verified", "mock_ar", "ar", "auto")
 MAX_BACKOFF = 8
 """Longest run of blocks a row verifies without a draft after its drafts kept nothing."""
-DRAFTS = ("full", "confident")
+DRAFTS = ("full", "confident", "prefix")
 """`verified`'s named draft policies (an int k is the third: at most k denoiser steps)."""
 AUTO_CHOICES = ("diffusion", "verified", "ar")
 """The modes an `auto_modes` table may name."""
@@ -243,8 +243,9 @@ def generate(
     draft (`verified` only), the draft policy: "full" runs every denoiser step the γ rule needs
     (a step commits at least one position); "confident" stops a row at its first step where no
     position reaches γ (the forced one-per-step commits of an unsure denoiser are the ones
-    verification rejects, at a forward each); k >= 1 runs at most k steps (1: one denoiser step,
-    then verify). What is still masked when a row stops takes that step's argmax. auto_modes (`auto` only): batch size -> mode, default
+    verification rejects, at a forward each); "prefix" drafts as "confident" and verifies only up
+    to each row's first guess (a position committed below γ), a shorter verification forward when
+    the denoiser is unsure; k >= 1 runs at most k steps (1: one denoiser step, then verify). What is still masked when a row stops takes that step's argmax. auto_modes (`auto` only): batch size -> mode, default
     `model.auto_modes` (read from the export's generation_config.json); `mode` of the result
     says which mode ran."""
     cfg = model.tt_config
@@ -307,9 +308,12 @@ def generate(
             if mode == "mock_ar":
                 block = _mock_ar_block(model, block, rows, B, keep_hidden, tally)
             elif mode == "diffusion" or bool(drafting.any()):
-                block = _denoise_block(model, block, rows, gamma, eos_token_id, pad, den_dev, tally, steps,
-                                       draft=draft if mode == "verified" else None,
-                                       drafting=drafting if mode == "verified" else None).to(ctx_dev)
+                block, sure = _denoise_block(model, block, rows, gamma, eos_token_id, pad, den_dev, tally, steps,
+                                             draft=draft if mode == "verified" else None,
+                                             drafting=drafting if mode == "verified" else None)
+                block = block.to(ctx_dev)
+                if mode == "verified" and draft == "prefix":
+                    block = _through_first_guess(block, sure.to(ctx_dev), drafting)
             else:  # verified, every row paused: one AR step
                 block = block[:, :1]
                 if steps is not None:
@@ -365,6 +369,7 @@ def _denoise_block(model, block, rows, gamma, eos, pad, den_dev, tally, steps, d
     if steps is not None:  # the block before the first denoiser step
         steps.append({"rows": rows.index.tolist(), "tokens": block.tolist(), "masked": is_mask.tolist()})
     taken = 0
+    sure = ~is_mask  # [n, B] positions not guessed: the clean first token, then every commit at >= γ
     while bool(is_mask.any()):
         live = is_mask.any(1).nonzero().squeeze(1)  # rows whose draft is complete sit this step out
         sub = live if live.shape[0] < n else None
@@ -380,7 +385,8 @@ def _denoise_block(model, block, rows, gamma, eos, pad, den_dev, tally, steps, d
         conf, tok = probs.max(-1)
         conf = conf.masked_fill(~lm, -1.0)
         commit = lm & (conf >= gamma)
-        if draft == "confident":  # a row with nothing at γ stops here: its draft is the argmax
+        confident = lm & (conf >= gamma)
+        if draft in ("confident", "prefix"):  # a row with nothing at γ stops here: its draft is the argmax
             commit |= lm & ~commit.any(1, keepdim=True)
         best = conf.argmax(1)
         here = torch.arange(lm.shape[0], device=den_dev)
@@ -388,6 +394,7 @@ def _denoise_block(model, block, rows, gamma, eos, pad, den_dev, tally, steps, d
         if isinstance(draft, int) and taken >= draft:
             commit = lm
         lb = torch.where(commit, tok, lb)
+        sure = sure | confident if sub is None else sure.index_copy(0, sub, sure[sub] | confident)
         lm = lm & ~commit
         # positions after a committed EOS are padding: stop denoising them
         after = _after_eos(lb, ~lm, eos)
@@ -399,7 +406,19 @@ def _denoise_block(model, block, rows, gamma, eos, pad, den_dev, tally, steps, d
             block, is_mask = block.index_copy(0, sub, lb), is_mask.index_copy(0, sub, lm)
         if steps is not None:
             steps.append({"rows": rows.index.tolist(), "tokens": block.tolist(), "masked": is_mask.tolist()})
-    return block
+    return block, sure
+
+
+def _through_first_guess(block: torch.Tensor, sure: torch.Tensor, drafting: torch.Tensor) -> torch.Tensor:
+    """`verified` with draft "prefix": the block cut after the last column any row needs, a row
+    needing its positions up to and including its first guess (a position committed below γ):
+    what follows a guess is rarely accepted, and a shorter verification forward costs less. A
+    paused row (not drafting) needs its first position only."""
+    B = block.shape[1]
+    guess = ~sure
+    first = torch.where(guess.any(1), guess.long().argmax(1), B - 1)
+    need = torch.where(drafting.to(block.device), first + 1, 1)
+    return block[:, : int(need.max())]
 
 
 def _through_eos(block: torch.Tensor, eos: int | None) -> torch.Tensor:
