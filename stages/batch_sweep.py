@@ -48,6 +48,46 @@ while a 16-token block forward gains from both; a speedup measured against AR he
 would be against a handicapped baseline."""
 
 
+def set_ar_threads(setting, model, tokenizer, examples: list[dict], batch_sizes: list[int],
+                   max_new_tokens: int) -> dict[int, int]:
+    """Fill `AR_THREADS` from a stage's `ar_threads`: a `{batch size: threads}` table as given, or
+    `"auto"`: AR timed at every thread count up to the stage's on the first prompts at each batch
+    size, the fastest kept (`tune_ar_threads`). Returns the table (for the stage's metrics)."""
+    AR_THREADS.clear()
+    if setting == "auto":
+        prompts = [tokenizer(ex["prompt"])["input_ids"] for ex in examples[: max(batch_sizes)]]
+        AR_THREADS.update(tune_ar_threads(model, prompts, sorted(set(batch_sizes)), max_new_tokens))
+    else:
+        AR_THREADS.update({int(b): int(n) for b, n in (setting or {}).items()})
+    return dict(AR_THREADS)
+
+
+def tune_ar_threads(model, prompts: list[list[int]], batch_sizes: list[int], max_new_tokens: int,
+                    rounds: int = 3) -> dict[int, int]:
+    """`{batch size: threads}` where AR decoding of the first `batch size` prompts is fastest at
+    fewer threads than torch's current count (the median of `rounds` timed runs after a warm-up
+    at each count, 1..current). Sizes where the current count is fastest are left out."""
+    import torch
+
+    top = torch.get_num_threads()
+    out: dict[int, int] = {}
+    try:
+        for b in batch_sizes:
+            batch = (prompts * b)[:b]
+            best = (float("inf"), top)
+            for n in range(1, top + 1):
+                torch.set_num_threads(n)
+                with torch.inference_mode():
+                    times = [timed_generate(model, batch, mode="ar", max_new_tokens=max_new_tokens)[1]
+                             for _ in range(rounds + 1)][1:]
+                best = min(best, (statistics.median(times), -n))  # ties: more threads
+            if -best[1] != top:
+                out[b] = -best[1]
+    finally:
+        torch.set_num_threads(top)
+    return out
+
+
 def timed_generate(model, prompts, **kwargs) -> tuple[Any, float]:
     """`model.generate(prompts, **kwargs)` and its wall-clock seconds, every GPU the towers sit on
     synchronised (the towers may be placed on different devices: stages/placement.py); AR at the

@@ -23,7 +23,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from stages.api import Range, StageContext
 from stages.placement import check_reserved, devices_of
@@ -50,9 +50,10 @@ class Config:
     """Generation cap per prompt (decoding stops earlier at EOS)."""
     num_threads: Annotated[int, Range(0)] = 0
     """torch intra-op threads; 0 leaves torch's default."""
-    ar_threads: dict[int, Annotated[int, Range(1)]] = field(default_factory=dict)
+    ar_threads: dict[int, Annotated[int, Range(1)]] | Literal["auto"] = field(default_factory=dict)
     """Batch size -> torch threads AR decoding is timed with, where its best differs from
-    `num_threads` (e.g. `{1: 1}` on 2 CPU cores: a batch-1 AR step is faster on one thread). Every
+    `num_threads`; `auto`: measured at the stage's start (AR at every thread count up to
+    `num_threads` on the first prompts, the fastest kept; reported as `metrics.ar_threads`). Every
     mode is timed at its own best settings (`stages.batch_sweep.AR_THREADS`)."""
     max_interval_width: Annotated[float, Range(0, 1, low_open=True)] | None = None
     """Widest 95% interval of the chosen point's relative quality; when wider, the slice grows (null: fixed slice)."""
@@ -175,11 +176,11 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
         torch.set_num_threads(cfg.num_threads)
     from stages import batch_sweep
 
-    batch_sweep.AR_THREADS.clear()
-    batch_sweep.AR_THREADS.update({int(b): int(n) for b, n in cfg.ar_threads.items()})
     torch.manual_seed(ctx.seed)
     examples = de.load_examples(inputs["prepare_data"]["artifacts"]["eval_examples"], cfg.prompts_per_task)
     model, tokenizer = load_trained(inputs["train_denoiser"])
+    ar_threads = batch_sweep.set_ar_threads(cfg.ar_threads, model, tokenizer, examples, [1, *cfg.batch_sizes],
+                                            cfg.max_new_tokens)
     trained_b = int(inputs["train_denoiser"]["twotower"]["block_size"])
     too_big = [b for b in (cfg.block_sizes or []) if b > trained_b]
     if too_big:
@@ -243,7 +244,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
                "relative_quality_high": chosen["relative_quality_high"],
                "speedup": chosen["speedup"], "tokens_per_forward": chosen["tokens_per_forward"],
                "ar_quality": chosen["ar_quality"], "diffusion_quality": chosen["diffusion_quality"],
-               "target_met": 1.0 if met else 0.0, "n_prompts": len(examples)}
+               "target_met": 1.0 if met else 0.0, "n_prompts": len(examples), "ar_threads": ar_threads}
     if chosen.get("block_size"):
         metrics["block_size"] = chosen["block_size"]
     for row in sweep:  # flat, so MLflow shows them: speedup of each mode per batch size

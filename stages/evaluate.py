@@ -40,9 +40,10 @@ class Config:
     """Generation cap per prompt (decoding stops earlier at EOS)."""
     num_threads: Annotated[int, Range(0)] = 0
     """torch intra-op threads; 0 leaves torch's default."""
-    ar_threads: dict[int, Annotated[int, Range(1)]] = field(default_factory=dict)
+    ar_threads: dict[int, Annotated[int, Range(1)]] | Literal["auto"] = field(default_factory=dict)
     """Batch size -> torch threads AR decoding is timed with, where its best differs from
-    `num_threads` (e.g. `{1: 1}` on 2 CPU cores: a batch-1 AR step is faster on one thread). Every
+    `num_threads`; `auto`: measured at the stage's start (AR at every thread count up to
+    `num_threads` on the first prompts, the fastest kept; reported as `metrics.ar_threads`). Every
     mode is timed at its own best settings (`stages.batch_sweep.AR_THREADS`)."""
     suites: list[Suite] = field(default_factory=list)
     """Extra suites, each in AR and in diffusion at the calibrated γ: `humaneval` (stages/humaneval.py)."""
@@ -122,14 +123,14 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
         torch.set_num_threads(cfg.num_threads)
     from stages import batch_sweep
 
-    batch_sweep.AR_THREADS.clear()
-    batch_sweep.AR_THREADS.update({int(b): int(n) for b, n in cfg.ar_threads.items()})
     torch.manual_seed(ctx.seed)
     calib = inputs["calibrate_gamma"]
     gamma = float(calib["metrics"]["gamma"])
     setting = de.Setting(gamma, calib.get("block_size"))
     examples = _examples(inputs["prepare_data"]["artifacts"]["eval_examples"], cfg, calib, ctx)
     model, tokenizer = load_trained(inputs["train_denoiser"])
+    ar_threads = batch_sweep.set_ar_threads(cfg.ar_threads, model, tokenizer, examples, [1, *cfg.mode_batches],
+                                            cfg.max_new_tokens)
     de.reset_peak_memory()  # this stage's peak, not that of a stage that ran before in this worker
     rows = de.measure(model, tokenizer, examples, [setting], repeats=cfg.repeats,
                       max_new_tokens=cfg.max_new_tokens, progress=lambda d, t: ctx.progress(d, t, "evaluating"))
@@ -157,7 +158,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
         "tokens_per_model_forward": summ["tokens_per_model_forward"],
         "ar_tokens_per_second": summ["ar_tokens_per_second"],
         "diffusion_tokens_per_second": summ["diffusion_tokens_per_second"],
-        "n_prompts": len(examples), **memory,
+        "n_prompts": len(examples), **memory, "ar_threads": ar_threads,
     }
     artifacts = {"bar_chart": ctx.artifact_path("per_task.png"),
                  "evaluation": ctx.artifact_path("evaluation.json"),

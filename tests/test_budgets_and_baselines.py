@@ -126,3 +126,30 @@ def test_depth_targets_table_reads_the_pipelines_own_figures():
     table = bench.markdown([row], ["1", "4"])
     assert "| 4 | context_greedy | 300 | 512 | 42.0 | 0.70 | 2.50 | 0.910 [0.850, 0.970] |" in table
     assert table.splitlines()[-1].endswith("| 3.50 | 3.10 | 1.20 | 1.10 |")
+
+
+def test_auto_ar_threads_are_measured_and_applied():
+    """`ar_threads: auto` times AR at every thread count up to the current one and keeps a batch
+    size's fastest where it is not the current count; the table it fills is what AR runs at."""
+    import time as _time
+
+    rec = Recording()
+    tok = type("Tok", (), {"__call__": lambda self, text: {"input_ids": [3, 4, 5]}})()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    real_generate = rec.generate
+
+    def slow_on_two(prompts, **kwargs):  # batch 1 clearly fastest on 1 thread, batch 4 on 2
+        if (torch.get_num_threads(), len(prompts)) in ((2, 1), (1, 4)):
+            _time.sleep(0.05)
+        return real_generate(prompts, **kwargs)
+
+    rec.generate = slow_on_two
+    try:
+        table = batch_sweep.set_ar_threads("auto", rec, tok, [{"prompt": "x"}] * 4, [1, 4], max_new_tokens=3)
+        assert table == {1: 1} and batch_sweep.AR_THREADS == {1: 1}
+        assert torch.get_num_threads() == 2
+        assert batch_sweep.set_ar_threads({"4": 1}, rec, tok, [], [1], 3) == {4: 1}
+    finally:
+        batch_sweep.AR_THREADS.clear()
+        torch.set_num_threads(before)
