@@ -245,8 +245,9 @@ def generate(
     position reaches γ (the forced one-per-step commits of an unsure denoiser are the ones
     verification rejects, at a forward each); "prefix" drafts as "confident" and verifies only up
     to each row's first guess (a position committed below γ), a shorter verification forward when
-    the denoiser is unsure; k >= 1 runs at most k steps (1: one denoiser step, then verify). What is still masked when a row stops takes that step's argmax. auto_modes (`auto` only): batch size -> mode, default
-    `model.auto_modes` (read from the export's generation_config.json); `mode` of the result
+    the denoiser is unsure; k >= 1 runs at most k steps (1: one denoiser step, then verify). What
+    is still masked when a row stops takes that step's argmax. auto_modes (`auto` only): batch
+    size -> mode, default `model.auto_modes` (read from the export's generation_config.json); `mode` of the result
     says which mode ran."""
     cfg = model.tt_config
     B = block_size or cfg.block_size
@@ -384,8 +385,8 @@ def _denoise_block(model, block, rows, gamma, eos, pad, den_dev, tally, steps, d
         probs = torch.softmax(_prediction_logits(logits, cfg.token_shift).double(), dim=-1)  # float64
         conf, tok = probs.max(-1)
         conf = conf.masked_fill(~lm, -1.0)
-        commit = lm & (conf >= gamma)
         confident = lm & (conf >= gamma)
+        commit = confident.clone()
         if draft in ("confident", "prefix"):  # a row with nothing at γ stops here: its draft is the argmax
             commit |= lm & ~commit.any(1, keepdim=True)
         best = conf.argmax(1)
