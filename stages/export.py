@@ -116,7 +116,9 @@ def denoiser_lines(train: dict) -> list[str]:
              f"| depth | {depth} |",
              f"| targets | {tt.get('targets', 'data')} |",
              f"| embedding and LM head | {'shared with the context tower (frozen)' if tt.get('share_embeddings') else 'own copy (trained)'} |"]
-    for key, label in (("denoiser_params", "parameters"), ("steps", "training steps"),
+    for key, label in (("denoiser_params", "parameters"),
+                       ("denoiser_forward_weights_vs_context", "weights read per denoiser forward / per context forward"),
+                       ("steps", "training steps"),
                        ("tokens_per_second", "training tokens / s"), ("train_minutes", "training minutes (wall)"),
                        ("budget", "what ended training")):
         if key in tm:

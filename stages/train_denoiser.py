@@ -171,10 +171,17 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     save_denoiser(module.model, out / "denoiser.safetensors")
     tokens = steps * cfg.batch_size * cfg.grad_accum * row_len * world.num_workers
     metrics_layout = {"train_rows": n_rows, "row_len": row_len}
-    den = module.model.denoiser
+    from twotower.sizing import params_read_per_forward
+
+    den, context = module.model.denoiser, module.model.context_tower
+    embedding = context.get_input_embeddings()
     sizes = {"denoiser_layers": len(module.model.denoiser_layers),
              "denoiser_params": sum(p.numel() for p in den.parameters()),
-             "denoiser_trainable_params": sum(p.numel() for p in den.parameters() if p.requires_grad)}
+             "denoiser_trainable_params": sum(p.numel() for p in den.parameters() if p.requires_grad),
+             # weights one denoiser forward reads, over one context-tower forward's: the depth's cost
+             # per forward where decoding is bound by weight traffic (batch 1)
+             "denoiser_forward_weights_vs_context": params_read_per_forward(den, den.backbone.get_input_embeddings())
+             / max(1, params_read_per_forward(context, embedding))}
     metrics = {"steps": steps, "budget": budget_note(cfg, steps), **timing, **sizes, "world_size": world.world_size, "gpus": world.gpus,
                "micro_batch": world.micro_batch, "tokens_per_step": world.tokens_per_step,
                "tokens_per_second": tokens / max(seconds, 1e-9),

@@ -286,3 +286,18 @@ def test_prefix_cut_keeps_each_rows_first_guess():
     assert torch.equal(_through_first_guess(block, sure, drafting), block[:, :4])
     assert _through_first_guess(block, torch.ones_like(sure), torch.tensor([True, False, False])).shape[1] == 8
     assert _through_first_guess(block, sure, torch.tensor([False, False, False])).shape[1] == 1
+
+
+def test_params_read_per_forward_counts_a_tied_head_once_and_no_embedding_table():
+    from twotower.sizing import params_read_per_forward
+
+    full = tiny_twotower("llama")
+    shallow = tiny_twotower("llama", denoiser_layers=[1], share_embeddings=True)
+    ctx = full.context_tower
+    emb = ctx.get_input_embeddings()
+    n_emb = emb.weight.numel()
+    total = sum(p.numel() for p in ctx.parameters())  # tied: the table is the head, counted once
+    assert params_read_per_forward(ctx, emb) == total  # the tied head is read whole
+    den_full = params_read_per_forward(full.denoiser, full.denoiser.backbone.get_input_embeddings())
+    den_shallow = params_read_per_forward(shallow.denoiser, shallow.denoiser.backbone.get_input_embeddings())
+    assert den_shallow < den_full and den_full > total - n_emb

@@ -348,6 +348,17 @@ class TrainShape:
     """Diffusion block size B."""
 
 
+def params_read_per_forward(module: nn.Module, embedding: nn.Module | None) -> int:
+    """Parameters one forward of `module` reads in full: everything but the input embedding table,
+    of which a forward reads only its tokens' rows (a tied LM head still counts: it is read whole)."""
+    table = {id(p) for p in embedding.parameters()} if embedding is not None else set()
+    head = set()
+    for m in module.modules():
+        if isinstance(m, nn.Linear) and any(id(p) in table for p in m.parameters()):
+            head |= {id(p) for p in m.parameters()}
+    return sum(p.numel() for p in module.parameters() if id(p) not in table or id(p) in head)
+
+
 def shallow_counts(counts: ParamCounts, fraction: float, new_params: int = 0) -> ParamCounts:
     """A denoiser tower's counts when it keeps `fraction` of the backbone's layer parameters
     (`twotower.denoiser_layers`): embeddings and LM head whole, the layers' dense and routed
