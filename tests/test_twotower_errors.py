@@ -56,7 +56,7 @@ def model():
 
 @pytest.mark.parametrize("draft", [0, -1, 1.5, "greedy", None, True])
 def test_draft_policy_must_be_named_or_a_positive_int(model, draft):
-    with pytest.raises(ValueError, match=r"draft must be one of \('full', 'confident'\) or an int >= 1"):
+    with pytest.raises(ValueError, match=r"draft must be one of \('full', 'confident', 'prefix'\) or an int >= 1"):
         model.generate(torch.tensor([[5, 6, 7]]), mode="verified", draft=draft, max_new_tokens=4)
 
 
