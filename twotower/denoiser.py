@@ -27,7 +27,7 @@ from adapters import Adapter
 from twotower.cache import TowerCache
 from twotower.config import TwoTowerConfig
 from twotower.ops import attention, block_training_mask, mamba2_mixer, window_mask
-from twotower.walk import Walk, positions_for, sublayer_step
+from twotower.walk import Walk, layer_container, positions_for, sublayer_step
 
 
 CROSS_ATTENTION_HEAD_DIM = 32
@@ -200,19 +200,6 @@ class DenoiserTower(nn.Module):
         for sub in self.walk.subs:
             h = sublayer_step(self.walk, sub, h, mixing, positions, None if mod is None else mod[sub.index], cross)
         return self.walk.logits(self.adapter.final_norm(self.backbone)(h))
-
-
-def layer_container(model: nn.Module, subs: list) -> nn.ModuleList:
-    """The `nn.ModuleList` of `model`'s decoder layers (entry l holds the modules of every sublayer
-    with `layer == l`), found by structure so that it works for every adapter's layout."""
-    n = 1 + max(sub.layer for sub in subs)
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            inside = [{id(m) for m in layer.modules()} for layer in module]
-            if all(id(sub.mixer) in inside[sub.layer] for sub in subs):
-                return module
-    raise ValueError(f"twotower.denoiser_layers: cannot find the {n} decoder layers of {type(model).__name__} "
-                     "as one nn.ModuleList (the adapter's sublayers name their layers)")
 
 
 class BlockMixing:

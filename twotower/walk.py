@@ -201,3 +201,16 @@ def rollback_states(rollback: dict, upto: torch.Tensor) -> tuple[dict[int, torch
         conv[i] = xbc.unfold(-1, width, 1)[here, :, upto.to(xbc.device)]  # the K-1 inputs ending at `upto`
         ssm[i] = ssd_state_at(points, upto)
     return conv, ssm
+
+
+def layer_container(model: nn.Module, subs: list) -> nn.ModuleList:
+    """The `nn.ModuleList` of `model`'s decoder layers (entry l holds the modules of every sublayer
+    with `layer == l`), found by structure so that it works for every adapter's layout."""
+    n = 1 + max(sub.layer for sub in subs)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            inside = [{id(m) for m in layer.modules()} for layer in module]
+            if all(id(sub.mixer) in inside[sub.layer] for sub in subs):
+                return module
+    raise ValueError(f"twotower.denoiser_layers: cannot find the {n} decoder layers of {type(model).__name__} "
+                     "as one nn.ModuleList (the adapter's sublayers name their layers)")
