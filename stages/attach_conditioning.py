@@ -57,7 +57,7 @@ def check(sections: dict) -> None:
 
 
 def check_denoiser_layers(sections: dict) -> None:
-    """`twotower.denoiser_layers` against the backbone's layer count, at config time, when the
+    """`twotower.denoiser_layers` (and `fused_layers` with `fused_kv`) against the backbone's layer count, at config time, when the
     backbone's config is readable offline without weights (a local checkpoint or a config shipped
     under recipes/backbones/, and no `random_init` reshaping it); otherwise the stage checks it
     when it builds the towers. ValueError naming the key and the layer count."""
@@ -65,10 +65,12 @@ def check_denoiser_layers(sections: dict) -> None:
 
     from stages.backbone_configs import backbone_config_file
 
-    layers = (sections.get("twotower") or {}).get("denoiser_layers")
+    tt = sections.get("twotower") or {}
+    layers = tt.get("denoiser_layers")
+    fused = tt.get("fused_layers", 4) if tt.get("attention_conditioning") == "fused_kv" else None
     backbone = sections.get("backbone") or {}
     name = backbone.get("name_or_path")
-    if layers is None or not name or backbone.get("random_init"):
+    if (layers is None and fused is None) or not name or backbone.get("random_init"):
         return
     found = backbone_config_file(str(name))
     n = json.loads(found.read_text()).get("num_hidden_layers") if found else None
@@ -76,6 +78,8 @@ def check_denoiser_layers(sections: dict) -> None:
         from twotower.config import TwoTowerConfig
 
         TwoTowerConfig(denoiser_layers=layers).kept_layers(n)
+        if fused is not None:
+            TwoTowerConfig(fused_layers=fused).fused_context_layers(n)
 
 
 def probe_ids(vocab_size: int, block_size: int, seed: int, n_blocks: int = 3):
@@ -107,13 +111,13 @@ def run(cfg, inputs: dict[str, dict], ctx: StageContext) -> dict:
                          + ", ".join(report["violations"][:10]))
     new = sizing.new_parameters_by_kind(model.denoiser, backbone)
     delta = None
-    if model.full_depth:  # every layer kept: at zero init the denoiser computes the backbone
+    if model.full_depth and cfg.attention_conditioning != "fused_kv":  # at zero init it computes the backbone
         delta = float(checks.zero_init_identity(model, probe_ids(backbone.config.vocab_size, cfg.block_size, ctx.seed)))
         tol = IDENTITY_TOLERANCE.get(dtype, 1e-4)
         if not delta <= tol:
             raise ValueError(f"zero-init identity failed: max |Δ| = {delta:.3g} > {tol:g} between the denoiser's "
                              f"logits and the context tower's with twotower={asdict(cfg)}")
-    else:  # a shallow denoiser: its kept layers must start as the backbone's own
+    else:  # shallow or fused context keys: no backbone computation to equal, its kept layers start as the backbone's
         bad = checks.kept_layers_match(model, backbone)
         if bad:
             raise ValueError(f"twotower.denoiser_layers={cfg.denoiser_layers}: the denoiser's copy differs from "

@@ -217,7 +217,7 @@ def test_drop_last_equals_the_cache_of_the_kept_prefix(name):
         block[1, 2] = walk.logits(h[:, -1]).argmax(-1)
         block[1, 3] = (walk.logits(h[:, -1]).argmax(-1) + 1) % VOCAB  # a wrong draft after a right one
         rows = _Rows(torch.arange(3), greedy, cache, [[] for _ in range(3)])
-        kept = _verify_block(model, block, rows, False, _Tally(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)), None)
+        kept = _verify_block(model, block, rows, model.context_options(), _Tally(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)), None)
         assert int(kept[1]) >= 3 and len(set(kept.tolist())) > 1
         got, _ = context_forward(walk, nxt, rows.cache, chunk=B)
         for r in range(3):

@@ -33,6 +33,12 @@ class TowerCache:
     """sublayer index -> `[N, H, P, S]` float32."""
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     """sublayer index -> `[N, T, d]` input hidden states (only with cross_attention)."""
+    fused_keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Denoiser attention sublayer index -> `[N, Hkv, T, hd]`: the keys that sublayer's own
+    projections make of the fused context feature (only with attention_conditioning=fused_kv;
+    they depend on denoiser weights, so the tower's forward gets them from `ContextFeatures`)."""
+    fused_values: dict[int, torch.Tensor] = field(default_factory=dict)
+    """As `fused_keys`, the values."""
 
     @classmethod
     def empty(cls, batch: int, device) -> "TowerCache":
@@ -52,7 +58,7 @@ class TowerCache:
 
         return TowerCache(
             fn(self.valid), fn(self.next_pos), fn(self.positions), each(self.keys), each(self.values),
-            each(self.conv), each(self.ssm), each(self.hidden),
+            each(self.conv), each(self.ssm), each(self.hidden), each(self.fused_keys), each(self.fused_values),
         )
 
     def to(self, device) -> "TowerCache":
@@ -78,12 +84,13 @@ class TowerCache:
             self.valid[:, cols], self.next_pos, self.positions[:, cols],
             {i: k[:, :, cols] for i, k in self.keys.items()}, {i: v[:, :, cols] for i, v in self.values.items()},
             dict(self.conv), dict(self.ssm), {i: h[:, cols] for i, h in self.hidden.items()},
+            {i: k[:, :, cols] for i, k in self.fused_keys.items()}, {i: v[:, :, cols] for i, v in self.fused_values.items()},
         )
 
     def drop_last(self, drop: torch.Tensor, conv: dict[int, torch.Tensor], ssm: dict[int, torch.Tensor]) -> "TowerCache":
         """Roll each row back by `drop[i]` `[N]` positions (the rejected tail of a verified draft).
 
-        Keys, values, hidden states, positions and validity lose their last `drop[i]` columns; rows
+        Keys, values (the fused ones too), hidden states, positions and validity lose their last `drop[i]` columns; rows
         stay right-aligned (a row that drops fewer than another keeps its columns, the others gain
         invalid left pads, which attention never sees), and the width shrinks by `min(drop)`.
         Mamba-2 states summarise the whole prefix, so they cannot be cut: the caller passes each
@@ -94,7 +101,8 @@ class TowerCache:
         next_pos = self.next_pos - drop
         if not bool(shift.any()):  # every row drops the same: a slice, no copy
             cut = self._columns(slice(0, width))
-            return TowerCache(cut.valid, next_pos, cut.positions, cut.keys, cut.values, conv, ssm, cut.hidden)
+            return TowerCache(cut.valid, next_pos, cut.positions, cut.keys, cut.values, conv, ssm, cut.hidden,
+                              cut.fused_keys, cut.fused_values)
         src = torch.arange(width, device=drop.device)[None] - shift[:, None]  # [N, width]
         pads = src < 0
         src = src.clamp(min=0)
@@ -109,4 +117,5 @@ class TowerCache:
             along(self.valid, 1) & ~pads, next_pos, along(self.positions, 1),
             {i: along(k, 2) for i, k in self.keys.items()}, {i: along(v, 2) for i, v in self.values.items()},
             conv, ssm, {i: along(h, 1) for i, h in self.hidden.items()},
+            {i: along(k, 2) for i, k in self.fused_keys.items()}, {i: along(v, 2) for i, v in self.fused_values.items()},
         )

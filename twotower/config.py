@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 CHOICES = {
-    "attention_conditioning": ("context_kv", "none"),
+    "attention_conditioning": ("context_kv", "fused_kv", "none"),
     "mamba_conditioning": ("seeded_state", "zero_state"),
     "time_conditioning": ("adaln", "none"),
     "loss_weighting": ("uniform", "elbo"),
@@ -28,7 +28,11 @@ class TwoTowerConfig:
     denoiser (the vocabulary and LM head stay unchanged)."""
     attention_conditioning: str = "context_kv"
     """Attention layers: `context_kv` = layer-aligned attention to the context tower's own layer-l
-    keys/values before the block (zero new parameters); `none` = block-local attention only."""
+    keys/values before the block (zero new parameters); `fused_kv` = DFlash-style: the outputs of
+    the context layers `fused_layers` are concatenated, projected to one feature per context
+    position (`ContextFusion`) and every denoiser attention layer reads keys/values that its *own*
+    trainable projections make of that feature (no zero-init identity: the fusion is new);
+    `none` = block-local attention only."""
     mamba_conditioning: str = "seeded_state"
     """Mamba-2 layers: `seeded_state` starts each block's scan from the context tower's SSM and conv
     state at the block start; `zero_state` starts from zeros (ablation)."""
@@ -92,6 +96,13 @@ class TwoTowerConfig:
     draws pay for the context forward (and the teacher's) once instead of K times: the lever that
     makes a training step cost mostly the denoiser when the denoiser is shallow and the frozen
     forward is most of a step (docs/model.md, "Denoiser depth")."""
+    fused_layers: int | list[int] = 4
+    """With attention_conditioning=fused_kv: the context tower layers whose outputs (the residual
+    stream after the layer) are fused, an int k = k layers evenly spaced from the first to the last
+    (k=1: the last layer's output, the hidden state the backbone's LM head reads; every layer of a
+    backbone with fewer than k), or a list of layer indices. Deep layers carry what the backbone is about to predict, shallow ones the
+    tokens themselves (DFlash fuses 5 of Qwen3-8B's 36 layers, EAGLE-3 a low, a middle and a high
+    one)."""
     router_dtype: str = "float32"
     """Precision of MoE routing. Recorded and validated: the Nemotron-H router computes its logits
     in float32 whatever the model dtype (so training and decoding route alike); wider is not wired."""
@@ -114,21 +125,11 @@ class TwoTowerConfig:
         if self.targets != "data" and not self.token_shift:
             raise ValueError(f"twotower.targets={self.targets!r} needs token_shift=true: the context tower "
                              "predicts position p from p-1, which a block's first position does not have")
-        layers = self.denoiser_layers
-        if isinstance(layers, bool) or not (layers is None or isinstance(layers, int) or (
-                isinstance(layers, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in layers))):
-            raise ValueError("twotower.denoiser_layers must be null (every layer), an integer k >= 1 or a "
-                             f"list of layer indices, got {layers!r}")
-        if isinstance(layers, int) and layers < 1:
-            raise ValueError(f"twotower.denoiser_layers must be >= 1 (a denoiser of {layers} layers has "
-                             "nothing to run); null keeps every layer")
-        if isinstance(layers, (list, tuple)):
-            if not layers:
-                raise ValueError("twotower.denoiser_layers is an empty list: name at least one layer (null keeps every layer)")
-            if any(x < 0 for x in layers) or list(layers) != sorted(set(layers)):
-                raise ValueError(f"twotower.denoiser_layers={list(layers)}: layer indices must be >= 0, "
-                                 "ascending and distinct")
-            self.denoiser_layers = list(layers)
+        self.denoiser_layers = _layer_choice("denoiser_layers", self.denoiser_layers, "null (every layer), ",
+                                             "; null keeps every layer")
+        if self.fused_layers is None:
+            raise ValueError("twotower.fused_layers must be an integer k >= 1 or a list of layer indices, got None")
+        self.fused_layers = _layer_choice("fused_layers", self.fused_layers, "", "")
         if not 0.0 <= self.suffix_mask_prob <= 1.0:
             raise ValueError(f"twotower.suffix_mask_prob must be in [0, 1], got {self.suffix_mask_prob!r}")
 
@@ -136,20 +137,13 @@ class TwoTowerConfig:
         """The backbone layer indices the denoiser keeps, for a backbone of `n_layers` layers
         (ValueError naming `twotower.denoiser_layers` when a listed layer does not exist or k is
         larger than the backbone)."""
-        layers = self.denoiser_layers
-        if layers is None:
-            return list(range(n_layers))
-        if isinstance(layers, int):
-            if layers > n_layers:
-                raise ValueError(f"twotower.denoiser_layers={layers}: the backbone has only {n_layers} layers")
-            if layers == 1:
-                return [n_layers - 1]
-            return sorted({round(i * (n_layers - 1) / (layers - 1)) for i in range(layers)})
-        missing = [x for x in layers if x >= n_layers]
-        if missing:
-            raise ValueError(f"twotower.denoiser_layers names layer(s) {missing}, but the backbone has "
-                             f"{n_layers} layers (0..{n_layers - 1})")
-        return list(layers)
+        return _resolve_layers("denoiser_layers", self.denoiser_layers, n_layers)
+
+    def fused_context_layers(self, n_layers: int) -> list[int]:
+        """The context layers whose outputs `fused_kv` fuses (ValueError naming `twotower.fused_layers`
+        for a listed layer the backbone lacks)."""
+        k = self.fused_layers
+        return _resolve_layers("fused_layers", min(k, n_layers) if isinstance(k, int) else k, n_layers)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -161,6 +155,41 @@ class TwoTowerConfig:
         if unknown:
             raise ValueError(f"unknown twotower config keys: {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
+
+
+def _layer_choice(key: str, layers, null: str, hint: str):
+    """A `denoiser_layers`-style value checked: None (where `null` says it is allowed), an int
+    k >= 1 or an ascending list of distinct layer indices >= 0 (returned as a list)."""
+    if isinstance(layers, bool) or not (layers is None or isinstance(layers, int) or (
+            isinstance(layers, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in layers))):
+        raise ValueError(f"twotower.{key} must be {null}an integer k >= 1 or a list of layer indices, got {layers!r}")
+    if isinstance(layers, int) and layers < 1:
+        raise ValueError(f"twotower.{key} must be >= 1 (a choice of {layers} layers has nothing in it){hint}")
+    if isinstance(layers, (list, tuple)):
+        if not layers:
+            raise ValueError(f"twotower.{key} is an empty list: name at least one layer{hint}")
+        if any(x < 0 for x in layers) or list(layers) != sorted(set(layers)):
+            raise ValueError(f"twotower.{key}={list(layers)}: layer indices must be >= 0, ascending and distinct")
+        return list(layers)
+    return layers
+
+
+def _resolve_layers(key: str, layers, n_layers: int) -> list[int]:
+    """The layer indices a checked choice names for a backbone of `n_layers` layers: None = all,
+    k = k evenly spaced from the first to the last (k=1: the last), a list = itself."""
+    if layers is None:
+        return list(range(n_layers))
+    if isinstance(layers, int):
+        if layers > n_layers:
+            raise ValueError(f"twotower.{key}={layers}: the backbone has only {n_layers} layers")
+        if layers == 1:
+            return [n_layers - 1]
+        return sorted({round(i * (n_layers - 1) / (layers - 1)) for i in range(layers)})
+    missing = [x for x in layers if x >= n_layers]
+    if missing:
+        raise ValueError(f"twotower.{key} names layer(s) {missing}, but the backbone has "
+                         f"{n_layers} layers (0..{n_layers - 1})")
+    return list(layers)
 
 
 def __getattr__(name: str):

@@ -7,7 +7,10 @@ The new modules (all zero-init so step 0 computes exactly what the backbone comp
 - AdaLN-zero: sinusoidal t -> MLP -> per-sublayer shift, scale and residual gate, applied as
   `norm(h)·(1+scale)+shift` and `h + (1+gate)·mixer(...)`;
 - optional `cross_attn`: zero-gated attention from the block to the context tower's layer-l input
-  hidden states before the block.
+  hidden states before the block;
+- with `attention_conditioning=fused_kv`, `fusion` (`ContextFusion`): the outputs of a few context
+  layers, concatenated and projected to one feature per context position, from which every
+  denoiser attention sublayer makes its context keys/values with its own projections (DFlash).
 
 How a block sees the context is a `BlockContext` (`TrainingContext` from the clean sequence,
 `DecodeContext` from the context tower's cache); each residual step is `twotower.walk.sublayer_step`,
@@ -71,12 +74,58 @@ class CrossAttention(nn.Module):
         return self.o(attention(q, k, v, mask, q.shape[-1] ** -0.5)) * self.gate
 
 
+class ContextFusion(nn.Module):
+    """DFlash's target-feature fusion: the outputs of `layers` context layers at each position,
+    concatenated `[.., k·d]`, projected to `[.., d]` and RMS-normalised. The projection starts as
+    the mean of the layers (each one's block is identity/k) rather than random, so step 0 already
+    hands every denoiser attention layer a feature in the residual stream's own basis, which its
+    (copied) key/value projections can read; the norm keeps the deep layers' large activations
+    from swamping the shallow ones' once training reweights them."""
+
+    def __init__(self, d: int, layers: list[int], dtype):
+        super().__init__()
+        self.layers = frozenset(layers)
+        k = len(layers)
+        self.proj = nn.Linear(k * d, d, bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.eye(d).repeat(1, k) / k)
+        self.norm_weight = nn.Parameter(torch.ones(d))
+        self.to(dtype)
+
+    def forward(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        x = self.proj(torch.cat(outputs, dim=-1)).float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (x * self.norm_weight.float()).to(self.proj.weight.dtype)
+
+
+class FusedContextFeatures:
+    """`twotower.walk.ContextFeatures` of a `fused_kv` denoiser: context layer outputs -> the
+    fused feature -> each denoiser attention sublayer's keys/values (its own projections, its
+    positional encoding at the context positions, no AdaLN: the context is clean)."""
+
+    def __init__(self, den: "DenoiserTower"):
+        self.den = den
+        self.layers = den.fusion.layers
+
+    def __call__(self, outputs, positions):
+        den = self.den
+        x = den.fusion(outputs)
+        out = {}
+        for sub in den.walk.subs:
+            if sub.kind == "attention":
+                _, k, v = den.adapter.qkv(den.backbone, sub, x, positions)
+                out[sub.index] = (k, v)
+        return out
+
+
 class DenoiserTower(nn.Module):
     """The trainable tower: `backbone` (a copy of the HF model, same state-dict keys) + new modules."""
 
-    def __init__(self, backbone: nn.Module, adapter: Adapter, cfg: TwoTowerConfig, subs: list | None = None):
+    def __init__(self, backbone: nn.Module, adapter: Adapter, cfg: TwoTowerConfig, subs: list | None = None,
+                 n_layers: int | None = None):
         """backbone: the denoiser's own copy; subs: its sublayers (default: every sublayer of
-        `backbone`; `from_backbone` passes only those of the kept layers, `denoiser_layers`)."""
+        `backbone`; `from_backbone` passes only those of the kept layers, `denoiser_layers`);
+        n_layers: the context tower's layer count (default: that of `subs`)."""
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
@@ -104,6 +153,9 @@ class DenoiserTower(nn.Module):
         if cfg.cross_attention:
             heads = max(1, d // CROSS_ATTENTION_HEAD_DIM)
             self.cross_attn = nn.ModuleList(CrossAttention(d, heads) for _ in range(n_sub)).to(emb.dtype)
+        if cfg.attention_conditioning == "fused_kv":
+            n_layers = n_layers or 1 + max(sub.layer for sub in self.walk.subs)
+            self.fusion = ContextFusion(d, cfg.fused_context_layers(n_layers), emb.dtype)
         if cfg.context_position_keys:
             self.context_key_pos = nn.ParameterDict({
                 str(sub.index): nn.Parameter(torch.zeros(2, cfg.context_position_keys, *self._kv_shape(sub), dtype=emb.dtype))
@@ -132,9 +184,10 @@ class DenoiserTower(nn.Module):
         dropped layers are never copied (each becomes an empty placeholder module in the copy's
         layer list, so the kept ones keep the backbone's state-dict keys)."""
         subs = adapter.sublayers(backbone)
-        kept = set(cfg.kept_layers(1 + max(sub.layer for sub in subs)))
+        n_layers = 1 + max(sub.layer for sub in subs)
+        kept = set(cfg.kept_layers(n_layers))
         memo: dict = {}
-        if len(kept) <= max(sub.layer for sub in subs):
+        if len(kept) < n_layers:
             container = layer_container(backbone, subs)
             for layer, module in enumerate(container):
                 if layer not in kept:
@@ -147,7 +200,12 @@ class DenoiserTower(nn.Module):
         copy_.requires_grad_(True)  # deepcopy of a frozen tower keeps requires_grad=False
         for module in shared:
             module.requires_grad_(False)
-        return cls(copy_, adapter, cfg, kept_subs)
+        return cls(copy_, adapter, cfg, kept_subs, n_layers)
+
+    def context_features(self) -> FusedContextFeatures | None:
+        """What every context forward must compute for this denoiser (`context_forward(features=)`):
+        the fused keys/values with `fused_kv`, else None."""
+        return FusedContextFeatures(self) if self.cfg.attention_conditioning == "fused_kv" else None
 
     def modulation(self, t: torch.Tensor) -> torch.Tensor | None:
         """t `[N]` -> `[N, n_sub, 3, d]` (shift, scale, gate), or None without AdaLN."""
@@ -249,6 +307,18 @@ class BlockContext(Protocol):
         ...
 
 
+def context_keys(cache: TowerCache, cfg: TwoTowerConfig, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The context keys/values attention sublayer i of the denoiser reads: the context tower's own
+    (`context_kv`) or the fused ones (`fused_kv`); a clear error when the cache lacks them (a
+    context forward run without the denoiser's `context_features`)."""
+    fused = cfg.attention_conditioning == "fused_kv"
+    keys, values = (cache.fused_keys, cache.fused_values) if fused else (cache.keys, cache.values)
+    if i not in keys:
+        raise ValueError(f"the context cache has no {'fused ' if fused else ''}keys for sublayer {i}"
+                         + (": run context_forward with features=model.denoiser.context_features()" if fused else ""))
+    return keys[i], values[i]
+
+
 def key_positions(valid: torch.Tensor) -> torch.Tensor:
     """Position ids of cached keys `[N, T]` from their validity, numbered as decoding numbers them
     (a left pad gets the next real token's)."""
@@ -340,24 +410,25 @@ class TrainingContext:
         return clipped_key_index(pos[self.rows, self.ks * self.B], pos[self.rows, : self.span], rows)
 
     def attend(self, sub, q, k, v, scale, key_shift=None):
-        i, context_kv = sub.index, self.cfg.attention_conditioning == "context_kv"
+        i, context_kv = sub.index, self.cfg.attention_conditioning != "none"
+        keys, values = context_keys(self.cache, self.cfg, i) if context_kv else (None, None)
         if self.sequence_layout and key_shift is None:
             q, k, v = self._to_seq(q), self._to_seq(k), self._to_seq(v)
             mask = self._sequence_mask(sub.window)
             if context_kv:
-                k = torch.cat([self.cache.keys[i].to(k.dtype), k], dim=2)
-                v = torch.cat([self.cache.values[i].to(v.dtype), v], dim=2)
+                k = torch.cat([keys.to(k.dtype), k], dim=2)
+                v = torch.cat([values.to(v.dtype), v], dim=2)
             else:
                 mask = mask[..., self.L:]
             return attention(q, k, v, mask, scale, sub.logit_softcap).view(self.b * self.n, self.B, -1)
         ctx_mask, own_mask = self._block_masks(sub.window)
         span = self.span
         if context_kv and span:
-            ctx_k = self.cache.keys[i][self.rows, :, :span]
+            ctx_k = keys[self.rows, :, :span]
             if key_shift is not None:
                 ctx_k = ctx_k + key_shift
             k = torch.cat([ctx_k.to(k.dtype), k], dim=2)
-            v = torch.cat([self.cache.values[i][self.rows, :, :span].to(v.dtype), v], dim=2)
+            v = torch.cat([values[self.rows, :, :span].to(v.dtype), v], dim=2)
             mask = torch.cat([ctx_mask, own_mask], dim=-1)
         else:
             mask = own_mask
@@ -415,10 +486,11 @@ class DecodeContext:
 
     def attend(self, sub, q, k, v, scale, key_shift=None):
         i, mask = sub.index, self._mask(sub.window)
-        if self.cfg.attention_conditioning == "context_kv" and i in self.cache.keys:
-            ctx_k = self.cache.keys[i] if key_shift is None else self.cache.keys[i] + key_shift
+        if self.cfg.attention_conditioning != "none" and self.cache.length:
+            keys, values = context_keys(self.cache, self.cfg, i)
+            ctx_k = keys if key_shift is None else keys + key_shift
             k = torch.cat([ctx_k.to(k.dtype), k], dim=2)
-            v = torch.cat([self.cache.values[i].to(v.dtype), v], dim=2)
+            v = torch.cat([values.to(v.dtype), v], dim=2)
         else:
             mask = mask[..., self.cache.length:]
         return attention(q, k, v, mask, scale, sub.logit_softcap)

@@ -279,10 +279,9 @@ def generate(
                          f"max_position_embeddings={limit}")
     walk = model.context_walk
     b = ids.shape[0]
-    keep_hidden = cfg.cross_attention
+    ctx_options = model.context_options() if mode != "ar" else {"keep_hidden": False}
     tally = _Tally(torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long))
-    hidden, cache = context_forward(walk, ids, TowerCache.empty(b, ctx_dev), valid=valid, chunk=B,
-                                    keep_hidden=keep_hidden)
+    hidden, cache = context_forward(walk, ids, TowerCache.empty(b, ctx_dev), valid=valid, chunk=B, **ctx_options)
     rows = _Rows(torch.arange(b, device=ctx_dev), walk.logits(hidden[:, -1]).argmax(-1), cache,
                  [[] for _ in range(b)])
     tally.count("ctx", rows.index)
@@ -290,8 +289,7 @@ def generate(
 
     if mode == "ar":
         while rows.keep(~rows.emit([[t] for t in rows.first.tolist()], eos_token_id, max_new_tokens)):
-            hidden, rows.cache = context_forward(walk, rows.first[:, None], rows.cache, chunk=B,
-                                                 keep_hidden=keep_hidden)
+            hidden, rows.cache = context_forward(walk, rows.first[:, None], rows.cache, chunk=B, **ctx_options)
             tally.count("ctx", rows.index)
             rows.first = walk.logits(hidden[:, -1]).argmax(-1)
     else:
@@ -307,7 +305,7 @@ def generate(
             steps: list | None = [] if trace is not None else None
             drafting = rows.pause == 0
             if mode == "mock_ar":
-                block = _mock_ar_block(model, block, rows, B, keep_hidden, tally)
+                block = _mock_ar_block(model, block, rows, B, tally)
             elif mode == "diffusion" or bool(drafting.any()):
                 block, sure = _denoise_block(model, block, rows, gamma, eos_token_id, pad, den_dev, tally, steps,
                                              draft=draft if mode == "verified" else None,
@@ -322,7 +320,7 @@ def generate(
                                   "masked": [[False]] * block.shape[0]})
             if mode == "verified":
                 block = _through_eos(block, eos_token_id)
-                accepted = _verify_block(model, block, rows, keep_hidden, tally, steps)
+                accepted = _verify_block(model, block, rows, ctx_options, tally, steps)
                 rows.after_verify(drafting, accepted)
                 tokens = [r[:a] for r, a in zip(block.tolist(), accepted.tolist())]
             else:
@@ -333,7 +331,7 @@ def generate(
             if not rows.keep(alive):
                 break
             if mode != "verified":  # commit the block: one context forward, the next block's first token
-                hidden, rows.cache = context_forward(walk, block[alive], rows.cache, chunk=B, keep_hidden=keep_hidden)
+                hidden, rows.cache = context_forward(walk, block[alive], rows.cache, chunk=B, **ctx_options)
                 tally.count("ctx", rows.index)
                 rows.first = walk.logits(hidden[:, -1]).argmax(-1)
 
@@ -433,14 +431,14 @@ def _through_eos(block: torch.Tensor, eos: int | None) -> torch.Tensor:
     return block[:, : int(need.max())]
 
 
-def _verify_block(model, block, rows, keep_hidden, tally, steps) -> torch.Tensor:
+def _verify_block(model, block, rows, ctx_options, tally, steps) -> torch.Tensor:
     """The block commit as verification: keep each row's longest draft prefix equal to the context
     tower's greedy tokens (position 0, the context tower's own token, always), roll the cache back
     to it and set `rows.first` to the context tower's token after it. Returns `[n]` tokens kept."""
     walk = model.context_walk
     B = block.shape[1]
     rollback: dict = {}  # Mamba-2: what gives each sublayer's states at any accepted length
-    hidden, extended = context_forward(walk, block, rows.cache, chunk=B, rollback=rollback, keep_hidden=keep_hidden)
+    hidden, extended = context_forward(walk, block, rows.cache, chunk=B, rollback=rollback, **ctx_options)
     tally.count("ctx", rows.index)
     greedy = walk.logits(hidden).argmax(-1)  # [n, B]: the context tower's token after each position
     agree = (block[:, 1:] == greedy[:, :-1]).long().cumprod(1)
@@ -456,14 +454,15 @@ def _verify_block(model, block, rows, keep_hidden, tally, steps) -> torch.Tensor
     return accepted
 
 
-def _mock_ar_block(model, block, rows, B, keep_hidden, tally):
+def _mock_ar_block(model, block, rows, B, tally):
     """Fill positions 1..B-1 left to right with single-token greedy context forwards on a scratch
-    cache (the real cache is extended by the block commit afterwards)."""
+    cache (the real cache is extended by the block commit afterwards, so the scratch keeps nothing
+    for the denoiser)."""
     walk = model.context_walk
     scratch = rows.cache
     token = block[:, 0]
     for j in range(1, B):
-        hidden, scratch = context_forward(walk, token[:, None], scratch, chunk=B, keep_hidden=keep_hidden)
+        hidden, scratch = context_forward(walk, token[:, None], scratch, chunk=B)
         tally.count("ctx", rows.index)
         token = walk.logits(hidden[:, -1]).argmax(-1)
         block[:, j] = token

@@ -13,6 +13,7 @@ never masked (at decoding time it is the context tower's greedy token).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,7 @@ class TwoTowerForDiffusionLM(nn.Module):
         """One dict per sublayer: index, backbone layer, kind, how the denoiser is conditioned."""
         cfg = self.tt_config
         how = {
-            "attention": "context_kv" if cfg.attention_conditioning == "context_kv" else "block_local",
+            "attention": "block_local" if cfg.attention_conditioning == "none" else cfg.attention_conditioning,
             "mamba": cfg.mamba_conditioning,
             "moe": "none",
             "mlp": "none",
@@ -117,6 +118,12 @@ class TwoTowerForDiffusionLM(nn.Module):
             cond += ["adaln"] if cfg.time_conditioning == "adaln" else []
             rows.append({"index": sub.index, "layer": sub.layer, "kind": sub.kind, "conditioning": "+".join(cond)})
         return rows
+
+    def context_options(self) -> dict:
+        """What every context forward of this model must keep for the denoiser, as keyword
+        arguments of `twotower.walk.context_forward`: layer inputs for cross-attention, the fused
+        keys/values for `fused_kv`."""
+        return {"keep_hidden": self.tt_config.cross_attention, "features": self.denoiser.context_features()}
 
     @property
     def denoiser_layers(self) -> list[int]:
@@ -203,16 +210,22 @@ class TwoTowerForDiffusionLM(nn.Module):
                 raise ValueError("noise_mask sets position 0 of a block, which token shift keeps clean")
             draws = [(t, mask & maskable)]
         ctx_device = next(self.context_tower.parameters()).device
+        features = self.denoiser.context_features()
+        capture = None if features is None else _LayerOutputs(features.layers)
         with torch.no_grad():
             record: dict = {}
             real_ctx = real.to(ctx_device)
             ctx_hidden, cache = context_forward(self.context_walk, ids.to(ctx_device), TowerCache.empty(b, ctx_device),
                                                 valid=real_ctx, chunk=B, record=record,
-                                                keep_hidden=self.tt_config.cross_attention)
+                                                keep_hidden=self.tt_config.cross_attention, features=capture)
         den_device = next(self.denoiser.parameters()).device
         if ctx_device != den_device:
             cache = cache.to(den_device)
             record = {k: {i: x.to(den_device) for i, x in v.items()} for k, v in record.items()}
+        if capture is not None:  # the fusion is trained: its keys/values are made outside no_grad
+            kv = features([h.to(den_device) for h in capture.outputs], cache.positions)
+            cache = dataclasses.replace(cache, fused_keys={i: k for i, (k, _) in kv.items()},
+                                        fused_values={i: v for i, (_, v) in kv.items()})
         ids = ids.to(den_device)
         outs = [self._denoise_draw(ids, mask.to(den_device), t.to(den_device), cache, record, ctx_hidden, real,
                                    L0, skip_unmasked_blocks) for t, mask in draws]
@@ -363,6 +376,18 @@ def auto_modes_of(generation_config: dict, where: str) -> dict[int, str] | None:
                              f"modes one of {AUTO_CHOICES}")
         out[int(key)] = mode
     return out
+
+
+class _LayerOutputs:
+    """A `ContextFeatures` that only keeps the layer outputs (the frozen pass of a training step
+    runs under no_grad; the fused keys/values that need gradients are made from these after it)."""
+
+    def __init__(self, layers: frozenset[int]):
+        self.layers, self.outputs = layers, []
+
+    def __call__(self, outputs, positions):
+        self.outputs = outputs
+        return {}
 
 
 def _prediction_logits(logits: torch.Tensor, token_shift: bool) -> torch.Tensor:

@@ -151,6 +151,19 @@ class CacheExtension:
         return out
 
 
+class ContextFeatures(Protocol):
+    """What a denoiser with `attention_conditioning=fused_kv` needs from every context forward: the
+    outputs of some layers, turned into keys/values for its own attention sublayers."""
+
+    layers: frozenset[int]
+    """Backbone layers whose outputs (the residual stream after the layer) are read."""
+
+    def __call__(self, outputs: list[torch.Tensor], positions: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Outputs `[N, T, d]` of `layers` in ascending order, at position ids `[N, T]` ->
+        denoiser sublayer index -> (keys, values) `[N, Hkv, T, hd]` of those T positions."""
+        ...
+
+
 def context_forward(
     walk: Walk,
     input_ids: torch.Tensor,
@@ -161,6 +174,7 @@ def context_forward(
     record: dict | None = None,
     keep_hidden: bool = False,
     rollback: dict | None = None,
+    features: ContextFeatures | None = None,
 ) -> tuple[torch.Tensor, TowerCache]:
     """Run `input_ids` `[N, T]` through the tower on top of `cache`.
 
@@ -169,7 +183,8 @@ def context_forward(
     mamba sublayer. rollback (a dict; T <= chunk) receives per mamba sublayer what
     `rollback_states` needs to give its conv and SSM states after any position; the extended
     cache then has no Mamba-2 states until the caller sets them (a verified block's rollback).
-    Returns (final-normed hidden `[N, T, d]`, extended cache).
+    features: the fused context keys/values of the new positions are appended to the cache's
+    (`ContextFeatures`, for a `fused_kv` denoiser). Returns (final-normed hidden `[N, T, d]`, extended cache).
     """
     n, length = input_ids.shape
     if record is None:  # only the end state is kept: a short input is cheapest as one scan chunk
@@ -182,11 +197,19 @@ def context_forward(
                      torch.cat([cache.positions, positions], dim=1))
     mixing = CacheExtension(cache, new, positions, mamba_valid, chunk, record, rollback)
     h = walk.adapter.embed(walk.model, input_ids)
-    for sub in walk.subs:
+    outputs = []
+    for j, sub in enumerate(walk.subs):
         if keep_hidden:
             i = sub.index
             new.hidden[i] = torch.cat([cache.hidden[i], h], 1) if i in cache.hidden else h
         h = sublayer_step(walk, sub, h, mixing, positions)
+        if features is not None and sub.layer in features.layers and (
+                j + 1 == len(walk.subs) or walk.subs[j + 1].layer != sub.layer):  # the layer's last sublayer
+            outputs.append(h)
+    if features is not None:
+        for i, (k, v) in features(outputs, positions).items():
+            new.fused_keys[i] = torch.cat([cache.fused_keys[i], k], 2) if i in cache.fused_keys else k
+            new.fused_values[i] = torch.cat([cache.fused_values[i], v], 2) if i in cache.fused_values else v
     return walk.adapter.final_norm(walk.model)(h), new
 
 
