@@ -83,9 +83,9 @@ def forward_costs(model, prompt: list[int], block: int, verify_len: int, rounds:
     from twotower.walk import context_forward, rollback_states
 
     walk, cfg = model.context_walk, model.tt_config
-    keep = cfg.cross_attention
+    opts = model.context_options()  # what the denoiser needs every context forward to keep (AR keeps nothing)
     ids = torch.tensor([prompt])
-    _, cache = context_forward(walk, ids, TowerCache.empty(1, "cpu"), chunk=block, keep_hidden=keep)
+    _, cache = context_forward(walk, ids, TowerCache.empty(1, "cpu"), chunk=block, **opts)
     tokens = torch.full((1, block), int(prompt[-1]))
     is_mask = torch.ones(1, block, dtype=torch.bool)
     is_mask[:, 0] = False
@@ -95,19 +95,17 @@ def forward_costs(model, prompt: list[int], block: int, verify_len: int, rounds:
 
     def verify():  # as `generate` verifies: the block's forward, its greedy tokens, the rollback
         rollback: dict = {}
-        hidden, _ = context_forward(walk, tokens[:, :verify_len], cache, chunk=block, rollback=rollback,
-                                    keep_hidden=keep)
+        hidden, _ = context_forward(walk, tokens[:, :verify_len], cache, chunk=block, rollback=rollback, **opts)
         head(hidden).argmax(-1)
         rollback_states(rollback, torch.tensor([max(1, verify_len // 2)]))
 
     # each as `generate` runs it, the context tower's LM head included (the denoiser's is in its forward)
     calls = {
-        "prefill": lambda: head(context_forward(walk, ids, TowerCache.empty(1, "cpu"), chunk=block,
-                                                keep_hidden=keep)[0][:, -1]),
-        "ar_step": lambda: head(context_forward(walk, tokens[:, :1], cache, chunk=block, keep_hidden=keep)[0][:, -1]),
+        "prefill": lambda: head(context_forward(walk, ids, TowerCache.empty(1, "cpu"), chunk=block, **opts)[0][:, -1]),
+        "ar_step": lambda: head(context_forward(walk, tokens[:, :1], cache, chunk=block)[0][:, -1]),
         "denoiser_forward": lambda: model.denoiser(tokens, is_mask, t, positions, DecodeContext(cache, cfg, block)),
         "verify_forward": verify,
-        "commit_forward": lambda: head(context_forward(walk, tokens, cache, chunk=block, keep_hidden=keep)[0][:, -1]),
+        "commit_forward": lambda: head(context_forward(walk, tokens, cache, chunk=block, **opts)[0][:, -1]),
     }
     times: dict[str, list[float]] = {k: [] for k in calls}
     with torch.inference_mode():

@@ -111,13 +111,13 @@ def run(cfg, inputs: dict[str, dict], ctx: StageContext) -> dict:
                          + ", ".join(report["violations"][:10]))
     new = sizing.new_parameters_by_kind(model.denoiser, backbone)
     delta = None
-    if model.full_depth and cfg.attention_conditioning != "fused_kv":  # at zero init it computes the backbone
+    if model.full_depth:  # every layer kept: at zero init the denoiser computes the backbone
         delta = float(checks.zero_init_identity(model, probe_ids(backbone.config.vocab_size, cfg.block_size, ctx.seed)))
         tol = IDENTITY_TOLERANCE.get(dtype, 1e-4)
         if not delta <= tol:
             raise ValueError(f"zero-init identity failed: max |Δ| = {delta:.3g} > {tol:g} between the denoiser's "
                              f"logits and the context tower's with twotower={asdict(cfg)}")
-    else:  # shallow or fused context keys: no backbone computation to equal, its kept layers start as the backbone's
+    else:  # a shallow denoiser: its kept layers must start as the backbone's own
         bad = checks.kept_layers_match(model, backbone)
         if bad:
             raise ValueError(f"twotower.denoiser_layers={cfg.denoiser_layers}: the denoiser's copy differs from "

@@ -1,11 +1,12 @@
-"""The fused context feature (`attention_conditioning=fused_kv`, DFlash-style).
+"""The fused context feature (`attention_conditioning=fused_kv`, after DFlash and EAGLE-3).
 
 The outputs of a few context layers are concatenated and projected into one feature per context
-position; every denoiser attention sublayer makes its context keys/values from that feature with
-its own projections. Checked here: the feature reads exactly the layers it names, training and
-decoding see the same keys (the decode cache is built incrementally, also through a verified
-rollback), the fusion trains, the decoding invariants hold on every family at full and shallow
-depth, and bad choices are named.
+position, added through a zero-init gate to the context input each denoiser attention sublayer
+makes its context keys/values from. Checked here: at zero gates the keys are the layer-aligned
+ones (zero-init identity), the feature reads exactly the layers it names, training and decoding
+see the same keys (the decode cache is built incrementally, also through a verified rollback), the
+fusion trains, the decoding invariants hold on every family at full and shallow depth, and bad
+choices are named.
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def test_fusion_reads_exactly_the_named_layers():
     """Perturbing a context layer's output changes the fused keys only when that layer is fused
     (the fused feature of layer 0 and the last; a middle layer's change reaches the last only
     through the layers after it, so perturb the last-but-one's MLP and compare with/without)."""
-    model = tiny_twotower("llama", perturb=0.05, fused_layers=[0], **FUSED)
+    model = tiny_twotower("llama", perturb=0.05, fused_layers=[0], **FUSED)  # (perturbed: the gates open)
     n_layers = 1 + max(sub.layer for sub in model.context_walk.subs)
     x = ids(1, 6, seed=1)
     feats = model.denoiser.context_features()
@@ -130,9 +131,23 @@ def test_decode_cache_without_features_is_a_clear_error():
                        cache.next_pos[:, None] + torch.arange(B), DecodeContext(cache, model.tt_config, B))
 
 
-def test_zero_init_identity_is_not_claimed_for_fused_keys():
-    with pytest.raises(ValueError, match="fused_kv.*no backbone computation equals it"):
-        checks.zero_init_identity(tiny_twotower("llama", **FUSED), ids(1, 6))
+@pytest.mark.parametrize("name", ["llama", "nemotron_h", "gemma2"])
+def test_zero_gates_give_the_layer_aligned_keys_and_the_identity(name):
+    """With the gates at their zero init the fused keys are the context tower's own keys (the
+    layer-aligned wiring) and the full-depth denoiser computes the backbone (invariant 4); with
+    the gates open the keys move."""
+    model = tiny_twotower(name, **FUSED)
+    _, cache = context_forward(model.context_walk, ids(2, 7), TowerCache.empty(2, "cpu"), chunk=B,
+                               **model.context_options())
+    assert cache.fused_keys and cache.fused_keys.keys() <= cache.keys.keys()
+    for i in cache.fused_keys:
+        torch.testing.assert_close(cache.fused_keys[i], cache.keys[i], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(cache.fused_values[i], cache.values[i], atol=1e-6, rtol=1e-6)
+    assert checks.zero_init_identity(model, ids(1, 9)) <= 1e-4
+    opened = tiny_twotower(name, perturb=0.05, **FUSED)
+    _, moved = context_forward(opened.context_walk, ids(2, 7), TowerCache.empty(2, "cpu"), chunk=B,
+                               **opened.context_options())
+    assert all((moved.fused_keys[i] - moved.keys[i]).abs().max() > 1e-4 for i in moved.fused_keys)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -166,6 +181,7 @@ def test_fusion_trains_and_changes_what_the_denoiser_reads():
     fusion = model.denoiser.fusion
     assert fusion.proj.weight.grad is not None and fusion.proj.weight.grad.abs().sum() > 0
     assert fusion.norm_weight.grad.abs().sum() > 0
+    assert all(g.grad.abs().sum() > 0 for g in fusion.gate.values())
     before = out.logits.detach()
     with torch.no_grad():
         fusion.proj.weight.add_(torch.randn_like(fusion.proj.weight) * 0.1)
@@ -178,4 +194,6 @@ def test_layer_map_and_new_parameters_name_the_fusion():
     model = tiny_twotower("nemotron_h", fused_layers=2, **FUSED)
     conds = {row["kind"]: row["conditioning"] for row in model.layer_map()}
     assert conds["attention"].startswith("fused_kv") and conds["mamba"].startswith("seeded_state")
-    assert {"denoiser.fusion.proj.weight", "denoiser.fusion.norm_weight"} <= set(model.new_parameter_names())
+    names = set(model.new_parameter_names())
+    assert {"denoiser.fusion.proj.weight", "denoiser.fusion.norm_weight"} <= names
+    assert {f"denoiser.fusion.gate.{sub.index}" for sub in model.denoiser.walk.subs if sub.kind == "attention"} <= names

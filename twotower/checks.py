@@ -31,12 +31,8 @@ def zero_init_identity(model, input_ids: torch.Tensor, t: float = 0.5) -> float:
     `mamba_conditioning=zero_state`) compare with the context tower run on each token alone;
     hiding it from one kind but not the other leaves no backbone computation to compare with."""
     den, walk, cfg = model.denoiser, model.context_walk, model.tt_config
-    if cfg.attention_conditioning == "fused_kv":
-        raise ValueError("zero_init_identity: attention_conditioning='fused_kv' reads keys the denoiser makes "
-                         "from a new fused feature, so no backbone computation equals it at init "
-                         "(kept_layers_match checks its copied layers instead)")
     kinds = {sub.kind for sub in walk.subs}
-    sees_context = ({cfg.attention_conditioning == "context_kv"} if "attention" in kinds else set()) | (
+    sees_context = ({cfg.attention_conditioning != "none"} if "attention" in kinds else set()) | (
         {cfg.mamba_conditioning == "seeded_state"} if "mamba" in kinds else set())
     if len(sees_context) == 2:
         raise ValueError(f"zero_init_identity: attention_conditioning={cfg.attention_conditioning!r} with "
@@ -48,7 +44,7 @@ def zero_init_identity(model, input_ids: torch.Tensor, t: float = 0.5) -> float:
     b, T = ids.shape
     record: dict = {}
     hidden, cache = context_forward(walk, ids, TowerCache.empty(b, ctx_dev), chunk=1, record=record,
-                                    keep_hidden=cfg.cross_attention)
+                                    **model.context_options())
     reference = walk.logits(hidden).to(dev)
     if sees_context == {False}:  # each one-token block sees only itself
         alone, _ = context_forward(walk, ids.reshape(b * T, 1), TowerCache.empty(b * T, ctx_dev), chunk=1)

@@ -9,8 +9,9 @@ The new modules (all zero-init so step 0 computes exactly what the backbone comp
 - optional `cross_attn`: zero-gated attention from the block to the context tower's layer-l input
   hidden states before the block;
 - with `attention_conditioning=fused_kv`, `fusion` (`ContextFusion`): the outputs of a few context
-  layers, concatenated and projected to one feature per context position, from which every
-  denoiser attention sublayer makes its context keys/values with its own projections (DFlash).
+  layers, concatenated and projected to one feature per context position, added through a
+  zero-init gate to the context input each attention sublayer makes its context keys/values from
+  (DFlash, EAGLE-3).
 
 How a block sees the context is a `BlockContext` (`TrainingContext` from the clean sequence,
 `DecodeContext` from the context tower's cache); each residual step is `twotower.walk.sublayer_step`,
@@ -75,14 +76,19 @@ class CrossAttention(nn.Module):
 
 
 class ContextFusion(nn.Module):
-    """DFlash's target-feature fusion: the outputs of `layers` context layers at each position,
-    concatenated `[.., k·d]`, projected to `[.., d]` and RMS-normalised. The projection starts as
-    the mean of the layers (each one's block is identity/k) rather than random, so step 0 already
-    hands every denoiser attention layer a feature in the residual stream's own basis, which its
-    (copied) key/value projections can read; the norm keeps the deep layers' large activations
-    from swamping the shallow ones' once training reweights them."""
+    """A fused feature of several context layers (DFlash, EAGLE-3) added, through a zero-init gate,
+    to the input each denoiser attention sublayer makes its context keys/values from.
 
-    def __init__(self, d: int, layers: list[int], dtype):
+    The outputs of `layers` context layers at each position are concatenated `[.., k·d]`, projected
+    to `[.., d]` (initialised to their mean) and RMS-normalised: `feature`. Attention sublayer i's
+    context keys/values are then its own projections of `norm_i(h_i + gate_i ⊙ feature)`, h_i the
+    context tower's input to layer i. With the gates at zero that is exactly the context tower's own
+    layer-i keys (the layer-aligned wiring, zero-init identity kept); training opens each gate as far
+    as the deep and shallow features help that layer. Keys made from the fused feature alone (DFlash's
+    wiring) start from nothing a copied layer can read: on SmolLM2 they drafted worse after 300 steps
+    than the layer-aligned keys (docs/results.md)."""
+
+    def __init__(self, d: int, layers: list[int], attention_subs: list[int], dtype):
         super().__init__()
         self.layers = frozenset(layers)
         k = len(layers)
@@ -90,31 +96,39 @@ class ContextFusion(nn.Module):
         with torch.no_grad():
             self.proj.weight.copy_(torch.eye(d).repeat(1, k) / k)
         self.norm_weight = nn.Parameter(torch.ones(d))
+        self.gate = nn.ParameterDict({str(i): nn.Parameter(torch.zeros(d)) for i in attention_subs})
+        """Per attention sublayer (by index) `[d]`; zero-init."""
         self.to(dtype)
 
-    def forward(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+    def feature(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         x = self.proj(torch.cat(outputs, dim=-1)).float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         return (x * self.norm_weight.float()).to(self.proj.weight.dtype)
 
 
 class FusedContextFeatures:
-    """`twotower.walk.ContextFeatures` of a `fused_kv` denoiser: context layer outputs -> the
-    fused feature -> each denoiser attention sublayer's keys/values (its own projections, its
-    positional encoding at the context positions, no AdaLN: the context is clean)."""
+    """`twotower.walk.ContextFeatures` of a `fused_kv` denoiser: each of its attention sublayers'
+    context keys/values from the context tower's input to that layer plus the gated fused feature
+    (its own norm and projections, its positional encoding at the context positions, no AdaLN:
+    the context is clean)."""
 
     def __init__(self, den: "DenoiserTower"):
         self.den = den
         self.layers = den.fusion.layers
+        self.subs = [sub for sub in den.walk.subs if sub.kind == "attention"]
+        self.inputs = frozenset(sub.index for sub in self.subs)
 
-    def __call__(self, outputs, positions):
-        den = self.den
-        x = den.fusion(outputs)
+    def __call__(self, outputs, inputs, positions):
+        den, fusion = self.den, self.den.fusion
+        home = positions.device  # the context tower's: the cache keeps the keys there
+        dev = fusion.proj.weight.device
+        feature = fusion.feature([h.to(dev) for h in outputs])
+        pos = positions.to(dev)
         out = {}
-        for sub in den.walk.subs:
-            if sub.kind == "attention":
-                _, k, v = den.adapter.qkv(den.backbone, sub, x, positions)
-                out[sub.index] = (k, v)
+        for sub in self.subs:
+            h = torch.addcmul(inputs[sub.index].to(dev), fusion.gate[str(sub.index)].to(feature.dtype), feature)
+            _, k, v = den.adapter.qkv(den.backbone, sub, sub.norm(h), pos)
+            out[sub.index] = (k.to(home), v.to(home))
         return out
 
 
@@ -155,7 +169,8 @@ class DenoiserTower(nn.Module):
             self.cross_attn = nn.ModuleList(CrossAttention(d, heads) for _ in range(n_sub)).to(emb.dtype)
         if cfg.attention_conditioning == "fused_kv":
             n_layers = n_layers or 1 + max(sub.layer for sub in self.walk.subs)
-            self.fusion = ContextFusion(d, cfg.fused_context_layers(n_layers), emb.dtype)
+            self.fusion = ContextFusion(d, cfg.fused_context_layers(n_layers),
+                                        [sub.index for sub in self.walk.subs if sub.kind == "attention"], emb.dtype)
         if cfg.context_position_keys:
             self.context_key_pos = nn.ParameterDict({
                 str(sub.index): nn.Parameter(torch.zeros(2, cfg.context_position_keys, *self._kv_shape(sub), dtype=emb.dtype))

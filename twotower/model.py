@@ -211,7 +211,7 @@ class TwoTowerForDiffusionLM(nn.Module):
             draws = [(t, mask & maskable)]
         ctx_device = next(self.context_tower.parameters()).device
         features = self.denoiser.context_features()
-        capture = None if features is None else _LayerOutputs(features.layers)
+        capture = None if features is None else _LayerOutputs(features)
         with torch.no_grad():
             record: dict = {}
             real_ctx = real.to(ctx_device)
@@ -223,7 +223,8 @@ class TwoTowerForDiffusionLM(nn.Module):
             cache = cache.to(den_device)
             record = {k: {i: x.to(den_device) for i, x in v.items()} for k, v in record.items()}
         if capture is not None:  # the fusion is trained: its keys/values are made outside no_grad
-            kv = features([h.to(den_device) for h in capture.outputs], cache.positions)
+            kv = features([h.to(den_device) for h in capture.outputs],
+                          {i: h.to(den_device) for i, h in capture.inputs.items()}, cache.positions)
             cache = dataclasses.replace(cache, fused_keys={i: k for i, (k, _) in kv.items()},
                                         fused_values={i: v for i, (_, v) in kv.items()})
         ids = ids.to(den_device)
@@ -379,14 +380,15 @@ def auto_modes_of(generation_config: dict, where: str) -> dict[int, str] | None:
 
 
 class _LayerOutputs:
-    """A `ContextFeatures` that only keeps the layer outputs (the frozen pass of a training step
+    """A `ContextFeatures` that only keeps what `features` reads (the frozen pass of a training step
     runs under no_grad; the fused keys/values that need gradients are made from these after it)."""
 
-    def __init__(self, layers: frozenset[int]):
-        self.layers, self.outputs = layers, []
+    def __init__(self, features):
+        self.layers, self.inputs = features.layers, features.inputs
+        self.outputs: list = []
 
-    def __call__(self, outputs, positions):
-        self.outputs = outputs
+    def __call__(self, outputs, inputs, positions):
+        self.outputs, self.inputs = outputs, inputs
         return {}
 
 

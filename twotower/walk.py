@@ -153,14 +153,19 @@ class CacheExtension:
 
 class ContextFeatures(Protocol):
     """What a denoiser with `attention_conditioning=fused_kv` needs from every context forward: the
-    outputs of some layers, turned into keys/values for its own attention sublayers."""
+    outputs of some layers and the inputs of some sublayers, turned into keys/values for its own
+    attention sublayers."""
 
     layers: frozenset[int]
     """Backbone layers whose outputs (the residual stream after the layer) are read."""
+    inputs: frozenset[int]
+    """Sublayer indices whose input hidden states are read."""
 
-    def __call__(self, outputs: list[torch.Tensor], positions: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Outputs `[N, T, d]` of `layers` in ascending order, at position ids `[N, T]` ->
-        denoiser sublayer index -> (keys, values) `[N, Hkv, T, hd]` of those T positions."""
+    def __call__(self, outputs: list[torch.Tensor], inputs: dict[int, torch.Tensor],
+                 positions: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Outputs `[N, T, d]` of `layers` in ascending order and sublayer index -> input `[N, T, d]`,
+        at position ids `[N, T]` -> denoiser sublayer index -> (keys, values) `[N, Hkv, T, hd]` of
+        those T positions."""
         ...
 
 
@@ -197,17 +202,19 @@ def context_forward(
                      torch.cat([cache.positions, positions], dim=1))
     mixing = CacheExtension(cache, new, positions, mamba_valid, chunk, record, rollback)
     h = walk.adapter.embed(walk.model, input_ids)
-    outputs = []
+    outputs, inputs = [], {}
     for j, sub in enumerate(walk.subs):
         if keep_hidden:
             i = sub.index
             new.hidden[i] = torch.cat([cache.hidden[i], h], 1) if i in cache.hidden else h
+        if features is not None and sub.index in features.inputs:
+            inputs[sub.index] = h
         h = sublayer_step(walk, sub, h, mixing, positions)
         if features is not None and sub.layer in features.layers and (
                 j + 1 == len(walk.subs) or walk.subs[j + 1].layer != sub.layer):  # the layer's last sublayer
             outputs.append(h)
     if features is not None:
-        for i, (k, v) in features(outputs, positions).items():
+        for i, (k, v) in features(outputs, inputs, positions).items():
             new.fused_keys[i] = torch.cat([cache.fused_keys[i], k], 2) if i in cache.fused_keys else k
             new.fused_values[i] = torch.cat([cache.fused_values[i], v], 2) if i in cache.fused_values else v
     return walk.adapter.final_norm(walk.model)(h), new
