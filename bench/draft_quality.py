@@ -31,7 +31,7 @@ def score(model, rows, attn, loss_mask) -> dict:
     import torch
 
     from twotower.cache import TowerCache
-    from twotower.model import _prediction_logits
+    from twotower.positions import prediction_logits
     from twotower.walk import context_forward
 
     B = model.block_size
@@ -50,7 +50,7 @@ def score(model, rows, attn, loss_mask) -> dict:
         target = torch.cat([rows[:, :1], greedy[:, :-1]], dim=1).view(n, blocks, B)
         out = model(rows, noise_mask=mask.view(n, L), t=t, attention_mask=attn)
         V = out.logits.shape[-1]
-        pred = _prediction_logits(out.logits.reshape(-1, B, V), True).argmax(-1).view(n, blocks, B)
+        pred = prediction_logits(out.logits.reshape(-1, B, V), True).argmax(-1).view(n, blocks, B)
     right = (pred == target)[full][:, 1:]  # [blocks scored, B-1]
     accepted = 1 + right.long().cumprod(1).sum(1)
     return {"blocks": int(right.shape[0]), "acc_pos1": right[:, 0].float().mean().item(),

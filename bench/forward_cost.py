@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
     from twotower.cache import TowerCache
-    from twotower.denoiser import DecodeContext
+    from twotower.block_context import DecodeContext
     from twotower.walk import context_forward
 
     torch.set_num_threads(1)

@@ -79,7 +79,7 @@ def forward_costs(model, prompt: list[int], block: int, verify_len: int, rounds:
     from torch.utils import benchmark
 
     from twotower.cache import TowerCache
-    from twotower.denoiser import DecodeContext
+    from twotower.block_context import DecodeContext
     from twotower.walk import context_forward, rollback_states
 
     walk, cfg = model.context_walk, model.tt_config

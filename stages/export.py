@@ -115,6 +115,7 @@ def denoiser_lines(train: dict) -> list[str]:
     lines = ["", "## The denoiser tower", "", "| | |", "|---|---|",
              f"| depth | {depth} |",
              f"| targets | {tt.get('targets', 'data')} |",
+             f"| context keys | {context_keys_line(tt)} |",
              f"| embedding and LM head | {'shared with the context tower (frozen)' if tt.get('share_embeddings') else 'own copy (trained)'} |"]
     for key, label in (("denoiser_params", "parameters"),
                        ("denoiser_forward_weights_vs_context", "weights read per denoiser forward / per context forward"),
@@ -124,6 +125,16 @@ def denoiser_lines(train: dict) -> list[str]:
         if key in tm:
             lines.append(f"| {label} | {_fmt(tm[key])} |")
     return lines
+
+
+def context_keys_line(tt: dict) -> str:
+    """How the denoiser's attention reads the context, in words, for the model card."""
+    how = tt.get("attention_conditioning", "context_kv")
+    if how == "fused_kv":
+        return (f"layer-aligned, plus a gated fused feature of context layers {tt.get('fused_layers', 4)} "
+                "(`fused_kv`)")
+    return {"context_kv": "layer-aligned: each layer reads the context tower's own keys/values (`context_kv`)",
+            "none": "none (block-local attention only)"}.get(how, how)
 
 
 def model_card(ev: dict, calib: dict, train: dict, gen_cfg: dict, plots: list[str],

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from twotower import TwoTowerConfig, TwoTowerForDiffusionLM, checks
 from twotower.cache import TowerCache
-from twotower.denoiser import DecodeContext
+from twotower.block_context import DecodeContext
 from twotower.walk import context_forward
 from twotower_fixtures import TINY_CONFIGS, VOCAB, tiny_backbone, tiny_twotower
 

@@ -15,7 +15,7 @@ import torch
 
 from twotower import TwoTowerConfig, TwoTowerForDiffusionLM, checks
 from twotower.cache import TowerCache
-from twotower.denoiser import DecodeContext
+from twotower.block_context import DecodeContext
 from twotower.walk import context_forward
 from twotower_fixtures import TINY_CONFIGS, VOCAB, tiny_backbone, tiny_twotower
 
@@ -197,3 +197,46 @@ def test_layer_map_and_new_parameters_name_the_fusion():
     names = set(model.new_parameter_names())
     assert {"denoiser.fusion.proj.weight", "denoiser.fusion.norm_weight"} <= names
     assert {f"denoiser.fusion.gate.{sub.index}" for sub in model.denoiser.walk.subs if sub.kind == "attention"} <= names
+
+
+def test_draft_quality_scores_the_first_draft_step_against_the_context_towers_greedy():
+    """bench/draft_quality.py's score: per-position accuracy and teacher-forced acceptance equal a
+    direct loop over the blocks (each block's drafts from one all-masked denoiser forward against
+    the context tower's teacher-forced greedy tokens); block 0 and blocks with pads are not scored."""
+    from bench.draft_quality import score
+    from twotower.positions import prediction_logits
+
+    model = tiny_twotower("llama", perturb=0.05, fused_layers=2, **FUSED)
+    rows = ids(3, 16, seed=7)
+    attn = torch.ones_like(rows)
+    attn[2, 12:] = 0  # row 2's last block has pads: skipped
+    loss_mask = torch.ones_like(rows)
+    got = score(model, rows, attn, loss_mask)
+    hits, accepted, blocks = [], [], 0
+    with torch.no_grad():
+        for r in range(3):
+            greedy = model.context_walk.logits(context_forward(model.context_walk, rows[r:r + 1], TowerCache.empty(1, "cpu"),
+                                                               chunk=B)[0]).argmax(-1)[0]
+            for k in range(1, 4):
+                if r == 2 and k == 3:
+                    continue
+                ctx = rows[r:r + 1, : k * B]
+                _, cache = context_forward(model.context_walk, ctx, TowerCache.empty(1, "cpu"), chunk=B,
+                                           **model.context_options())
+                block = rows[r:r + 1, k * B:(k + 1) * B].clone()
+                mask = torch.ones(1, B, dtype=torch.bool)
+                mask[:, 0] = False
+                logits = model.denoiser(block.masked_fill(mask, 0), mask, torch.ones(1), cache.next_pos[:, None] + torch.arange(B),
+                                        DecodeContext(cache, model.tt_config, B))
+                pred = prediction_logits(logits, True).argmax(-1)[0]
+                right = [bool(pred[j] == greedy[k * B + j - 1]) for j in range(1, B)]
+                hits.append(right)
+                n = 0
+                while n < len(right) and right[n]:
+                    n += 1
+                accepted.append(1 + n)
+                blocks += 1
+    assert got["blocks"] == blocks == 8
+    assert got["acc_pos1"] == pytest.approx(sum(h[0] for h in hits) / blocks)
+    assert got["acc_all"] == pytest.approx(sum(map(sum, hits)) / (blocks * (B - 1)))
+    assert got["teacher_forced_acceptance"] == pytest.approx(sum(accepted) / blocks)

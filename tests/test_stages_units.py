@@ -144,6 +144,14 @@ def test_card_lists_only_families_that_lose():
     assert "lose most" not in E.model_card(ev, {}, {}, {"block_size": 4, "gamma": 0.9}, [])
 
 
+def test_card_says_how_the_denoiser_reads_the_context():
+    train = {"metrics": {"steps": 300}, "twotower": {"denoiser_layers": 4, "targets": "context_greedy"}}
+    lines = "\n".join(E.denoiser_lines(train))
+    assert "| depth | 4 layers, evenly spaced |" in lines and "layer-aligned: each layer reads" in lines
+    train["twotower"].update(attention_conditioning="fused_kv", fused_layers=[0, 29])
+    assert "gated fused feature of context layers [0, 29] (`fused_kv`)" in "\n".join(E.denoiser_lines(train))
+
+
 def test_relative_quality_when_ar_scores_zero():
     assert de.relative(0.0, 0.0) == 1.0
 

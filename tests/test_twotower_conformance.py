@@ -12,7 +12,7 @@ from transformers import AutoModel
 
 from twotower import TwoTowerForDiffusionLM, place_towers_on_devices
 from twotower.cache import TowerCache
-from twotower.denoiser import DecodeContext
+from twotower.block_context import DecodeContext
 from twotower.walk import context_forward
 from twotower_fixtures import EOS, TINY_CONFIGS, VOCAB, tiny_backbone, tiny_twotower
 

@@ -141,7 +141,7 @@ def test_runtime_reads_no_family_config_field():
     assert not hits, hits
 
 
-@pytest.mark.parametrize("module", ["twotower.walk", "twotower.denoiser"])
+@pytest.mark.parametrize("module", ["twotower.walk", "twotower.block_context"])
 def test_dropping_runtime_windows_fails_the_kit(module, monkeypatch):
     """The runtime applies the windows the adapter declares: without them in the context walk, HF
     parity fails; without them in the denoiser's block contexts, the zero-init identity (the real

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from twotower.cache import TowerCache
-from twotower.denoiser import TrainingContext
+from twotower.block_context import TrainingContext
 from twotower.walk import context_forward
 
 

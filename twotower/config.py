@@ -1,7 +1,7 @@
 """`TwoTowerConfig`: the typed, serialisable description of the denoiser's wiring.
 
 It is the `twotower` section of a pipeline recipe and is saved, nested with the backbone's own
-config, in the exported `config.json` (`TwoTowerHFConfig`, `model_type: twotower`).
+config, in the exported `config.json` (`twotower.hf_config.TwoTowerHFConfig`, `model_type: twotower`).
 """
 from __future__ import annotations
 
@@ -190,13 +190,3 @@ def _resolve_layers(key: str, layers, n_layers: int) -> list[int]:
         raise ValueError(f"twotower.{key} names layer(s) {missing}, but the backbone has "
                          f"{n_layers} layers (0..{n_layers - 1})")
     return list(layers)
-
-
-def __getattr__(name: str):
-    """`TwoTowerHFConfig` needs transformers; load it on first use so that reading the typed
-    `TwoTowerConfig` (the pipeline validates recipes against it) stays instant."""
-    if name == "TwoTowerHFConfig":
-        from twotower.hf_config import TwoTowerHFConfig
-
-        return TwoTowerHFConfig
-    raise AttributeError(f"module 'twotower.config' has no attribute {name!r}")

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from twotower.block_context import DecodeContext
 from twotower.cache import TowerCache
-from twotower.denoiser import DecodeContext
-from twotower.model import _pad_id, _prediction_logits
+from twotower.positions import pad_id_of, prediction_logits
 from twotower.walk import context_forward, rollback_states
 
 MODES = ("diffusion", "verified", "mock_ar", "ar", "auto")
@@ -267,7 +267,7 @@ def generate(
     if eos_token_id is None:
         eos = getattr(bcfg, "eos_token_id", None)
         eos_token_id = eos[0] if isinstance(eos, list) else eos
-    pad = _pad_id(bcfg) if pad_token_id is None else pad_token_id
+    pad = pad_id_of(bcfg) if pad_token_id is None else pad_token_id
     ctx_dev = next(model.context_tower.parameters()).device
     den_dev = next(model.denoiser.parameters()).device
     ids, valid, lengths = _pack_prompts(input_ids, attention_mask, pad, ctx_dev)
@@ -380,7 +380,7 @@ def _denoise_block(model, block, rows, gamma, eos, pad, den_dev, tally, steps, d
         logits = model.denoiser(lb, lm, t, positions if sub is None else positions[sub], ctx)
         tally.count("den", rows.index[live.to(rows.index.device)])
         taken += 1
-        probs = torch.softmax(_prediction_logits(logits, cfg.token_shift).double(), dim=-1)  # float64
+        probs = torch.softmax(prediction_logits(logits, cfg.token_shift).double(), dim=-1)  # float64
         conf, tok = probs.max(-1)
         conf = conf.masked_fill(~lm, -1.0)
         confident = lm & (conf >= gamma)

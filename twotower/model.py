@@ -24,9 +24,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import adapters
-from twotower.config import TwoTowerConfig, TwoTowerHFConfig
-from twotower.denoiser import DenoiserTower, TrainingContext
+from twotower.block_context import TrainingContext
 from twotower.cache import TowerCache
+from twotower.config import TwoTowerConfig
+from twotower.denoiser import DenoiserTower
+from twotower.hf_config import TwoTowerHFConfig
+from twotower.positions import pad_id_of, prediction_logits
 from twotower.walk import Walk, context_forward
 
 WEIGHTS_NAME = "model.safetensors"
@@ -187,7 +190,7 @@ class TwoTowerForDiffusionLM(nn.Module):
         b, L0 = input_ids.shape
         n = -(-L0 // B)
         L = n * B
-        pad_id = _pad_id(self.backbone_config)
+        pad_id = pad_id_of(self.backbone_config)
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         ids = F.pad(input_ids, (0, L - L0), value=pad_id)
         real = F.pad(real, (0, L - L0), value=False)
@@ -274,7 +277,7 @@ class TwoTowerForDiffusionLM(nn.Module):
     def _loss(self, logits, ids, mask, t, L0, teacher=None) -> TwoTowerOutput:
         b, L, V = logits.shape
         B = self.block_size
-        pred = _prediction_logits(logits.view(-1, B, V), self.tt_config.token_shift).view(b, L, V)
+        pred = prediction_logits(logits.view(-1, B, V), self.tt_config.token_shift).view(b, L, V)
         labels = ids[mask]
         if teacher is None:
             ce = F.cross_entropy(pred[mask], labels, reduction="none")
@@ -390,24 +393,6 @@ class _LayerOutputs:
     def __call__(self, outputs, inputs, positions):
         self.outputs, self.inputs = outputs, inputs
         return {}
-
-
-def _prediction_logits(logits: torch.Tensor, token_shift: bool) -> torch.Tensor:
-    """`[N, B, V]` outputs -> per block position the logits predicting it (position 0 gets zeros
-    under token shift: it is never predicted by the denoiser)."""
-    if not token_shift:
-        return logits
-    return torch.cat([torch.zeros_like(logits[:, :1]), logits[:, :-1]], dim=1)
-
-
-def _pad_id(config) -> int:
-    for key in ("pad_token_id", "eos_token_id"):
-        value = getattr(config, key, None)
-        if isinstance(value, list):
-            value = value[0] if value else None
-        if value is not None:
-            return int(value)
-    return 0
 
 
 AutoConfig.register("twotower", TwoTowerHFConfig, exist_ok=True)
