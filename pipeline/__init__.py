@@ -8,7 +8,8 @@
 Importing this package stays light (no Ray, MLflow or torch): those load only when a run needs them.
 """
 from pipeline.config import ConfigError, PipelineConfig, load_config
-from pipeline.runner import PipelineError, RunResult, StageFailed, run_pipeline
+from pipeline.runner import run_pipeline
+from pipeline.state import PipelineError, RunResult, StageFailed
 
 __all__ = ["ConfigError", "PipelineConfig", "PipelineError", "RunResult", "StageFailed", "load_config",
            "run_pipeline"]

@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "generate":
         return cmd_generate(argv[1:])
     args = build_parser().parse_args(argv)
-    from pipeline.runner import PipelineError, StageFailed
+    from pipeline.state import PipelineError, StageFailed
     try:
         return args.func(args)
     except ConfigError as err:

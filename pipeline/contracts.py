@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from pipeline.config import Stage
-    from pipeline.runner import RunInfo, StageState
+    from pipeline.state import RunInfo, StageState
 
 Outcome = dict[str, Any]
 """What a worker returns for one stage attempt: `ok`, then `manifest` or `error_type` / `message` /

@@ -7,10 +7,9 @@ a `summary.json` for the final table and for `python -m pipeline status`.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from pipeline.runner import RunInfo, StageState
+from pipeline.state import RunInfo, StageState
 
 STYLE = {"pending": "dim", "waiting": "blue", "running": "yellow", "cached": "cyan", "done": "green",
          "failed": "bold red", "skipped": "dim", "interrupted": "magenta"}

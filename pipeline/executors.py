@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.config import REPO_ROOT, Stage
 from pipeline.contracts import Executor
-from pipeline.runner import PipelineError
+from pipeline.state import PipelineError
 from pipeline.schema import RayConfig
 from pipeline.worker import execute
 

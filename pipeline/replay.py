@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.config import load_config
 from pipeline.rundir import EventTail
-from pipeline.runner import RunInfo, StageState
+from pipeline.state import RunInfo, StageState
 from pipeline.store import write_json_atomic
 from pipeline.tracking import MlflowHook, TrackingUnavailable, check_tracking
 

@@ -17,12 +17,10 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from pipeline.runner import RunInfo, StageState
+from typing import Any
 
 from pipeline.config import PipelineConfig
+from pipeline.state import RunInfo, StageState
 
 MAX_PARAM_CHARS = 6000
 LOCKED_RETRIES = 8

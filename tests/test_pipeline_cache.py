@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, TESTS, cli
 
 from pipeline import StageFailed, load_config, run_pipeline
-from pipeline.runner import PipelineError
+from pipeline.state import PipelineError
 from pipeline.store import MARKER
 
 

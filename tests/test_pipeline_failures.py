@@ -111,7 +111,7 @@ def test_truncated_safetensors_and_damaged_tokenizer_are_refused(tmp_path: Path)
 DISK_SCRIPT = """
 import resource, signal, sys
 from pipeline import load_config, run_pipeline
-from pipeline.runner import StageFailed
+from pipeline.state import StageFailed
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # writes past the limit fail with EFBIG, as a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 try:
