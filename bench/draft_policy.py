@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from transformers import AutoTokenizer
 
-    import twotower.generate as tg
+    import twotower.decoding as td
     from twotower import TwoTowerForDiffusionLM
 
     policies = [int(x) if x.isdigit() else x for x in args.policies]
@@ -47,13 +47,13 @@ def main(argv=None) -> int:
     rows = [json.loads(line) for line in Path(args.examples).read_text().splitlines() if line.strip()]
     prompts = [tok(r["prompt"])["input_ids"] for r in rows[: args.prompts]]
     widths: dict = {}
-    real_verify = tg._verify_block
+    real_verify = td.verify_block
 
     def counting(model_, block, *a, **k):  # the verification forward's width, per policy
         widths.setdefault(current, []).append(block.shape[1])
         return real_verify(model_, block, *a, **k)
 
-    tg._verify_block = counting
+    td.verify_block = counting
     runs = [("ar", None)] + [("verified", d) for d in policies]
     secs = {r: [] for r in runs}
     stats = {r: {"accepted": 0, "verifies": 0, "den": 0, "blocks": 0} for r in runs}
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
                         s["den"] += out.num_denoiser_forwards
             for r in runs:
                 secs[r].append(statistics.median(per[r]))
-    tg._verify_block = real_verify
+    td.verify_block = real_verify
     ar = sum(secs[("ar", None)])
     print(f"{len(prompts)} prompts, γ {args.gamma}, AR {args.ar_threads} thread(s), verified {args.threads}")
     for mode, draft in runs[1:]:

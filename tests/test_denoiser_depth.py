@@ -276,7 +276,7 @@ def test_prefix_drafts_stay_exact(name, gamma):
 def test_prefix_cut_keeps_each_rows_first_guess():
     """The verification covers, for the row that needs most, its positions through its first guess;
     a paused row needs only the context tower's token; a row with no guess needs the whole block."""
-    from twotower.generate import _through_first_guess
+    from twotower.decoding import _through_first_guess
 
     block = torch.arange(24).view(3, 8)
     sure = torch.tensor([[1, 1, 1, 0, 1, 0, 0, 0],     # first guess at 3: needs 4 columns

@@ -199,7 +199,7 @@ def test_verified_equals_ar_at_every_gamma_batched_eos_odd_budget(name):
 def test_drop_last_equals_the_cache_of_the_kept_prefix(name):
     """Rolling a block commit back per row (different lengths) leaves a cache that continues
     exactly like one extended by the kept tokens only: K/V, positions, Mamba conv and SSM states."""
-    from twotower.generate import _Rows, _Tally, _verify_block
+    from twotower.decoding import Rows, Tally, verify_block
 
     model = tiny_twotower(name, perturb=0.05)
     walk = model.context_walk
@@ -216,8 +216,8 @@ def test_drop_last_equals_the_cache_of_the_kept_prefix(name):
         h, _ = context_forward(walk, block[1:2, :2], cache.select(torch.tensor([1])), chunk=B)
         block[1, 2] = walk.logits(h[:, -1]).argmax(-1)
         block[1, 3] = (walk.logits(h[:, -1]).argmax(-1) + 1) % VOCAB  # a wrong draft after a right one
-        rows = _Rows(torch.arange(3), greedy, cache, [[] for _ in range(3)])
-        kept = _verify_block(model, block, rows, model.context_options(), _Tally(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)), None)
+        rows = Rows(torch.arange(3), greedy, cache, [[] for _ in range(3)])
+        kept = verify_block(model, block, rows, model.context_options(), Tally(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)), None)
         assert int(kept[1]) >= 3 and len(set(kept.tolist())) > 1
         got, _ = context_forward(walk, nxt, rows.cache, chunk=B)
         for r in range(3):
