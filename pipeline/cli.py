@@ -74,7 +74,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             continue
         if warning:
             print(f"{recipe or 'pipeline.yaml'}: warning: {warning}", file=sys.stderr)
-        cluster = _cluster_problem(cfg)
+        from pipeline.estimate import cluster_problem
+        cluster = cluster_problem(cfg)
         if cluster:
             print(f"{recipe or 'pipeline.yaml'}: INVALID on the cluster\n{cluster}", file=sys.stderr)
             status = 2
@@ -98,39 +99,6 @@ def _check_root(cfg: PipelineConfig, estimate: Any = None) -> tuple[str | None, 
     sizing a backbone costs seconds of imports the first time only)."""
     from stages.diskspace import check_root, plan_bytes
     return check_root(Path(cfg.run.root), plan_bytes(estimate if isinstance(estimate, dict) else None))
-
-
-def _cluster_problem(cfg: PipelineConfig) -> str | None:
-    """The training world against the Ray cluster, when one is reachable (`ray.address`,
-    `RAY_ADDRESS`, or a Ray already initialised in this process); None when it fits or none is."""
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if not address and "ray" not in sys.modules:
-        return None
-    import ray
-    from pipeline.estimate import plan_world
-    from stages.world_size import World, check_cluster
-    world = plan_world(cfg)
-    if world is None:
-        return None
-    owns = not ray.is_initialized()
-    if owns and not address:
-        return None
-    if owns:
-        try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        except Exception as err:  # not reachable: the config alone was checked
-            print(f"note: Ray at {address} not reachable ({type(err).__name__}); cluster not checked",
-                  file=sys.stderr)
-            return None
-    try:
-        keep = {k: world[k] for k in ("num_workers", "gpus_per_worker", "micro_batch", "grad_accum", "seq_len")}
-        check_cluster(World(**keep), ray.cluster_resources())
-    except ValueError as err:
-        return f"  {err}"
-    finally:
-        if owns:
-            ray.shutdown()
-    return None
 
 
 def plan_of(cfg: PipelineConfig, with_estimate: bool = True) -> dict[str, Any]:

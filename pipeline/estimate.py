@@ -13,6 +13,8 @@ the sections through the typed configs of the stages that own them (`backbone`, 
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -258,3 +260,36 @@ def _placement(sec: Sections, decode: dict) -> dict:
         "crosses_devices_per_block": "the block's new context K/V, the Mamba states at its start, "
                                      "the committed token ids" if not same else "nothing (one device)",
     }
+
+
+def cluster_problem(cfg: Any) -> str | None:
+    """The training world against the Ray cluster, when one is reachable (`ray.address`,
+    `RAY_ADDRESS`, or a Ray already initialised in this process); None when it fits or none is."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if not address and "ray" not in sys.modules:
+        return None
+    import ray
+
+    from stages.world_size import World, check_cluster
+    world = plan_world(cfg)
+    if world is None:
+        return None
+    owns = not ray.is_initialized()
+    if owns and not address:
+        return None
+    if owns:
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        except Exception as err:  # not reachable: the config alone was checked
+            print(f"note: Ray at {address} not reachable ({type(err).__name__}); cluster not checked",
+                  file=sys.stderr)
+            return None
+    try:
+        keep = {k: world[k] for k in ("num_workers", "gpus_per_worker", "micro_batch", "grad_accum", "seq_len")}
+        check_cluster(World(**keep), ray.cluster_resources())
+    except ValueError as err:
+        return f"  {err}"
+    finally:
+        if owns:
+            ray.shutdown()
+    return None

@@ -6,10 +6,10 @@ sources (`data.source: python_stdlib`, offline, `stages/code_corpus.py`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
-if TYPE_CHECKING:
-    from stages.prepare_data import Config
+Config = Any
+"""`stages.prepare_data.Config` (the `data` section), named loosely: that stage imports this module."""
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 """File extension -> the `datasets` builder that reads it."""

@@ -29,18 +29,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from stages.lm_eval_stage import EXTRA_HINT
-
-try:
-    from lm_eval import utils as lm_utils
-    from lm_eval.api.model import TemplateLM
-    from lm_eval.api.registry import register_model
-    # lm-eval's own models first: `lm_eval.api.registry.get_model` imports `lm_eval.models` (which
-    # registers `hf`, `vllm`, ... as lazy placeholders) only while the registry is *empty*, so
-    # registering `twotower` alone would hide every built-in model from this process.
-    import lm_eval.models  # noqa: F401
-except ImportError as e:  # the optional extra
-    raise ImportError(EXTRA_HINT) from e
+# lm-evaluation-harness is the optional `eval` extra: the `lm_eval` stage checks for it (with the
+# install hint) before it imports this module; imported alone without it, this fails on `lm_eval`.
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+# lm-eval's own models first: `lm_eval.api.registry.get_model` imports `lm_eval.models` (which
+# registers `hf`, `vllm`, ... as lazy placeholders) only while the registry is *empty*, so
+# registering `twotower` alone would hide every built-in model from this process.
+import lm_eval.models  # noqa: F401
 
 MODEL_NAME = "twotower"
 DEFAULT_MAX_LENGTH = 2048

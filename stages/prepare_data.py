@@ -38,6 +38,7 @@ from typing import Annotated, Any, Literal
 from stages.api import Range, StageContext
 from stages.data_sources import external_rows, iter_external_rows
 from stages.token_shards import ShardWriter
+from stages.tokenizer import char_encoder, encode_pairs, load_tokenizer
 from stages.tasks import FAMILIES, get_families
 
 SECTION = "data"
@@ -140,60 +141,6 @@ def validate(cfg: Config) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer and packing
-
-
-def load_tokenizer(name: str | None) -> Any:
-    """The char tokenizer (None) or `AutoTokenizer.from_pretrained(name)`, with a pad token."""
-    if name is None:
-        from stages.tokenizer import build_char_tokenizer
-
-        return build_char_tokenizer()
-    from transformers import AutoTokenizer
-
-    if name.startswith("package:") or name.endswith(".gguf"):
-        from stages.gguf_files import gguf_tokenizer
-
-        tok = gguf_tokenizer(name, key_name="data.tokenizer")
-    else:
-        tok = AutoTokenizer.from_pretrained(name)
-    if tok.eos_token_id is None:
-        raise ValueError(f"data.tokenizer: {name!r} has no EOS token")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def _char_encoder(tok: Any) -> Any:
-    """For the char tokenizer of stages/tokenizer.py, a plain-Python encoder equal to `tok(text)`
-    (`<bos>` + one id per character); None for any other tokenizer."""
-    from stages.tokenizer import BOS, UNK, vocabulary
-
-    vocab = vocabulary()
-    if tok.get_vocab() != vocab:
-        return None
-    bos, unk = vocab[BOS], vocab[UNK]
-    return lambda text: [bos] + [vocab.get(c, unk) for c in text]
-
-
-def encode_pairs(tok: Any, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """Token ids of `<bos> prompt answer <eos>` per pair, and a mask that is 1 on the answer and
-    its EOS (batched: one tokenizer call for all prompts, one for all full texts)."""
-    if not pairs:
-        return []
-    encode = _char_encoder(tok)
-    if encode is not None:  # the char tokenizer: a dict lookup, ~20x faster than the HF call
-        prompts = [encode(p) for p, _ in pairs]
-        fulls = [encode(p + a) for p, a in pairs]
-    else:
-        prompts = tok([p for p, _ in pairs]).input_ids
-        fulls = tok([p + a for p, a in pairs]).input_ids
-    out = []
-    for (_, answer), p, full in zip(pairs, prompts, fulls):
-        if full[: len(p)] != p:  # a subword tokenizer merged across the boundary: encode apart
-            full = p + tok(answer, add_special_tokens=False).input_ids
-        ids = full + [tok.eos_token_id]
-        out.append((ids, [0] * len(p) + [1] * (len(ids) - len(p))))
-    return out
 
 
 def pack_examples(
@@ -330,7 +277,7 @@ def stream_text(cfg: Config, tok: Any, seed: int, cache_dir: str | None, train: 
     small corpus has one), packed as an `<eos>`-separated stream into rows written to the shard
     writers `train` / `evals`. Memory: one chunk, one partial row per split, one shard buffer.
     Returns the eval prompts cut from held-out documents."""
-    encode = _char_encoder(tok)
+    encode = char_encoder(tok)
     rng = random.Random(seed)
     packers = {"train": RowPacker(cfg.seq_len), "eval": RowPacker(cfg.seq_len)}
     writers = {"train": train, "eval": evals}

@@ -1,4 +1,5 @@
-"""An offline character-level tokenizer for the tiny recipe.
+"""Tokenizers for the data stage: an offline character-level tokenizer for the tiny recipe, loading
+any recipe's tokenizer (`load_tokenizer`) and encoding prompt/answer pairs (`encode_pairs`).
 
 One token per character of printable ASCII plus newline, and five special tokens at fixed ids
 (they match `NemotronHConfig`'s defaults: pad 0, bos 1, eos 2):
@@ -57,6 +58,56 @@ def build_char_tokenizer() -> Any:
         clean_up_tokenization_spaces=False,
     )
     return tok
+
+
+def load_tokenizer(name: str | None) -> Any:
+    """The char tokenizer (None) or `AutoTokenizer.from_pretrained(name)`, with a pad token."""
+    if name is None:
+        return build_char_tokenizer()
+    from transformers import AutoTokenizer
+
+    if name.startswith("package:") or name.endswith(".gguf"):
+        from stages.gguf_files import gguf_tokenizer
+
+        tok = gguf_tokenizer(name, key_name="data.tokenizer")
+    else:
+        tok = AutoTokenizer.from_pretrained(name)
+    if tok.eos_token_id is None:
+        raise ValueError(f"data.tokenizer: {name!r} has no EOS token")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def char_encoder(tok: Any) -> Any:
+    """For the char tokenizer of stages/tokenizer.py, a plain-Python encoder equal to `tok(text)`
+    (`<bos>` + one id per character); None for any other tokenizer."""
+    vocab = vocabulary()
+    if tok.get_vocab() != vocab:
+        return None
+    bos, unk = vocab[BOS], vocab[UNK]
+    return lambda text: [bos] + [vocab.get(c, unk) for c in text]
+
+
+def encode_pairs(tok: Any, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """Token ids of `<bos> prompt answer <eos>` per pair, and a mask that is 1 on the answer and
+    its EOS (batched: one tokenizer call for all prompts, one for all full texts)."""
+    if not pairs:
+        return []
+    encode = char_encoder(tok)
+    if encode is not None:  # the char tokenizer: a dict lookup, ~20x faster than the HF call
+        prompts = [encode(p) for p, _ in pairs]
+        fulls = [encode(p + a) for p, a in pairs]
+    else:
+        prompts = tok([p for p, _ in pairs]).input_ids
+        fulls = tok([p + a for p, a in pairs]).input_ids
+    out = []
+    for (_, answer), p, full in zip(pairs, prompts, fulls):
+        if full[: len(p)] != p:  # a subword tokenizer merged across the boundary: encode apart
+            full = p + tok(answer, add_special_tokens=False).input_ids
+        ids = full + [tok.eos_token_id]
+        out.append((ids, [0] * len(p) + [1] * (len(ids) - len(p))))
+    return out
 
 
 def main(argv: list[str]) -> int:

@@ -11,6 +11,7 @@ import pytest
 from stages import prepare_data
 from stages.api import StageContext
 from stages.prepare_data import Config
+from stages.tokenizer import char_encoder, load_tokenizer
 
 
 def _ctx(tmp_path: Path, name: str = "out") -> StageContext:
@@ -87,8 +88,8 @@ def test_task_weights_set_each_family_share():
 
 
 def test_fast_char_encoding_equals_the_tokenizer():
-    tok = prepare_data.load_tokenizer(None)
-    encode = prepare_data._char_encoder(tok)
+    tok = load_tokenizer(None)
+    encode = char_encoder(tok)
     for text in ["add A1B2+A3B4=A4B6", "the capital of peru is lima", "caf\u00e9\n\t~"]:
         assert encode(text) == tok(text).input_ids
 

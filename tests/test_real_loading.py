@@ -204,7 +204,7 @@ def test_duplicate_backbone_stage_converts_and_names_the_source(tiny_gguf, tmp_p
 
 
 def test_prepare_data_reads_the_tokenizer_inside_a_gguf(tiny_gguf):
-    from stages.prepare_data import load_tokenizer
+    from stages.tokenizer import load_tokenizer
 
     _, path = tiny_gguf
     tok = load_tokenizer(str(path))
