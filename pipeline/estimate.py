@@ -73,7 +73,7 @@ SHALLOW_DEPTHS = (2, 4)
 
 def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB) -> dict:
     """The plan's parameter/memory estimate for a resolved recipe config (DictConfig or dict)."""
-    from twotower import sizing
+    from twotower import sizing, training_plan
 
     started = time.perf_counter()
     sec = Sections.of(cfg)
@@ -106,8 +106,8 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
     }
     traffic = {f"batch_{b}": sizing.decode_traffic(counts, facts, batch=b, block_size=block_size,
                                                     denoiser=den_counts) for b in (1, 8)}
-    train = sizing.training_memory(context["total"], denoiser["total"], largest, facts, shape)
-    step_time = sizing.training_step_time(counts, den_counts, shape, grad_accum=int(sec.train.grad_accum))
+    train = training_plan.training_memory(context["total"], denoiser["total"], largest, facts, shape)
+    step_time = training_plan.training_step_time(counts, den_counts, shape, grad_accum=int(sec.train.grad_accum))
     steps = int(sec.train.max_steps)
     step_time["max_steps"] = steps
     step_time["hours_for_max_steps"] = steps * step_time["step_s"] / 3600
@@ -115,15 +115,15 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
     for name, frac in [("full", 1.0)] + [(f"{k}_layers", k / n_layers) for k in SHALLOW_DEPTHS
                                          if n_layers and k < n_layers]:
         dc = sizing.shallow_counts(counts, frac, new["total"])
-        t = sizing.training_step_time(counts, dc, shape, grad_accum=int(sec.train.grad_accum))
+        t = training_plan.training_step_time(counts, dc, shape, grad_accum=int(sec.train.grad_accum))
         by_depth[name] = {"denoiser_params_b": round(dc.total / 1e9, 3),
-                          "train_gib_per_gpu": round(sizing.training_memory(
+                          "train_gib_per_gpu": round(training_plan.training_memory(
                               context["total"], dc.total, largest, facts, shape)["total_gib"], 1),
                           "step_s": round(t["step_s"], 2), "bound": t["bound"],
                           "train_hours_for_max_steps": round(steps * t["step_s"] / 3600, 2),
                           "denoiser_forward_gib_batch1": round(sizing.decode_traffic(
                               counts, facts, batch=1, block_size=block_size, denoiser=dc)["denoiser_forward_gib"], 2)}
-    fit = sizing.min_gpus(context["total"], denoiser["total"], largest, facts, shape, gpu_gib)
+    fit = training_plan.min_gpus(context["total"], denoiser["total"], largest, facts, shape, gpu_gib)
     summary = {
         "params_per_tower_b": round(context["total"] / 1e9, 2),
         "active_per_token_b_without_embeddings": round(context["active_without_embeddings"] / 1e9, 2),
@@ -154,7 +154,7 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
         "decode_traffic": traffic,
         "train_memory": {**train, "largest_layer_params": largest},
         "train_memory_by_gpus": {
-            str(n): round(sizing.training_memory(context["total"], denoiser["total"], largest, facts,
+            str(n): round(training_plan.training_memory(context["total"], denoiser["total"], largest, facts,
                                                  replace(shape, num_gpus=n))["total_gib"], 1)
             for n in (8, 16, 32, 64)
         },
@@ -170,7 +170,7 @@ def _train_shape(sec: Sections, block_size: int, num_gpus: int | None):
     """The training job to size: GPUs from `plan.num_gpus`, else the run's world size
     (`stages.world_size`; `UNSET_GPUS` if neither is above 1); rows of `data.seq_len` tokens in
     micro-batches of `train.batch_size`."""
-    from twotower.sizing import TrainShape
+    from twotower.training_plan import TrainShape
 
     workers = num_gpus or sec.plan.num_gpus or world(sec).num_workers
     seq_len = int(sec.data.seq_len)

@@ -111,7 +111,7 @@ def memory_plan(cfg: Config, model, counts, seq_len: int, n_gpus: int,
     Arithmetic from `twotower.sizing` on the parameter counts and the cache shapes; both towers are
     the backbone's size (the new modules are a rounding error and counted by `attach_conditioning`).
     """
-    from twotower import sizing
+    from twotower import sizing, training_plan
 
     ctx_dev, den_dev = resolve_devices(cfg.context_device, cfg.denoiser_device, n_gpus)
     bytes_w = DTYPE_BYTES[cfg.dtype]
@@ -119,8 +119,8 @@ def memory_plan(cfg: Config, model, counts, seq_len: int, n_gpus: int,
     decode = sizing.decode_memory(counts.total, counts.total, facts, batch=1,
                                   context_len=seq_len, block_size=block_size)
     train_len = max(block_size, seq_len // block_size * block_size)  # whole blocks
-    train = sizing.training_memory(counts.total, counts.total, sizing.largest_layer_params(model),
-                                   facts, sizing.TrainShape(max(1, n_gpus), 1, train_len, block_size))
+    train = training_plan.training_memory(counts.total, counts.total, sizing.largest_layer_params(model),
+                                   facts, training_plan.TrainShape(max(1, n_gpus), 1, train_len, block_size))
     per_device: dict[str, float] = {}
     for dev, key in ((ctx_dev, "context_device_gib"), (den_dev, "denoiser_device_gib")):
         per_device[dev] = per_device.get(dev, 0.0) + decode["diffusion"][key]

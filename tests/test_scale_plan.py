@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.estimate import SHIPPED_BACKBONES, config_from_json, estimate, load_backbone_config
-from twotower import sizing
+from twotower import sizing, training_plan
 
 NANO = "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16"
 NANO_JSON = SHIPPED_BACKBONES / "nemotron-3-nano-30b-a3b.json"
@@ -119,11 +119,11 @@ def test_new_parameters_by_kind_classifies_names():
 def test_training_memory_shrinks_with_gpus_and_rejects_bad_shapes():
     facts = sizing.family_facts(sizing.build_on_meta(config_from_json(NANO_JSON)))
     args = (31_000_000_000, 32_000_000_000, 1_300_000_000, facts)
-    small = sizing.training_memory(*args, sizing.TrainShape(64, 1, 4096, 16))["total_gib"]
-    big = sizing.training_memory(*args, sizing.TrainShape(8, 1, 4096, 16))["total_gib"]
+    small = training_plan.training_memory(*args, training_plan.TrainShape(64, 1, 4096, 16))["total_gib"]
+    big = training_plan.training_memory(*args, training_plan.TrainShape(8, 1, 4096, 16))["total_gib"]
     assert big > small
     with pytest.raises(ValueError, match="seq_len"):
-        sizing.training_memory(*args, sizing.TrainShape(8, 1, 4095, 16))
+        training_plan.training_memory(*args, training_plan.TrainShape(8, 1, 4095, 16))
 
 
 def test_formula_matches_the_runtime_on_meta():
@@ -184,8 +184,8 @@ def test_decode_traffic_moe_block_reads_more_experts(nano_plan):
 def test_training_step_time_intra_vs_inter_node(nano_plan):
     ctx = sizing.ParamCounts(**{k: nano_plan["params"]["context_tower"][k]
                                 for k in ("total", "embeddings", "lm_head", "routed_experts", "active")})
-    one_node = sizing.training_step_time(ctx, ctx, sizing.TrainShape(8, 1, 4096, 16))
-    two_nodes = sizing.training_step_time(ctx, ctx, sizing.TrainShape(16, 1, 4096, 16))
+    one_node = training_plan.training_step_time(ctx, ctx, training_plan.TrainShape(8, 1, 4096, 16))
+    two_nodes = training_plan.training_step_time(ctx, ctx, training_plan.TrainShape(16, 1, 4096, 16))
     # FLOPs per token: 8 x active (denoiser fwd + bwd + recompute) + 2 x active (context fwd).
     assert one_node["flops_per_token_g"] == pytest.approx(10 * ctx.active_without_embeddings / 1e9)
     assert two_nodes["comm_s_per_microbatch"] > one_node["comm_s_per_microbatch"]  # slower link
