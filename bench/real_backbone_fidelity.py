@@ -3,7 +3,7 @@
     python bench/real_backbone_fidelity.py [--gguf package:MODULE/FILE] [--prompts 20]
         [--max-new-tokens 32] [--long-tokens 640] [--threads 2]
 
-Converts the GGUF file once into the conversion cache (`stages.backbone_source`; later runs reuse
+Converts the GGUF file once into the conversion cache (`stages.backbones.backbone_source`; later runs reuse
 it), builds the two-tower model on it and prints, in one process:
 
 - **parity**: max |Δ logits| between our context walk (`twotower.walk`) and transformers' own
@@ -52,11 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from stages import backbone_source as bs
-    from stages.code_corpus import stdlib_dir
+    from stages.backbones import backbone_source as bs
+    from stages.backbones.loading import load_backbone
+    from stages.data.code_corpus import stdlib_dir
+    from stages.evaluation.humaneval import load_problems
     from stages.fidelity import greedy_agreement, parity
-    from stages.humaneval import load_problems
-    from stages.loading import load_backbone
     from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
 
     torch.set_num_threads(args.threads)

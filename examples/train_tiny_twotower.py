@@ -24,15 +24,15 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, NemotronHConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages.batch_sweep import decide  # noqa: E402  (auto's rule, as calibrate_gamma applies it)
-from stages.tasks import generate  # noqa: E402  (the pipeline's own task families)
-from stages.tokenizer import vocabulary  # noqa: E402
+from stages.data.tasks import generate  # noqa: E402  (the pipeline's own task families)
+from stages.data.tokenizer import vocabulary  # noqa: E402
+from stages.evaluation.batch_sweep import decide  # noqa: E402  (auto's rule, as calibrate_gamma applies it)
 from twotower import TwoTowerConfig, TwoTowerForDiffusionLM  # noqa: E402
 from twotower.data import block_aligned_batch  # noqa: E402
 
 BLOCK = 16
 TASKS = ("add", "sort", "copy", "reverse", "facts")
-"""Families of `stages/tasks.py` the example trains and evaluates on (one generator for the project)."""
+"""Families of `stages/data/tasks.py` the example trains and evaluates on (one generator for the project)."""
 VOCAB_MAP = vocabulary()  # the pipeline's character tokenizer, ids only (no tokenizer object needed)
 VOCAB = len(VOCAB_MAP)
 PAD, BOS, EOS = VOCAB_MAP["<pad>"], VOCAB_MAP["<bos>"], VOCAB_MAP["<eos>"]
@@ -152,7 +152,7 @@ BATCH_MODES = ("ar", "diffusion", "verified")
 
 AUTO_TARGET = 0.987
 """`auto` may pick diffusion where its relative quality (batch 1, γ 0.8) is at least this (the paper's
-98.7 %); ar and verified always qualify (stages/batch_sweep.py's rule, without the interval)."""
+98.7 %); ar and verified always qualify (stages/evaluation/batch_sweep.py's rule, without the interval)."""
 
 
 def batched_speed(model, examples, gamma: float, batch: int, modes=BATCH_MODES, **kwargs) -> dict[str, float]:

@@ -97,7 +97,7 @@ def _check_root(cfg: PipelineConfig, estimate: Any = None) -> tuple[str | None, 
     run writes (else a warning: a big recipe is validated on a laptop before it runs on a cluster's
     root). `validate` passes the estimate's cached parameter counts (`pipeline.estimate_cache`:
     sizing a backbone costs seconds of imports the first time only)."""
-    from stages.diskspace import check_root, plan_bytes
+    from pipeline.diskspace import check_root, plan_bytes
     return check_root(Path(cfg.run.root), plan_bytes(estimate if isinstance(estimate, dict) else None))
 
 
@@ -115,7 +115,7 @@ def plan_of(cfg: PipelineConfig, with_estimate: bool = True) -> dict[str, Any]:
     plan: dict[str, Any] = {"name": cfg.name, "sources": cfg.sources, "runner": cfg.run.runner,
                             "order": list(cfg.stages), "stages": stages, "config": cfg.resolved}
     from pipeline.estimate import plan_world
-    plan["world"] = plan_world(cfg)  # what train_denoiser will run: stages/world_size.py
+    plan["world"] = plan_world(cfg)  # what train_denoiser will run: stages/training/world_size.py
     if with_estimate:
         plan["estimate"] = _estimate(cfg)
     return plan
@@ -223,6 +223,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     from rich.console import Console
+
     from pipeline.display import summary_table
     console = Console()
     console.print(f"run directory: {run_dir}", highlight=False)

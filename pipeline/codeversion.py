@@ -17,7 +17,7 @@ Python's import semantics that the walk follows, because they decide what actual
   strings (`{"TwoTowerConfig": "twotower.config", ...}`, as `twotower/__init__.py` does) is read as
   importing `table[name]` for each `name` taken from it (every entry for a plain `import pkg`);
 - a literal `"package.module:attribute"` string (a lazily imported target, e.g. a
-  `LazyFactory("stages.denoiser_module:DenoiserModule")`) is an import of `package.module`.
+  `LazyFactory("stages.training.denoiser_module:DenoiserModule")`) is an import of `package.module`.
 Nothing is imported to compute this: `validate` stays fast and free of heavy imports.
 """
 from __future__ import annotations

@@ -21,8 +21,17 @@ from typing import Any
 from pipeline.codeversion import ImportGraph, code_version
 from pipeline.dag import Dag, build_dag, dag_problems
 from pipeline.layers import CLI, Problem, delete_key, load_yaml, origin, parse_overrides, resolve
-from pipeline.schema import (ENGINE_SECTIONS, RayConfig, RunConfig, StageSpec, TrackingConfig,
-                             build, check, check_dataclass, suggest, to_plain)
+from pipeline.schema import (
+    ENGINE_SECTIONS,
+    RayConfig,
+    RunConfig,
+    StageSpec,
+    TrackingConfig,
+    build,
+    check_dataclass,
+    suggest,
+    to_plain,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS_FILE = REPO_ROOT / "pipeline.yaml"

@@ -19,8 +19,12 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from stages.backbone_configs import (SHIPPED_BACKBONES, config_from_json, load_backbone_config,  # noqa: F401
-                                     shipped_backbone_configs)
+from stages.backbones.backbone_configs import (  # noqa: F401
+    SHIPPED_BACKBONES,
+    config_from_json,
+    load_backbone_config,
+    shipped_backbone_configs,
+)
 from stages.duplicate_backbone import DEFAULT_DEVICE_MEMORY_GIB
 
 GPU_GIB = DEFAULT_DEVICE_MEMORY_GIB
@@ -168,7 +172,7 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
 
 def _train_shape(sec: Sections, block_size: int, num_gpus: int | None):
     """The training job to size: GPUs from `plan.num_gpus`, else the run's world size
-    (`stages.world_size`; `UNSET_GPUS` if neither is above 1); rows of `data.seq_len` tokens in
+    (`stages.training.world_size`; `UNSET_GPUS` if neither is above 1); rows of `data.seq_len` tokens in
     micro-batches of `train.batch_size`."""
     from twotower.training_plan import TrainShape
 
@@ -179,8 +183,8 @@ def _train_shape(sec: Sections, block_size: int, num_gpus: int | None):
 
 
 def world(sec: Sections):
-    """The training world the run will use (`stages.world_size.world_of`, as `train_denoiser` calls it)."""
-    from stages.world_size import world_of
+    """The training world the run will use (`stages.training.world_size.world_of`, as `train_denoiser` calls it)."""
+    from stages.training.world_size import world_of
 
     return world_of(sec.train, int(sec.data.seq_len))
 
@@ -190,7 +194,7 @@ def plan_world(cfg: Any) -> dict | None:
     the graph does not train the denoiser. Light: no backbone config is read."""
     from pipeline.schema import build
     from stages import prepare_data, train_denoiser
-    from stages.world_size import world_of
+    from stages.training.world_size import world_of
 
     plain = _plain(cfg)
     if "train_denoiser" not in (plain.get("graph") or {}):
@@ -270,7 +274,7 @@ def cluster_problem(cfg: Any) -> str | None:
         return None
     import ray
 
-    from stages.world_size import World, check_cluster
+    from stages.training.world_size import World, check_cluster
     world = plan_world(cfg)
     if world is None:
         return None

@@ -1,7 +1,7 @@
 """What a run will write under `run.root`, for `validate`: the plan's estimate, cached per backbone.
 
 `validate` checks that `run.root` has room for what the plan estimates the run writes there
-(`stages.diskspace.plan_bytes`: artifact, checkpoints, export). Computing the estimate builds the
+(`pipeline.diskspace.plan_bytes`: artifact, checkpoints, export). Computing the estimate builds the
 backbone and both towers on the meta device; the imports that needs (torch, transformers, the model
 code: ~8 s on 2 cores) dwarf the sizing itself (~0.3 s) and the rest of `validate` (~2 s). The two
 numbers the disk check reads depend only on the backbone's config file, the `twotower` section, the
@@ -53,7 +53,7 @@ def _version(dist: str) -> str | None:
 def estimate_key(cfg: Any) -> str | None:
     """The cache key of `cfg`'s estimate, or None when the plan sizes no backbone for it."""
     from pipeline.estimate import Sections, _plain
-    from stages.backbone_configs import backbone_config_file
+    from stages.backbones.backbone_configs import backbone_config_file
 
     sections = Sections.of(cfg)
     name = sections.backbone.name_or_path

@@ -14,10 +14,9 @@ from typing import Any
 
 from pipeline.config import REPO_ROOT, Stage
 from pipeline.contracts import Executor
-from pipeline.state import PipelineError
 from pipeline.schema import RayConfig
+from pipeline.state import PipelineError
 from pipeline.worker import execute
-
 
 SHIP_EXCLUDES = ["runs/", ".venv/", ".git/", "**/__pycache__/", "*.egg-info/", "mlruns/", ".pytest_cache/"]
 """What `ray.ship_code` leaves out of the uploaded repository."""
@@ -183,7 +182,7 @@ class RayExecutor:
 
 
 FAULT_ENV_PREFIX = "PIPELINE_FAULT_"
-"""Fault-injection variables (tests only, e.g. `stages.finite_guard`'s) the driver forwards to its
+"""Fault-injection variables (tests only, e.g. `stages.training.finite_guard`'s) the driver forwards to its
 stage tasks: a worker of a Ray joined over `ray.address` does not inherit the driver's environment.
 Only set ones are forwarded, so an ordinary run keeps one worker pool (a distinct `runtime_env`
 starts new worker processes)."""

@@ -31,6 +31,7 @@ from pipeline.schema import suggest
 from pipeline.state import FINISHED, PipelineError, RunInfo, RunResult, StageFailed, StageState
 from pipeline.store import ArtifactStore, cache_key, write_atomic, write_json_atomic
 
+
 def stage_keys(cfg: PipelineConfig) -> dict[str, str]:
     """Every stage's cache key, in topological order (a key covers its upstream keys)."""
     keys: dict[str, str] = {}

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import import_stage
+from pipeline.diskspace import disk_error, is_disk_error
 from pipeline.locks import check_fence
 from pipeline.schema import build
 from pipeline.store import ArtifactStore
 from stages.api import StageContext
-from stages.diskspace import disk_error, is_disk_error
 
 PROGRESS_INTERVAL_S = 0.2
 """Minimum seconds between two progress events written (training may report every step)."""

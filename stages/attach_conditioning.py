@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from stages.api import StageContext
-from stages.loading import BackboneRef, load_backbone
+from stages.backbones.loading import BackboneRef, load_backbone
 
 SECTION = "twotower"
 REQUIRES = ("freeze_context",)
@@ -63,7 +63,7 @@ def check_denoiser_layers(sections: dict) -> None:
     when it builds the towers. ValueError naming the key and the layer count."""
     import json
 
-    from stages.backbone_configs import backbone_config_file
+    from stages.backbones.backbone_configs import backbone_config_file
 
     tt = sections.get("twotower") or {}
     layers = tt.get("denoiser_layers")
@@ -93,9 +93,8 @@ def probe_ids(vocab_size: int, block_size: int, seed: int, n_blocks: int = 3):
 
 def run(cfg, inputs: dict[str, dict], ctx: StageContext) -> dict:
     """Build the two towers with `cfg`, check trainable set and zero-init identity, record them."""
-    from twotower import TwoTowerForDiffusionLM, checks, sizing
-
     from stages.freeze_context import trainable_report
+    from twotower import TwoTowerForDiffusionLM, checks, sizing
 
     up = inputs["freeze_context"]
     ref = BackboneRef.of(up, "freeze_context")

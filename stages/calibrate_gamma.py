@@ -1,14 +1,14 @@
 """Stage `calibrate_gamma`: choose the confidence threshold γ on held-out prompts (section `calibrate`).
 
 For every γ in the grid (and every block size, when a list is given) it decodes the same held-out
-prompts with AR and with diffusion, side by side in this process (`stages.decoding_eval`), and
+prompts with AR and with diffusion, side by side in this process (`stages.evaluation.decoding_eval`), and
 records quality relative to AR with its 95% paired-bootstrap interval over prompts
-(`stages.confidence`), tokens per denoiser forward and wall-clock speedup. It picks the smallest γ
+(`stages.evaluation.confidence`), tokens per denoiser forward and wall-clock speedup. It picks the smallest γ
 whose *lower confidence bound* of relative quality meets `target_relative_quality` (ties across
 block sizes: the fastest), so a γ that meets the target only by luck of the slice is not picked;
 when no point does, it picks the one with the best lower bound, says so loudly and records
 `target_met = 0`. A Pareto plot (relative quality against speedup, each point labelled) is saved.
-Then, at the chosen γ, a batch-size sweep (`batch_sizes`, stages/batch_sweep.py) times ar,
+Then, at the chosen γ, a batch-size sweep (`batch_sizes`, stages/evaluation/batch_sweep.py) times ar,
 diffusion and verified side by side and records per batch size the fastest mode meeting the
 target: `auto_modes`, which export writes into generation_config.json for `generate(mode="auto")`.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from stages.api import Range, StageContext
-from stages.placement import check_reserved, devices_of
+from stages.backbones.placement import check_reserved, devices_of
 
 SECTION = "calibrate"
 REQUIRES = ("prepare_data", "train_denoiser")
@@ -54,7 +54,7 @@ class Config:
     """Batch size -> torch threads AR decoding is timed with, where its best differs from
     `num_threads`; `auto`: measured at the stage's start (AR at every thread count up to
     `num_threads` on the first prompts, the fastest kept; reported as `metrics.ar_threads`). Every
-    mode is timed at its own best settings (`stages.batch_sweep.AR_THREADS`)."""
+    mode is timed at its own best settings (`stages.evaluation.batch_sweep.AR_THREADS`)."""
     max_interval_width: Annotated[float, Range(0, 1, low_open=True)] | None = None
     """Widest 95% interval of the chosen point's relative quality; when wider, the slice grows (null: fixed slice)."""
     max_prompts_per_task: Annotated[int, Range(1)] = 64
@@ -132,7 +132,7 @@ def _points(de, rows: list, settings: list) -> list[dict]:
 
 def pareto_plot(points: list[dict], target: float, chosen: dict, path: Path) -> None:
     """Relative quality against speedup, each point labelled with its γ (and B)."""
-    from stages import plots
+    from stages.evaluation import plots
 
     fig, ax = plots.axes(5.5, 4)
     xs = [p["speedup"] for p in points]
@@ -159,7 +159,7 @@ def pareto_plot(points: list[dict], target: float, chosen: dict, path: Path) -> 
 
 def check_resources(cfg: Config, sections: dict, resources, stage: str) -> None:
     """Config time: the towers' devices (`backbone.context_device` / `denoiser_device`) against the
-    GPUs this stage reserves (`stages.placement`)."""
+    GPUs this stage reserves (`stages.backbones.placement`)."""
     check_reserved(sections.get("backbone") or {}, float(resources.num_gpus), stage)
 
 
@@ -167,14 +167,14 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     """Sweep γ (× B), pick the smallest γ meeting the target, save table and Pareto plot."""
     import torch
 
-    from stages import decoding_eval as de
-    from stages.batch_sweep import auto_speedup
-    from stages.loading import load_trained
+    from stages.backbones.loading import load_trained
+    from stages.evaluation import decoding_eval as de
+    from stages.evaluation.batch_sweep import auto_speedup
 
     validate(cfg)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    from stages import batch_sweep
+    from stages.evaluation import batch_sweep
 
     torch.manual_seed(ctx.seed)
     examples = de.load_examples(inputs["prepare_data"]["artifacts"]["eval_examples"], cfg.prompts_per_task)
@@ -261,9 +261,9 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
 
 def _batch_sweep(cfg: Config, model, tokenizer, examples: list[dict], chosen: dict,
                  ctx: StageContext) -> tuple[list[dict], dict[int, str]]:
-    """Time ar, diffusion at the chosen γ and verified at each of `batch_sizes` (stages/batch_sweep.py)
+    """Time ar, diffusion at the chosen γ and verified at each of `batch_sizes` (stages/evaluation/batch_sweep.py)
     and pick per batch size the fastest mode meeting the quality target: `auto`'s table."""
-    from stages import batch_sweep
+    from stages.evaluation import batch_sweep
 
     if not cfg.batch_sizes:
         return [], {}

@@ -6,7 +6,7 @@ through the adapter registry and records the layer map, the parameter counts (to
 token, per tower) and a per-device memory plan for the two towers. No tower weights are written
 here: `train_denoiser` materialises them and `export` writes them once.
 
-The manifest hands the backbone downstream as one typed reference (`stages.loading.BackboneRef`:
+The manifest hands the backbone downstream as one typed reference (`stages.backbones.loading.BackboneRef`:
 model, tokenizer, dtype, sequence length) under `backbone`, so later stages need only their direct
 upstream manifests. `Config` is the `backbone` section, shared with `freeze_context`.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from stages.api import Range, StageContext
-from stages.loading import DTYPE_BYTES, BackboneRef, Dtype, load_backbone
-from stages.placement import DEVICE, resolve_devices
+from stages.backbones.loading import DTYPE_BYTES, BackboneRef, Dtype, load_backbone
+from stages.backbones.placement import DEVICE, resolve_devices
 
 SECTION = "backbone"
 REQUIRES: tuple[str, ...] = ()  # prepare_data and pretrain_backbone are read when the graph has them
@@ -44,7 +44,7 @@ class Config:
     gguf_file: str | None = None
     """A GGUF checkpoint instead: a path (relative to `name_or_path` when that is a directory) or
     `package:MODULE/FILE` inside an installed package. Converted once to a safetensors directory
-    under `<run.root>/cache/backbone_sources/` (stages/backbone_source.py; the `[real]` extra)."""
+    under `<run.root>/cache/backbone_sources/` (stages/backbones/backbone_source.py; the `[real]` extra)."""
     revision: str | None = None
     """Hub revision of `name_or_path` (part of the hub source's key); None: the default branch."""
     dtype: Dtype = "float32"
@@ -58,7 +58,7 @@ class Config:
     """Memory of one accelerator, for the plan's fit check (ignored on CPU)."""
     random_init: dict[str, Any] | None = None
     """Config fields to override (widths, expert counts) on `name_or_path`'s architecture, then a
-    random init with the run's seed and the data's tokenizer (`stages.random_backbone`): the
+    random init with the run's seed and the data's tokenizer (`stages.backbones.random_backbone`): the
     recipe's layer pattern and kinds at a size a CPU holds. None: the pretrained weights."""
 
 
@@ -72,20 +72,20 @@ def validate(cfg: Config) -> None:
 
 def resolve_backbone_path(cfg: Config, inputs: dict[str, dict], cache_root: Path | None = None) -> str:
     """The backbone to use: the pretrained tiny model when present upstream, else the config's
-    (a GGUF file converted once into `cache_root`; see `stages.backbone_source`)."""
+    (a GGUF file converted once into `cache_root`; see `stages.backbones.backbone_source`)."""
     return resolve_backbone(cfg, inputs, cache_root)[0]
 
 
 def resolve_backbone(cfg: Config, inputs: dict[str, dict], cache_root: Path | None = None,
                      seed: int = 0) -> tuple[str, dict]:
     """(loadable path, description of the source checkpoint for the card and summary.json)."""
-    from stages import backbone_source
+    from stages.backbones import backbone_source
 
     if "pretrain_backbone" in inputs:
         return inputs["pretrain_backbone"]["artifacts"]["model"], {"kind": "pretrain_backbone"}
     root = Path(cache_root) if cache_root is not None else Path(tempfile.gettempdir()) / "twotower_backbones"
     if cfg.random_init is not None:
-        from stages import random_backbone
+        from stages.backbones import random_backbone
 
         tokenizer = inputs.get("prepare_data", {}).get("artifacts", {}).get("tokenizer")
         if not cfg.name_or_path or not tokenizer:
@@ -134,6 +134,7 @@ def memory_plan(cfg: Config, model, counts, seq_len: int, n_gpus: int,
 def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     """Load the backbone, record layer map, parameter counts and the memory plan."""
     import torch
+
     from twotower import sizing
 
     path, source = resolve_backbone(cfg, inputs, Path(ctx.run_dir).parent / "cache" / "backbone_sources", ctx.seed)
@@ -154,7 +155,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
                "n_sublayers": len(lmap), "weights_gib_per_tower": plan["weights_gib_per_tower"],
                "train_gib_per_gpu": plan["train_bf16_fsdp"]["total_gib"],
                **{f"layers_{k}": kinds.count(k) for k in sorted(set(kinds))}}
-    from stages.backbone_source import source_line
+    from stages.backbones.backbone_source import source_line
 
     if source_line(source):
         metrics["source_checkpoint"] = source_line(source)

@@ -3,12 +3,12 @@
 On the held-out examples that calibration did not use, it decodes each prompt with the AR tower
 alone and with diffusion at the chosen γ (and B), interleaved in this process, and reports per-task
 and overall quality, quality relative to AR with its 95% paired-bootstrap interval over prompts
-(`relative_quality_low` / `relative_quality_high`, stages/confidence.py), wall-clock speedup, tokens per denoiser forward and peak
+(`relative_quality_low` / `relative_quality_high`, stages/evaluation/confidence.py), wall-clock speedup, tokens per denoiser forward and peak
 memory, plus a per-task bar chart. The metrics keys `ar_quality`, `diffusion_quality`,
 `relative_quality`, `speedup`, `tokens_per_forward` and `per_task` are a contract (summary.json).
-Each suite named in `suites` then runs in both modes too (`humaneval`: stages/humaneval.py, its
+Each suite named in `suites` then runs in both modes too (`humaneval`: stages/evaluation/humaneval.py, its
 `humaneval_*` metrics added to the same manifest). With `mode_batches`, every mode (ar, diffusion,
-verified, auto) is measured side by side at those batch sizes (stages/mode_table.py): `modes` in
+verified, auto) is measured side by side at those batch sizes (stages/evaluation/mode_table.py): `modes` in
 the metrics, flat `b<batch>_<mode>_<figure>` in MLflow, and `speedup.png` (speedup by batch size).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Literal, get_args
 
 from stages.api import Range, StageContext
-from stages.placement import check_reserved, devices_of
+from stages.backbones.placement import check_reserved, devices_of
 
 SECTION = "evaluate"
 REQUIRES = ("prepare_data", "train_denoiser", "calibrate_gamma")
@@ -44,9 +44,9 @@ class Config:
     """Batch size -> torch threads AR decoding is timed with, where its best differs from
     `num_threads`; `auto`: measured at the stage's start (AR at every thread count up to
     `num_threads` on the first prompts, the fastest kept; reported as `metrics.ar_threads`). Every
-    mode is timed at its own best settings (`stages.batch_sweep.AR_THREADS`)."""
+    mode is timed at its own best settings (`stages.evaluation.batch_sweep.AR_THREADS`)."""
     suites: list[Suite] = field(default_factory=list)
-    """Extra suites, each in AR and in diffusion at the calibrated γ: `humaneval` (stages/humaneval.py)."""
+    """Extra suites, each in AR and in diffusion at the calibrated γ: `humaneval` (stages/evaluation/humaneval.py)."""
     humaneval_problems: Annotated[int, Range(1, 164)] = 164
     """HumanEval subset size: the first N of the 164 problems."""
     humaneval_max_new_tokens: Annotated[int, Range(1)] = 256
@@ -55,11 +55,11 @@ class Config:
     """Seconds each completion's tests may run in the sandbox."""
     humaneval_chat_template: bool = False
     """Send each HumanEval prompt as a user turn through the tokenizer's chat template and check the
-    code of the fenced answer (instruct models, e.g. SmolLM2-Instruct; stages/humaneval.py)."""
+    code of the fenced answer (instruct models, e.g. SmolLM2-Instruct; stages/evaluation/humaneval.py)."""
     sandbox: Literal["auto", "namespaces", "guard"] = "auto"
-    """Isolation of executed code: `auto`, `namespaces` or `guard` (stages/sandbox.py)."""
+    """Isolation of executed code: `auto`, `namespaces` or `guard` (stages/evaluation/sandbox.py)."""
     mode_batches: list[Annotated[int, Range(1)]] = field(default_factory=lambda: [1, 8])
-    """Batch sizes of the mode table (ar, diffusion, verified, auto side by side: stages/mode_table.py); [] skips it."""
+    """Batch sizes of the mode table (ar, diffusion, verified, auto side by side: stages/evaluation/mode_table.py); [] skips it."""
 
     def __post_init__(self) -> None:
         if self.prompts_per_task < 1 or self.repeats < 1 or self.max_new_tokens < 1:
@@ -72,7 +72,7 @@ class Config:
                              "and evaluate.humaneval_timeout_s > 0")
         if any(b < 1 for b in self.mode_batches) or len(set(self.mode_batches)) != len(self.mode_batches):
             raise ValueError(f"evaluate.mode_batches={self.mode_batches}: each must be >= 1, without repeats")
-        from stages.sandbox import ISOLATIONS
+        from stages.evaluation.sandbox import ISOLATIONS
 
         if self.sandbox not in ISOLATIONS:
             raise ValueError(f"evaluate.sandbox must be one of {ISOLATIONS}, got {self.sandbox!r}")
@@ -80,7 +80,7 @@ class Config:
 
 def bar_chart(per_task: dict[str, dict], path: Path, gamma: float) -> None:
     """Per-task AR vs diffusion quality bars, the task kind under each name."""
-    from stages import plots
+    from stages.evaluation import plots
 
     tasks = list(per_task)
     x = range(len(tasks))
@@ -95,7 +95,7 @@ def bar_chart(per_task: dict[str, dict], path: Path, gamma: float) -> None:
 
 
 def _examples(path: str, cfg: Config, calib: dict, ctx: StageContext) -> list[dict]:
-    from stages import decoding_eval as de
+    from stages.evaluation import decoding_eval as de
 
     offset = int(calib.get("calibration_examples", {}).get("per_task", 0))
     try:
@@ -108,7 +108,7 @@ def _examples(path: str, cfg: Config, calib: dict, ctx: StageContext) -> list[di
 
 def check_resources(cfg: Config, sections: dict, resources, stage: str) -> None:
     """Config time: the towers' devices (`backbone.context_device` / `denoiser_device`) against the
-    GPUs this stage reserves (`stages.placement`)."""
+    GPUs this stage reserves (`stages.backbones.placement`)."""
     check_reserved(sections.get("backbone") or {}, float(resources.num_gpus), stage)
 
 
@@ -116,12 +116,12 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     """Decode the eval split both ways; return the contract metrics and a bar chart."""
     import torch
 
-    from stages import decoding_eval as de
-    from stages.loading import load_trained
+    from stages.backbones.loading import load_trained
+    from stages.evaluation import decoding_eval as de
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    from stages import batch_sweep
+    from stages.evaluation import batch_sweep
 
     torch.manual_seed(ctx.seed)
     calib = inputs["calibrate_gamma"]
@@ -179,8 +179,8 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
 def _mode_table(cfg: Config, model, tokenizer, examples: list[dict], setting, calib: dict, out: Path,
                 ctx: StageContext) -> dict:
     """ar, diffusion at the calibrated γ, verified and auto side by side at each of `mode_batches`
-    (stages/mode_table.py), logged flat to MLflow, and the speedup-by-batch-size plot."""
-    from stages import mode_table
+    (stages/evaluation/mode_table.py), logged flat to MLflow, and the speedup-by-batch-size plot."""
+    from stages.evaluation import mode_table
 
     table_modes = calib.get("auto_modes") or {}
     sizes = sorted(cfg.mode_batches)
@@ -196,8 +196,8 @@ def _mode_table(cfg: Config, model, tokenizer, examples: list[dict], setting, ca
 
 
 def _humaneval(cfg: Config, model, tokenizer, setting, out: Path, ctx: StageContext) -> dict:
-    """The HumanEval suite in AR and in diffusion at the calibrated setting (stages/humaneval.py)."""
-    from stages import humaneval
+    """The HumanEval suite in AR and in diffusion at the calibrated setting (stages/evaluation/humaneval.py)."""
+    from stages.evaluation import humaneval
 
     modes = [humaneval.DecodingMode("ar", "ar"),
              humaneval.DecodingMode("diffusion", "diffusion", setting.gamma, setting.block_size)]

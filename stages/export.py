@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from stages.api import Range, StageContext
-from stages.backbone_source import source_line
-from stages.placement import check_reserved, devices_of, input_device
+from stages.backbones.backbone_source import source_line
+from stages.backbones.placement import check_reserved, devices_of, input_device
 
 SECTION = "export"
 REQUIRES = ("prepare_data", "train_denoiser", "calibrate_gamma")
@@ -85,7 +85,7 @@ def fidelity_lines(fid: dict) -> list[str]:
 
 
 def mode_lines(modes: dict, auto_modes: dict) -> list[str]:
-    """Model-card rows of evaluate's mode table (stages/mode_table.py): every mode at every batch
+    """Model-card rows of evaluate's mode table (stages/evaluation/mode_table.py): every mode at every batch
     size, and the per-batch-size table `auto` picks from."""
     if not modes:
         return []
@@ -192,6 +192,7 @@ def verify(path: Path, tokenizer, prompts: list[str], gamma: float, max_new_toke
            original=None, block_size: int = 16) -> dict[str, Any]:
     """Reload the export, generate in all three modes; compare mock_ar with ar (and logits with original)."""
     import torch
+
     from twotower import TwoTowerForDiffusionLM, place_towers_on_devices
 
     model = TwoTowerForDiffusionLM.from_pretrained(str(path)).eval()
@@ -233,14 +234,14 @@ def _is_export(path: Path) -> bool:
 
 def check_resources(cfg: Config, sections: dict, resources, stage: str) -> None:
     """Config time: the towers' devices (`backbone.context_device` / `denoiser_device`) against the
-    GPUs this stage reserves (`stages.placement`)."""
+    GPUs this stage reserves (`stages.backbones.placement`)."""
     check_reserved(sections.get("backbone") or {}, float(resources.num_gpus), stage)
 
 
 def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     """Save the model, tokenizer, generation config, plots and card; reload and verify."""
-    from stages import decoding_eval as de
-    from stages.loading import load_trained
+    from stages.backbones.loading import load_trained
+    from stages.evaluation import decoding_eval as de
 
     train, calib, ev = inputs["train_denoiser"], inputs["calibrate_gamma"], inputs.get("evaluate", {})
     gamma = float(calib["metrics"]["gamma"])

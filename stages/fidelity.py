@@ -127,10 +127,10 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     """Parity, greedy agreement and masked accuracy before/after training, on held-out data."""
     import torch
 
-    from stages import decoding_eval as de
-    from stages.loading import BackboneRef, TwoTowerFactory, load_trained
-    from stages.rows import build_rows
-    from stages.training import load_tokens
+    from stages.backbones.loading import BackboneRef, TwoTowerFactory, load_trained
+    from stages.data.rows import build_rows
+    from stages.evaluation import decoding_eval as de
+    from stages.training.optimisation import load_tokens
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)

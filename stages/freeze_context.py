@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 
 from stages.api import StageContext
+from stages.backbones.loading import BackboneRef, load_backbone
 from stages.duplicate_backbone import Config  # the shared `backbone` section
-from stages.loading import BackboneRef, load_backbone
 
 SECTION = "backbone"
 REQUIRES = ("duplicate_backbone",)
@@ -50,8 +50,7 @@ def trainable_report(model) -> dict:
 
 def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     """Build the two towers, verify the trainable set and the context tower's identity."""
-    from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
-    from twotower import checks
+    from twotower import TwoTowerConfig, TwoTowerForDiffusionLM, checks
 
     up = inputs["duplicate_backbone"]
     ref = BackboneRef.of(up, "duplicate_backbone")

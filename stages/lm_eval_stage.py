@@ -1,6 +1,6 @@
 """Stage `lm_eval` (optional): score the export with lm-evaluation-harness tasks (section `lm_eval`).
 
-It runs `lm_eval.simple_evaluate` on the `twotower` model (`stages.lm_eval_model`) over the
+It runs `lm_eval.simple_evaluate` on the `twotower` model (`stages.evaluation.lm_eval_model`) over the
 export stage's directory (or `lm_eval.pretrained`), and returns every task's every numeric metric
 flat in the manifest, so the engine puts them in summary.json and MLflow:
 `lm_eval_<task>_<metric>` (`acc`, `acc_norm`, `exact_match`, ... with a non-default filter
@@ -86,7 +86,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from stages.lm_eval_model import TwoTowerLM
+    from stages.evaluation.lm_eval_model import TwoTowerLM
 
     path = cfg.pretrained or (inputs.get("export") or {}).get("path")
     if not path:

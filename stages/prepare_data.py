@@ -3,18 +3,18 @@
 Three sources, all through HF `datasets` except the built-in one:
 
 - `synthetic` (default, offline, deterministic in `seed`): the verifiable task families of
-  `stages/tasks.py`. Each example is `<bos> prompt answer <eos>`; examples are packed whole into
+  `stages/data/tasks.py`. Each example is `<bos> prompt answer <eos>`; examples are packed whole into
   rows of `seq_len` tokens (never split across rows) and the rest of a row is `<pad>`.
 - `files`: local `.jsonl` / `.json` / `.parquet` / `.txt` files. With `prompt_column` and
   `answer_column` the rows are verifiable prompt/answer pairs and are packed like the synthetic
   ones; otherwise `text_column` holds documents, packed as one `<eos>`-separated token stream.
 - `hf`: a hub dataset (`hf_name`, streaming allowed), treated like `files`. Needs the network.
 - `python_stdlib` (offline): the Python standard library's own source files as plain-text code
-  documents (`stages/code_corpus.py`), treated like `files` with a text column.
+  documents (`stages/data/code_corpus.py`), treated like `files` with a text column.
 
 Outputs (see docs/architecture.md, "prepare_data manifest"): `tokenizer/` (the character-level
-tokenizer of `stages/tokenizer.py` unless `tokenizer` names another), `train_shards/` and
-`eval_shards/` (token shards, `stages/token_shards.py`: ids [N, seq_len] as uint16/uint32 plus a
+tokenizer of `stages/data/tokenizer.py` unless `tokenizer` names another), `train_shards/` and
+`eval_shards/` (token shards, `stages/data/token_shards.py`: ids [N, seq_len] as uint16/uint32 plus a
 loss mask marking answer tokens and their EOS, implied all-ones for plain text), and `eval_examples.jsonl` (rows
 `{"task", "kind", "prompt", "answer"}`; for plain text `answer` is "" and `reference` holds the
 document's continuation). The eval split is held out: a synthetic training example
@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from stages.api import Range, StageContext
-from stages.data_sources import external_rows, iter_external_rows
-from stages.token_shards import ShardWriter
-from stages.tokenizer import char_encoder, encode_pairs, load_tokenizer
-from stages.tasks import FAMILIES, get_families
+from stages.data.data_sources import external_rows, iter_external_rows
+from stages.data.tasks import FAMILIES, get_families
+from stages.data.token_shards import ShardWriter
+from stages.data.tokenizer import char_encoder, encode_pairs, load_tokenizer
 
 SECTION = "data"
 DEFAULT_TASKS = ("add", "sort", "copy", "reverse", "recall", "facts")
@@ -55,7 +55,7 @@ class Config:
     """Where examples come from: `synthetic` (built in, offline), `files` (local), `hf` (hub) or
     `python_stdlib` (the interpreter's own standard-library sources, offline)."""
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
-    """Synthetic task families to generate (names in `stages/tasks.py`; `scan` is also available)."""
+    """Synthetic task families to generate (names in `stages/data/tasks.py`; `scan` is also available)."""
     train_examples_per_task: Annotated[int, Range(1)] = 10000
     """Synthetic training examples per family (before removing eval prompts), times its weight."""
     task_weights: dict[str, Annotated[float, Range(0, low_open=True)]] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
@@ -102,7 +102,7 @@ class Config:
     `package:MODULE/FILE`, as `backbone.gguf_file`) whose embedded tokenizer is used; None builds
     the offline char tokenizer."""
     shard_tokens: Annotated[int, Range(1)] = 1 << 24
-    """Tokens per on-disk shard of a split (`stages/token_shards.py`): prepare_data holds at most
+    """Tokens per on-disk shard of a split (`stages/data/token_shards.py`): prepare_data holds at most
     one shard in memory while writing (16 M uint16 ids = 32 MiB by default)."""
 
 
@@ -170,7 +170,7 @@ def pack_examples(
 def synthetic_examples(cfg: Config, seed: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """(train rows, eval rows) of the synthetic families; eval prompts are removed from training
     except for closed-book families, whose eval asks the facts that training taught."""
-    from stages import tasks
+    from stages.data import tasks
 
     eval_rows = tasks.generate(cfg.tasks, cfg.eval_examples_per_task, seed=seed * 1000 + 1)
     train_rows = []

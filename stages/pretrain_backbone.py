@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from stages.api import Range, StageContext
-from stages.training import Optimisation, checkpoint_step, load_tokens, lr_factor, resolve_precision
+from stages.training.optimisation import Optimisation, checkpoint_step, load_tokens, lr_factor, resolve_precision
 
 SECTION = "pretrain"
 REQUIRES = ("prepare_data",)
@@ -39,7 +39,7 @@ PROGRESS_EVERY = 10
 
 @dataclass
 class Config(Optimisation):
-    """The `pretrain` section: the shared optimisation fields (`stages.training.Optimisation`; the
+    """The `pretrain` section: the shared optimisation fields (`stages.training.optimisation.Optimisation`; the
     tuned values are in recipes/tiny.yaml), then the model's shape and the stop rule."""
 
     layer_pattern: str = "M*E*-"
@@ -193,7 +193,7 @@ def ar_generate(model: Any, tok: Any, prompts: list[str], *, max_new_tokens: int
 def ar_exact_match(model: Any, tok: Any, examples: list[dict[str, str]], *, max_new_tokens: int,
                    batch_size: int = 128) -> dict[str, float]:
     """Per-task AR greedy exact match of `examples` (rows with `task`, `prompt`, `answer`)."""
-    from stages.tasks import exact_match
+    from stages.data.tasks import exact_match
 
     examples = [e for e in examples if e.get("answer")]  # plain-text rows ("" answer) are not verifiable
     if not examples:
@@ -277,8 +277,8 @@ def train(cfg: Config, data: dict[str, Any], ctx: StageContext) -> tuple[Any, di
     from pytorch_lightning.callbacks import ModelCheckpoint
     from transformers import AutoTokenizer
 
-    from stages.checkpoint_io import make_checkpoint_io, usable_checkpoint
-    from stages.finite_guard import make_finite_guard
+    from stages.training.checkpoint_io import make_checkpoint_io, usable_checkpoint
+    from stages.training.finite_guard import make_finite_guard
 
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)

@@ -1,9 +1,9 @@
 """Stage `train_denoiser`: train the denoiser tower with Lightning (section `train`).
 
-The stage reads the data's token files, lays them out as training rows (`stages.rows`), builds the
+The stage reads the data's token files, lays them out as training rows (`stages.data.rows`), builds the
 two-tower model from the backbone reference and the `twotower` section that `attach_conditioning`
-verified (`stages.loading.TwoTowerFactory`), fits `stages.denoiser_module.DenoiserModule` in this
-process or on Ray Train workers (`stages.denoiser_fit`), and saves the denoiser tower only
+verified (`stages.backbones.loading.TwoTowerFactory`), fits `stages.training.denoiser_module.DenoiserModule` in this
+process or on Ray Train workers (`stages.training.denoiser_fit`), and saves the denoiser tower only
 (`denoiser.safetensors`): the context tower is the backbone, bit for bit, so `load_trained(manifest)`
 rebuilds it from the backbone reference. `export` writes both towers once.
 
@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from stages.api import Range, StageContext
-from stages.loading import BackboneRef, TwoTowerFactory, save_denoiser
 from stages.attach_conditioning import check_block_size
-from stages.rows import Layout, NoiseOn, RowLoaders, ShardLoaders, ShardRows, build_rows
-from stages.training import Optimisation, load_tokens
-from stages.world_size import REMOVED_TRAIN_KEYS, check_stage_resources, world_of
+from stages.backbones.loading import BackboneRef, TwoTowerFactory, save_denoiser
+from stages.data.rows import Layout, NoiseOn, RowLoaders, ShardLoaders, ShardRows, build_rows
+from stages.training.optimisation import Optimisation, load_tokens
+from stages.training.world_size import REMOVED_TRAIN_KEYS, check_stage_resources, world_of
 
 SECTION = "train"
 REQUIRES = ("prepare_data", "attach_conditioning")
@@ -33,7 +33,7 @@ REQUIRES = ("prepare_data", "attach_conditioning")
 @dataclass
 class Config(Optimisation):
     """The `train` section: optimisation of the denoiser tower (the shared fields of
-    `stages.training.Optimisation`, then the denoiser's own)."""
+    `stages.training.optimisation.Optimisation`, then the denoiser's own)."""
 
     REMOVED_KEYS = REMOVED_TRAIN_KEYS  # not a field: keys a recipe may still set, and their replacement
 
@@ -56,15 +56,15 @@ class Config(Optimisation):
     """Lightning strategy; under `num_workers > 1`, `auto` is FSDP on GPU and DDP on CPU."""
     num_workers: Annotated[int, Range(1)] = 1
     """Training processes. Above 1 the fit runs on Ray Train workers through
-    `stages.train_distributed.fit_distributed` (FSDP on GPU, DDP over gloo on CPU; checkpoints in
+    `stages.training.train_distributed.fit_distributed` (FSDP on GPU, DDP over gloo on CPU; checkpoints in
     the stage's work dir on shared storage, resumed after a restart). The world size is this times
-    `gpus_per_worker` GPUs (`stages.world_size`)."""
+    `gpus_per_worker` GPUs (`stages.training.world_size`)."""
     gpus_per_worker: Annotated[int, Range(0, 1)] | None = None
     """GPUs each process reserves: 0 (CPU, gloo) or 1; null: 1 when `accelerator` is gpu/cuda."""
     max_failures: Annotated[int, Range(0)] = 0
     """`num_workers > 1`: times Ray Train restarts the worker group after a worker dies (its
     `FailureConfig`); each restart resumes from the last checkpoint on `run.root`, the row order at
-    the exact batch (`stages.row_sampler`). Set it on preemptible nodes."""
+    the exact batch (`stages.data.row_sampler`). Set it on preemptible nodes."""
     progress_bar: bool = True
     """Show Lightning's progress bar."""
     layout: Layout = "auto"
@@ -125,8 +125,8 @@ def check_resources(cfg: Config, sections: dict, resources, stage: str) -> None:
 
 def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     """Train the denoiser; write `denoiser.safetensors`; return losses, ELBO and throughput."""
-    from stages.denoiser_fit import fit, fit_on_workers, memory_loaders
-    from stages.token_shards import TokenShards, is_shard_dir
+    from stages.data.token_shards import TokenShards, is_shard_dir
+    from stages.training.denoiser_fit import fit, fit_on_workers, memory_loaders
 
     data, attach = inputs["prepare_data"], inputs["attach_conditioning"]
     backbone = BackboneRef.of(attach, "attach_conditioning")

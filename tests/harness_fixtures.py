@@ -10,7 +10,7 @@ def tiny_char_twotower(block_size: int = 4):
     """A random 2-layer Llama backbone (hidden 32) over the character tokenizer, as a two-tower model."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from stages.tokenizer import build_char_tokenizer
+    from stages.data.tokenizer import build_char_tokenizer
     from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
 
     tok = build_char_tokenizer()

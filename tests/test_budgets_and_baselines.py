@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from stages import batch_sweep
-from stages.train_denoiser import Config, budget_note, check_teacher_vocabulary
-from stages.loading import BackboneRef
 from twotower_fixtures import tiny_twotower
+
+from stages.backbones.loading import BackboneRef
+from stages.evaluation import batch_sweep
+from stages.train_denoiser import Config, budget_note, check_teacher_vocabulary
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").rglob("*.yaml"))
 
@@ -69,8 +69,9 @@ def test_ar_is_timed_at_its_own_threads_per_batch_size():
 
 
 def test_context_targets_need_the_backbones_tokenizer(tmp_path):
-    from stages.tokenizer import build_char_tokenizer
     from transformers import PreTrainedTokenizerFast
+
+    from stages.data.tokenizer import build_char_tokenizer
 
     char = build_char_tokenizer()
     char.save_pretrained(tmp_path / "data_tok")

@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from gguf_fixtures import tiny_llama, write_llama_gguf
-from stages import code_corpus, prepare_data
+
+from stages import prepare_data
 from stages.api import StageContext
+from stages.data import code_corpus
 from stages.prepare_data import Config, validate
-from stages.training import load_tokens
+from stages.training.optimisation import load_tokens
 
 MODULE = '''"""A module docstring."""
 import os

@@ -10,8 +10,8 @@ import pytest
 
 from stages import prepare_data
 from stages.api import StageContext
+from stages.data.tokenizer import char_encoder, load_tokenizer
 from stages.prepare_data import Config
-from stages.tokenizer import char_encoder, load_tokenizer
 
 
 def _ctx(tmp_path: Path, name: str = "out") -> StageContext:
@@ -31,7 +31,7 @@ def _digest(d: Path) -> dict[str, str]:
 def test_synthetic_manifest_files_and_determinism(tmp_path):
     from transformers import AutoTokenizer
 
-    from stages.training import load_tokens
+    from stages.training.optimisation import load_tokens
 
     m = prepare_data.run(_small(), {}, _ctx(tmp_path, "a"))
     for key in ("tokenizer", "train_tokens", "eval_tokens", "eval_examples"):

@@ -12,8 +12,8 @@ import torch
 
 from stages import prepare_data
 from stages.api import StageContext
-from stages.row_sampler import RowSampler
-from stages.token_shards import INDEX_FILE, ShardWriter, TokenShards, token_dtype
+from stages.data.row_sampler import RowSampler
+from stages.data.token_shards import INDEX_FILE, ShardWriter, TokenShards, token_dtype
 
 
 def _rows(n: int, seq_len: int, vocab: int, seed: int = 0) -> np.ndarray:
@@ -122,7 +122,7 @@ def test_workers_validate_disjoint_eval_parts_of_equal_length():
     lengths); one process, or an eval split smaller than w, validates every row."""
     import torch
 
-    from stages.rows import ShardLoaders
+    from stages.data.rows import ShardLoaders
 
     rows = [(torch.full((8,), i), torch.ones(8, dtype=torch.bool), torch.ones(8, dtype=torch.bool)) for i in range(11)]
     loaders = ShardLoaders(rows, rows, block_size=4, batch_size=2, seed=0)
@@ -193,7 +193,7 @@ def _lightning_fit(log, sampler, max_steps: int, ckpt_dir: Path, resume: bool):
     from pytorch_lightning.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader, TensorDataset
 
-    from stages.row_sampler import sampler_checkpoint
+    from stages.data.row_sampler import sampler_checkpoint
 
     data = DataLoader(TensorDataset(torch.arange(sampler.n_rows)), batch_sampler=sampler)
     trainer = pl.Trainer(max_steps=max_steps, max_epochs=-1, accelerator="cpu", logger=False,

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from stages import tasks
-from stages.tokenizer import SPECIAL_TOKENS, build_char_tokenizer
+from stages.data import tasks
+from stages.data.tokenizer import SPECIAL_TOKENS, build_char_tokenizer
 
 
 def _unindex(s: str) -> str:
@@ -138,7 +138,7 @@ def test_add_states_the_sum_with_carries():
 
 
 def test_the_example_draws_from_the_pipelines_task_families():
-    """One task generator in the project: examples/train_tiny_twotower.py samples `stages.tasks`
+    """One task generator in the project: examples/train_tiny_twotower.py samples `stages.data.tasks`
     and encodes with the pipeline's character tokenizer."""
     import importlib.util
     from pathlib import Path

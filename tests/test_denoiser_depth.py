@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from twotower_fixtures import TINY_CONFIGS, VOCAB, tiny_backbone, tiny_twotower
 
 from twotower import TwoTowerConfig, TwoTowerForDiffusionLM, checks
-from twotower.cache import TowerCache
 from twotower.block_context import DecodeContext
+from twotower.cache import TowerCache
 from twotower.walk import context_forward
-from twotower_fixtures import TINY_CONFIGS, VOCAB, tiny_backbone, tiny_twotower
 
 torch.set_num_threads(1)
 NAMES = sorted(TINY_CONFIGS)

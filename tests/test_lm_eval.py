@@ -18,9 +18,8 @@ import torch
 
 pytest.importorskip("lm_eval", reason="needs the [eval] extra")
 
-from lm_eval.api.instance import Instance  # noqa: E402
-
 from harness_fixtures import tiny_char_twotower  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_LENGTH = 32  # short, so truncation and several rolling windows are exercised
@@ -96,7 +95,7 @@ def tasks(export):
 def lms(export):
     from lm_eval.models.huggingface import HFLM
 
-    from stages.lm_eval_model import TwoTowerLM
+    from stages.evaluation.lm_eval_model import TwoTowerLM
 
     ours = TwoTowerLM(pretrained=str(export["export"]), max_length=MAX_LENGTH, batch_size=3)
     hf = HFLM(pretrained=str(export["backbone"]), device="cpu", batch_size=1, max_length=MAX_LENGTH, dtype="float32")
@@ -139,7 +138,7 @@ def test_loglikelihood_rolling_equals_hf(lms):
 
 
 def test_generate_until_honours_until_and_max_gen_toks_batched(lms, export):
-    from stages.lm_eval_model import TwoTowerLM
+    from stages.evaluation.lm_eval_model import TwoTowerLM
 
     ours, _ = lms
     contexts = ["abc", "hello", "1+1=", "xyz"]
@@ -148,7 +147,7 @@ def test_generate_until_honours_until_and_max_gen_toks_batched(lms, export):
     for c, text in zip(contexts, long):  # equals one long AR call, decoded
         ids = ar.tok_encode(c)
         out = ar.model.generate(torch.tensor([ids]), mode="ar", max_new_tokens=12)
-        from stages.decoding_eval import answer_text
+        from stages.evaluation.decoding_eval import answer_text
 
         assert text == answer_text(ar.tokenizer, out.sequences[0, len(ids):].tolist())[0]
         assert len(ar.tok_encode(text, add_special_tokens=False)) <= 12
@@ -165,7 +164,7 @@ def test_generate_until_honours_until_and_max_gen_toks_batched(lms, export):
 
 
 def test_bad_model_args_are_named(export, tmp_path):
-    from stages.lm_eval_model import TwoTowerLM
+    from stages.evaluation.lm_eval_model import TwoTowerLM
 
     with pytest.raises(ValueError, match="not an exported two-tower directory"):
         TwoTowerLM(pretrained=str(tmp_path))
@@ -177,7 +176,7 @@ def test_cli_runs_local_tasks(export, tasks, tmp_path):
     """`twotower-lm-eval --model twotower ...`: lm-eval's own CLI with our model registered."""
     out = tmp_path / "results"
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    r = subprocess.run([sys.executable, "-m", "stages.lm_eval_model", "--model", "twotower", "--model_args",
+    r = subprocess.run([sys.executable, "-m", "stages.evaluation.lm_eval_model", "--model", "twotower", "--model_args",
                         f"pretrained={export['export']},mode=diffusion,gamma=0.8", "--tasks", "tt_mc,tt_gen",
                         "--include_path", str(tasks), "--limit", "3", "--batch_size", "2", "--output_path", str(out)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -255,7 +254,7 @@ try:
     found_before = True
 except ValueError:
     found_before = False
-import stages.lm_eval_model as m
+import stages.evaluation.lm_eval_model as m
 after, hf_after = registry.get_model("twotower") is m.TwoTowerLM, registry.get_model("hf").__name__
 import lm_eval.models
 print(json.dumps({"before": before, "found_before": found_before, "after": after, "hf_after": hf_after,
@@ -265,14 +264,14 @@ print(json.dumps({"before": before, "found_before": found_before, "after": after
 
 def test_twotower_is_registered_by_importing_the_module_and_not_before():
     """lm-eval finds models only through its own `MODEL_MAPPING` (no entry points), so `twotower`
-    exists once `stages.lm_eval_model` is imported, and not before. A fresh interpreter: the registry
+    exists once `stages.evaluation.lm_eval_model` is imported, and not before. A fresh interpreter: the registry
     is process-global. Importing it first must not hide lm-eval's own models (`hf`): `get_model`
     loads them only while the registry is empty."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    for order in ("", "import stages.lm_eval_model\n"):
+    for order in ("", "import stages.evaluation.lm_eval_model\n"):
         probe = REGISTRY_PROBE if not order else REGISTRY_PROBE.replace(
             'before = "twotower" in registry.model_registry',
-            'import stages.lm_eval_model\nbefore = "twotower" in registry.model_registry')
+            'import stages.evaluation.lm_eval_model\nbefore = "twotower" in registry.model_registry')
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=str(REPO),
                              timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]

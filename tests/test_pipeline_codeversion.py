@@ -60,15 +60,15 @@ def changed_by_edit(root: Path, cfg, relative: str) -> set[str]:
 
 
 @pytest.mark.parametrize("relative, expected", [
-    ("stages/train_distributed.py", TRAIN_AND_AFTER),  # once missing from train_denoiser's list
-    ("stages/decoding_eval.py", {"calibrate_gamma", "evaluate", "export"}),  # export imports it in run()
-    ("stages/confidence.py", {"calibrate_gamma", "evaluate", "export"}),  # via decoding_eval, in a function
+    ("stages/training/train_distributed.py", TRAIN_AND_AFTER),  # once missing from train_denoiser's list
+    ("stages/evaluation/decoding_eval.py", {"calibrate_gamma", "evaluate", "export"}),  # export imports it in run()
+    ("stages/evaluation/confidence.py", {"calibrate_gamma", "evaluate", "export"}),  # via decoding_eval, in a function
     ("stages/train_denoiser.py", TRAIN_AND_AFTER),  # freeze/attach do not import it
     ("stages/pretrain_backbone.py", {"pretrain_backbone"} | ALL_AFTER_PRETRAIN),
     ("twotower/data.py", TRAIN_AND_AFTER),  # row layout: training only
-    ("twotower/model.py", ALL_AFTER_PRETRAIN),  # via the lazy table (stages.loading builds the model)
+    ("twotower/model.py", ALL_AFTER_PRETRAIN),  # via the lazy table (stages.backbones.loading builds the model)
     ("adapters/llama.py", ALL_AFTER_PRETRAIN),  # `import adapters` runs every family module
-    ("stages/tasks.py", {"prepare_data", "pretrain_backbone"} | ALL_AFTER_PRETRAIN),
+    ("stages/data/tasks.py", {"prepare_data", "pretrain_backbone"} | ALL_AFTER_PRETRAIN),
     ("pipeline/display.py", set()),  # the engine's display is no stage's code
     ("twotower/not_imported.py", set()),  # a new module nobody imports
 ])

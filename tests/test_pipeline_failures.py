@@ -18,8 +18,8 @@ from conftest import REPO, TESTS, cli
 
 from pipeline import load_config, run_pipeline
 from pipeline import store as store_mod
+from pipeline.diskspace import check_root, plan_bytes
 from pipeline.store import MARKER, ArtifactStore
-from stages.diskspace import check_root, plan_bytes
 
 
 def _run(defaults: Path, *overrides: str):
@@ -89,7 +89,7 @@ def test_truncated_safetensors_and_damaged_tokenizer_are_refused(tmp_path: Path)
     import torch
     from safetensors.torch import save_file
 
-    from stages.tokenizer import build_char_tokenizer
+    from stages.data.tokenizer import build_char_tokenizer
 
     store = ArtifactStore(tmp_path / "runs")
     weights = _commit(store, "train_denoiser", "k1",
@@ -156,8 +156,8 @@ def test_validate_warns_when_the_estimate_exceeds_the_free_space_and_caches_it(t
     """The shipped Nano config with a vocabulary sized so that the estimate (~36 bytes per
     parameter) is twice the free space of tmp_path's filesystem, whatever that disk is: `validate`
     itself sizes it, warns naming run.root, free and needed GiB, exits 0, and keeps the counts."""
-    from stages.backbone_configs import SHIPPED_BACKBONES
-    from stages.diskspace import free_bytes
+    from pipeline.diskspace import free_bytes
+    from stages.backbones.backbone_configs import SHIPPED_BACKBONES
 
     data = json.loads((SHIPPED_BACKBONES / "nemotron-3-nano-30b-a3b.json").read_text())
     data["vocab_size"] = int(2 * free_bytes(tmp_path) / (36 * data["hidden_size"])) + 1

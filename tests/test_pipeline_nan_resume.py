@@ -15,7 +15,7 @@ import pytest
 from conftest import cli
 from test_e2e_tiny import TINY_BUDGET
 
-from stages.finite_guard import FAULT_ENV
+from stages.training.finite_guard import FAULT_ENV
 
 RUN = [*TINY_BUDGET, "train.max_steps=4", "train.checkpoint_every=2", "~graph.calibrate_gamma",
        "~graph.evaluate", "~graph.export", "--runner", "local", "--quiet", "--no-track"]

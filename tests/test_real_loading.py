@@ -1,4 +1,4 @@
-"""Backbones from a GGUF file, a local directory or a hub id (stages/backbone_source.py).
+"""Backbones from a GGUF file, a local directory or a hub id (stages/backbones/backbone_source.py).
 
 Every test here writes its own tiny GGUF with the `gguf` package (tests/gguf_fixtures.py), so no
 real weights are needed: the converted directory must hold exactly the model that was written.
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from gguf_fixtures import tiny_llama, write_llama_gguf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gguf_fixtures import tiny_llama, write_llama_gguf
-from stages import backbone_source as bs
 from stages.api import StageContext
+from stages.backbones import backbone_source as bs
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def _chunked_package(site: Path, data: bytes, sums: str | None, n: int = 3) -> N
 
 
 def test_chunked_package_file_is_assembled_once_atomically_and_checked(tiny_gguf, tmp_path, monkeypatch):
-    from stages import gguf_files
+    from stages.backbones import gguf_files
 
     _, path = tiny_gguf
     data = path.read_bytes()
@@ -173,7 +173,7 @@ def test_chunked_package_file_is_assembled_once_atomically_and_checked(tiny_gguf
 
 
 def test_chunked_package_sha_mismatch_and_missing_chunk_are_named(tiny_gguf, tmp_path, monkeypatch):
-    from stages import gguf_files
+    from stages.backbones import gguf_files
 
     _, path = tiny_gguf
     monkeypatch.setattr(gguf_files, "ASSEMBLED_ROOT", tmp_path / "assembled")
@@ -204,7 +204,7 @@ def test_duplicate_backbone_stage_converts_and_names_the_source(tiny_gguf, tmp_p
 
 
 def test_prepare_data_reads_the_tokenizer_inside_a_gguf(tiny_gguf):
-    from stages.tokenizer import load_tokenizer
+    from stages.data.tokenizer import load_tokenizer
 
     _, path = tiny_gguf
     tok = load_tokenizer(str(path))

@@ -33,8 +33,8 @@ CHECKS = """
 import json, sys
 from pathlib import Path
 import torch
-from stages import backbone_source as bs
-from stages.loading import load_backbone
+from stages.backbones import backbone_source as bs
+from stages.backbones.loading import load_backbone
 from stages.fidelity import greedy_agreement, parity
 from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
 

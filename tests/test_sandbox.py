@@ -1,4 +1,4 @@
-"""stages/sandbox.py: model-written code is contained, under each isolation this machine permits.
+"""stages/evaluation/sandbox.py: model-written code is contained, under each isolation this machine permits.
 
 Every hostile program here is real and runs for real: it removes a canary file outside its scratch
 directory, spins forever, forks without end, connects a socket. The test checks the effect (the
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import sandbox
+from stages.evaluation import sandbox
 
 ISOLATIONS = ["guard"] + (["namespaces"] if sandbox.namespaces_available() else [])
 

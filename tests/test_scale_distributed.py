@@ -70,7 +70,7 @@ def test_tiny_config_keeps_the_nano_pattern():
 
 
 def test_bad_config_names_the_key():
-    from stages.train_distributed import DistributedConfig
+    from stages.training.train_distributed import DistributedConfig
 
     with pytest.raises(ValueError, match="train.strategy"):
         DistributedConfig(storage_path="/tmp/x", strategy="zero3")
@@ -136,7 +136,7 @@ def test_two_workers_match_single_process_and_resume(local_ray, tmp_path):
     """2 CPU workers (DDP over gloo), each on half the batch: the two-tower training loss of step 1,
     and of step 2 after one optimizer step, equal the single-process run on the whole batch. A
     second fit under the same name resumes from the checkpoint on storage and does step 3."""
-    from stages.train_distributed import DistributedConfig, fit_distributed
+    from stages.training.train_distributed import DistributedConfig, fit_distributed
 
     expected = single_process_twotower_losses(3)
     cfg = DistributedConfig(storage_path=str(tmp_path), name="nano-tiny", num_workers=2, strategy="ddp",
@@ -162,7 +162,7 @@ def test_two_workers_match_single_process_and_resume(local_ray, tmp_path):
 def test_fsdp_two_gpus_match_single_process(tmp_path):
     import ray
 
-    from stages.train_distributed import DistributedConfig, fit_distributed
+    from stages.training.train_distributed import DistributedConfig, fit_distributed
 
     expected = single_process_twotower_losses(2)
     cfg = DistributedConfig(storage_path=str(tmp_path), name="twotower-fsdp", num_workers=2, use_gpu=True,
@@ -177,7 +177,7 @@ def test_fsdp_two_gpus_match_single_process(tmp_path):
 def test_lazy_factory_and_train_section_mapping():
     import pickle
 
-    from stages.train_distributed import LazyFactory, config_from_train
+    from stages.training.train_distributed import LazyFactory, config_from_train
 
     make = pickle.loads(pickle.dumps(LazyFactory("twotower.training_plan:TrainShape", (8,), {"seq_len": 32})))
     assert make().num_gpus == 8 and make().seq_len == 32
@@ -215,12 +215,12 @@ def denoiser_rows():
 def test_train_denoiser_module_under_the_runner(local_ray, tmp_path):
     """`train_denoiser`'s own DenoiserModule, built on each worker through LazyFactory."""
     from stages.train_denoiser import Config as TrainConfig
-    from stages.train_distributed import LazyFactory, config_from_train, fit_distributed
+    from stages.training.train_distributed import LazyFactory, config_from_train, fit_distributed
 
     train = TrainConfig(max_steps=2, batch_size=BATCH // 2, checkpoint_every=2, accelerator="cpu",
                         warmup_steps=1, progress_bar=False)
     cfg = config_from_train(train, storage_path=str(tmp_path), name="denoiser", num_workers=2)
-    make_module = LazyFactory("stages.denoiser_module:DenoiserModule", (tiny_twotower, train, BLOCK))
+    make_module = LazyFactory("stages.training.denoiser_module:DenoiserModule", (tiny_twotower, train, BLOCK))
     result = fit_distributed(make_module, denoiser_rows, cfg)
     assert result.history[-1]["step"] == 2  # report_every = min(10, checkpoint_every)
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in result.history)
@@ -234,7 +234,7 @@ def test_fsdp_units_are_modules_whose_forward_is_called():
     only the former can be FSDP units. A plain HF model's units are its decoder layers."""
     from transformers import AutoModelForCausalLM
 
-    from stages.train_distributed import layer_classes
+    from stages.training.train_distributed import layer_classes
 
     assert {c.__name__ for c in layer_classes(tiny_twotower())} == {"NemotronHMoE"}
     plain = AutoModelForCausalLM.from_config(tiny_nano_config())
@@ -247,7 +247,7 @@ def test_fsdp_units_are_modules_whose_forward_is_called():
 def test_report_tail_follows_new_complete_lines(tmp_path):
     import time
 
-    from stages.train_distributed import REPORTS_FILE, _ReportTail
+    from stages.training.train_distributed import REPORTS_FILE, _ReportTail
 
     path = tmp_path / REPORTS_FILE
     path.write_text(json.dumps({"step": 0}) + "\n")  # from an earlier session: not replayed

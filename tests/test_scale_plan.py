@@ -194,9 +194,9 @@ def test_training_step_time_intra_vs_inter_node(nano_plan):
 
 
 def test_new_parameters_with_cross_attention_are_all_classified():
+    from test_scale_distributed import tiny_nano_config
     from transformers import AutoModelForCausalLM
 
-    from test_scale_distributed import tiny_nano_config
     from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
 
     backbone = AutoModelForCausalLM.from_config(tiny_nano_config())

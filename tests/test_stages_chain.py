@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_stages_fixtures import BLOCK, SEQ_LEN, make_ctx, tiny_backbone, tiny_data
 
 from stages import attach_conditioning as A
@@ -22,7 +21,7 @@ from stages import evaluate as E
 from stages import export as X
 from stages import freeze_context as F
 from stages import train_denoiser as T
-from stages.loading import BackboneRef, TwoTowerFactory, load_trained
+from stages.backbones.loading import BackboneRef, TwoTowerFactory, load_trained
 
 TRAIN = dict(max_steps=4, batch_size=8, val_every=2, val_batches=1, checkpoint_every=2, progress_bar=False,
              num_threads=1)
@@ -120,7 +119,7 @@ def test_train_resumes_from_last_checkpoint(chain):
 
 
 def test_plan_and_run_agree_on_the_world(chain, tmp_path):
-    """`plan` and the fit read one world (stages/world_size.py): the same resolved recipe gives the
+    """`plan` and the fit read one world (stages/training/world_size.py): the same resolved recipe gives the
     same world size, micro-batch and tokens per step in the plan and in the stage's metrics."""
     from pipeline.cli import plan_of
     from pipeline.config import load_config
@@ -139,6 +138,7 @@ def test_plan_and_run_agree_on_the_world(chain, tmp_path):
 
 def test_trained_model_keeps_context_tower_bit_identical(chain):
     from transformers import AutoModelForCausalLM
+
     from twotower import checks
 
     model, _ = load_trained(chain["m"]["train_denoiser"])
@@ -194,6 +194,7 @@ def test_evaluate_has_contract_metrics(chain):
 
 def test_export_reloads_and_generates_in_all_modes(chain):
     from transformers import AutoTokenizer
+
     from twotower import TwoTowerForDiffusionLM
 
     x = chain["m"]["export"]
@@ -248,7 +249,7 @@ def test_calibrate_records_intervals_and_grows_the_slice(chain, tmp_path, monkey
 def test_calibrate_sweeps_batch_sizes_into_the_exports_auto_modes(chain):
     """The batch sweep timed every mode at every batch size on the real model; its table follows the
     decision rule, reaches generation_config.json, and `auto` runs the mode it names."""
-    from stages.batch_sweep import decide
+    from stages.evaluation.batch_sweep import decide
     from twotower import TwoTowerForDiffusionLM
 
     c = chain["m"]["calibrate_gamma"]

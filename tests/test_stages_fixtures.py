@@ -32,7 +32,7 @@ def tiny_backbone(path: Path, seed: int = 0) -> Path:
     """Save a random tiny Nemotron-H (mamba, attention, moe, mlp) + char tokenizer at `path`."""
     from transformers import AutoModelForCausalLM, NemotronHConfig
 
-    from stages.tokenizer import build_char_tokenizer
+    from stages.data.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     torch.manual_seed(seed)
@@ -54,7 +54,7 @@ def tiny_data(root: Path, tokenizer_dir: Path, n_train: int = 48, n_eval: int = 
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from stages.tasks import generate
+    from stages.data.tasks import generate
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -86,8 +86,8 @@ def tiny_data(root: Path, tokenizer_dir: Path, n_train: int = 48, n_eval: int = 
 
 
 def test_fixtures_build_a_loadable_backbone_and_data(tmp_path):
-    from transformers import AutoModelForCausalLM
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
     d = tiny_backbone(tmp_path / "bb")
     model = AutoModelForCausalLM.from_pretrained(d)

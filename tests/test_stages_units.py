@@ -5,16 +5,15 @@ No model is built here; the stage chain on a real tiny backbone is in test_stage
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
 from stages import calibrate_gamma as C
-from stages import decoding_eval as de
 from stages import export as E
-from stages.confidence import paired_bootstrap
 from stages.attach_conditioning import check_block_size
-from stages.training import lr_factor
+from stages.evaluation import decoding_eval as de
+from stages.evaluation.confidence import paired_bootstrap
+from stages.training.optimisation import lr_factor
 
 
 def _pt(gamma, rq, speed):
@@ -179,7 +178,7 @@ def test_pareto_plot_is_written(tmp_path):
 def test_block_aligned_rows_put_answers_on_block_boundaries():
     import torch
 
-    from stages.rows import build_rows, split_examples
+    from stages.data.rows import build_rows, split_examples
 
     pad = 0
     # two packed examples: [bos p p | a a eos] [bos p | a eos] then pads
@@ -199,7 +198,7 @@ def test_block_aligned_rows_put_answers_on_block_boundaries():
 def test_bucketed_batches_group_alike_rows_and_trim_pad_blocks():
     import torch
 
-    from stages.rows import BucketSampler, trim_blocks
+    from stages.data.rows import BucketSampler, trim_blocks
 
     attn = torch.zeros(6, 8, dtype=torch.bool)
     attn[:3, :4] = True  # rows 0-2 use block 0 and 1 (B=2)... of 4 blocks
@@ -244,7 +243,7 @@ def _sweep_row(batch: int, ar: float, diffusion: float, verified: float) -> dict
 
 
 def test_batch_sweep_picks_the_fastest_mode_meeting_the_target():
-    from stages.batch_sweep import decide
+    from stages.evaluation.batch_sweep import decide
 
     rows = [_sweep_row(1, 1.0, 0.3, 0.4), _sweep_row(4, 1.0, 0.6, 0.5), _sweep_row(16, 1.0, 1.4, 1.2)]
     assert decide(rows, diffusion_low=0.99, target=0.987) == {1: "diffusion", 4: "verified", 16: "ar"}
@@ -256,7 +255,7 @@ def test_batch_sweep_picks_the_fastest_mode_meeting_the_target():
 
 
 def test_batch_sweep_batches_mix_families_and_cycle():
-    from stages.batch_sweep import batch_prompts
+    from stages.evaluation.batch_sweep import batch_prompts
 
     ex = [{"task": "a", "prompt": "a1"}, {"task": "a", "prompt": "a2"}, {"task": "b", "prompt": "b1"}]
     assert batch_prompts(ex, 1) == ["a1"]

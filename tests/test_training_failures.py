@@ -13,16 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_stages_fixtures import BLOCK, make_ctx, tiny_backbone, tiny_data
 
 from stages import attach_conditioning as A
 from stages import duplicate_backbone as D
 from stages import freeze_context as F
 from stages import train_denoiser as T
-from stages.checkpoint_io import checkpoint_problem, sidecar
-from stages.finite_guard import FAULT_ENV, NonFiniteError, parse_fault
-from stages.training import checkpoint_step
+from stages.training.checkpoint_io import checkpoint_problem, sidecar
+from stages.training.finite_guard import FAULT_ENV, NonFiniteError, parse_fault
+from stages.training.optimisation import checkpoint_step
 
 TRAIN = dict(max_steps=4, batch_size=8, val_every=0, val_batches=0, checkpoint_every=2, progress_bar=False,
              num_threads=1, warmup_steps=1)
@@ -105,8 +104,8 @@ def test_corrupt_checkpoint_is_named_and_training_starts_over(inputs, tmp_path):
 CKPT_DISK_SCRIPT = """
 import resource, signal, sys, torch
 from pathlib import Path
-from stages.checkpoint_io import make_checkpoint_io, checkpoint_problem
-from stages.diskspace import disk_error, is_disk_error
+from stages.training.checkpoint_io import make_checkpoint_io, checkpoint_problem
+from pipeline.diskspace import disk_error, is_disk_error
 io, path = make_checkpoint_io(), Path(sys.argv[1]) / "checkpoints" / "last.ckpt"
 io.save_checkpoint({"state_dict": {"w": torch.zeros(16)}, "global_step": 2}, path)   # a good one first
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

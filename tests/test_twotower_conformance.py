@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 from transformers import AutoModel
+from twotower_fixtures import EOS, TINY_CONFIGS, VOCAB, tiny_backbone, tiny_twotower
 
 from twotower import TwoTowerForDiffusionLM, place_towers_on_devices
-from twotower.cache import TowerCache
 from twotower.block_context import DecodeContext
+from twotower.cache import TowerCache
 from twotower.walk import context_forward
-from twotower_fixtures import EOS, TINY_CONFIGS, VOCAB, tiny_backbone, tiny_twotower
 
 torch.set_num_threads(1)
 NAMES = sorted(TINY_CONFIGS)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
+from twotower_fixtures import tiny_twotower
 
 import adapters
 from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
-from twotower_fixtures import tiny_twotower
 
 torch.set_num_threads(1)
 

@@ -12,12 +12,12 @@ import dataclasses
 
 import pytest
 import torch
+from twotower_fixtures import TINY_CONFIGS, VOCAB, tiny_backbone, tiny_twotower
 
 import adapters
 from adapters.base import Adapter
 from twotower.cache import TowerCache
 from twotower.walk import Walk, context_forward
-from twotower_fixtures import TINY_CONFIGS, VOCAB, tiny_backbone, tiny_twotower
 
 torch.set_num_threads(1)
 

@@ -80,8 +80,8 @@ def local_ray():
 
 
 def _shards(path: Path):
-    from stages.rows import ShardRows
-    from stages.token_shards import ShardWriter, TokenShards
+    from stages.data.rows import ShardRows
+    from stages.data.token_shards import ShardWriter, TokenShards
 
     rng = np.random.default_rng(0)
     with ShardWriter(path, SEQ, VOCAB, shard_tokens=SEQ * 16) as w:  # 4 shards
@@ -94,9 +94,9 @@ def _shards(path: Path):
 def _run_with_a_kill(tmp_path: Path, name: str):
     from functools import partial
 
-    from stages.rows import ShardLoaders
+    from stages.data.rows import ShardLoaders
     from stages.train_denoiser import Config as TrainConfig
-    from stages.train_distributed import config_from_train, fit_distributed
+    from stages.training.train_distributed import config_from_train, fit_distributed
 
     markers = tmp_path / f"{name}-markers"
     markers.mkdir()
@@ -137,7 +137,7 @@ def _run_with_a_kill(tmp_path: Path, name: str):
 def uninterrupted_losses(rows) -> list[float]:
     """The same training without Ray, in this process: DDP over 2 equal halves averages the two
     ranks' mean losses and gradients, i.e. one model on both ranks' batches of each step."""
-    from stages.row_sampler import RowSampler
+    from stages.data.row_sampler import RowSampler
 
     module = make_module(os.devnull + "-unused")
     opt = module.configure_optimizers()

@@ -1,4 +1,4 @@
-"""One world-size truth (stages/world_size.py): the recipe states `train.num_workers` x
+"""One world-size truth (stages/training/world_size.py): the recipe states `train.num_workers` x
 `train.gpus_per_worker` once; `plan`, `validate` and the stage read it through `world_of`.
 
 The plan-against-run agreement on a real fit is in tests/test_stages_chain.py
@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.cli import main, plan_of
 from pipeline.config import ConfigError, load_config
-from stages.world_size import World, check_cluster, world_of
+from stages.training.world_size import World, check_cluster, world_of
 
 NANO = "recipes/nemotron_nano.yaml"
 

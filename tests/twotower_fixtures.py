@@ -9,8 +9,17 @@ fails HF parity (HF initialises them all equal).
 from __future__ import annotations
 
 import torch
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GraniteMoeHybridConfig, LlamaConfig,
-                          MistralConfig, NemotronHConfig, Qwen2Config, Qwen3Config)
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GraniteMoeHybridConfig,
+    LlamaConfig,
+    MistralConfig,
+    NemotronHConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 VOCAB = 48
 EOS = 2

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from twotower.cache import TowerCache
 from twotower.block_context import TrainingContext
+from twotower.cache import TowerCache
 from twotower.walk import context_forward
 
 

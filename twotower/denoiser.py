@@ -33,7 +33,6 @@ from twotower.fusion import ContextFusion, FusedContextFeatures
 from twotower.ops import attention, mamba2_mixer
 from twotower.walk import Walk, layer_container, sublayer_step
 
-
 CROSS_ATTENTION_HEAD_DIM = 32
 """Head width of the optional zero-gated cross-attention modules: small enough that a tiny
 backbone (d = 64) still gets two heads, the usual 32-128 range of attention heads at scale."""

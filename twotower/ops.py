@@ -8,10 +8,10 @@ attend, and always built explicitly (docs/design.md section 7: extending a cache
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from typing import TYPE_CHECKING
 
+import torch
+import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 if TYPE_CHECKING:  # annotations only: importing `adapters` at run time loads every adapter's

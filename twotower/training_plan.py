@@ -8,8 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from twotower.sizing import (BF16_BYTES, DEFAULT_GPU_GIB, FP32_BYTES, GIB, FamilyFacts, ParamCounts,
-                             kv_bytes_per_token, mamba_state_bytes)
+from twotower.sizing import (
+    BF16_BYTES,
+    DEFAULT_GPU_GIB,
+    FP32_BYTES,
+    GIB,
+    FamilyFacts,
+    ParamCounts,
+    kv_bytes_per_token,
+    mamba_state_bytes,
+)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import pytorch_lightning as pl
 import torch
 
-from stages.training import lr_factor
+from stages.training.optimisation import lr_factor
 
 ADAMW_BETAS = (0.9, 0.95)
 """β2 = 0.95 rather than torch's 0.999: the usual choice for language-model training (a shorter

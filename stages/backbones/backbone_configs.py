@@ -1,6 +1,6 @@
 """Backbone configs without weights: a local checkpoint's `config.json`, or a config shipped under
 `recipes/backbones/` (found by the hub id in its `_name_or_path`), so the published recipes work
-offline. Read by `pipeline.estimate` (`plan`) and `stages.random_backbone` (a shrunk random init of
+offline. Read by `pipeline.estimate` (`plan`) and `stages.backbones.random_backbone` (a shrunk random init of
 the same architecture); a stage module so that a stage importing it does not import the engine.
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SHIPPED_BACKBONES = Path(__file__).resolve().parent.parent / "recipes" / "backbones"
+SHIPPED_BACKBONES = Path(__file__).resolve().parents[2] / "recipes" / "backbones"
 """Backbone configs shipped with the repo, so `plan` works offline for the published recipes."""
 
 

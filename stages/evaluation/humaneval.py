@@ -7,8 +7,8 @@ module adds is what a tokenizer-driven two-tower model needs around them:
 
 - prompt text -> tokens -> `model.generate(mode=...)` -> text, cut at the first of the usual
   HumanEval stop sequences (`STOP_SEQUENCES`, as in the Codex paper and lm-eval's task) or EOS,
-  stopping early once one appears (`stages.text_generation.generate_text`);
-- every completion is executed by `stages.sandbox` (a separate, contained process), never here;
+  stopping early once one appears (`stages.evaluation.text_generation.generate_text`);
+- every completion is executed by `stages.evaluation.sandbox` (a separate, contained process), never here;
 - one row per problem and mode in a JSONL artifact (completion, passed, the checker's result,
   tokens, forwards, seconds) and flat `humaneval_*` metrics for summary.json and MLflow.
 
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages import sandbox
-from stages.text_generation import cut_at_stops, generate_text
+from stages.evaluation import sandbox
+from stages.evaluation.text_generation import cut_at_stops, generate_text
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 """Where a HumanEval completion ends: the function body is over when top-level code starts."""
@@ -202,7 +202,7 @@ def summarise(rows: list[dict[str, Any]], modes: list[DecodingMode]) -> dict[str
         metrics[f"humaneval_{m.label}_seconds"] = sum(r["seconds"] for r in mine)
     labels = {m.label for m in modes}
     if {"ar", "diffusion"} <= labels:  # as evaluate's relative_quality: diffusion / AR (1 when both 0)
-        from stages.decoding_eval import relative
+        from stages.evaluation.decoding_eval import relative
 
         metrics["humaneval_relative_pass_at_1"] = relative(metrics["humaneval_diffusion_pass_at_1"],
                                                            metrics["humaneval_ar_pass_at_1"])

@@ -131,7 +131,7 @@ class RowLoaders:
 
 
 class ShardRows:
-    """Packed training rows read lazily from a token-shard split (`stages.token_shards`): item `i`
+    """Packed training rows read lazily from a token-shard split (`stages.data.token_shards`): item `i`
     is (ids int64, attention bool, loss bool) of row `i`, as `build_rows(..., "packed", ...)` would
     give for the whole split in memory. Pickles without the memory maps (reopened on a worker)."""
 
@@ -154,7 +154,7 @@ class ShardLoaders:
     """Picklable `(train, val)` loader factory over token shards for Ray Train workers and the
     single process: the training loader's batch sampler is a `RowSampler` for this worker's rank
     (read from Ray Train's context when there is one), so each worker reads only its own rows, in
-    an order that resumes at the exact batch (`stages.row_sampler`)."""
+    an order that resumes at the exact batch (`stages.data.row_sampler`)."""
 
     train: ShardRows
     val: ShardRows
@@ -163,15 +163,9 @@ class ShardLoaders:
     seed: int
 
     def __call__(self):
-        rank, world = 0, 1
-        try:
-            import ray.train
+        from stages.training.distributed_worker import worker_rank
 
-            context = ray.train.get_context()
-            rank, world = context.get_world_rank(), context.get_world_size()
-        except Exception:  # noqa: BLE001 - not inside a Ray Train worker: one process
-            pass
-        return self.for_rank(rank, world)
+        return self.for_rank(*worker_rank())
 
     def for_rank(self, rank: int, world: int):
         """The loaders of worker `rank` of `world`: its `RowSampler` part of the training rows, and
@@ -180,7 +174,7 @@ class ShardLoaders:
         many; an eval split smaller than `world` is validated whole by every worker)."""
         from torch.utils.data import DataLoader, Subset
 
-        from stages.row_sampler import RowSampler
+        from stages.data.row_sampler import RowSampler
 
         collate = trim_blocks(self.block_size)
         sampler = RowSampler(len(self.train), self.batch_size, self.seed, rank=rank, world_size=world)

@@ -1,7 +1,7 @@
 """A directory built once under a cache root, atomically: the shared way backbones are materialised.
 
-Converted GGUF checkpoints (stages/backbone_source.py) and random-init backbones
-(stages/random_backbone.py) are both written into a temporary sibling directory, completed by a
+Converted GGUF checkpoints (stages/backbones/backbone_source.py) and random-init backbones
+(stages/backbones/random_backbone.py) are both written into a temporary sibling directory, completed by a
 marker file, and renamed into place. A directory with its marker is final and returned at once; one
 without (an interrupted earlier attempt) is replaced; a failure removes the temporary directory, so
 nothing half-written is ever trusted.

@@ -16,16 +16,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stages.built_once import build_once
+from stages.backbones.built_once import build_once
 
 MARKER = "random_init.json"
 
 
 def shrunk_config(name_or_path: str, overrides: dict[str, Any], vocab_size: int):
-    """The backbone's config (`stages.backbone_configs`: local or shipped) with
+    """The backbone's config (`stages.backbones.backbone_configs`: local or shipped) with
     `overrides` applied and the vocabulary set to `vocab_size`. ValueError naming the key for a
     field the config does not have."""
-    from stages.backbone_configs import load_backbone_config
+    from stages.backbones.backbone_configs import load_backbone_config
 
     config = load_backbone_config(name_or_path)
     unknown = sorted(k for k in overrides if not hasattr(config, k))

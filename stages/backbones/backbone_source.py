@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.built_once import build_once
-from stages.gguf_files import PACKAGE_PREFIX, gguf_path, gguf_tokenizer, package_file  # noqa: F401
-from stages.gguf_files import gguf_model_type as _gguf_model_type
+from stages.backbones.built_once import build_once
+from stages.backbones.gguf_files import PACKAGE_PREFIX, gguf_path, gguf_tokenizer, package_file  # noqa: F401
+from stages.backbones.gguf_files import gguf_model_type as _gguf_model_type
 
 CONVERTED_MARKER = "converted.json"
 """Written last into a converted directory: its presence means the conversion completed."""

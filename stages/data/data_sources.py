@@ -1,7 +1,7 @@
 """Rows from outside the repository for `prepare_data`: local files (`data.source: files`) and hub
 datasets (`data.source: hf`), read through HF `datasets`, with the checks that name the bad file,
 extension, encoding or column before anything is tokenized; and the Python standard library's own
-sources (`data.source: python_stdlib`, offline, `stages/code_corpus.py`).
+sources (`data.source: python_stdlib`, offline, `stages/data/code_corpus.py`).
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def iter_external_rows(cfg: Config, cache_dir: str | None) -> Iterator[dict[str,
     import datasets
 
     if cfg.source == "python_stdlib":
-        from stages.code_corpus import stdlib_rows
+        from stages.data.code_corpus import stdlib_rows
 
         yield from stdlib_rows(cfg.max_documents, cfg.text_column)
         return

@@ -69,15 +69,15 @@ def checkpoint_step(path: Path) -> int:
 def load_tokens(path: str, key_name: str) -> tuple[Any, Any]:
     """(`input_ids` int64 [N, L], `loss_mask` bool [N, L]) of a prepare_data split, in memory.
 
-    `path` is a token-shard directory (`stages.token_shards`, what prepare_data writes) or a
+    `path` is a token-shard directory (`stages.data.token_shards`, what prepare_data writes) or a
     safetensors file with `input_ids` and optionally `loss_mask` (an all-ones one when absent).
     Only for splits that are small by construction (eval rows, the synthetic task corpus);
-    training on a corpus reads it lazily (`stages.rows.ShardRows`). Errors name the manifest key
+    training on a corpus reads it lazily (`stages.data.rows.ShardRows`). Errors name the manifest key
     the path came from (`key_name`)."""
     import torch
     from safetensors.torch import load_file
 
-    from stages.token_shards import TokenShards, is_shard_dir
+    from stages.data.token_shards import TokenShards, is_shard_dir
 
     if is_shard_dir(path):
         return TokenShards(path, key_name).to_tensors()

@@ -25,7 +25,7 @@ class CorruptCheckpointError(ValueError):
 
 def sha256_file(path: Path) -> str:
     """Streaming sha256. Not `pipeline.store.sha256_file`: a stage importing `pipeline` (or
-    `stages.backbone_source`, which imports the model families) would tie its cache key to code it
+    `stages.backbones.backbone_source`, which imports the model families) would tie its cache key to code it
     does not run (`pipeline/codeversion.py`)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

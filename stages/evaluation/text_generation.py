@@ -46,7 +46,7 @@ def generate_text(model, tokenizer, prompts: list[list[int]], *, mode: str, max_
     """Decode every prompt (token ids) with `model.generate(mode=...)`; see the module docstring."""
     import torch
 
-    from stages.decoding_eval import answer_text
+    from stages.evaluation.decoding_eval import answer_text
 
     if max_new_tokens < 1:
         raise ValueError(f"generate_text: max_new_tokens must be >= 1, got {max_new_tokens}")

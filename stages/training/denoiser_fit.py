@@ -3,9 +3,9 @@
 Both paths take the same inputs (the `train` section, a model factory, the row tensors) and return
 the trained `DenoiserModule`; `train_denoiser.run` picks one by `train.num_workers`. The local path
 resumes from `ctx.work_dir/checkpoints/last.ckpt` when its sha256 sidecar matches
-(`stages.checkpoint_io`), stops at the first NaN/Inf (`stages.finite_guard`), logs to the stage's MLflow run (a CSV logger when
+(`stages.training.checkpoint_io`), stops at the first NaN/Inf (`stages.training.finite_guard`), logs to the stage's MLflow run (a CSV logger when
 tracking is off) and reports progress to the live display; the distributed one is
-`stages.train_distributed.fit_distributed` with checkpoints on the stage's work dir.
+`stages.training.train_distributed.fit_distributed` with checkpoints on the stage's work dir.
 """
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from stages.api import StageContext
-from stages.checkpoint_io import make_checkpoint_io, usable_checkpoint
-from stages.finite_guard import make_finite_guard
-from stages.loading import TwoTowerFactory
-from stages.rows import BucketSampler, trim_blocks
-from stages.training import checkpoint_step, resolve_precision
+from stages.backbones.loading import TwoTowerFactory
+from stages.data.rows import BucketSampler, trim_blocks
+from stages.training.checkpoint_io import make_checkpoint_io, usable_checkpoint
+from stages.training.finite_guard import make_finite_guard
+from stages.training.optimisation import checkpoint_step, resolve_precision
 
 PROGRESS_EVERY = 5
 """Optimizer steps between progress events to the live display (each is a message to the driver)."""
@@ -83,8 +83,8 @@ def fit(cfg: Any, factory: TwoTowerFactory, block_size: int, loaders, ctx: Stage
     import torch
     from pytorch_lightning.callbacks import TQDMProgressBar
 
-    from stages.denoiser_module import DenoiserModule
-    from stages.row_sampler import RowSampler, sampler_checkpoint
+    from stages.data.row_sampler import RowSampler, sampler_checkpoint
+    from stages.training.denoiser_module import DenoiserModule
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -102,7 +102,7 @@ def fit(cfg: Any, factory: TwoTowerFactory, block_size: int, loaders, ctx: Stage
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.max_steps // PROGRESS_BAR_UPDATES)))
     n_train_batches = max(1, len(train_dl))
     trainer = pl.Trainer(
-        max_steps=cfg.max_steps, max_epochs=-1, accelerator=cfg.accelerator, devices=1,  # one process: stages.world_size
+        max_steps=cfg.max_steps, max_epochs=-1, accelerator=cfg.accelerator, devices=1,  # one process: stages.training.world_size
         strategy=cfg.strategy, precision=resolve_precision(cfg.precision, gpu),
         accumulate_grad_batches=cfg.grad_accum,
         gradient_clip_val=cfg.grad_clip or None, logger=_logger(ctx), callbacks=callbacks,
@@ -128,11 +128,11 @@ def fit_on_workers(cfg: Any, factory: TwoTowerFactory, block_size: int, make_loa
     """`fit` across `cfg.num_workers` Ray Train workers, each calling `make_loaders()` (a picklable
     `RowLoaders` or `ShardLoaders`); returns (module with the trained weights loaded, metrics of
     the last step report, seconds)."""
-    from stages.train_distributed import LazyFactory, config_from_train, fit_distributed
+    from stages.training.train_distributed import LazyFactory, config_from_train, fit_distributed
 
     dist = config_from_train(cfg, storage_path=str(Path(ctx.work_dir).resolve()), name="distributed",
                              seed=ctx.seed)
-    make_module = LazyFactory("stages.denoiser_module:DenoiserModule", (factory, cfg, block_size))
+    make_module = LazyFactory("stages.training.denoiser_module:DenoiserModule", (factory, cfg, block_size))
 
     def on_report(report: dict) -> None:
         ctx.progress(report.get("step", 0), cfg.max_steps, "distributed")

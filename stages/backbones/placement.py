@@ -6,7 +6,7 @@ Now one rule resolves `auto` (`resolve_devices`), one check runs at config time 
 stage reserves (`check_reserved`, called by the `check_resources` hooks of calibrate_gamma, evaluate
 and export), one at run time against the GPUs the process sees (`check_visible`), and `place` moves
 the towers (`twotower.place_towers_on_devices`). `duplicate_backbone` forwards the two keys
-downstream in its `BackboneRef`, so `stages.loading.load_trained` places what the recipe asked for.
+downstream in its `BackboneRef`, so `stages.backbones.loading.load_trained` places what the recipe asked for.
 
 Light by contract (imported at config time): torch only inside the functions.
 """

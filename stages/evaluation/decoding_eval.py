@@ -18,12 +18,11 @@ from __future__ import annotations
 import json
 import resource
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.placement import input_device
+from stages.backbones.placement import input_device
 
 AR = "ar"
 
@@ -106,7 +105,7 @@ def answer_text(tokenizer, new_ids: list[int]) -> tuple[str, list[int]]:
 def _generate(model, ids, mode: str, setting: Setting | None, max_new_tokens: int):
     import torch
 
-    from stages.batch_sweep import timed_generate
+    from stages.evaluation.batch_sweep import timed_generate
 
     kwargs: dict[str, Any] = {"mode": mode, "max_new_tokens": max_new_tokens}
     if setting is not None:
@@ -128,10 +127,10 @@ def measure(model, tokenizer, examples: list[dict], settings: list[Setting], *, 
     """Decode every example with AR and every setting, interleaved, `repeats` times (medians)."""
     import torch
 
-    from stages.tasks import exact_match
+    from stages.data.tasks import exact_match
 
     rows: list[Row] = []
-    device = input_device(model)  # prompts go where the context tower is (stages.placement)
+    device = input_device(model)  # prompts go where the context tower is (stages.backbones.placement)
     plan: list[tuple[str, Setting | None]] = [(AR, None)] + [("diffusion", s) for s in settings]
     if examples:  # warm-up, untimed: first calls pay for allocations and lazy kernel selection
         warm = torch.tensor([tokenizer(examples[0]["prompt"])["input_ids"]], device=device)
@@ -202,8 +201,8 @@ def score(r: Row) -> float:
 
 
 def relative_ci(ar: list[Row], dif: list[Row]) -> tuple[float, float]:
-    """Paired-bootstrap interval of relative quality (`stages.confidence`); rows in prompt order."""
-    from stages.confidence import paired_bootstrap
+    """Paired-bootstrap interval of relative quality (`stages.evaluation.confidence`); rows in prompt order."""
+    from stages.evaluation.confidence import paired_bootstrap
 
     if not dif:
         return 0.0, 0.0

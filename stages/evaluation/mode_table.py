@@ -9,7 +9,7 @@ on the same held-out prompts at each of `evaluate.mode_batches`:
   process, interleaved (the order of the modes rotated per repeat), and each batch's median over
   the repeats is kept. A row is charged 1/b of its batch's seconds, so speedup = Σ AR seconds /
   Σ mode seconds over the same prompts;
-- quality per prompt as in `stages.decoding_eval` (exact match, else agreement with AR at the same
+- quality per prompt as in `stages.evaluation.decoding_eval` (exact match, else agreement with AR at the same
   batch size), relative quality with its paired-bootstrap interval (`decoding_eval.summarise`);
 - tokens per denoiser forward and per model forward count, for each row, the forwards that row took
   part in (`GenerateOutput.row_denoiser_forwards` / `row_forwards`), so a batch's finished rows
@@ -35,9 +35,9 @@ def measure(model, tokenizer, examples: list[dict], batch_sizes: list[int], *, g
     (`"ar@<b>"` for AR). `auto` is left out when there is no `auto_modes` table."""
     import torch
 
-    from stages import decoding_eval as de
-    from stages.batch_sweep import timed_generate
-    from stages.tasks import exact_match
+    from stages.data.tasks import exact_match
+    from stages.evaluation import decoding_eval as de
+    from stages.evaluation.batch_sweep import timed_generate
 
     modes = [m for m in MODES if m != "auto" or auto_modes]
     kwargs: dict[str, dict[str, Any]] = {m: {"mode": m, "gamma": gamma, "max_new_tokens": max_new_tokens}
@@ -88,7 +88,7 @@ def measure(model, tokenizer, examples: list[dict], batch_sizes: list[int], *, g
 def summarise(rows: list, batch_sizes: list[int]) -> dict[str, dict[str, dict[str, Any]]]:
     """`{"<b>": {mode: {figure: value}}}` for every batch size and measured mode (FIGURES, plus
     `quality`)."""
-    from stages import decoding_eval as de
+    from stages.evaluation import decoding_eval as de
 
     table: dict[str, dict[str, dict[str, Any]]] = {}
     for b in batch_sizes:
@@ -123,8 +123,8 @@ def speedup_plot(sweep: list[dict], auto_modes: dict[str, str], table: dict, pat
     """Speedup over AR against batch size, one line per mode, from calibrate_gamma's batch sweep
     (`auto`: the speedup of the mode its table picked there), with evaluate's own measurements at
     `mode_batches` as open markers of the same colour."""
-    from stages import plots
-    from stages.batch_sweep import auto_speedup
+    from stages.evaluation import plots
+    from stages.evaluation.batch_sweep import auto_speedup
 
     fig, ax = plots.axes(5.5, 4)
     colours = {"ar": "tab:gray", "diffusion": "tab:blue", "verified": "tab:green", "auto": "tab:red"}

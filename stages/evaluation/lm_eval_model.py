@@ -3,14 +3,14 @@
     twotower-lm-eval --model twotower --model_args pretrained=EXPORT_DIR,mode=diffusion,gamma=0.8 \\
         --tasks hellaswag --batch_size 8
 
-`twotower-lm-eval` (also `python -m stages.lm_eval_model`) is lm-eval's own command line, run after
+`twotower-lm-eval` (also `python -m stages.evaluation.lm_eval_model`) is lm-eval's own command line, run after
 importing this module, which registers the model under the name `twotower`. The plain `lm_eval`
 command cannot be used for it: lm-eval 0.4.x (0.4.13 is the newest release) finds models only in
 its own source tree (the `MODEL_MAPPING` dict of `lm_eval/models/__init__.py`, registered by its
 `_register_all_models()`), with no plugin entry point and no option to import a module first (see
 docs/stages.md, "lm-evaluation-harness"); the wrapper is the way its maintainers suggest
 (EleutherAI/lm-evaluation-harness#1621).
-In Python, `import stages.lm_eval_model` and then `lm_eval.simple_evaluate(model="twotower", ...)`.
+In Python, `import stages.evaluation.lm_eval_model` and then `lm_eval.simple_evaluate(model="twotower", ...)`.
 
 What each request type runs:
 - `loglikelihood` and `loglikelihood_rolling`: the context tower alone, i.e. the frozen backbone,
@@ -18,7 +18,7 @@ What each request type runs:
   for an empty context, same rolling windows), batched with right padding;
 - `generate_until`: `model.generate` in the chosen `mode` (`diffusion` at `gamma`, `mock_ar`, or
   `ar`), greedy, batched, stopping at the request's `until` strings (and EOS) and at
-  `max_gen_toks` (`stages.text_generation`).
+  `max_gen_toks` (`stages.evaluation.text_generation`).
 `mode`, `gamma` and `block_size` default to the export's `generation_config.json`.
 """
 from __future__ import annotations
@@ -29,15 +29,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+# lm-eval's own models first: `lm_eval.api.registry.get_model` imports `lm_eval.models` (which
+# registers `hf`, `vllm`, ... as lazy placeholders) only while the registry is *empty*, so
+# registering `twotower` alone would hide every built-in model from this process.
+import lm_eval.models  # noqa: F401
+
 # lm-evaluation-harness is the optional `eval` extra: the `lm_eval` stage checks for it (with the
 # install hint) before it imports this module; imported alone without it, this fails on `lm_eval`.
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-# lm-eval's own models first: `lm_eval.api.registry.get_model` imports `lm_eval.models` (which
-# registers `hf`, `vllm`, ... as lazy placeholders) only while the registry is *empty*, so
-# registering `twotower` alone would hide every built-in model from this process.
-import lm_eval.models  # noqa: F401
 
 MODEL_NAME = "twotower"
 DEFAULT_MAX_LENGTH = 2048
@@ -172,7 +173,7 @@ class TwoTowerLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy generation in `self.mode`, batched per identical `until`/`max_gen_toks`."""
-        from stages.text_generation import generate_text
+        from stages.evaluation.text_generation import generate_text
 
         results: list[str | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}

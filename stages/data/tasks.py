@@ -23,7 +23,7 @@ index letter ("A5B8C2"): Nemotron-H attention has no positional encoding, and th
 "the i-th digit" into a content lookup, which a ~0.5 M-parameter model learns in a few minutes of
 CPU training (addition alone: ~150 steps, in the default mixture 500-600; docs/data.md).
 
-Run `python -m stages.tasks` to print a few examples of every family.
+Run `python -m stages.data.tasks` to print a few examples of every family.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class TaskFamily:
     make: Callable[[random.Random], tuple[str, str]]
     """Draws one (prompt, answer) pair from the given generator."""
     description: str
-    """One line for docs and `python -m stages.tasks`."""
+    """One line for docs and `python -m stages.data.tasks`."""
     closed_book: bool = False
     """True when the answers are knowledge stored in the weights (a closed world of facts): the
     held-out split then asks the same facts as training, and eval prompts are not removed from it."""

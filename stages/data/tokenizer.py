@@ -12,7 +12,7 @@ the data stage, not by the tokenizer, so that `tokenizer(prompt)` is exactly wha
 from. Character-level means encode(prompt + answer) == encode(prompt) + chars(answer): the answer's
 token span is known without any alignment search.
 
-Run `python -m stages.tokenizer OUT_DIR` to write one.
+Run `python -m stages.data.tokenizer OUT_DIR` to write one.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def load_tokenizer(name: str | None) -> Any:
     from transformers import AutoTokenizer
 
     if name.startswith("package:") or name.endswith(".gguf"):
-        from stages.gguf_files import gguf_tokenizer
+        from stages.backbones.gguf_files import gguf_tokenizer
 
         tok = gguf_tokenizer(name, key_name="data.tokenizer")
     else:
@@ -80,7 +80,7 @@ def load_tokenizer(name: str | None) -> Any:
 
 
 def char_encoder(tok: Any) -> Any:
-    """For the char tokenizer of stages/tokenizer.py, a plain-Python encoder equal to `tok(text)`
+    """For the char tokenizer of stages/data/tokenizer.py, a plain-Python encoder equal to `tok(text)`
     (`<bos>` + one id per character); None for any other tokenizer."""
     vocab = vocabulary()
     if tok.get_vocab() != vocab:
@@ -112,7 +112,7 @@ def encode_pairs(tok: Any, pairs: list[tuple[str, str]]) -> list[tuple[list[int]
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m stages.tokenizer OUT_DIR", file=sys.stderr)
+        print("usage: python -m stages.data.tokenizer OUT_DIR", file=sys.stderr)
         return 2
     build_char_tokenizer().save_pretrained(argv[0])
     return 0
