@@ -31,7 +31,8 @@ class GraniteMoeHybridAdapter(Adapter):
             if layer.mamba is not None:
                 subs.append(Sublayer(len(subs), i, "mamba", layer.input_layernorm, layer.mamba, residual_scale=m))
             else:
-                subs.append(Sublayer(len(subs), i, "attention", layer.input_layernorm, layer.self_attn, residual_scale=m))
+                subs.append(Sublayer(len(subs), i, "attention", layer.input_layernorm, layer.self_attn,
+                                     residual_scale=m))
             if layer.block_sparse_moe is not None:
                 subs.append(Sublayer(len(subs), i, "moe", layer.post_attention_layernorm, layer.block_sparse_moe,
                                      residual_scale=m, parts=(layer.shared_mlp,)))

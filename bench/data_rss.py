@@ -162,16 +162,16 @@ def main() -> None:
             rows[label] = {"docs": n, "prepare": run_child("prepare", str(corpus), out),
                            "worker": run_child("worker", out, str(args.steps)),
                            "materialize": run_child("materialize", out)}
-    s, l = rows["small"], rows["large"]
-    print(f"corpus: {s['docs']} vs {l['docs']} documents; train tokens {s['prepare']['train_tokens']:,} vs "
-          f"{l['prepare']['train_tokens']:,} ({s['prepare']['shards']} vs {l['prepare']['shards']} shards)")
+    s, large = rows["small"], rows["large"]
+    print(f"corpus: {s['docs']} vs {large['docs']} documents; train tokens {s['prepare']['train_tokens']:,} vs "
+          f"{large['prepare']['train_tokens']:,} ({s['prepare']['shards']} vs {large['prepare']['shards']} shards)")
     print(f"{'process':<34}{'measure':<18}{'small MB':>10}{'large MB':>10}{'large/small':>13}")
     for key, name in (("prepare", "prepare_data (streaming, shards)"),
                       ("worker", f"training worker ({args.steps} steps, mmap)"),
                       ("materialize", "whole split as int64 (before)")):
         for measure, label in (("peak_rss_mb", "ru_maxrss"), ("peak_anon_mb", "RssAnon peak"),
                                ("peak_file_mb", "RssFile peak")):
-            a, b = s[key][measure], l[key][measure]
+            a, b = s[key][measure], large[key][measure]
             print(f"{name:<34}{label:<18}{a:>10.0f}{b:>10.0f}{b / a:>13.2f}")
     print(json.dumps(rows))
 

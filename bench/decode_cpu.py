@@ -8,7 +8,8 @@
 
 All modes decode the same prompts in the same process, interleaved (each repeat times every mode
 once), so the ratios are measured under the same load; with `--examples`, every batch size decodes
-the same rows (the first `--shared-prompts`, cut into batches), so batch 1 is not one prompt's luck; every figure is the mean of `--repeats`
+the same rows (the first `--shared-prompts`, cut into batches), so batch 1 is not one prompt's luck;
+every figure is the mean of `--repeats`
 timed runs after a warm-up. The table gives per mode tokens/s, the speedup over AR, generated
 tokens per model forward a row took part in, the fraction of tokens equal to AR greedy's, and for
 verified the tokens kept per verification.
@@ -117,7 +118,8 @@ def exported_model(args: argparse.Namespace):
         vocab = model.backbone_config.vocab_size
 
         def copy_prompts(batch: int) -> list[torch.Tensor]:
-            return [copy_task_batch(batch, args.prompt_len, vocab, torch.Generator().manual_seed(batch), period=(4, 12))]
+            return [copy_task_batch(batch, args.prompt_len, vocab, torch.Generator().manual_seed(batch),
+                                    period=(4, 12))]
 
         return model, copy_prompts
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -158,7 +160,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         picks = auto_table(table, args.auto_agreement)
         autos = [{**decode_batches_side_by_side(model, prompts(batch), gamma=gamma, max_new_tokens=new_tokens,
                                         device=torch.device("cpu"), bf16=False, repeats=args.repeats,
-                                        modes=("ar", "auto"), draft=int(args.draft) if args.draft.isdigit() else args.draft, auto_modes=picks),
+                                        modes=("ar", "auto"),
+                                        draft=int(args.draft) if args.draft.isdigit() else args.draft,
+                                        auto_modes=picks),
                   "gamma": gamma} for batch in args.batches]
         print(f"[decode_cpu] auto (table {picks}), timed again beside ar:\n{format_decode_table(autos)}", flush=True)
         rows += autos

@@ -65,7 +65,8 @@ def markdown(rows: list[dict], batches: list[str]) -> str:
             *[f"verified tok/verif. b{b}" for b in batches], *[f"verified × AR b{b}" for b in batches]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        rel = f"{_f(r.get('relative_quality'), 3)} [{_f(r.get('relative_quality_low'), 3)}, {_f(r.get('relative_quality_high'), 3)}]"
+        rel = (f"{_f(r.get('relative_quality'), 3)} "
+               f"[{_f(r.get('relative_quality_low'), 3)}, {_f(r.get('relative_quality_high'), 3)}]")
         cells = [r["depth"], r["targets"], _f(r.get("steps")), _f(r.get("train_tokens_per_s"), 0),
                  _f(r.get("denoiser_params_m"), 1), _f(r.get("gamma")), _f(r.get("tokens_per_denoiser_forward")), rel,
                  *[_f(r.get(f"diffusion_speedup_b{b}")) for b in batches],

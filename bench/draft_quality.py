@@ -71,7 +71,8 @@ def run_scores(run_dir: Path, n_rows: int) -> dict:
     pad = int(data.get("pad_token_id") or 0)
     eos = data.get("eos_token_id")
     cfg = train.get("train_config", {})
-    rows, attn, loss = build_rows((ids[:n_rows], lm[:n_rows]), cfg.get("layout", "auto"), cfg.get("noise_on", "answers"),
+    rows, attn, loss = build_rows((ids[:n_rows], lm[:n_rows]), cfg.get("layout", "auto"),
+                                  cfg.get("noise_on", "answers"),
                                   model.block_size, pad, eos if cfg.get("fill_after_eos", True) else None)
     tt = train["twotower"]
     return {"run": run_dir.name, "conditioning": tt.get("attention_conditioning"),

@@ -42,7 +42,8 @@ def _pair(name: str, fns: dict, rounds: int, out: dict) -> None:
     (old, new) = fns
     for label in fns:
         out[f"{name}/{label}_us"] = min(times[label])
-        print(f"{name:16s} {label:12s} min {min(times[label]):9.1f} µs  median {statistics.median(times[label]):9.1f} µs")
+        print(f"{name:16s} {label:12s} min {min(times[label]):9.1f} µs  "
+              f"median {statistics.median(times[label]):9.1f} µs")
     out[f"{name}/ratio"] = out[f"{name}/{new}_us"] / out[f"{name}/{old}_us"]
     print(f"{name:16s} {new} / {old} (min): {out[f'{name}/ratio']:.2f}")
 

@@ -194,7 +194,8 @@ def main() -> None:
           f"layers {backbone.config.layers_block_type}")
 
     model = TwoTowerForDiffusionLM.from_backbone(backbone, TwoTowerConfig(block_size=BLOCK))
-    print(f"denoiser new parameters: {sum(p.numel() for n, p in model.named_parameters() if n in model.new_parameter_names()) / 1e6:.3f}M")
+    new_params = sum(p.numel() for n, p in model.named_parameters() if n in model.new_parameter_names())
+    print(f"denoiser new parameters: {new_params / 1e6:.3f}M")
     examples = sample(args.eval_n, seed=999_999_999)  # held out: seeds never used in training
     with torch.inference_mode():
         ar = evaluate(model, examples, [("ar", 1.0)])[0]
@@ -209,7 +210,8 @@ def main() -> None:
     ar = results[0]
     rows = [("ar", None, ar)] + [(mode, g, r) for (mode, g), r in zip(settings[1:], results[1:])]
     print(f"\n{args.eval_n} held-out prompts, batch 1, block {BLOCK}, 1 CPU thread, settings interleaved per prompt")
-    head = "mode        gamma  exact  rel.q  " + "  ".join(f"{t:>7s}" for t in TASKS) + "   tok/den-fwd  ms/token  speedup"
+    head = ("mode        gamma  exact  rel.q  " + "  ".join(f"{t:>7s}" for t in TASKS)
+            + "   tok/den-fwd  ms/token  speedup")
     print(head)
     for mode, gamma, r in rows:
         rel = r["exact"] / ar["exact"] if ar["exact"] else float("nan")

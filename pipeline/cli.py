@@ -66,7 +66,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"{recipe or args.defaults or 'pipeline.yaml'}: INVALID\n{err}", file=sys.stderr)
             status = 2
             continue
-        from pipeline.estimate_cache import cached_estimate
+        from planning.estimate_cache import cached_estimate
         error, warning = _check_root(cfg, cached_estimate(cfg))
         if error:
             print(f"{recipe or args.defaults or 'pipeline.yaml'}: INVALID\n{error}", file=sys.stderr)
@@ -74,7 +74,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             continue
         if warning:
             print(f"{recipe or 'pipeline.yaml'}: warning: {warning}", file=sys.stderr)
-        from pipeline.estimate import cluster_problem
+        from pipeline.cluster import cluster_problem
         cluster = cluster_problem(cfg)
         if cluster:
             print(f"{recipe or 'pipeline.yaml'}: INVALID on the cluster\n{cluster}", file=sys.stderr)
@@ -95,7 +95,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _check_root(cfg: PipelineConfig, estimate: Any = None) -> tuple[str | None, str | None]:
     """`run.root` writable (else an error) and, given the plan's estimate, with room for what the
     run writes (else a warning: a big recipe is validated on a laptop before it runs on a cluster's
-    root). `validate` passes the estimate's cached parameter counts (`pipeline.estimate_cache`:
+    root). `validate` passes the estimate's cached parameter counts (`planning.estimate_cache`:
     sizing a backbone costs seconds of imports the first time only)."""
     from pipeline.diskspace import check_root, plan_bytes
     return check_root(Path(cfg.run.root), plan_bytes(estimate if isinstance(estimate, dict) else None))
@@ -114,7 +114,7 @@ def plan_of(cfg: PipelineConfig, with_estimate: bool = True) -> dict[str, Any]:
                         "cache_key": keys[name], "cached": store.lookup(name, keys[name]) is not None}
     plan: dict[str, Any] = {"name": cfg.name, "sources": cfg.sources, "runner": cfg.run.runner,
                             "order": list(cfg.stages), "stages": stages, "config": cfg.resolved}
-    from pipeline.estimate import plan_world
+    from planning.estimate import plan_world
     plan["world"] = plan_world(cfg)  # what train_denoiser will run: stages/training/world_size.py
     if with_estimate:
         plan["estimate"] = _estimate(cfg)
@@ -123,16 +123,16 @@ def plan_of(cfg: PipelineConfig, with_estimate: bool = True) -> dict[str, Any]:
 
 def _estimate(cfg: PipelineConfig) -> Any:
     try:
-        from pipeline import estimate
+        from planning import estimate
     except ImportError as err:
-        if getattr(err, "name", None) == "pipeline.estimate":
+        if getattr(err, "name", None) == "planning.estimate":
             return None
         return {"error": f"{type(err).__name__}: {err}"}
     try:
         result = estimate.estimate(cfg)
     except Exception as err:  # the plan stays useful without the estimate
         return {"error": f"{type(err).__name__}: {err}"}
-    from pipeline.estimate_cache import remember
+    from planning.estimate_cache import remember
     remember(cfg, result)  # a later `validate` checks the disk against it without sizing again
     return result
 

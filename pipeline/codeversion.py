@@ -30,7 +30,7 @@ from types import ModuleType
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROJECT_PACKAGES = ("pipeline", "stages", "twotower", "adapters")
+PROJECT_PACKAGES = ("pipeline", "planning", "stages", "twotower", "adapters")
 """The packages whose modules are walked and hashed; third-party code is versioned by the lock file."""
 
 

@@ -92,7 +92,7 @@ def main(argv: list[str]) -> int:
     from twotower import TwoTowerForDiffusionLM
 
     tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
-    from stages.backbones.placement import DEVICE, input_device, place
+    from twotower.devices import DEVICE, input_device, place
 
     model = TwoTowerForDiffusionLM.from_pretrained(str(export_dir)).eval()
     try:

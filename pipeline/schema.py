@@ -103,7 +103,7 @@ class TrackingConfig:
 
 @dataclass
 class PlanConfig:
-    """Assumptions of `python -m pipeline plan`'s memory estimate (pipeline/estimate.py)."""
+    """Assumptions of `python -m pipeline plan`'s memory estimate (planning/estimate.py)."""
 
     context_len: Annotated[int, Range(1)] = 4096
     """Context length (prompt + generated tokens) the decoding memory estimate is sized for."""

@@ -1,6 +1,6 @@
 """The contract between the pipeline engine and a stage.
 
-A stage is a module in `stages/` exposing:
+A stage is a module directly in `stages/` (helpers live in its subpackages) exposing:
 
     SECTION: str                       # the config section it reads (e.g. "data")
     Config: type                       # a typed dataclass: the schema of that section (choices as
@@ -14,9 +14,10 @@ paths in it are absolute (the engine hands out `ctx.out_dir` at its final locati
 rewrites nothing), heavy tensors stay on disk, never in a manifest.
 
 The engine derives the stage's code version (part of its cache key) from the project modules it
-imports (pipeline/codeversion.py): there is no list to keep. Stages never import Ray or MLflow and
-never parse arguments: the engine builds the context, runs the
-stage (in-process or as a Ray task), writes the manifest atomically with a completion marker, and
+imports (pipeline/codeversion.py): there is no list to keep. Stages never import MLflow and never
+parse arguments, and only distributed training imports Ray (`stages/training/train_distributed.py`
+and `distributed_worker.py` hand a fit to Ray Train; `tests/test_structure.py` checks it): the
+engine builds the context, runs the stage (in-process or as a Ray task), writes the manifest atomically with a completion marker, and
 tracks metrics through hooks. Training stages may hand `ctx.tracking_uri` / `ctx.mlflow_run_id` to
 Lightning's MLFlowLogger so curves land in the stage's own MLflow run.
 """
@@ -50,7 +51,8 @@ class Range:
     def __str__(self) -> str:
         low = "-inf" if self.low is None else f"{self.low:g}"
         high = "inf" if self.high is None else f"{self.high:g}"
-        return f"{'(' if self.low_open or self.low is None else '['}{low}, {high}{')' if self.high_open or self.high is None else ']'}"
+        return (f"{'(' if self.low_open or self.low is None else '['}{low}, "
+                f"{high}{')' if self.high_open or self.high is None else ']'}")
 
     def allows(self, value: float) -> bool:
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):

@@ -57,7 +57,8 @@ def check(sections: dict) -> None:
 
 
 def check_denoiser_layers(sections: dict) -> None:
-    """`twotower.denoiser_layers` (and `fused_layers` with `fused_kv`) against the backbone's layer count, at config time, when the
+    """`twotower.denoiser_layers` (and `fused_layers` with `fused_kv`) against the backbone's layer count,
+    at config time, when the
     backbone's config is readable offline without weights (a local checkpoint or a config shipped
     under recipes/backbones/, and no `random_init` reshaping it); otherwise the stage checks it
     when it builds the towers. ValueError naming the key and the layer count."""

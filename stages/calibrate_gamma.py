@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from stages.api import Range, StageContext
-from stages.backbones.placement import check_reserved, devices_of
+from twotower.devices import check_reserved, devices_of
 
 SECTION = "calibrate"
 REQUIRES = ("prepare_data", "train_denoiser")
@@ -36,7 +36,8 @@ REQUIRES = ("prepare_data", "train_denoiser")
 class Config:
     """The `calibrate` section: the γ sweep."""
 
-    gammas: list[Annotated[float, Range(0, 1, low_open=True)]] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
+    gammas: list[Annotated[float, Range(0, 1, low_open=True)]] = field(
+        default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
     """Confidence thresholds to sweep, each in (0, 1]."""
     block_sizes: list[Annotated[int, Range(2)]] | None = None
     """Decoding block sizes to sweep as well; null: the model's trained block size only."""
@@ -159,7 +160,7 @@ def pareto_plot(points: list[dict], target: float, chosen: dict, path: Path) -> 
 
 def check_resources(cfg: Config, sections: dict, resources, stage: str) -> None:
     """Config time: the towers' devices (`backbone.context_device` / `denoiser_device`) against the
-    GPUs this stage reserves (`stages.backbones.placement`)."""
+    GPUs this stage reserves (`twotower.devices`)."""
     check_reserved(sections.get("backbone") or {}, float(resources.num_gpus), stage)
 
 

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+from planning.memory import DEFAULT_GPU_GIB
 from stages.api import Range, StageContext
 from stages.backbones.loading import DTYPE_BYTES, BackboneRef, Dtype, load_backbone
-from stages.backbones.placement import DEVICE, resolve_devices
+from twotower.devices import DEVICE, resolve_devices
 
 SECTION = "backbone"
 REQUIRES: tuple[str, ...] = ()  # prepare_data and pretrain_backbone are read when the graph has them
 
-DEFAULT_DEVICE_MEMORY_GIB = 80.0
 """Accelerator memory assumed when a recipe does not say: one 80 GB H100 / A100, the card the
 shipped large recipe is sized for (also `plan.gpu_memory_gib`'s fallback)."""
 PLAN_BLOCK_SIZE = 16
@@ -54,7 +54,7 @@ class Config:
     denoiser_device: str = "auto"
     """Device of the trainable denoiser tower; `auto` picks cuda:1 when two GPUs exist, else the
     context tower's device."""
-    device_memory_gb: Annotated[float, Range(0, low_open=True)] = DEFAULT_DEVICE_MEMORY_GIB
+    device_memory_gb: Annotated[float, Range(0, low_open=True)] = DEFAULT_GPU_GIB
     """Memory of one accelerator, for the plan's fit check (ignored on CPU)."""
     random_init: dict[str, Any] | None = None
     """Config fields to override (widths, expert counts) on `name_or_path`'s architecture, then a
@@ -111,21 +111,22 @@ def memory_plan(cfg: Config, model, counts, seq_len: int, n_gpus: int,
     Arithmetic from `twotower.sizing` on the parameter counts and the cache shapes; both towers are
     the backbone's size (the new modules are a rounding error and counted by `attach_conditioning`).
     """
-    from twotower import sizing, training_plan
+    from planning import memory, training
+    from twotower import sizing
 
     ctx_dev, den_dev = resolve_devices(cfg.context_device, cfg.denoiser_device, n_gpus)
     bytes_w = DTYPE_BYTES[cfg.dtype]
     facts = sizing.family_facts(model)
-    decode = sizing.decode_memory(counts.total, counts.total, facts, batch=1,
+    decode = memory.decode_memory(counts.total, counts.total, facts, batch=1,
                                   context_len=seq_len, block_size=block_size)
     train_len = max(block_size, seq_len // block_size * block_size)  # whole blocks
-    train = training_plan.training_memory(counts.total, counts.total, sizing.largest_layer_params(model),
-                                   facts, training_plan.TrainShape(max(1, n_gpus), 1, train_len, block_size))
+    train = training.training_memory(counts.total, counts.total, sizing.largest_layer_params(model),
+                                   facts, training.TrainShape(max(1, n_gpus), 1, train_len, block_size))
     per_device: dict[str, float] = {}
     for dev, key in ((ctx_dev, "context_device_gib"), (den_dev, "denoiser_device_gib")):
         per_device[dev] = per_device.get(dev, 0.0) + decode["diffusion"][key]
     fits = all(gib <= cfg.device_memory_gb for d, gib in per_device.items() if d.startswith("cuda"))
-    return {"dtype": cfg.dtype, "weights_gib_per_tower": counts.total * bytes_w / sizing.GIB,
+    return {"dtype": cfg.dtype, "weights_gib_per_tower": counts.total * bytes_w / memory.GIB,
             "context_device": ctx_dev, "denoiser_device": den_dev,
             "decode_gib_per_device": per_device, "fits": fits, "decode_bf16": decode,
             "train_bf16_fsdp": train}
@@ -166,6 +167,7 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
                                     cfg.denoiser_device).as_manifest(),
             "artifacts": {"layer_map": ctx.artifact_path("layer_map.json"),
                           "memory_plan": ctx.artifact_path("memory_plan.json")},
-            "model_type": model.config.model_type, "source": source, "layer_map": lmap, "param_counts": counts.as_dict(),
+            "model_type": model.config.model_type, "source": source, "layer_map": lmap,
+            "param_counts": counts.as_dict(),
             "memory_plan": {k: plan[k] for k in ("context_device", "denoiser_device", "decode_gib_per_device", "fits")},
             "vocab_size": len(tokenizer)}

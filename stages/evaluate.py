@@ -3,7 +3,8 @@
 On the held-out examples that calibration did not use, it decodes each prompt with the AR tower
 alone and with diffusion at the chosen γ (and B), interleaved in this process, and reports per-task
 and overall quality, quality relative to AR with its 95% paired-bootstrap interval over prompts
-(`relative_quality_low` / `relative_quality_high`, stages/evaluation/confidence.py), wall-clock speedup, tokens per denoiser forward and peak
+(`relative_quality_low` / `relative_quality_high`, stages/evaluation/confidence.py), wall-clock speedup,
+tokens per denoiser forward and peak
 memory, plus a per-task bar chart. The metrics keys `ar_quality`, `diffusion_quality`,
 `relative_quality`, `speedup`, `tokens_per_forward` and `per_task` are a contract (summary.json).
 Each suite named in `suites` then runs in both modes too (`humaneval`: stages/evaluation/humaneval.py, its
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Literal, get_args
 
 from stages.api import Range, StageContext
-from stages.backbones.placement import check_reserved, devices_of
+from twotower.devices import check_reserved, devices_of
 
 SECTION = "evaluate"
 REQUIRES = ("prepare_data", "train_denoiser", "calibrate_gamma")
@@ -59,7 +60,8 @@ class Config:
     sandbox: Literal["auto", "namespaces", "guard"] = "auto"
     """Isolation of executed code: `auto`, `namespaces` or `guard` (stages/evaluation/sandbox.py)."""
     mode_batches: list[Annotated[int, Range(1)]] = field(default_factory=lambda: [1, 8])
-    """Batch sizes of the mode table (ar, diffusion, verified, auto side by side: stages/evaluation/mode_table.py); [] skips it."""
+    """Batch sizes of the mode table (ar, diffusion, verified, auto side by side:
+    stages/evaluation/mode_table.py); [] skips it."""
 
     def __post_init__(self) -> None:
         if self.prompts_per_task < 1 or self.repeats < 1 or self.max_new_tokens < 1:
@@ -67,7 +69,8 @@ class Config:
         unknown = [s for s in self.suites if s not in SUITES]
         if unknown:
             raise ValueError(f"evaluate.suites: unknown suite(s) {unknown}; known: {list(SUITES)}")
-        if not 1 <= self.humaneval_problems <= 164 or self.humaneval_max_new_tokens < 1 or self.humaneval_timeout_s <= 0:
+        if (not 1 <= self.humaneval_problems <= 164 or self.humaneval_max_new_tokens < 1
+                or self.humaneval_timeout_s <= 0):
             raise ValueError("evaluate.humaneval_problems must be in 1..164, evaluate.humaneval_max_new_tokens >= 1 "
                              "and evaluate.humaneval_timeout_s > 0")
         if any(b < 1 for b in self.mode_batches) or len(set(self.mode_batches)) != len(self.mode_batches):
@@ -108,7 +111,7 @@ def _examples(path: str, cfg: Config, calib: dict, ctx: StageContext) -> list[di
 
 def check_resources(cfg: Config, sections: dict, resources, stage: str) -> None:
     """Config time: the towers' devices (`backbone.context_device` / `denoiser_device`) against the
-    GPUs this stage reserves (`stages.backbones.placement`)."""
+    GPUs this stage reserves (`twotower.devices`)."""
     check_reserved(sections.get("backbone") or {}, float(resources.num_gpus), stage)
 
 

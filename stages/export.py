@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 from stages.api import Range, StageContext
 from stages.backbones.backbone_source import source_line
-from stages.backbones.placement import check_reserved, devices_of, input_device
+from twotower.devices import check_reserved, devices_of, input_device
 
 SECTION = "export"
 REQUIRES = ("prepare_data", "train_denoiser", "calibrate_gamma")
@@ -81,7 +81,8 @@ def fidelity_lines(fid: dict) -> list[str]:
             f"| `mock_ar` == `ar` | {m['mock_ar_equals_ar_prompts']}/{n} prompts |",
             f"| denoiser masked accuracy before training | {m['masked_accuracy_before']:.3f} |",
             f"| denoiser masked accuracy after training | {m['masked_accuracy_after']:.3f} |",
-            f"| denoiser masked loss before / after training | {m['masked_loss_before']:.3f} / {m['masked_loss_after']:.3f} |"]
+            f"| denoiser masked loss before / after training | {m['masked_loss_before']:.3f} / "
+            f"{m['masked_loss_after']:.3f} |"]
 
 
 def mode_lines(modes: dict, auto_modes: dict) -> list[str]:
@@ -116,9 +117,11 @@ def denoiser_lines(train: dict) -> list[str]:
              f"| depth | {depth} |",
              f"| targets | {tt.get('targets', 'data')} |",
              f"| context keys | {context_keys_line(tt)} |",
-             f"| embedding and LM head | {'shared with the context tower (frozen)' if tt.get('share_embeddings') else 'own copy (trained)'} |"]
+             f"| embedding and LM head | "
+             f"{'shared with the context tower (frozen)' if tt.get('share_embeddings') else 'own copy (trained)'} |"]
     for key, label in (("denoiser_params", "parameters"),
-                       ("denoiser_forward_weights_vs_context", "weights read per denoiser forward / per context forward"),
+                       ("denoiser_forward_weights_vs_context",
+                        "weights read per denoiser forward / per context forward"),
                        ("steps", "training steps"),
                        ("tokens_per_second", "training tokens / s"), ("train_minutes", "training minutes (wall)"),
                        ("budget", "what ended training")):
@@ -153,7 +156,8 @@ def model_card(ev: dict, calib: dict, train: dict, gen_cfg: dict, plots: list[st
         "ids = tok('12+34=', return_tensors='pt').input_ids",
         f"out = model.generate(ids, mode='diffusion', gamma={gen_cfg['gamma']:g}, max_new_tokens=32)",
         "print(tok.decode(out.sequences[0]))", "```", "",
-        "or `python -m pipeline generate PATH --prompt TEXT [--mode diffusion|verified|auto|mock_ar|ar] [--show-steps]`.", "",
+        "or `python -m pipeline generate PATH --prompt TEXT [--mode diffusion|verified|auto|mock_ar|ar] "
+        "[--show-steps]`.", "",
         "## Results (AR vs diffusion, side by side, same process, batch 1)", "",
         "| metric | value |", "|---|---|",
     ]
@@ -234,7 +238,7 @@ def _is_export(path: Path) -> bool:
 
 def check_resources(cfg: Config, sections: dict, resources, stage: str) -> None:
     """Config time: the towers' devices (`backbone.context_device` / `denoiser_device`) against the
-    GPUs this stage reserves (`stages.backbones.placement`)."""
+    GPUs this stage reserves (`twotower.devices`)."""
     check_reserved(sections.get("backbone") or {}, float(resources.num_gpus), stage)
 
 
@@ -283,11 +287,13 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
         check = verify(path, tokenizer, [r["prompt"] for r in rows], gamma, cfg.max_new_tokens,
                        original=model, block_size=int(train["twotower"]["block_size"]))
         (Path(ctx.out_dir) / "export_check.json").write_text(json.dumps(check, indent=1))
-        metrics.update({"mock_ar_equals_ar": float(check["mock_ar_equals_ar"]), "reload_modes_ok": float(check["modes_ok"])})
+        metrics.update({"mock_ar_equals_ar": float(check["mock_ar_equals_ar"]),
+                        "reload_modes_ok": float(check["modes_ok"])})
         if "reload_max_abs_logit_diff" in check:
             metrics["reload_max_abs_logit_diff"] = check["reload_max_abs_logit_diff"]
-        bad = not check["mock_ar_equals_ar"] or not check["modes_ok"] or check.get("reload_max_abs_logit_diff", 0.0) > 1e-5
+        bad = (not check["mock_ar_equals_ar"] or not check["modes_ok"]
+               or check.get("reload_max_abs_logit_diff", 0.0) > 1e-5)
         if bad and cfg.fail_on_mismatch:
             raise ValueError(f"export {path}: reload check failed: {json.dumps(check)[:600]}")
-    return {"metrics": metrics, "placement": devices_of(model), "artifacts": {"model": metrics["path"]}, "path": metrics["path"],
-            "generation_config": gen_cfg}
+    return {"metrics": metrics, "placement": devices_of(model), "artifacts": {"model": metrics["path"]},
+            "path": metrics["path"], "generation_config": gen_cfg}

@@ -77,7 +77,8 @@ def parity(model, rows) -> float:
         for row in rows:
             ids = row[None]
             ref = model.context_tower(ids).logits.float()
-            hidden, _ = context_forward(model.context_walk, ids, TowerCache.empty(1, ids.device), chunk=model.block_size)
+            hidden, _ = context_forward(model.context_walk, ids, TowerCache.empty(1, ids.device),
+                                        chunk=model.block_size)
             worst = max(worst, float((model.context_walk.logits(hidden) - ref).abs().max()))
     return worst
 
@@ -101,7 +102,8 @@ def greedy_agreement(model, prompts: list[list[int]], max_new_tokens: int, eos: 
             out["ar_equals_hf"].append(ar == hf_new)
             out["mock_ar_equals_ar"].append(mock == ar)
             diff = next((i for i, (a, b) in enumerate(zip(ar, hf_new)) if a != b), None)
-            out["first_mismatch"].append(diff if diff is not None or len(ar) == len(hf_new) else min(len(ar), len(hf_new)))
+            out["first_mismatch"].append(diff if diff is not None or len(ar) == len(hf_new)
+                                         else min(len(ar), len(hf_new)))
     return out
 
 
@@ -166,9 +168,10 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
                "accuracy_rows": int(rows.shape[0])}
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    detail = {**metrics, "prompts": [{"prompt": e["prompt"], "ar_equals_hf": a, "mock_ar_equals_ar": m, "first_mismatch": f}
-                                     for e, a, m, f in zip(examples, greedy["ar_equals_hf"], greedy["mock_ar_equals_ar"],
-                                                           greedy["first_mismatch"])]}
+    detail = {**metrics,
+              "prompts": [{"prompt": e["prompt"], "ar_equals_hf": a, "mock_ar_equals_ar": m, "first_mismatch": f}
+                          for e, a, m, f in zip(examples, greedy["ar_equals_hf"], greedy["mock_ar_equals_ar"],
+                                                greedy["first_mismatch"])]}
     (out / "fidelity.json").write_text(json.dumps(detail, indent=1))
     ctx.log_metrics({k: float(v) for k, v in metrics.items()})
     ctx.log_artifact(out / "fidelity.json")

@@ -58,7 +58,8 @@ class Config:
     """Synthetic task families to generate (names in `stages/data/tasks.py`; `scan` is also available)."""
     train_examples_per_task: Annotated[int, Range(1)] = 10000
     """Synthetic training examples per family (before removing eval prompts), times its weight."""
-    task_weights: dict[str, Annotated[float, Range(0, low_open=True)]] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    task_weights: dict[str, Annotated[float, Range(0, low_open=True)]] = field(
+        default_factory=lambda: dict(DEFAULT_WEIGHTS))
     """Relative share of training examples per family (1.0 when absent). The tiny backbone learns
     addition (with its scratchpad) and lookups (copy, recall) first, then reverse and sort: those
     get more examples, the memorised facts fewer, so that every family reaches the target within the
@@ -262,7 +263,8 @@ def build(cfg: Config, seed: int, cache_dir: str | None = None) -> dict[str, Any
 
 
 def check_not_empty(cfg: Config, train_rows: int, eval_rows: int, eval_examples: int) -> None:
-    where = f"data.paths {cfg.paths}" if cfg.source == "files" else f"data.{'hf_name' if cfg.source == 'hf' else 'source'}"
+    where = (f"data.paths {cfg.paths}" if cfg.source == "files"
+             else f"data.{'hf_name' if cfg.source == 'hf' else 'source'}")
     if not train_rows or not eval_rows or not eval_examples:
         raise ValueError(
             f"{where}: dataset too short for data.seq_len={cfg.seq_len}: got {train_rows} training rows, "

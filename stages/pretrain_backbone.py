@@ -105,7 +105,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"pretrain.layer_pattern: unknown codes {bad}; use {LAYER_CODES}")
     missing = [kind for code, kind in LAYER_CODES.items() if code not in cfg.layer_pattern]
     if missing:
-        raise ValueError(f"pretrain.layer_pattern {cfg.layer_pattern!r} lacks layer kinds {missing}: every kind must appear")
+        raise ValueError(f"pretrain.layer_pattern {cfg.layer_pattern!r} lacks layer kinds {missing}: "
+                         "every kind must appear")
     if cfg.hidden_size % cfg.num_attention_heads:
         raise ValueError(f"pretrain.hidden_size ({cfg.hidden_size}) is not a multiple of num_attention_heads")
     if cfg.num_attention_heads % cfg.num_key_value_heads:
@@ -288,7 +289,8 @@ def train(cfg: Config, data: dict[str, Any], ctx: StageContext) -> tuple[Any, di
     labels = ids.clone()
     labels[~loss_mask] = -100  # the loss covers answer tokens only
     if ids.shape[1] != int(data["seq_len"]):
-        raise ValueError(f"{data['artifacts']['train_tokens']}: rows of {ids.shape[1]} tokens, manifest says seq_len={data['seq_len']}")
+        raise ValueError(f"{data['artifacts']['train_tokens']}: rows of {ids.shape[1]} tokens, "
+                         f"manifest says seq_len={data['seq_len']}")
     examples = subset_per_task(read_examples(data["artifacts"]["eval_examples"]), cfg.eval_subset)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(ids, labels), batch_size=cfg.batch_size, shuffle=True, drop_last=True,

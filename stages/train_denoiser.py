@@ -164,7 +164,8 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
         logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         steps = int(trainer.global_step)
         timing = {"resumed_from_step": module.resumed_from_step,
-                  **({"resumed_lr_was": module.resumed_lr} if module.resumed_lr is not None else {}), "train_minutes": module.elapsed() / 60.0,
+                  **({"resumed_lr_was": module.resumed_lr} if module.resumed_lr is not None else {}),
+                  "train_minutes": module.elapsed() / 60.0,
                   "train_cpu_minutes": module.cpu_seconds / 60.0}
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +183,8 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
              # per forward where decoding is bound by weight traffic (batch 1)
              "denoiser_forward_weights_vs_context": params_read_per_forward(den, den.backbone.get_input_embeddings())
              / max(1, params_read_per_forward(context, embedding))}
-    metrics = {"steps": steps, "budget": budget_note(cfg, steps), **timing, **sizes, "world_size": world.world_size, "gpus": world.gpus,
+    metrics = {"steps": steps, "budget": budget_note(cfg, steps), **timing, **sizes, "world_size": world.world_size,
+               "gpus": world.gpus,
                "micro_batch": world.micro_batch, "tokens_per_step": world.tokens_per_step,
                "tokens_per_second": tokens / max(seconds, 1e-9),
                **metrics_layout, **{k.replace("/", "_"): float(v) for k, v in logged.items()

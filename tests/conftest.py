@@ -18,7 +18,7 @@ TESTS = Path(__file__).resolve().parent
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_user_cache(tmp_path_factory: pytest.TempPathFactory):
-    """`plan`/`validate` cache backbone sizes under `$XDG_CACHE_HOME` (pipeline/estimate_cache.py):
+    """`plan`/`validate` cache backbone sizes under `$XDG_CACHE_HOME` (planning/estimate_cache.py):
     tests, and the CLI subprocesses they start, use a cache directory of their own, never the
     user's."""
     saved = os.environ.get("XDG_CACHE_HOME")

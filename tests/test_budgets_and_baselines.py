@@ -106,7 +106,8 @@ def test_full_depth_variant_overlays_the_smollm2_recipe():
 def test_depth_targets_table_reads_the_pipelines_own_figures():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("depth_targets", Path(__file__).resolve().parents[1] / "bench/depth_targets.py")
+    spec = importlib.util.spec_from_file_location("depth_targets",
+                                                  Path(__file__).resolve().parents[1] / "bench/depth_targets.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert bench.cell_overrides("full", "data", None) == ["twotower.denoiser_layers=null", "twotower.targets=data"]
@@ -123,7 +124,8 @@ def test_depth_targets_table_reads_the_pipelines_own_figures():
                                            "4": {"verified": {"speedup": 1.1, "accepted_per_verify": 3.1,
                                                               "relative_quality": 1.0}}}}}}}
     row = {"depth": "4", "targets": "context_greedy", **bench.figures(summary)}
-    assert row["verified_accepted_b1"] == 3.5 and row["verified_speedup_b4"] == 1.1 and row["diffusion_speedup_b1"] == 1.7
+    assert (row["verified_accepted_b1"] == 3.5 and row["verified_speedup_b4"] == 1.1
+            and row["diffusion_speedup_b1"] == 1.7)
     table = bench.markdown([row], ["1", "4"])
     assert "| 4 | context_greedy | 300 | 512 | 42.0 | 0.70 | 2.50 | 0.910 [0.850, 0.970] |" in table
     assert table.splitlines()[-1].endswith("| 3.50 | 3.10 | 1.20 | 1.10 |")

@@ -52,7 +52,8 @@ def test_synthetic_manifest_files_and_determinism(tmp_path):
         if k:
             cur.append(t)
             if t == tok.eos_token_id:
-                spans.append(tok.decode(cur[:-1])); cur = []
+                spans.append(tok.decode(cur[:-1]))
+                cur = []
     assert spans, "no answer in the first row"
     assert all(s and "=" not in s for s in spans)
     assert mask[ids == tok.pad_token_id].sum() == 0
@@ -64,7 +65,8 @@ def test_synthetic_manifest_files_and_determinism(tmp_path):
     m2 = prepare_data.run(_small(), {}, _ctx(tmp_path, "b"))
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     prepare_data.run(_small(seed=1), {}, _ctx(tmp_path, "c"))
-    assert _digest(tmp_path / "a")["train_shards/tokens-00000.npy"] != _digest(tmp_path / "c")["train_shards/tokens-00000.npy"]
+    assert (_digest(tmp_path / "a")["train_shards/tokens-00000.npy"]
+            != _digest(tmp_path / "c")["train_shards/tokens-00000.npy"])
     assert m2["artifacts"]["train_tokens"].startswith(str(tmp_path / "b"))
 
 
@@ -124,7 +126,8 @@ def test_files_source_jsonl_text(tmp_path):
 def test_files_source_parquet_pairs(tmp_path):
     import datasets
 
-    rows = [{"question": f"{i}+{i}=", "solution": str(2 * i), "family": "double" if i % 2 else "twice"} for i in range(60)]
+    rows = [{"question": f"{i}+{i}=", "solution": str(2 * i), "family": "double" if i % 2 else "twice"}
+            for i in range(60)]
     p = tmp_path / "pairs.parquet"
     datasets.Dataset.from_list(rows).to_parquet(str(p))
     cfg = Config(source="files", paths=[str(p)], prompt_column="question", answer_column="solution",
@@ -137,7 +140,8 @@ def test_files_source_parquet_pairs(tmp_path):
 
 def test_files_source_txt(tmp_path):
     p = tmp_path / "book.txt"
-    p.write_text("".join(f"line {i} of a small book about tiny models and blocks.\n" for i in range(80)), encoding="utf-8")
+    p.write_text("".join(f"line {i} of a small book about tiny models and blocks.\n" for i in range(80)),
+                 encoding="utf-8")
     cfg = Config(source="files", paths=[str(p)], seq_len=48, eval_prompt_tokens=20, eval_answer_tokens=10)
     m = prepare_data.run(cfg, {}, _ctx(tmp_path))
     assert m["metrics"]["train_rows"] > 0 and m["tasks"] == {"text": "global"}

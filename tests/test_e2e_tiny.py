@@ -97,13 +97,15 @@ def test_tiny_recipe_end_to_end_under_ray_and_mlflow(tmp_path):
     model = TwoTowerForDiffusionLM.from_pretrained(export_dir)
     tok = AutoTokenizer.from_pretrained(export_dir)
     ids = torch.tensor([tok("copy abc=")["input_ids"]])
-    seqs = {m: model.generate(ids, mode=m, gamma=0.9, max_new_tokens=8).sequences for m in ("diffusion", "mock_ar", "ar")}
+    seqs = {m: model.generate(ids, mode=m, gamma=0.9, max_new_tokens=8).sequences
+            for m in ("diffusion", "mock_ar", "ar")}
     assert torch.equal(seqs["mock_ar"], seqs["ar"])
 
     # an unchanged re-run is served from the cache
     proc2, seconds2 = _run(root)
     assert proc2.returncode == 0, proc2.stderr[-3000:]
     again = _summary(root)
-    assert all(again["stages"][s]["status"] == "cached" for s in STAGES), {s: again["stages"][s]["status"] for s in STAGES}
+    assert all(again["stages"][s]["status"] == "cached"
+               for s in STAGES), {s: again["stages"][s]["status"] for s in STAGES}
     assert again["stages"]["evaluate"]["metrics"] == ev
     print(f"first run {seconds:.1f}s, cached re-run {seconds2:.1f}s")

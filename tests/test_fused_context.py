@@ -49,7 +49,8 @@ def test_fused_layers_pick_evenly_spaced_or_listed_layers(layers, n, picked):
     (dict(fused_layers=0), r"twotower\.fused_layers must be >= 1"),
     (dict(fused_layers=[2, 1]), r"twotower\.fused_layers=\[2, 1\].*ascending"),
     (dict(fused_layers=None), r"twotower\.fused_layers must be an integer"),
-    (dict(attention_conditioning="fused_kv", context_position_keys=4), "context_position_keys needs attention_conditioning=context_kv"),
+    (dict(attention_conditioning="fused_kv", context_position_keys=4),
+     "context_position_keys needs attention_conditioning=context_kv"),
 ])
 def test_bad_fused_choices_are_named(kw, message):
     with pytest.raises(ValueError, match=message):
@@ -118,7 +119,8 @@ def test_fused_training_logits_equal_decode_logits(name, depth):
             block = x[:, k * B:(k + 1) * B]
             m = mask[:, k * B:(k + 1) * B]
             positions = cache.next_pos[:, None] + torch.arange(B)
-            dec = model.denoiser(block.masked_fill(m, 0), m, t[:, k], positions, DecodeContext(cache, model.tt_config, B))
+            dec = model.denoiser(block.masked_fill(m, 0), m, t[:, k], positions,
+                                 DecodeContext(cache, model.tt_config, B))
             torch.testing.assert_close(dec, train[:, k * B:(k + 1) * B], atol=2e-5, rtol=1e-5)
             _, cache = context_forward(model.context_walk, block, cache, chunk=B, **opts)
 
@@ -155,7 +157,8 @@ def test_fused_denoiser_decodes_exactly_on_every_family(name, tmp_path):
     """verified and mock_ar equal ar (the rollback cuts the fused keys too), diffusion runs, and a
     save/load round trip keeps the fusion (same diffusion output)."""
     model = tiny_twotower(name, perturb=0.05, denoiser_layers=2, fused_layers=2, **FUSED)
-    assert checks.kept_layers_match(model, tiny_backbone(name, seed=0, scale=1.0)) == []  # the copy starts as the backbone
+    # the copy starts as the backbone
+    assert checks.kept_layers_match(model, tiny_backbone(name, seed=0, scale=1.0)) == []
     prompts = [ids(1, 5, seed=1)[0].tolist(), ids(1, 3, seed=2)[0].tolist()]
     kw = dict(max_new_tokens=10, block_size=B, eos_token_id=-1)
     ar = model.generate(prompts, mode="ar", **kw).sequences
@@ -215,8 +218,8 @@ def test_draft_quality_scores_the_first_draft_step_against_the_context_towers_gr
     hits, accepted, blocks = [], [], 0
     with torch.no_grad():
         for r in range(3):
-            greedy = model.context_walk.logits(context_forward(model.context_walk, rows[r:r + 1], TowerCache.empty(1, "cpu"),
-                                                               chunk=B)[0]).argmax(-1)[0]
+            greedy = model.context_walk.logits(context_forward(model.context_walk, rows[r:r + 1],
+                                                               TowerCache.empty(1, "cpu"), chunk=B)[0]).argmax(-1)[0]
             for k in range(1, 4):
                 if r == 2 and k == 3:
                     continue
@@ -226,7 +229,8 @@ def test_draft_quality_scores_the_first_draft_step_against_the_context_towers_gr
                 block = rows[r:r + 1, k * B:(k + 1) * B].clone()
                 mask = torch.ones(1, B, dtype=torch.bool)
                 mask[:, 0] = False
-                logits = model.denoiser(block.masked_fill(mask, 0), mask, torch.ones(1), cache.next_pos[:, None] + torch.arange(B),
+                logits = model.denoiser(block.masked_fill(mask, 0), mask, torch.ones(1),
+                                        cache.next_pos[:, None] + torch.arange(B),
                                         DecodeContext(cache, model.tt_config, B))
                 pred = prediction_logits(logits, True).argmax(-1)[0]
                 right = [bool(pred[j] == greedy[k * B + j - 1]) for j in range(1, B)]

@@ -139,7 +139,7 @@ def test_default_pipeline_yaml_validates_and_plans() -> None:
     from pipeline.cli import plan_of
     cfg = load_config(None)
     assert "prepare_data" in cfg.stages and cfg.dag.order[0] == "prepare_data"
-    plan = plan_of(cfg)  # with pipeline/estimate.py: its dict (or its error) under "estimate"
+    plan = plan_of(cfg)  # with planning/estimate.py: its dict (or its error) under "estimate"
     assert plan["order"] == list(cfg.stages) and "estimate" in plan
     assert plan["stages"]["train_denoiser"]["needs"] == ["prepare_data", "attach_conditioning"]
 
@@ -170,7 +170,7 @@ def test_a_recipe_without_a_required_stage_fails_validate_naming_stage_input_and
     proc = cli("validate", str(recipe))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     out = proc.stdout + proc.stderr
-    line = next(l for l in out.splitlines() if "graph.train_denoiser.needs" in l)
+    line = next(ln for ln in out.splitlines() if "graph.train_denoiser.needs" in ln)
     assert str(recipe) in line and "'train_denoiser'" in line and "'attach_conditioning'" in line, out
 
 

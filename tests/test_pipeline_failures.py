@@ -93,7 +93,8 @@ def test_truncated_safetensors_and_damaged_tokenizer_are_refused(tmp_path: Path)
 
     store = ArtifactStore(tmp_path / "runs")
     weights = _commit(store, "train_denoiser", "k1",
-                      lambda d: save_file({"w": torch.arange(64, dtype=torch.float32)}, str(d / "denoiser.safetensors")))
+                      lambda d: save_file({"w": torch.arange(64, dtype=torch.float32)},
+                                          str(d / "denoiser.safetensors")))
     tok = _commit(store, "pretrain_backbone", "k2", lambda d: build_char_tokenizer().save_pretrained(str(d)))
     assert store.lookup("train_denoiser", "k1") and store.lookup("pretrain_backbone", "k2")
 

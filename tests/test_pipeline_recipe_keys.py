@@ -2,7 +2,7 @@
 
 A key nobody reads is a lie in the config: the user sets it and nothing changes. For each key of
 `pipeline.yaml` and `recipes/*.yaml`, the test finds the modules that own its section — the stage
-modules whose `SECTION` it is (and, for the sections `plan` sizes, pipeline/estimate.py), or the
+modules whose `SECTION` it is (and, for the sections `plan` sizes, planning/estimate.py), or the
 engine (`pipeline/`) for `run`, `ray`, `tracking`, `plan` and `graph` — and requires an attribute
 read `.<key>` somewhere in the code those modules import (pipeline/codeversion.py's closure).
 """
@@ -21,8 +21,8 @@ from stages import REGISTRY
 
 RECIPES = [REPO / "pipeline.yaml", *sorted((REPO / "recipes").glob("*.yaml"))]
 ENGINE = ("run", "ray", "tracking", "plan", "graph")
-ALSO_READ_BY = {"backbone": ["pipeline.estimate"], "data": ["pipeline.estimate"], "train": ["pipeline.estimate"],
-                "twotower": ["pipeline.estimate"], "plan": ["pipeline.estimate"]}
+ALSO_READ_BY = {"backbone": ["planning.estimate"], "data": ["planning.estimate"], "train": ["planning.estimate"],
+                "twotower": ["planning.estimate"], "plan": ["planning.estimate"]}
 
 
 @cache

@@ -1,4 +1,4 @@
-"""Tower placement applied (stages/backbones/placement.py): `backbone.context_device` / `denoiser_device`
+"""Tower placement applied (twotower/devices.py): `backbone.context_device` / `denoiser_device`
 travel in the `BackboneRef` to every decoding stage, which places the towers with
 `twotower.place_towers_on_devices`; `pipeline generate` takes `--context-device/--denoiser-device`.
 
@@ -22,7 +22,7 @@ from stages import export as X
 from stages import freeze_context as F
 from stages import train_denoiser as T
 from stages.backbones.loading import load_trained
-from stages.backbones.placement import check_reserved, resolve_devices
+from twotower.devices import check_reserved, resolve_devices
 
 NANO = "recipes/nemotron_nano.yaml"
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="asserts the error of a GPU-less process")
@@ -101,7 +101,8 @@ def test_config_time_check_against_each_stages_reserved_gpus():
     for stage in ("calibrate_gamma", "evaluate"):
         with pytest.raises(ConfigError) as err:
             load_config(NANO, [f"graph.{stage}.resources.num_gpus=1"])
-        assert f"backbone.denoiser_device='cuda:1' needs 2 GPU(s) but graph.{stage}.resources.num_gpus=1" in str(err.value)
+        assert (f"backbone.denoiser_device='cuda:1' needs 2 GPU(s) but graph.{stage}.resources.num_gpus=1"
+                in str(err.value))
     with pytest.raises(ConfigError, match=r"backbone.context_device='cuda:0' needs 1 GPU\(s\) but "
                                           r"graph.export.resources.num_gpus=0"):
         load_config(NANO, ["graph.export.resources.num_gpus=0"])

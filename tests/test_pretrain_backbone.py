@@ -20,7 +20,8 @@ TINY = dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=1, interm
 def data(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("data")
     cfg = prepare_data.Config(tasks=["copy", "add"], train_examples_per_task=30, eval_examples_per_task=3, seq_len=64)
-    return prepare_data.run(cfg, {}, StageContext(name="prepare_data", out_dir=root / "out", work_dir=root / "w", run_dir=root))
+    return prepare_data.run(cfg, {}, StageContext(name="prepare_data", out_dir=root / "out", work_dir=root / "w",
+                                                  run_dir=root))
 
 
 def _ctx(tmp_path: Path, work: str = "work", out: str = "out", events: list | None = None) -> StageContext:

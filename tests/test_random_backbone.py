@@ -20,7 +20,7 @@ SHRINK = dict(hidden_size=16, n_routed_experts=4, num_experts_per_tok=2, moe_int
 
 
 def test_random_nano_keeps_the_pattern_and_runs_the_early_stages(tmp_path):
-    from pipeline.estimate import load_backbone_config
+    from planning.estimate import load_backbone_config
     from twotower import sizing
 
     torch.set_num_threads(1)

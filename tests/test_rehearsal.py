@@ -53,7 +53,8 @@ def test_the_overlay_changes_only_backbone_data_hardware_and_budgets():
     assert not stray, f"{OVERLAY} sets keys beyond backbone/data/hardware/budgets: {stray}"
     shipped, rehearsal = load_config(RECIPE), load_config(RECIPE, overlays=[REPO / OVERLAY])
     assert list(rehearsal.stages) == list(shipped.stages) == STAGES  # the shipped graph, every stage
-    assert {n: s.spec.needs for n, s in rehearsal.stages.items()} == {n: s.spec.needs for n, s in shipped.stages.items()}
+    assert ({n: s.spec.needs for n, s in rehearsal.stages.items()}
+            == {n: s.spec.needs for n, s in shipped.stages.items()})
     assert {n: s.module for n, s in rehearsal.stages.items()} == {n: s.module for n, s in shipped.stages.items()}
     for section in ("twotower", "calibrate"):  # settings the overlay must not touch stay the recipe's
         same = {k: v for k, v in shipped.resolved[section].items() if k not in overlay.get(section, {})}

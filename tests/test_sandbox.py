@@ -64,8 +64,8 @@ def test_infinite_loop_is_killed_with_its_children(isolation):
 
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 def test_fork_bomb_is_contained(isolation):
-    out = sandbox.run_python("import os\nwhile True:\n    os.fork()\n", sandbox.Limits(timeout_s=20.0, max_processes=16),
-                             isolation=isolation)
+    out = sandbox.run_python("import os\nwhile True:\n    os.fork()\n",
+                             sandbox.Limits(timeout_s=20.0, max_processes=16), isolation=isolation)
     assert out.returncode != 0
     if "pids_cgroup" in out.isolation:  # the cgroup refuses the 17th process: fork fails, the bomb ends
         assert not out.timed_out and "Resource temporarily unavailable" in out.stderr

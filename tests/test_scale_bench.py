@@ -118,7 +118,8 @@ def test_scan_cost_times_both_cuts_against_the_old_paths(tmp_path):
     assert walk.ONE_CHUNK_MAX == 64
     assert out["rollback/ratio"] == pytest.approx(out["rollback/every_position_us"] / out["rollback/rescan_prefix_us"])
     assert out["every-pos scan/one_chunk_us"] > 0 and out["every-pos scan/token_chunks_us"] > 0
-    assert out["rollback now/ratio"] == pytest.approx(out["rollback now/state_at_us"] / out["rollback now/every_position_us"])
+    assert out["rollback now/ratio"] == pytest.approx(out["rollback now/state_at_us"]
+                                                      / out["rollback now/every_position_us"])
     from twotower import ops
     assert ops.EVERY_POSITION_MAX == 64
 

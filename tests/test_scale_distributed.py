@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from pipeline.estimate import SHIPPED_BACKBONES
+from planning.estimate import SHIPPED_BACKBONES
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -179,7 +179,7 @@ def test_lazy_factory_and_train_section_mapping():
 
     from stages.training.train_distributed import LazyFactory, config_from_train
 
-    make = pickle.loads(pickle.dumps(LazyFactory("twotower.training_plan:TrainShape", (8,), {"seq_len": 32})))
+    make = pickle.loads(pickle.dumps(LazyFactory("planning.training:TrainShape", (8,), {"seq_len": 32})))
     assert make().num_gpus == 8 and make().seq_len == 32
     with pytest.raises(ValueError, match="package.module:attribute"):
         LazyFactory("twotower.sizing")()

@@ -12,8 +12,9 @@ import time
 import pytest
 import torch
 
-from pipeline.estimate import SHIPPED_BACKBONES, config_from_json, estimate, load_backbone_config
-from twotower import sizing, training_plan
+from planning import memory, training
+from planning.estimate import SHIPPED_BACKBONES, config_from_json, estimate, load_backbone_config
+from twotower import sizing
 
 NANO = "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16"
 NANO_JSON = SHIPPED_BACKBONES / "nemotron-3-nano-30b-a3b.json"
@@ -63,7 +64,7 @@ def test_nano_memory_per_device(nano_plan):
     assert dec["diffusion"]["context_weights_gib"] < dec["diffusion"]["denoiser_weights_gib"] < 80.0 * 0.9
     assert dec["diffusion"]["devices"] == 2 and dec["ar_only"]["devices"] == 1
     # Both towers never fit one 80 GB device: that is why diffusion decoding needs two.
-    assert nano_plan["params"]["both_towers_total"] * 2 / sizing.GIB > 80.0
+    assert nano_plan["params"]["both_towers_total"] * 2 / memory.GIB > 80.0
     assert nano_plan["train_min_gpus"]["num_gpus"] >= 8
     by_gpus = nano_plan["train_memory_by_gpus"]
     assert by_gpus["8"] > by_gpus["16"] > by_gpus["32"] > by_gpus["64"]
@@ -119,11 +120,11 @@ def test_new_parameters_by_kind_classifies_names():
 def test_training_memory_shrinks_with_gpus_and_rejects_bad_shapes():
     facts = sizing.family_facts(sizing.build_on_meta(config_from_json(NANO_JSON)))
     args = (31_000_000_000, 32_000_000_000, 1_300_000_000, facts)
-    small = training_plan.training_memory(*args, training_plan.TrainShape(64, 1, 4096, 16))["total_gib"]
-    big = training_plan.training_memory(*args, training_plan.TrainShape(8, 1, 4096, 16))["total_gib"]
+    small = training.training_memory(*args, training.TrainShape(64, 1, 4096, 16))["total_gib"]
+    big = training.training_memory(*args, training.TrainShape(8, 1, 4096, 16))["total_gib"]
     assert big > small
     with pytest.raises(ValueError, match="seq_len"):
-        training_plan.training_memory(*args, training_plan.TrainShape(8, 1, 4095, 16))
+        training.training_memory(*args, training.TrainShape(8, 1, 4095, 16))
 
 
 def test_formula_matches_the_runtime_on_meta():
@@ -136,7 +137,7 @@ def test_formula_matches_the_runtime_on_meta():
         model = TwoTowerForDiffusionLM.from_backbone(backbone, TwoTowerConfig(block_size=16))
     built = sizing.new_parameters_by_kind(model.denoiser, backbone)
     assert built["other"] == 0, built  # every new parameter is classified
-    assert built == sizing.formula_new_parameters(sizing.family_facts(backbone), block_size=16, time_embed_dim=128)
+    assert built == memory.formula_new_parameters(sizing.family_facts(backbone), block_size=16, time_embed_dim=128)
     assert built["adaln"] > 0 and built["embeddings"] == 2688 * 17
 
 
@@ -171,12 +172,12 @@ def test_plan_cli_on_the_nano_recipe(tmp_path):
 
 def test_decode_traffic_moe_block_reads_more_experts(nano_plan):
     facts = sizing.family_facts(sizing.build_on_meta(config_from_json(NANO_JSON)))
-    assert sizing.expert_fraction_touched(facts, 1) == pytest.approx(6 / 128)
-    assert sizing.expert_fraction_touched(facts, 16) == pytest.approx(1 - (122 / 128) ** 16)
+    assert memory.expert_fraction_touched(facts, 1) == pytest.approx(6 / 128)
+    assert memory.expert_fraction_touched(facts, 16) == pytest.approx(1 - (122 / 128) ** 16)
     t1, t8 = nano_plan["decode_traffic"]["batch_1"], nano_plan["decode_traffic"]["batch_8"]
     # One AR token reads the active weights: ~3.2 B dense-equivalent params (+ LM head) in bf16.
     assert t1["ar_forward_gib"] == pytest.approx(
-        2 * (nano_plan["params"]["context_tower"]["active"] - 352321536) / sizing.GIB, rel=1e-6)
+        2 * (nano_plan["params"]["context_tower"]["active"] - 352321536) / memory.GIB, rel=1e-6)
     assert t1["denoiser_forward_gib"] > 5 * t1["ar_forward_gib"]  # a 16-token block touches ~54% of experts
     assert 1.0 < t1["break_even_denoiser_steps"] < t8["break_even_denoiser_steps"] < 16
 
@@ -184,8 +185,8 @@ def test_decode_traffic_moe_block_reads_more_experts(nano_plan):
 def test_training_step_time_intra_vs_inter_node(nano_plan):
     ctx = sizing.ParamCounts(**{k: nano_plan["params"]["context_tower"][k]
                                 for k in ("total", "embeddings", "lm_head", "routed_experts", "active")})
-    one_node = training_plan.training_step_time(ctx, ctx, training_plan.TrainShape(8, 1, 4096, 16))
-    two_nodes = training_plan.training_step_time(ctx, ctx, training_plan.TrainShape(16, 1, 4096, 16))
+    one_node = training.training_step_time(ctx, ctx, training.TrainShape(8, 1, 4096, 16))
+    two_nodes = training.training_step_time(ctx, ctx, training.TrainShape(16, 1, 4096, 16))
     # FLOPs per token: 8 x active (denoiser fwd + bwd + recompute) + 2 x active (context fwd).
     assert one_node["flops_per_token_g"] == pytest.approx(10 * ctx.active_without_embeddings / 1e9)
     assert two_nodes["comm_s_per_microbatch"] > one_node["comm_s_per_microbatch"]  # slower link
@@ -203,7 +204,8 @@ def test_new_parameters_with_cross_attention_are_all_classified():
     model = TwoTowerForDiffusionLM.from_backbone(backbone, TwoTowerConfig(block_size=8, cross_attention=True))
     kinds = sizing.new_parameters_by_kind(model.denoiser, backbone)
     assert kinds["other"] == 0 and kinds["cross_attention"] > 0 and kinds["adaln"] > 0
-    assert kinds["total"] == sum(p.numel() for n, p in model.named_parameters() if n in set(model.new_parameter_names()))
+    assert kinds["total"] == sum(p.numel() for n, p in model.named_parameters()
+                                 if n in set(model.new_parameter_names()))
 
 
 def test_placement_two_devices_fit_one_does_not(nano_plan):
@@ -230,7 +232,8 @@ def test_plan_sizes_full_depth_against_shallow_denoisers(nano_plan):
     assert full["denoiser_params_b"] > four["denoiser_params_b"] > two["denoiser_params_b"]
     assert full["train_hours_for_max_steps"] > two["train_hours_for_max_steps"]
     assert full["train_gib_per_gpu"] > two["train_gib_per_gpu"]
-    assert full["denoiser_forward_gib_batch1"] > four["denoiser_forward_gib_batch1"] > two["denoiser_forward_gib_batch1"]
+    assert (full["denoiser_forward_gib_batch1"] > four["denoiser_forward_gib_batch1"]
+            > two["denoiser_forward_gib_batch1"])
     assert nano_plan["summary"]["denoiser_layers"] == "all"
 
 
@@ -242,6 +245,7 @@ def test_plan_of_a_shallow_recipe_counts_its_own_tower():
     assert plan["summary"]["denoiser_layers"] == [0, 17, 34, 51]
     assert plan["params"]["context_tower"] == full["params"]["context_tower"]
     assert plan["params"]["denoiser"]["total"] < 0.25 * full["params"]["denoiser"]["total"]
-    assert plan["summary"]["denoiser_forward_vs_ar_traffic_batch1"] < full["summary"]["denoiser_forward_vs_ar_traffic_batch1"]
+    assert (plan["summary"]["denoiser_forward_vs_ar_traffic_batch1"]
+            < full["summary"]["denoiser_forward_vs_ar_traffic_batch1"])
     with pytest.raises(ValueError, match=r"twotower\.denoiser_layers names layer\(s\) \[60\]"):
         estimate({"backbone": {"name_or_path": NANO}, "twotower": {"block_size": 16, "denoiser_layers": [0, 60]}})

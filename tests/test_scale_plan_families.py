@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline.estimate import SHIPPED_BACKBONES, config_from_json
+from planning.estimate import SHIPPED_BACKBONES, config_from_json
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
@@ -41,7 +41,8 @@ def independent_count(config) -> dict:
         n_mamba = config.layers_block_type.count("linear_attention")
         inner = config.mamba_n_heads * config.mamba_d_head
         states = n_mamba * (inner * config.mamba_d_state * 4
-                            + (inner + 2 * config.mamba_n_groups * config.mamba_d_state) * (config.mamba_d_conv - 1) * 2)
+                            + (inner + 2 * config.mamba_n_groups * config.mamba_d_state)
+                            * (config.mamba_d_conv - 1) * 2)
     else:  # gemma3_text: dense, every layer attention (sliding layers keep every key too)
         active = total
         kv_per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim

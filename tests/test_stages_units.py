@@ -188,8 +188,8 @@ def test_block_aligned_rows_put_answers_on_block_boundaries():
     assert prompts == [[1, 7, 8], [1, 7]] and answers == [[9, 9, 2], [9, 2]]
     x, attn, loss = build_rows((ids, lm), "auto", "answers", 4, pad)
     assert x.shape[1] % 4 == 0
-    for row, l in zip(x, loss):
-        first = int(l.nonzero()[0])
+    for row, row_loss in zip(x, loss):
+        first = int(row_loss.nonzero()[0])
         assert first % 4 == 0 and row[first] == 9  # the answer starts a block
     x2, attn2, loss2 = build_rows((ids, lm), "packed", "all", 4, pad)
     assert torch.equal(x2, ids) and attn2.sum() == 10 and torch.equal(loss2, attn2)
@@ -208,9 +208,9 @@ def test_bucketed_batches_group_alike_rows_and_trim_pad_blocks():
     assert sorted(i for b in batches for i in b) == list(range(6)) and len(sampler) == len(batches)
     assert all(len({i < 3 for i in b}) == 1 for b in batches)  # never mixes the two patterns
     ids = torch.arange(48).view(6, 8)
-    x, a, l = trim_blocks(2)([(ids[i], attn[i], attn[i]) for i in (0, 1)])
+    x, a, loss = trim_blocks(2)([(ids[i], attn[i], attn[i]) for i in (0, 1)])
     assert x.shape == (2, 4) and bool(a.all())
-    x, a, l = trim_blocks(2)([(ids[i], attn[i], attn[i]) for i in (0, 4)])
+    x, a, loss = trim_blocks(2)([(ids[i], attn[i], attn[i]) for i in (0, 4)])
     assert x.shape == (2, 6)
 
 

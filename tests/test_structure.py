@@ -14,7 +14,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "stages", "twotower", "adapters", "bench")
+PACKAGES = ("pipeline", "planning", "stages", "twotower", "adapters", "bench")
 MAX_LINES = 400
 
 KNOWN_CYCLES: set[frozenset[str]] = set()
@@ -102,7 +102,8 @@ def test_no_new_import_cycles_and_none_listed_that_are_gone():
     graph = {name: imports_of(name, path, known) for name, path in known.items()}
     found = cycles(graph)
     assert not found - KNOWN_CYCLES, f"new import cycles: {[sorted(c) for c in found - KNOWN_CYCLES]}"
-    assert not KNOWN_CYCLES - found, f"broken cycles still listed in KNOWN_CYCLES: {[sorted(c) for c in KNOWN_CYCLES - found]}"
+    assert not KNOWN_CYCLES - found, (f"broken cycles still listed in KNOWN_CYCLES: "
+                                      f"{[sorted(c) for c in KNOWN_CYCLES - found]}")
 
 
 def test_no_module_grows_past_its_limit():
@@ -111,3 +112,55 @@ def test_no_module_grows_past_its_limit():
     assert not over, f"modules over {MAX_LINES} lines (or past their listed length): {over}"
     split = {name for name in KNOWN_LONG if lengths.get(name, 0) <= MAX_LINES}
     assert not split, f"modules now at most {MAX_LINES} lines, drop them from KNOWN_LONG: {sorted(split)}"
+
+
+RAY_MODULES = {"stages.training.train_distributed", "stages.training.distributed_worker"}
+"""The only code below the engine that imports Ray: distributed training hands a fit to Ray Train.
+Every other stage, helper, planner and the runtime runs the same under Ray, in-process, or alone."""
+
+
+def _imported_names(path: Path) -> set[str]:
+    """Every absolute module name `path` imports (third-party ones included)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module)
+    return out
+
+
+def test_ray_is_imported_only_by_the_engine_and_distributed_training():
+    below_engine = {name: path for name, path in modules().items()
+                    if name.split(".")[0] in ("stages", "planning", "twotower", "adapters")}
+    importing = {name for name, path in below_engine.items()
+                 if any(m == "ray" or m.startswith("ray.") for m in _imported_names(path))}
+    assert importing == RAY_MODULES, f"Ray imported outside the engine by {sorted(importing - RAY_MODULES)}" \
+        if importing - RAY_MODULES else f"no longer importing Ray, drop from RAY_MODULES: {sorted(RAY_MODULES - importing)}"
+
+
+def test_stages_folder_holds_the_stages_and_subpackages_the_helpers():
+    """A module directly in `stages/` is a stage (registered, with a SECTION); one in a subpackage
+    (`stages/data/`, `stages/backbones/`, ...) is a helper and never declares one."""
+    from stages import REGISTRY
+
+    def declares_section(path: Path) -> bool:
+        return any(isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "SECTION" for t in node.targets)
+                   for node in ast.parse(path.read_text()).body)
+
+    top = {name for name, path in modules().items()
+           if name.count(".") == 1 and name.startswith("stages.") and path.name != "__init__.py"} - {"stages.api"}
+    assert top == set(REGISTRY.values()), f"top-level modules of stages/ that are not stages: {sorted(top - set(REGISTRY.values()))}"
+    assert all(declares_section(modules()[name]) for name in top)
+    helpers_with_section = [name for name, path in modules().items()
+                            if name.startswith("stages.") and name.count(".") > 1 and declares_section(path)]
+    assert not helpers_with_section, f"stage helpers declaring a SECTION (move them to stages/): {helpers_with_section}"
+
+
+def test_the_engine_reaches_stages_only_through_the_registry_and_the_api():
+    """`pipeline/` imports `stages` (the REGISTRY) and `stages.api` and nothing else of the stages:
+    it runs a stage by name, never by reaching into its helpers."""
+    reaching = {name: sorted(m for m in _imported_names(path)
+                             if m.startswith("stages.") and m != "stages.api")
+                for name, path in modules().items() if name.startswith("pipeline")}
+    assert not {k: v for k, v in reaching.items() if v}, reaching

@@ -217,7 +217,8 @@ def test_drop_last_equals_the_cache_of_the_kept_prefix(name):
         block[1, 2] = walk.logits(h[:, -1]).argmax(-1)
         block[1, 3] = (walk.logits(h[:, -1]).argmax(-1) + 1) % VOCAB  # a wrong draft after a right one
         rows = Rows(torch.arange(3), greedy, cache, [[] for _ in range(3)])
-        kept = verify_block(model, block, rows, model.context_options(), Tally(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)), None)
+        kept = verify_block(model, block, rows, model.context_options(),
+                            Tally(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)), None)
         assert int(kept[1]) >= 3 and len(set(kept.tolist())) > 1
         got, _ = context_forward(walk, nxt, rows.cache, chunk=B)
         for r in range(3):
@@ -479,7 +480,8 @@ def test_sharded_checkpoint_loads(tmp_path):
     state = load_file(str(tmp_path / "model.safetensors"))
     (tmp_path / "model.safetensors").unlink()
     for prefix in ("context_tower.", "denoiser."):
-        save_file({k: v for k, v in state.items() if k.startswith(prefix)}, str(tmp_path / f"{prefix[:-1]}.safetensors"))
+        save_file({k: v for k, v in state.items() if k.startswith(prefix)},
+                  str(tmp_path / f"{prefix[:-1]}.safetensors"))
     loaded = TwoTowerForDiffusionLM.from_pretrained(tmp_path)
     ids = rand_ids(1, 8)
     mask, t = fixed_noise(1, 8)

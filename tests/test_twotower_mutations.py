@@ -49,7 +49,8 @@ def mutations(name):
             out.append((f"sublayer {s.index}: residual multiplier 1", _edit(s.index, residual_scale=1.0), {}))
         if s.post_norm is not None:
             out.append((f"sublayer {s.index}: no post-norm", _edit(s.index, post_norm=None), {}))
-            out.append((f"sublayer {s.index}: norm <-> post-norm", _swap_norms(s.index, s.index, "norm", "post_norm"), {}))
+            out.append((f"sublayer {s.index}: norm <-> post-norm",
+                        _swap_norms(s.index, s.index, "norm", "post_norm"), {}))
         if s.logit_softcap is not None:
             out.append((f"sublayer {s.index}: no attention soft-cap", _edit(s.index, logit_softcap=None), {}))
         if s.kind == "attention" and abs(adapter.attn_scale(s) - s.mixer.head_dim ** -0.5) > 1e-6:

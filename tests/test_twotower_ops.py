@@ -42,8 +42,8 @@ def test_attention_with_mask_equals_loop_over_queries():
             torch.testing.assert_close(got[0, i, h], w @ v[0, h // 2, keys], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("T,chunk,with_init", [(11, 4, True), (11, 4, False), (11, 16, True), (16, 16, False), (1, 4, True),
-                                              (8, 1, True), (8, 1, False), (70, 1, True)])
+@pytest.mark.parametrize("T,chunk,with_init", [(11, 4, True), (11, 4, False), (11, 16, True), (16, 16, False),
+                                              (1, 4, True), (8, 1, True), (8, 1, False), (70, 1, True)])
 def test_ssd_scan_matches_recurrence_and_boundary_states(T, chunk, with_init):
     """Multi-chunk, single-chunk (a decoded block), one-token and every-position (chunk 1: a verified
     block's rollback points; quadratic form up to EVERY_POSITION_MAX, chunks beyond) paths all equal
@@ -61,8 +61,10 @@ def test_ssd_scan_matches_recurrence_and_boundary_states(T, chunk, with_init):
     Bh, Ch = Bm.repeat_interleave(H // G, 2), Cm.repeat_interleave(H // G, 2)
     ref_states = [h.clone()]
     for s in range(T):
-        h = h * torch.exp(dt[:, s] * A)[..., None, None] + (dt[:, s, :, None] * x[:, s])[..., None] * Bh[:, s, :, None, :]
-        torch.testing.assert_close(y[:, s], (h * Ch[:, s, :, None, :]).sum(-1) + D[:, None] * x[:, s], atol=1e-4, rtol=1e-4)
+        h = (h * torch.exp(dt[:, s] * A)[..., None, None]
+             + (dt[:, s, :, None] * x[:, s])[..., None] * Bh[:, s, :, None, :])
+        torch.testing.assert_close(y[:, s], (h * Ch[:, s, :, None, :]).sum(-1) + D[:, None] * x[:, s],
+                                   atol=1e-4, rtol=1e-4)
         if (s + 1) % chunk == 0 or s == T - 1:
             ref_states.append(h.clone())
     assert states.shape[1] == len(ref_states) == -(-T // chunk) + 1

@@ -84,10 +84,12 @@ class TowerCache:
             self.valid[:, cols], self.next_pos, self.positions[:, cols],
             {i: k[:, :, cols] for i, k in self.keys.items()}, {i: v[:, :, cols] for i, v in self.values.items()},
             dict(self.conv), dict(self.ssm), {i: h[:, cols] for i, h in self.hidden.items()},
-            {i: k[:, :, cols] for i, k in self.fused_keys.items()}, {i: v[:, :, cols] for i, v in self.fused_values.items()},
+            {i: k[:, :, cols] for i, k in self.fused_keys.items()},
+            {i: v[:, :, cols] for i, v in self.fused_values.items()},
         )
 
-    def drop_last(self, drop: torch.Tensor, conv: dict[int, torch.Tensor], ssm: dict[int, torch.Tensor]) -> "TowerCache":
+    def drop_last(self, drop: torch.Tensor, conv: dict[int, torch.Tensor],
+                  ssm: dict[int, torch.Tensor]) -> "TowerCache":
         """Roll each row back by `drop[i]` `[N]` positions (the rejected tail of a verified draft).
 
         Keys, values (the fused ones too), hidden states, positions and validity lose their last `drop[i]` columns; rows
@@ -117,5 +119,6 @@ class TowerCache:
             along(self.valid, 1) & ~pads, next_pos, along(self.positions, 1),
             {i: along(k, 2) for i, k in self.keys.items()}, {i: along(v, 2) for i, v in self.values.items()},
             conv, ssm, {i: along(h, 1) for i, h in self.hidden.items()},
-            {i: along(k, 2) for i, k in self.fused_keys.items()}, {i: along(v, 2) for i, v in self.fused_values.items()},
+            {i: along(k, 2) for i, k in self.fused_keys.items()},
+            {i: along(v, 2) for i, v in self.fused_values.items()},
         )

@@ -100,7 +100,8 @@ class TwoTowerConfig:
     """With attention_conditioning=fused_kv: the context tower layers whose outputs (the residual
     stream after the layer) are fused, an int k = k layers evenly spaced from the first to the last
     (k=1: the last layer's output, the hidden state the backbone's LM head reads; every layer of a
-    backbone with fewer than k), or a list of layer indices. Deep layers carry what the backbone is about to predict, shallow ones the
+    backbone with fewer than k), or a list of layer indices. Deep layers carry what the backbone is
+    about to predict, shallow ones the
     tokens themselves (DFlash fuses 5 of Qwen3-8B's 36 layers, EAGLE-3 a low, a middle and a high
     one)."""
     router_dtype: str = "float32"
@@ -116,7 +117,8 @@ class TwoTowerConfig:
         if not 0.0 <= self.t_min < 1.0:
             raise ValueError(f"twotower.t_min must be in [0, 1), got {self.t_min!r}")
         if not isinstance(self.context_position_keys, int) or self.context_position_keys < 0:
-            raise ValueError(f"twotower.context_position_keys must be an integer >= 0, got {self.context_position_keys!r}")
+            raise ValueError("twotower.context_position_keys must be an integer >= 0, "
+                             f"got {self.context_position_keys!r}")
         if self.context_position_keys and self.attention_conditioning != "context_kv":
             raise ValueError("twotower.context_position_keys needs attention_conditioning=context_kv "
                              f"(got {self.attention_conditioning!r}): it shifts the context keys")

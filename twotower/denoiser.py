@@ -14,7 +14,8 @@ The new modules (all zero-init so step 0 computes exactly what the backbone comp
   (DFlash, EAGLE-3).
 
 How a block sees the context is a `BlockContext` (`twotower.block_context`: `TrainingContext`
-from the clean sequence, `DecodeContext` from the context tower's cache); each residual step is `twotower.walk.sublayer_step`,
+from the clean sequence, `DecodeContext` from the context tower's cache); each residual step is
+`twotower.walk.sublayer_step`,
 the code the context tower runs too.
 """
 from __future__ import annotations
@@ -97,7 +98,8 @@ class DenoiserTower(nn.Module):
         if cfg.mask_token_id is None:  # where `embed`'s outputs live: the mean raw row, scaled
             seed = emb.detach().float().mean(0) * adapter.embedding_scale(backbone)
             self.mask_embedding = nn.Parameter(seed.to(emb.dtype).clone())
-        self.block_pos = nn.Parameter(torch.zeros(cfg.block_size, d, dtype=emb.dtype)) if cfg.block_position_embedding else None
+        self.block_pos = (nn.Parameter(torch.zeros(cfg.block_size, d, dtype=emb.dtype))
+                          if cfg.block_position_embedding else None)
         if cfg.time_conditioning == "adaln":
             td = cfg.time_embed_dim
             self.time_mlp = nn.Sequential(nn.Linear(td, td), nn.SiLU(), nn.Linear(td, td))
@@ -115,7 +117,8 @@ class DenoiserTower(nn.Module):
                                         [sub.index for sub in self.walk.subs if sub.kind == "attention"], emb.dtype)
         if cfg.context_position_keys:
             self.context_key_pos = nn.ParameterDict({
-                str(sub.index): nn.Parameter(torch.zeros(2, cfg.context_position_keys, *self._kv_shape(sub), dtype=emb.dtype))
+                str(sub.index): nn.Parameter(torch.zeros(2, cfg.context_position_keys, *self._kv_shape(sub),
+                                                         dtype=emb.dtype))
                 for sub in self.walk.subs if sub.kind == "attention"})
             """Per attention sublayer `[2, R, Hkv, hd]`: row 0 by distance to the block start, row 1
             by absolute position; zero-init (the keys are the context tower's until trained)."""
@@ -184,7 +187,8 @@ class DenoiserTower(nn.Module):
         key = None
         weights = (*self.time_mlp.parameters(), *self.adaln.parameters())
         if not torch.is_grad_enabled() and not any(w.is_inference() for w in weights):  # (no version counter)
-            key = (tuple(t.tolist()), t.device, tuple(w._version for w in weights), tuple(w.data_ptr() for w in weights))
+            key = (tuple(t.tolist()), t.device, tuple(w._version for w in weights),
+                   tuple(w.data_ptr() for w in weights))
             hit = self._modulation_memo.get(key)
             if hit is not None:
                 return hit

@@ -219,7 +219,8 @@ def mamba2_mixer(p: Mamba2Params, h, conv_state, ssm_state, valid, chunk: int, w
     ssm_state `[N, H, P, S]` (None: zeros). valid `[N, T]` (None: all real) zeroes the inputs at
     pads so a left-padded sequence ends in exactly the state of the unpadded one.
     Returns (out `[N, T, d]`, xbc `[N, Cd, K-1+T]` = conv_state ++ new pre-conv inputs,
-    boundary states `[N, c+1, H, P, S]`, None when not `want_states` or with `points`, see `ssd_scan`). The caller keeps `xbc[..., -(K-1):]` as the new conv
+    boundary states `[N, c+1, H, P, S]`, None when not `want_states` or with `points`, see `ssd_scan`).
+    The caller keeps `xbc[..., -(K-1):]` as the new conv
     state (a fresh tensor, never updated in place).
     """
     n, length, _ = h.shape
@@ -242,7 +243,8 @@ def mamba2_mixer(p: Mamba2Params, h, conv_state, ssm_state, valid, chunk: int, w
     dt = F.softplus(dt.float() + p.dt_bias.float()).clamp(min=p.dt_min)
     A = -torch.exp(p.A_log.float())
     if points is not None and length > chunk:
-        raise ValueError(f"mamba2_mixer: rollback points need a one-chunk input, got {length} tokens in chunks of {chunk}")
+        raise ValueError("mamba2_mixer: rollback points need a one-chunk input, "
+                         f"got {length} tokens in chunks of {chunk}")
     y, states = ssd_scan(
         x.reshape(n, length, p.num_heads, p.head_dim), dt, A,
         B.reshape(n, length, p.n_groups, p.state_size), C.reshape(n, length, p.n_groups, p.state_size),

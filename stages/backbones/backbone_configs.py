@@ -1,6 +1,6 @@
 """Backbone configs without weights: a local checkpoint's `config.json`, or a config shipped under
 `recipes/backbones/` (found by the hub id in its `_name_or_path`), so the published recipes work
-offline. Read by `pipeline.estimate` (`plan`) and `stages.backbones.random_backbone` (a shrunk random init of
+offline. Read by `planning.estimate` (`plan`) and `stages.backbones.random_backbone` (a shrunk random init of
 the same architecture); a stage module so that a stage importing it does not import the engine.
 """
 from __future__ import annotations

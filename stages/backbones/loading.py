@@ -32,7 +32,7 @@ class BackboneRef:
     seq_len: int | None = None
     """Packed sequence length of the data (None when no data stage is upstream)."""
     context_device: str = "auto"
-    """`backbone.context_device`: where decoding stages put the context tower (`stages.backbones.placement`)."""
+    """`backbone.context_device`: where decoding stages put the context tower (`twotower.devices`)."""
     denoiser_device: str = "auto"
     """`backbone.denoiser_device`: where decoding stages put the denoiser tower."""
 
@@ -111,7 +111,7 @@ def load_trained(train_manifest: dict, context_device: str | None = None, denois
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from stages.backbones.placement import place
+    from twotower.devices import place
 
     backbone = BackboneRef.of(train_manifest, "train_denoiser")
     weights = train_manifest["artifacts"]["denoiser"]

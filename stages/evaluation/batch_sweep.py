@@ -90,7 +90,7 @@ def tune_ar_threads(model, prompts: list[list[int]], batch_sizes: list[int], max
 
 def timed_generate(model, prompts, **kwargs) -> tuple[Any, float]:
     """`model.generate(prompts, **kwargs)` and its wall-clock seconds, every GPU the towers sit on
-    synchronised (the towers may be placed on different devices: stages/backbones/placement.py); AR at the
+    synchronised (the towers may be placed on different devices: twotower/devices.py); AR at the
     threads `AR_THREADS` names for this batch size."""
     import torch
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.backbones.placement import input_device
+from twotower.devices import input_device
 
 AR = "ar"
 
@@ -130,7 +130,7 @@ def measure(model, tokenizer, examples: list[dict], settings: list[Setting], *, 
     from stages.data.tasks import exact_match
 
     rows: list[Row] = []
-    device = input_device(model)  # prompts go where the context tower is (stages.backbones.placement)
+    device = input_device(model)  # prompts go where the context tower is (twotower.devices)
     plan: list[tuple[str, Setting | None]] = [(AR, None)] + [("diffusion", s) for s in settings]
     if examples:  # warm-up, untimed: first calls pay for allocations and lazy kernel selection
         warm = torch.tensor([tokenizer(examples[0]["prompt"])["input_ids"]], device=device)
@@ -148,7 +148,7 @@ def measure(model, tokenizer, examples: list[dict], settings: list[Setting], *, 
                 times[i].append(secs)
                 gens.setdefault(i, gen)
         ar_ids: list[int] = []
-        for i, (mode, setting) in enumerate(plan):
+        for i, (_mode, setting) in enumerate(plan):
             gen = gens[i]
             generated = gen.sequences[0, ids.shape[1]:].tolist()
             text, new = answer_text(tokenizer, generated)

@@ -3,7 +3,8 @@
 Both paths take the same inputs (the `train` section, a model factory, the row tensors) and return
 the trained `DenoiserModule`; `train_denoiser.run` picks one by `train.num_workers`. The local path
 resumes from `ctx.work_dir/checkpoints/last.ckpt` when its sha256 sidecar matches
-(`stages.training.checkpoint_io`), stops at the first NaN/Inf (`stages.training.finite_guard`), logs to the stage's MLflow run (a CSV logger when
+(`stages.training.checkpoint_io`), stops at the first NaN/Inf (`stages.training.finite_guard`), logs to the
+stage's MLflow run (a CSV logger when
 tracking is off) and reports progress to the live display; the distributed one is
 `stages.training.train_distributed.fit_distributed` with checkpoints on the stage's work dir.
 """
@@ -102,7 +103,8 @@ def fit(cfg: Any, factory: TwoTowerFactory, block_size: int, loaders, ctx: Stage
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.max_steps // PROGRESS_BAR_UPDATES)))
     n_train_batches = max(1, len(train_dl))
     trainer = pl.Trainer(
-        max_steps=cfg.max_steps, max_epochs=-1, accelerator=cfg.accelerator, devices=1,  # one process: stages.training.world_size
+        # one process: stages.training.world_size
+        max_steps=cfg.max_steps, max_epochs=-1, accelerator=cfg.accelerator, devices=1,
         strategy=cfg.strategy, precision=resolve_precision(cfg.precision, gpu),
         accumulate_grad_batches=cfg.grad_accum,
         gradient_clip_val=cfg.grad_clip or None, logger=_logger(ctx), callbacks=callbacks,

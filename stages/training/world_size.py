@@ -1,6 +1,6 @@
 """The training job's world size, stated once: `train.num_workers` x `train.gpus_per_worker`.
 
-Why one module: `plan` (pipeline/estimate.py and the plan's `world` entry), `validate` (the engine's
+Why one module: `plan` (planning/estimate.py and the plan's `world` entry), `validate` (the engine's
 `check_resources` hook of `train_denoiser`) and the fit itself (`train_denoiser`, `denoiser_fit`,
 `train_distributed.config_from_train`) all need the number of processes, the GPUs they reserve and
 the tokens per optimizer step. When each derived them its own way, the shipped recipe set

@@ -7,27 +7,27 @@ and returns plain JSON: parameters per tower (total / active per token, with and
 input embedding table), the new parameters by kind, bf16 memory per device for diffusion decoding
 (two devices, one tower each) and AR-only, and per-GPU training memory under FSDP.
 
-The arithmetic lives in `twotower.sizing`; this module only reads the config and assembles. It reads
+The arithmetic lives in `twotower.sizing` (counts), `planning.memory` and `planning.training`; this
+module only reads the config and assembles. It reads
 the sections through the typed configs of the stages that own them (`backbone`, `data`, `train`,
 `twotower`, `plan`), never by key strings: a key the schema does not have cannot be read here.
 """
 from __future__ import annotations
 
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from planning import memory
+from planning.memory import DEFAULT_GPU_GIB
 from stages.backbones.backbone_configs import (  # noqa: F401
     SHIPPED_BACKBONES,
     config_from_json,
     load_backbone_config,
     shipped_backbone_configs,
 )
-from stages.duplicate_backbone import DEFAULT_DEVICE_MEMORY_GIB
 
-GPU_GIB = DEFAULT_DEVICE_MEMORY_GIB
+GPU_GIB = DEFAULT_GPU_GIB
 """The accelerator memory training plans are sized against when the recipe does not say."""
 UNSET_GPUS = 16
 """GPUs the training estimate is sized for when neither `plan.num_gpus` nor `train` asks for more
@@ -77,7 +77,8 @@ SHALLOW_DEPTHS = (2, 4)
 
 def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB) -> dict:
     """The plan's parameter/memory estimate for a resolved recipe config (DictConfig or dict)."""
-    from twotower import sizing, training_plan
+    from planning import memory, training
+    from twotower import sizing
 
     started = time.perf_counter()
     sec = Sections.of(cfg)
@@ -98,36 +99,36 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
     context = counts.as_dict()
     n_layers = int(getattr(config, "num_hidden_layers", 0) or 0) or None
     fraction = 1.0 if kept is None else kept["fraction"]
-    den_counts = sizing.shallow_counts(counts, fraction, new["total"])
+    den_counts = memory.shallow_counts(counts, fraction, new["total"])
     denoiser = den_counts.as_dict()
     largest = sizing.largest_layer_params(backbone)
     shape = _train_shape(sec, block_size, num_gpus)
     decode = {
-        f"batch_{b}": sizing.decode_memory(context["total"], denoiser["total"], facts, batch=b,
+        f"batch_{b}": memory.decode_memory(context["total"], denoiser["total"], facts, batch=b,
                                             context_len=int(sec.plan.context_len),
                                             block_size=block_size)
         for b in (1, 8)
     }
-    traffic = {f"batch_{b}": sizing.decode_traffic(counts, facts, batch=b, block_size=block_size,
+    traffic = {f"batch_{b}": memory.decode_traffic(counts, facts, batch=b, block_size=block_size,
                                                     denoiser=den_counts) for b in (1, 8)}
-    train = training_plan.training_memory(context["total"], denoiser["total"], largest, facts, shape)
-    step_time = training_plan.training_step_time(counts, den_counts, shape, grad_accum=int(sec.train.grad_accum))
+    train = training.training_memory(context["total"], denoiser["total"], largest, facts, shape)
+    step_time = training.training_step_time(counts, den_counts, shape, grad_accum=int(sec.train.grad_accum))
     steps = int(sec.train.max_steps)
     step_time["max_steps"] = steps
     step_time["hours_for_max_steps"] = steps * step_time["step_s"] / 3600
     by_depth = {}  # the same recipe at full depth and at shallow depths, side by side (estimates)
     for name, frac in [("full", 1.0)] + [(f"{k}_layers", k / n_layers) for k in SHALLOW_DEPTHS
                                          if n_layers and k < n_layers]:
-        dc = sizing.shallow_counts(counts, frac, new["total"])
-        t = training_plan.training_step_time(counts, dc, shape, grad_accum=int(sec.train.grad_accum))
+        dc = memory.shallow_counts(counts, frac, new["total"])
+        t = training.training_step_time(counts, dc, shape, grad_accum=int(sec.train.grad_accum))
         by_depth[name] = {"denoiser_params_b": round(dc.total / 1e9, 3),
-                          "train_gib_per_gpu": round(training_plan.training_memory(
+                          "train_gib_per_gpu": round(training.training_memory(
                               context["total"], dc.total, largest, facts, shape)["total_gib"], 1),
                           "step_s": round(t["step_s"], 2), "bound": t["bound"],
                           "train_hours_for_max_steps": round(steps * t["step_s"] / 3600, 2),
-                          "denoiser_forward_gib_batch1": round(sizing.decode_traffic(
+                          "denoiser_forward_gib_batch1": round(memory.decode_traffic(
                               counts, facts, batch=1, block_size=block_size, denoiser=dc)["denoiser_forward_gib"], 2)}
-    fit = training_plan.min_gpus(context["total"], denoiser["total"], largest, facts, shape, gpu_gib)
+    fit = training.min_gpus(context["total"], denoiser["total"], largest, facts, shape, gpu_gib)
     summary = {
         "params_per_tower_b": round(context["total"] / 1e9, 2),
         "active_per_token_b_without_embeddings": round(context["active_without_embeddings"] / 1e9, 2),
@@ -158,7 +159,7 @@ def estimate(cfg: Any, *, num_gpus: int | None = None, gpu_gib: float = GPU_GIB)
         "decode_traffic": traffic,
         "train_memory": {**train, "largest_layer_params": largest},
         "train_memory_by_gpus": {
-            str(n): round(training_plan.training_memory(context["total"], denoiser["total"], largest, facts,
+            str(n): round(training.training_memory(context["total"], denoiser["total"], largest, facts,
                                                  replace(shape, num_gpus=n))["total_gib"], 1)
             for n in (8, 16, 32, 64)
         },
@@ -174,7 +175,7 @@ def _train_shape(sec: Sections, block_size: int, num_gpus: int | None):
     """The training job to size: GPUs from `plan.num_gpus`, else the run's world size
     (`stages.training.world_size`; `UNSET_GPUS` if neither is above 1); rows of `data.seq_len` tokens in
     micro-batches of `train.batch_size`."""
-    from twotower.training_plan import TrainShape
+    from planning.training import TrainShape
 
     workers = num_gpus or sec.plan.num_gpus or world(sec).num_workers
     seq_len = int(sec.data.seq_len)
@@ -242,9 +243,7 @@ def layer_parameters(model) -> int:
 
 
 def _formula(sec: Sections, facts, block_size: int) -> dict:
-    from twotower import sizing
-
-    return sizing.formula_new_parameters(facts, block_size=block_size,
+    return memory.formula_new_parameters(facts, block_size=block_size,
                                          time_embed_dim=int(sec.twotower.time_embed_dim))
 
 
@@ -266,34 +265,14 @@ def _placement(sec: Sections, decode: dict) -> dict:
     }
 
 
-def cluster_problem(cfg: Any) -> str | None:
-    """The training world against the Ray cluster, when one is reachable (`ray.address`,
-    `RAY_ADDRESS`, or a Ray already initialised in this process); None when it fits or none is."""
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if not address and "ray" not in sys.modules:
-        return None
-    import ray
-
+def world_problem(world: dict, resources: dict[str, float]) -> str | None:
+    """Why the training `world` (`plan_world`) does not fit a Ray cluster's totals (`resources`, as
+    `ray.cluster_resources()` gives them), or None when it fits."""
     from stages.training.world_size import World, check_cluster
-    world = plan_world(cfg)
-    if world is None:
-        return None
-    owns = not ray.is_initialized()
-    if owns and not address:
-        return None
-    if owns:
-        try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        except Exception as err:  # not reachable: the config alone was checked
-            print(f"note: Ray at {address} not reachable ({type(err).__name__}); cluster not checked",
-                  file=sys.stderr)
-            return None
+
+    keep = {k: world[k] for k in ("num_workers", "gpus_per_worker", "micro_batch", "grad_accum", "seq_len")}
     try:
-        keep = {k: world[k] for k in ("num_workers", "gpus_per_worker", "micro_batch", "grad_accum", "seq_len")}
-        check_cluster(World(**keep), ray.cluster_resources())
+        check_cluster(World(**keep), resources)
     except ValueError as err:
         return f"  {err}"
-    finally:
-        if owns:
-            ray.shutdown()
     return None

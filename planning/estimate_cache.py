@@ -52,7 +52,7 @@ def _version(dist: str) -> str | None:
 
 def estimate_key(cfg: Any) -> str | None:
     """The cache key of `cfg`'s estimate, or None when the plan sizes no backbone for it."""
-    from pipeline.estimate import Sections, _plain
+    from planning.estimate import Sections, _plain
     from stages.backbones.backbone_configs import backbone_config_file
 
     sections = Sections.of(cfg)
@@ -106,7 +106,7 @@ def cached_estimate(cfg: Any) -> dict | None:
     except (OSError, ValueError):
         pass
     try:
-        from pipeline.estimate import estimate
+        from planning.estimate import estimate
 
         counts = _counts(estimate(cfg))
     except Exception:  # noqa: BLE001 - validate checks the config; `plan` reports estimate errors

@@ -1,6 +1,6 @@
 """Training plans: memory per device, step time and the fewest GPUs for a training shape.
 
-The arithmetic `plan` runs for training (`pipeline.estimate`, the `duplicate_backbone` stage's
+The arithmetic `plan` runs for training (`planning.estimate`, the `duplicate_backbone` stage's
 memory report), on the parameter counts and family facts of `twotower.sizing`. Units as there:
 parameters are integers, memory is GiB.
 """
@@ -8,16 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from twotower.sizing import (
-    BF16_BYTES,
-    DEFAULT_GPU_GIB,
-    FP32_BYTES,
-    GIB,
-    FamilyFacts,
-    ParamCounts,
-    kv_bytes_per_token,
-    mamba_state_bytes,
-)
+from planning.memory import BF16_BYTES, DEFAULT_GPU_GIB, FP32_BYTES, GIB, kv_bytes_per_token, mamba_state_bytes
+from twotower.sizing import FamilyFacts, ParamCounts
 
 
 @dataclass(frozen=True)
