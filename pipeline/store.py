@@ -25,6 +25,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from twotower.checksums import sha256_file
+
 MARKER = "_COMPLETE.json"
 MANIFEST = "manifest.json"
 VERIFIED = "_VERIFIED.json"
@@ -55,15 +57,6 @@ def cache_key(name: str, code_version: str, config: dict[str, Any], upstream: di
                "upstream": dict(sorted(upstream.items()))}
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
-
-
-def sha256_file(path: Path) -> str:
-    """Streaming sha256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _files(directory: Path) -> list[Path]:

@@ -21,7 +21,7 @@ from stages import export as X
 from stages import fidelity as FI
 from stages import freeze_context as F
 from stages import train_denoiser as T
-from stages.backbones import backbone_source as bs
+from twotower.checksums import sha256_file
 
 TRAIN = dict(max_steps=6, batch_size=8, lr=3e-3, val_every=0, checkpoint_every=100, progress_bar=False, num_threads=1)
 
@@ -94,7 +94,7 @@ def test_export_card_and_summary_name_the_source_and_the_checks(chain):
                                  make_ctx(root, "calibrate"))
     m["evaluate"] = E.run(E.Config(prompts_per_task=1, repeats=1, max_new_tokens=8), m, make_ctx(root, "evaluate"))
     out = X.run(X.Config(verify_prompts=1, max_new_tokens=8), m, make_ctx(root, "export"))
-    sha = bs.file_sha256(chain["gguf"])
+    sha = sha256_file(chain["gguf"])
     assert out["metrics"]["source_checkpoint"] == f"tiny.gguf sha256:{sha}"
     card = (Path(out["path"]) / "README.md").read_text()
     assert f"Source checkpoint: `tiny.gguf sha256:{sha}`" in card

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages.api import StageContext
 from stages.backbones import backbone_source as bs
+from twotower.checksums import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_one_key_scheme_for_the_three_sources(tiny_gguf, tmp_path):
     copy = tmp_path / "elsewhere.gguf"
     shutil.copy(path, copy)
     a, b = bs.source_of(None, str(path)), bs.source_of(None, str(copy))
-    assert a.kind == "gguf" and a.key == b.key and a.sha256 == bs.file_sha256(path)
+    assert a.kind == "gguf" and a.key == b.key and a.sha256 == sha256_file(path)
     data = bytearray(copy.read_bytes())
     data[-1] ^= 0xFF  # one byte of the last tensor
     copy.write_bytes(bytes(data))
@@ -79,7 +80,7 @@ def test_one_key_scheme_for_the_three_sources(tiny_gguf, tmp_path):
 def test_sources_are_named_without_local_paths(tiny_gguf, tmp_path):
     _, path = tiny_gguf
     g = bs.source_of(None, str(path)).describe()
-    assert g == {"kind": "gguf", "file": "tiny-llama.F32.gguf", "sha256": bs.file_sha256(path)}
+    assert g == {"kind": "gguf", "file": "tiny-llama.F32.gguf", "sha256": sha256_file(path)}
     assert bs.source_line(g) == f"tiny-llama.F32.gguf sha256:{g['sha256']}"
     h = bs.source_of("org/model", revision="abc").describe()
     assert bs.source_line(h) == "hub:org/model@abc"
@@ -157,11 +158,11 @@ def test_chunked_package_file_is_assembled_once_atomically_and_checked(tiny_gguf
     _, path = tiny_gguf
     data = path.read_bytes()
     monkeypatch.setattr(gguf_files, "ASSEMBLED_ROOT", tmp_path / "assembled")
-    _chunked_package(tmp_path / "site", data, bs.file_sha256(path))
+    _chunked_package(tmp_path / "site", data, sha256_file(path))
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     src = bs.source_of(None, "package:chunked_pkg_for_test/model.gguf")
     assembled = Path(src.reference)
-    assert assembled.read_bytes() == data and src.sha256 == bs.file_sha256(path)
+    assert assembled.read_bytes() == data and src.sha256 == sha256_file(path)
     assert assembled.is_relative_to(tmp_path / "assembled") and src.describe()["file"] == "model.gguf"
     assert not list((tmp_path / "assembled").rglob("*.partial"))
     assert not any(m.startswith("chunked_pkg_for_test") for m in sys.modules)
@@ -200,7 +201,7 @@ def test_duplicate_backbone_stage_converts_and_names_the_source(tiny_gguf, tmp_p
     assert model_dir.parent == tmp_path / "runs" / "cache" / "backbone_sources"
     assert manifest["model_type"] == "llama" and manifest["metrics"]["n_sublayers"] == 4
     assert manifest["source"]["kind"] == "gguf" and manifest["source"]["file"] == path.name
-    assert manifest["metrics"]["source_checkpoint"] == f"{path.name} sha256:{bs.file_sha256(path)}"
+    assert manifest["metrics"]["source_checkpoint"] == f"{path.name} sha256:{sha256_file(path)}"
 
 
 def test_prepare_data_reads_the_tokenizer_inside_a_gguf(tiny_gguf):

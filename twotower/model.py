@@ -115,8 +115,7 @@ class TwoTowerForDiffusionLM(nn.Module):
         kept = self.denoiser.slot
         for sub in self.context_walk.subs:
             if sub.index not in kept:
-                rows.append({"index": sub.index, "layer": sub.layer, "kind": sub.kind,
-                             "conditioning": "not in denoiser"})
+                rows.append(dict(index=sub.index, layer=sub.layer, kind=sub.kind, conditioning="not in denoiser"))
                 continue
             cond = [how[sub.kind]] + (["cross_attention"] if cfg.cross_attention else [])
             cond += ["adaln"] if cfg.time_conditioning == "adaln" else []
@@ -141,8 +140,7 @@ class TwoTowerForDiffusionLM(nn.Module):
 
     def new_parameter_names(self) -> list[str]:
         """Names of the parameters the backbone does not have (all under `denoiser.`)."""
-        return [n for n, _ in self.named_parameters()
-                if n.startswith("denoiser.") and not n.startswith("denoiser.backbone.")]
+        return [n for n, _ in self.named_parameters() if n.startswith("denoiser.") and not n.startswith("denoiser.backbone.")]  # noqa: E501
 
     # ---------------------------------------------------------------- training forward
     def sample_noise(self, maskable: torch.Tensor, generator: torch.Generator | None = None):
@@ -238,9 +236,8 @@ class TwoTowerForDiffusionLM(nn.Module):
         if len(outs) == 1:
             return outs[0]
         mean = lambda name: torch.stack([getattr(o, name) for o in outs]).mean()  # noqa: E731
-        first = outs[0]
-        return TwoTowerOutput(mean("loss"), first.logits, mean("masked_accuracy"), mean("elbo"), first.noise_mask,
-                              first.t)
+        out0 = outs[0]
+        return TwoTowerOutput(mean("loss"), out0.logits, mean("masked_accuracy"), mean("elbo"), out0.noise_mask, out0.t)
 
     def _denoise_draw(self, ids, mask, t, cache, record, ctx_hidden, real, L0, skip_unmasked_blocks) -> TwoTowerOutput:
         """Denoise one noise draw (`mask` `[b, n, B]`, `t` `[b, n]`) of the clean `ids` `[b, L]` on top

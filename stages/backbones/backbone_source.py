@@ -31,10 +31,10 @@ from typing import Any
 from stages.backbones.built_once import build_once
 from stages.backbones.gguf_files import PACKAGE_PREFIX, gguf_path, gguf_tokenizer, package_file  # noqa: F401
 from stages.backbones.gguf_files import gguf_model_type as _gguf_model_type
+from twotower.checksums import directory_digest, sha256_file
 
 CONVERTED_MARKER = "converted.json"
 """Written last into a converted directory: its presence means the conversion completed."""
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -79,25 +79,6 @@ def source_line(source: dict | None) -> str | None:
     return f"{source.get('name')} (local directory, content digest {source.get('content_digest')})"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def directory_digest(path: Path) -> str:
-    """sha256 over every file's relative name and bytes (sorted): equal contents, equal key."""
-    digest = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(f.relative_to(path).as_posix().encode() + b"\0")
-        with open(f, "rb") as fh:
-            while chunk := fh.read(_HASH_CHUNK):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def source_of(name_or_path: str | None, gguf_file: str | None = None, revision: str | None = None) -> BackboneSource:
     """The `BackboneSource` the `backbone` section names (reads and hashes local files)."""
     if gguf_file:
@@ -110,7 +91,7 @@ def source_of(name_or_path: str | None, gguf_file: str | None = None, revision: 
             if not path.is_file():
                 raise ValueError(f"backbone.gguf_file={gguf_file!r}: file {path} does not exist")
         path = path.resolve()
-        sha = file_sha256(path)
+        sha = sha256_file(path)
         return BackboneSource("gguf", str(path), f"gguf-{sha[:24]}", sha256=sha)
     if not name_or_path:
         raise ValueError("backbone.name_or_path or backbone.gguf_file is required when pretrain_backbone "
@@ -177,7 +158,7 @@ def convert_gguf(path: Path, out_dir: Path, dtype: str = "float32") -> dict[str,
     out_dir.mkdir(parents=True, exist_ok=True)
     plain.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
-    record = {"gguf_file": path.name, "sha256": file_sha256(path), "model_type": model_type, "dtype": dtype,
+    record = {"gguf_file": path.name, "sha256": sha256_file(path), "model_type": model_type, "dtype": dtype,
               "parameters": sum(p.numel() for p in plain.parameters())}
     return record
 

@@ -18,7 +18,6 @@ directory that looks finished. `TokenShards` is the lazy reader.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from twotower.checksums import sha256_file
 
 INDEX_FILE = "index.json"
 FORMAT = "twotower-token-shards/1"
@@ -40,20 +41,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= UINT16_VOCAB else np.uint32)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _save_npy(path: Path, array: np.ndarray) -> str:
     with open(path, "wb") as f:
         np.save(f, array, allow_pickle=False)
         f.flush()
         os.fsync(f.fileno())
-    return _sha256(path)
+    return sha256_file(path)
 
 
 class ShardWriter:
@@ -213,7 +206,7 @@ class TokenShards:
         for entry in self.index["shards"]:
             for kind in ("tokens", "mask"):
                 if entry.get(kind):
-                    got = _sha256(self.path / entry[kind])
+                    got = sha256_file(self.path / entry[kind])
                     if got != entry["sha256"][kind]:
                         raise ValueError(f"{self.key_name}: {self.path / entry[kind]} has sha256 {got[:12]}…, "
                                          f"the index says {entry['sha256'][kind][:12]}…")

@@ -10,28 +10,18 @@ is the check before a fit: a checkpoint without a matching sidecar is moved asid
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 from pathlib import Path
 from typing import Any, Callable
+
+from twotower.checksums import sha256_file
 
 SIDECAR = ".sha256"
 
 
 class CorruptCheckpointError(ValueError):
     """A checkpoint whose bytes do not match the sha256 written when it was saved."""
-
-
-def sha256_file(path: Path) -> str:
-    """Streaming sha256. Not `pipeline.store.sha256_file`: a stage importing `pipeline` (or
-    `stages.backbones.backbone_source`, which imports the model families) would tie its cache key to code it
-    does not run (`pipeline/codeversion.py`)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sidecar(path: Path) -> Path:
