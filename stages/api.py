@@ -18,7 +18,8 @@ imports (pipeline/codeversion.py): there is no list to keep. Stages never import
 parse arguments, and only distributed training imports Ray (`stages/training/train_distributed.py`
 and `distributed_worker.py` hand a fit to Ray Train; `tests/test_structure.py` checks it): the
 engine builds the context, runs the stage (in-process or as a Ray task), writes the manifest
-atomically with a completion marker, and tracks metrics through hooks. Training stages may hand `ctx.tracking_uri` / `ctx.mlflow_run_id` to
+atomically with a completion marker, and tracks metrics through hooks. Training stages may hand
+`ctx.tracking_uri` / `ctx.mlflow_run_id` to
 Lightning's MLFlowLogger so curves land in the stage's own MLflow run.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""An export loads anywhere: no local paths in it, and `import twotower` is all AutoModel needs."""
+"""An export loads anywhere: no local paths in it, and importing the twotower model is all AutoModel needs."""
 from __future__ import annotations
 
 import os
@@ -55,12 +55,13 @@ def _python(code: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_import_twotower_registers_the_auto_classes_without_importing_transformers(tmp_path):
+def test_importing_the_model_registers_the_auto_classes_and_a_bare_import_stays_light(tmp_path):
     export, _, _ = _export(tmp_path)
     ok = _python(
         "import sys\n"
         "import twotower\n"
         "assert 'transformers' not in sys.modules and 'torch' not in sys.modules, 'import twotower stays light'\n"
+        "from twotower import TwoTowerForDiffusionLM\n"
         "from transformers import AutoConfig, AutoModel\n"
         f"m = AutoModel.from_pretrained({str(export)!r})\n"
         f"c = AutoConfig.from_pretrained({str(export)!r})\n"
@@ -68,9 +69,10 @@ def test_import_twotower_registers_the_auto_classes_without_importing_transforme
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert ok.stdout.split() == ["TwoTowerForDiffusionLM", "TwoTowerHFConfig"]
     # the same with transformers' Auto classes loaded before twotower
-    before = _python("from transformers import AutoModel\nimport twotower\n"
+    before = _python("from transformers import AutoModel\nimport twotower.model\n"
                      f"print(type(AutoModel.from_pretrained({str(export)!r})).__name__)\n")
     assert before.returncode == 0 and before.stdout.strip() == "TwoTowerForDiffusionLM", before.stderr[-2000:]
-    # and without `import twotower` the model type is unknown: what the registration fixes
-    without = _python(f"from transformers import AutoModel\nAutoModel.from_pretrained({str(export)!r})\n")
-    assert without.returncode != 0 and "twotower" in without.stderr
+    # a bare `import twotower` registers nothing (no import hook), and neither does no import at all
+    for preamble in ("", "import twotower\n"):
+        without = _python(f"{preamble}from transformers import AutoModel\nAutoModel.from_pretrained({str(export)!r})\n")
+        assert without.returncode != 0 and "twotower" in without.stderr, preamble

@@ -135,8 +135,9 @@ def test_ray_is_imported_only_by_the_engine_and_distributed_training():
                     if name.split(".")[0] in ("stages", "planning", "twotower", "adapters")}
     importing = {name for name, path in below_engine.items()
                  if any(m == "ray" or m.startswith("ray.") for m in _imported_names(path))}
-    assert importing == RAY_MODULES, f"Ray imported outside the engine by {sorted(importing - RAY_MODULES)}" \
-        if importing - RAY_MODULES else f"no longer importing Ray, drop from RAY_MODULES: {sorted(RAY_MODULES - importing)}"
+    assert importing == RAY_MODULES, (
+        f"Ray imported outside the engine by {sorted(importing - RAY_MODULES)}" if importing - RAY_MODULES
+        else f"no longer importing Ray, drop from RAY_MODULES: {sorted(RAY_MODULES - importing)}")
 
 
 def test_stages_folder_holds_the_stages_and_subpackages_the_helpers():
@@ -150,7 +151,8 @@ def test_stages_folder_holds_the_stages_and_subpackages_the_helpers():
 
     top = {name for name, path in modules().items()
            if name.count(".") == 1 and name.startswith("stages.") and path.name != "__init__.py"} - {"stages.api"}
-    assert top == set(REGISTRY.values()), f"top-level modules of stages/ that are not stages: {sorted(top - set(REGISTRY.values()))}"
+    assert top == set(REGISTRY.values()), (f"top-level modules of stages/ that are not stages: "
+                                           f"{sorted(top - set(REGISTRY.values()))}")
     assert all(declares_section(modules()[name]) for name in top)
     helpers_with_section = [name for name, path in modules().items()
                             if name.startswith("stages.") and name.count(".") > 1 and declares_section(path)]
