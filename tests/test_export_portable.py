@@ -16,11 +16,13 @@ from twotower import TwoTowerConfig, TwoTowerForDiffusionLM
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _export(tmp_path: Path) -> tuple[Path, Path, TwoTowerForDiffusionLM]:
-    """A backbone saved in a 'run cache', loaded from there, wrapped and exported elsewhere."""
+def _export(tmp_path: Path, **config) -> tuple[Path, Path, TwoTowerForDiffusionLM]:
+    """A backbone saved in a 'run cache', loaded from there, wrapped and exported elsewhere
+    (`config`: fields of the tiny Llama config to change)."""
     torch.manual_seed(0)
     cache = tmp_path / "runs" / "cache" / "backbone"
-    AutoModelForCausalLM.from_config(llama_config()).save_pretrained(str(cache))
+    AutoModelForCausalLM.from_config(llama_config().__class__(**{**llama_config().to_dict(), **config})) \
+        .save_pretrained(str(cache))
     backbone = AutoModelForCausalLM.from_pretrained(str(cache)).eval()
     model = TwoTowerForDiffusionLM.from_backbone(backbone, TwoTowerConfig(block_size=4)).eval()
     with torch.no_grad():  # make the denoiser differ from its zero init, so the reload is a real check
@@ -76,3 +78,25 @@ def test_importing_the_model_registers_the_auto_classes_and_a_bare_import_stays_
     for preamble in ("", "import twotower\n"):
         without = _python(f"{preamble}from transformers import AutoModel\nAutoModel.from_pretrained({str(export)!r})\n")
         assert without.returncode != 0 and "twotower" in without.stderr, preamble
+
+
+def test_the_readmes_python_example_runs_on_an_export(tmp_path):
+    """The README's "Using an exported model" block, run as written on an export with a tokenizer
+    (only the directory substituted): a newcomer's first lines of Python must work."""
+    import re
+
+    from stages.data.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    export, _, _ = _export(tmp_path, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    tok.save_pretrained(str(export))
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Using an exported model"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "runs/cache/export/<key>/model" in code
+    ran = _python(code.replace("runs/cache/export/<key>/model", str(export)))
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    text, forwards = ran.stdout.strip().rsplit(" ", 1)
+    assert text.startswith("copy abc=") or "copy abc=" in text, text
+    assert int(forwards) >= 1

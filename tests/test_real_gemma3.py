@@ -6,7 +6,7 @@ to safetensors (kept in the pipeline's default cache, so it runs once per machin
 cores), parity of our layer walk with transformers' forward on two HumanEval prompts and on one row
 longer than Gemma 3's 512-token sliding window (with a control: the window changes transformers' own
 logits on that row from position 512 on), and `ar` == HF greedy `generate` == `mock_ar` on two
-prompts, four tokens each (the bench runs 20 prompts; docs/results.md). Marked slow; skipped when the
+prompts, four tokens each (the bench runs 20 prompts; docs/results/). Marked slow; skipped when the
 package is not installed (the Makefile's install target installs it). A child process, because two
 towers of 268 M float32 parameters leave their heap behind in whatever process held them.
 """

@@ -23,7 +23,7 @@ class ContextFusion(nn.Module):
     layer-i keys (the layer-aligned wiring, zero-init identity kept); training opens each gate as far
     as the deep and shallow features help that layer. Keys made from the fused feature alone (DFlash's
     wiring) start from nothing a copied layer can read: on SmolLM2 they drafted worse after 300 steps
-    than the layer-aligned keys (docs/results.md)."""
+    than the layer-aligned keys (docs/results/)."""
 
     def __init__(self, d: int, layers: list[int], attention_subs: list[int], dtype):
         super().__init__()

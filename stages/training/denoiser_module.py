@@ -17,7 +17,7 @@ from stages.training.optimisation import lr_factor
 
 ADAMW_BETAS = (0.9, 0.95)
 """β2 = 0.95 rather than torch's 0.999: the usual choice for language-model training (a shorter
-second-moment memory); the tuned runs of docs/results.md used it."""
+second-moment memory); the tuned runs of docs/results/ used it."""
 
 
 class DenoiserModule(pl.LightningModule):
