@@ -36,21 +36,25 @@ def tiny():
     return load_config(REPO / "recipes" / "tiny.yaml")
 
 
-def keys_at(root: Path, cfg) -> dict[str, str]:
-    """Every stage key of `cfg` with code versions read from the copy at `root`."""
-    graph = ImportGraph(root)
+def keys_at(root: Path, cfg, graph: ImportGraph | None = None) -> dict[str, str]:
+    """Every stage key of `cfg` with code versions read from the copy at `root` (through `graph`,
+    whose parsed imports may be reused: the files' bytes are always read afresh)."""
+    graph = graph or ImportGraph(root)
     stages = {name: dataclasses.replace(stage, code_version=source_version(graph.file_of(stage.module), graph))
               for name, stage in cfg.stages.items()}
     return stage_keys(dataclasses.replace(cfg, stages=stages))
 
 
-def changed_by_edit(root: Path, cfg, relative: str) -> set[str]:
-    before = keys_at(root, cfg)
+def changed_by_edit(root: Path, cfg, relative: str, graph: ImportGraph | None = None,
+                    before: dict[str, str] | None = None) -> set[str]:
+    """The stages whose keys an appended comment in `relative` changes. `graph` and `before` may be
+    shared across calls: a comment changes no file's imports, only its bytes."""
+    before = before or keys_at(root, cfg, graph)
     path = root / relative
     original = path.read_bytes() if path.exists() else None
     path.write_bytes((original or b"") + b"\n# an edit\n")
     try:
-        after = keys_at(root, cfg)
+        after = keys_at(root, cfg, graph)
     finally:
         if original is None:
             path.unlink()
@@ -83,10 +87,12 @@ def test_every_project_file_invalidates_its_importers_and_no_other_stage(project
     closures = {name: set(graph.closure(graph.file_of(stage.module))) for name, stage in tiny.stages.items()}
     files = sorted(p for package in PROJECT_PACKAGES for p in (project / package).rglob("*.py"))
     assert len(files) > 30
+    before = keys_at(project, tiny, graph)
+    assert keys_at(project, tiny) == before  # the shared graph reads what a fresh one reads
     for path in files:
         importers = {name for name, files_of in closures.items() if path in files_of}
         expected = tiny.dag.descendants(importers) if importers else set()
-        assert changed_by_edit(project, tiny, str(path.relative_to(project))) == expected, path
+        assert changed_by_edit(project, tiny, str(path.relative_to(project)), graph, before) == expected, path
 
 
 def test_the_walk_follows_function_local_relative_and_lazy_factory_imports(tmp_path: Path) -> None:

@@ -105,14 +105,15 @@ def test_noise_mask_on_block_start_rejected(model):
 @pytest.mark.parametrize("first", ["twotower.ops", "twotower.generate", "twotower.denoiser", "twotower.walk",
                                    "adapters"])
 def test_any_runtime_module_imports_first_and_auto_classes_still_resolve(first):
-    """Importing one runtime module first, in a fresh process, works (it once hit a circular import:
-    an adapter loaded a transformers modeling module, whose Auto-class import registers
-    twotower.model, which imports the module being loaded), and the Auto classes know `twotower` after."""
+    """Importing one runtime module first, in a fresh process, works (it once hit a circular import
+    through an import hook that registered the Auto classes), and once the model is imported the
+    Auto classes know `twotower`."""
     import subprocess
     import sys
     from pathlib import Path
 
-    code = (f"import {first}, twotower; from transformers import AutoConfig, AutoModel; AutoModel.register; "
+    code = (f"import {first}; from twotower import TwoTowerForDiffusionLM; "
+            "from transformers import AutoConfig, AutoModel; AutoModel.register; "
             "print(type(AutoConfig.for_model('twotower')).__name__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
                          capture_output=True, text=True)
