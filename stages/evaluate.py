@@ -58,7 +58,9 @@ class Config:
     """Send each HumanEval prompt as a user turn through the tokenizer's chat template and check the
     code of the fenced answer (instruct models, e.g. SmolLM2-Instruct; stages/evaluation/humaneval.py)."""
     sandbox: Literal["auto", "namespaces", "guard"] = "auto"
-    """Isolation of executed code: `auto`, `namespaces` or `guard` (stages/evaluation/sandbox.py)."""
+    """Isolation of executed code (stages/evaluation/sandbox.py): `auto` and `namespaces` run it
+    contained (root with unshare; an error where that is not permitted), `guard` runs it with no
+    security boundary, only when named here, with a warning."""
     mode_batches: list[Annotated[int, Range(1)]] = field(default_factory=lambda: [1, 8])
     """Batch sizes of the mode table (ar, diffusion, verified, auto side by side:
     stages/evaluation/mode_table.py); [] skips it."""

@@ -167,6 +167,8 @@ def model_card(ev: dict, calib: dict, train: dict, gen_cfg: dict, plots: list[st
             lines.append(f"| {key} | {_rel(m) if key == 'relative_quality' else _fmt(m[key])} |")
     for key in sorted(k for k in m if k.startswith("humaneval_") and k.endswith(("_pass_at_1", "_tokens_per_forward"))):
         lines.append(f"| {key} (on {m.get('humaneval_problems')} problems) | {_fmt(m[key])} |")
+    if "humaneval_isolation" in m:  # which boundary held the model's code while it was judged
+        lines.append(f"| humaneval_isolation | {m['humaneval_isolation']} |")
     if "relative_quality_low" in m:
         lines += ["", "Relative quality is shown with its 95% interval [low, high]: a paired bootstrap over prompts."]
     per_task = m.get("per_task", {})

