@@ -127,6 +127,9 @@ class RayExecutor:
                 problems.append(f"stage '{stage.name}' needs {_fmt(need)} but no Ray node has it "
                                 f"(cluster total: {_fmt(have)}); lower graph.{stage.name}.resources "
                                 "or join a bigger cluster with ray.address=... / RAY_ADDRESS")
+        from pipeline.cluster import cluster_problems
+
+        problems += cluster_problems(stages, totals)  # the stages' own worlds (train_denoiser's workers)
         if problems:
             raise ResourceError("\n".join(problems))
         self.pythonpath = _worker_pythonpath(stages)

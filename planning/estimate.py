@@ -263,16 +263,3 @@ def _placement(sec: Sections, decode: dict) -> dict:
         "crosses_devices_per_block": "the block's new context K/V, the Mamba states at its start, "
                                      "the committed token ids" if not same else "nothing (one device)",
     }
-
-
-def world_problem(world: dict, resources: dict[str, float]) -> str | None:
-    """Why the training `world` (`plan_world`) does not fit a Ray cluster's totals (`resources`, as
-    `ray.cluster_resources()` gives them), or None when it fits."""
-    from stages.training.world_size import World, check_cluster
-
-    keep = {k: world[k] for k in ("num_workers", "gpus_per_worker", "micro_batch", "grad_accum", "seq_len")}
-    try:
-        check_cluster(World(**keep), resources)
-    except ValueError as err:
-        return f"  {err}"
-    return None

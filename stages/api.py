@@ -8,6 +8,12 @@ A stage is a module directly in `stages/` (helpers live in its subpackages) expo
     REQUIRES: tuple[str, ...]          # the upstream manifests `run` reads (checked by validate)
     def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict
 
+and optionally hooks the engine calls before anything runs, each raising ValueError naming a key:
+`validate(cfg)` (its section alone), `check(sections)` (across sections), `check_resources(cfg,
+sections, resources, stage)` (against its own graph reservation) and `check_cluster(cfg, cluster)`
+(against the Ray cluster's resource totals, `{"CPU": n, "GPU": n}`: what it will ask the cluster
+for beyond its own task, e.g. `train_denoiser`'s Ray Train workers; `pipeline/cluster.py`).
+
 `inputs` maps each upstream stage name to the manifest it returned (plain JSON). The returned
 manifest is plain JSON too: `{"metrics": {...}, "artifacts": {...}, ...anything small}`. Artifact
 paths in it are absolute (the engine hands out `ctx.out_dir` at its final location's sibling and

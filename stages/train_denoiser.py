@@ -25,6 +25,7 @@ from stages.backbones.loading import BackboneRef, TwoTowerFactory, save_denoiser
 from stages.data.rows import Layout, NoiseOn, RowLoaders, ShardLoaders, ShardRows, build_rows
 from stages.training.optimisation import Optimisation, load_tokens
 from stages.training.world_size import REMOVED_TRAIN_KEYS, check_stage_resources, world_of
+from stages.training.world_size import check_cluster as check_world_on_cluster
 
 SECTION = "train"
 REQUIRES = ("prepare_data", "attach_conditioning")
@@ -121,6 +122,12 @@ def check_resources(cfg: Config, sections: dict, resources, stage: str) -> None:
     (`resources`: its `graph.<stage>.resources`)."""
     seq_len = int((sections.get("data") or {}).get("seq_len", 1))
     check_stage_resources(world_of(cfg, seq_len), stage, float(resources.num_gpus))
+
+
+def check_cluster(cfg: Config, cluster: dict[str, float]) -> None:
+    """The engine's hook before any stage runs: the training world against the Ray cluster's totals
+    (a world it cannot hold fails here, not after four stages)."""
+    check_world_on_cluster(world_of(cfg, 1), cluster)
 
 
 def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:

@@ -165,7 +165,9 @@ def test_validate_warns_when_the_estimate_exceeds_the_free_space_and_caches_it(t
     huge = tmp_path / "huge-backbone.json"
     huge.write_text(json.dumps(data))
     cache = tmp_path / "xdg"
-    args = ("validate", "nemotron_nano", f"run.root={tmp_path}/runs", f"backbone.name_or_path={huge}")
+    # one CPU process: the world fits this machine, so only the disk is in question
+    args = ("validate", "nemotron_nano", f"run.root={tmp_path}/runs", f"backbone.name_or_path={huge}",
+            "train.num_workers=1", "train.gpus_per_worker=0", "train.accelerator=cpu")
     proc = cli(*args, env={"XDG_CACHE_HOME": str(cache), "RAY_ADDRESS": ""})
     assert proc.returncode == 0, proc.stderr
     line = next(x for x in proc.stderr.splitlines() if "warning: run.root:" in x)

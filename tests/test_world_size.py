@@ -104,3 +104,39 @@ def test_an_overlay_file_restates_the_world_and_errors_name_it(tmp_path, capsys)
     assert main(["validate", NANO, "--overlay", str(overlay)]) == 2
     err = capsys.readouterr().err
     assert "train.devices" in err and str(overlay) in err and "train.num_workers" in err
+
+
+REHEARSAL = "recipes/rehearsal/cpu.yaml"
+
+
+def test_validate_refuses_a_world_this_machine_cannot_hold_before_any_stage(capsys, monkeypatch):
+    """No cluster named: the run would start its own Ray here, so `validate` checks the world against
+    this machine (`ray.num_cpus` pins it to 2 cores, as on CI): 3 CPU workers are refused, 2 pass."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = ["validate", NANO, "ray.num_cpus=2"]
+    assert main([*args, "train.num_workers=3", "--overlay", REHEARSAL]) == 2
+    err = capsys.readouterr().err
+    assert "stage 'train_denoiser'" in err and "train.num_workers=3 x 1 CPU needs 3 CPUs; the Ray cluster has 2" in err
+    assert main([*args, "--overlay", REHEARSAL]) == 0
+    assert main(["validate", NANO]) == 2  # the shipped 16 x 1 GPU world on a machine without them
+    assert "needs 16 GPUs" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_run_refuses_the_world_before_the_first_stage(tmp_path, monkeypatch):
+    """The same world through `run`: the engine's check against the Ray it started stops it before
+    any stage runs (no stage of the run has a status)."""
+    import json
+
+    from pipeline.runner import run_pipeline
+    from pipeline.state import PipelineError
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config(NANO, [f"run.root={tmp_path}/runs", "ray.num_cpus=2", "train.num_workers=3"],
+                      overlays=[REHEARSAL])
+    with pytest.raises(PipelineError, match="needs 3 CPUs"):
+        run_pipeline(cfg, runner="ray", display=False, tracking=False)
+    assert not (tmp_path / "runs" / "cache").exists() or not any((tmp_path / "runs" / "cache").iterdir())
+    summaries = list((tmp_path / "runs").glob("*/summary.json"))
+    for s in summaries:
+        assert not any(st.get("status") in ("done", "running") for st in json.loads(s.read_text())["stages"].values())

@@ -101,9 +101,19 @@ def check_stage_resources(world: World, stage: str, reserved_gpus: float) -> Non
                          f"the Ray Train driver and its workers reserve the {world.gpus} GPU(s); set it to 0")
 
 
+CPUS_PER_WORKER = 1
+"""CPUs each Ray Train worker reserves (`DistributedConfig.cpus_per_worker`'s default, which
+`config_from_train` keeps)."""
+
+
 def check_cluster(world: World, cluster: dict[str, float]) -> None:
-    """The world against a reachable Ray cluster's totals (`ray.cluster_resources()`)."""
+    """The world against a Ray cluster's totals (`ray.cluster_resources()`, or what an embedded Ray
+    on this machine would have): ValueError naming the keys and both numbers."""
     have = float(cluster.get("GPU", 0))
     if world.gpus > have:
         raise ValueError(f"train.num_workers={world.num_workers} x train.gpus_per_worker={world.gpus_per_worker} "
                          f"needs {world.gpus} GPUs; the Ray cluster has {have:g}")
+    cpus = float(cluster.get("CPU", 0))
+    if world.distributed and world.num_workers * CPUS_PER_WORKER > cpus:
+        raise ValueError(f"train.num_workers={world.num_workers} x {CPUS_PER_WORKER} CPU needs "
+                         f"{world.num_workers * CPUS_PER_WORKER} CPUs; the Ray cluster has {cpus:g}")
