@@ -164,7 +164,8 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
     if world.distributed:
         module, logged, seconds = fit_on_workers(cfg, factory, block_size, loaders, ctx)
         steps = int(logged.pop("step", cfg.max_steps))
-        timing = {"train_minutes": seconds / 60.0, "num_workers": cfg.num_workers}
+        timing = {"train_minutes": seconds / 60.0, "num_workers": cfg.num_workers,
+                  **{k: logged.pop(k) for k in ("restarts", "resumed_from_step", "restart_resumed_from_steps")}}
     else:
         local = loaders() if lazy else memory_loaders(train_ids, val_ids, block_size, cfg.batch_size, ctx.seed)
         module, trainer, seconds = fit(cfg, factory, block_size, local, ctx)

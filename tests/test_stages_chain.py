@@ -331,6 +331,9 @@ def test_train_on_two_ray_workers_writes_a_trained_denoiser(chain, tmp_path):
         ray.shutdown()
     assert out["metrics"]["steps"] == 2 and out["metrics"]["num_workers"] == out["metrics"]["world_size"] == 2
     assert out["metrics"]["tokens_per_step"] == 2 * TRAIN["batch_size"] * SEQ_LEN
+    # an undisturbed run says so: no restart, started from scratch (a killed worker: tests/test_worker_faults.py)
+    assert (out["metrics"]["restarts"], out["metrics"]["resumed_from_step"]) == (0, 0)
+    assert out["metrics"]["restart_resumed_from_steps"] == []
     trained = load_file(out["artifacts"]["denoiser"])
     model, _ = load_trained(out)
     initial = TwoTowerFactory.of(BackboneRef.of(out, "train_denoiser"), out["twotower"])()

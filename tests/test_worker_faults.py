@@ -158,6 +158,8 @@ def test_sigkilled_worker_restarts_from_checkpoint_and_matches_uninterrupted(loc
     faulted, starts, killed = _run_with_a_kill(tmp_path, "faulted")
     assert killed, "rank 1 never reached the step where it is killed"
     assert starts == {0: [0, 2], 1: [0, 2]}  # the worker group restarted from the step-2 checkpoint
+    # and the driver's result admits it: one restart, resumed from step 2 (what the summary reports)
+    assert [s["resumed_from_step"] for s in faulted.starts] == [0, 2] and faulted.restarts == 1
     expected = uninterrupted_losses(_shards(tmp_path / "reference-shards"))
     assert faulted.history[-1]["step"] == STEPS
     by_step = {int(r["step"]): r["loss"] for r in faulted.history}

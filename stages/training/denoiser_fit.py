@@ -129,7 +129,9 @@ def fit(cfg: Any, factory: TwoTowerFactory, block_size: int, loaders, ctx: Stage
 def fit_on_workers(cfg: Any, factory: TwoTowerFactory, block_size: int, make_loaders, ctx: StageContext):
     """`fit` across `cfg.num_workers` Ray Train workers, each calling `make_loaders()` (a picklable
     `RowLoaders` or `ShardLoaders`); returns (module with the trained weights loaded, metrics of
-    the last step report, seconds)."""
+    the last step report plus the restarts, seconds). `restarts` counts worker-group restarts after
+    a worker died, `resumed_from_step` is where the first start resumed (a rerun of the stage), and
+    `restart_resumed_from_steps` lists where each restart resumed."""
     from stages.training.train_distributed import LazyFactory, config_from_train, fit_distributed
 
     dist = config_from_train(cfg, storage_path=str(Path(ctx.work_dir).resolve()), name="distributed",
@@ -146,4 +148,10 @@ def fit_on_workers(cfg: Any, factory: TwoTowerFactory, block_size: int, make_loa
     seconds = time.monotonic() - t0
     module = make_module()
     module.load_state_dict(result.load_state_dict(), strict=False)  # the frozen tower is not saved
-    return module, dict(result.metrics), seconds
+    starts = [int(s.get("resumed_from_step", 0)) for s in result.starts]
+    faults = {"restarts": result.restarts, "resumed_from_step": starts[0] if starts else 0,
+              "restart_resumed_from_steps": starts[1:]}
+    if result.restarts:
+        ctx.warn(f"Ray Train restarted the worker group {result.restarts} time(s) after a worker died; "
+                 f"it resumed from step(s) {starts[1:]}")
+    return module, {**dict(result.metrics), **faults}, seconds

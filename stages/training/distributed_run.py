@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from stages.training.optimisation import Optimisation
 
@@ -20,6 +21,9 @@ LATEST_CHECKPOINT = "the latest Ray Train checkpoint under {run_dir}"
 """How a worker's `NonFiniteError` names the last good checkpoint: Ray picks the directory, so the
 driver replaces this phrase with the path it finds (`_nonfinite_on_driver`)."""
 REPORTS_FILE = "reports.jsonl"
+STARTS_FILE = "starts.jsonl"
+"""One line per start of the worker group (rank 0 appends it): the first, and each restart after a
+worker died, with the optimizer step it resumed from. What the summary reports as restarts."""
 STRATEGIES = ("fsdp", "ddp")
 REPORT_EVERY_AT_MOST = 10
 """Steps between two metric reports at most (and at every checkpoint when those are closer)."""
@@ -93,6 +97,14 @@ def latest_checkpoint(run_dir: str | Path) -> tuple[Path, int | None] | None:
     step_file = newest / STEP_FILE
     step = int(json.loads(step_file.read_text())["step"]) if step_file.is_file() else None
     return newest / CHECKPOINT_FILE, step
+
+
+def read_starts(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every start rank 0 recorded under `run_dir`, oldest first (empty if none)."""
+    path = Path(run_dir) / STARTS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def read_reports(run_dir: str | Path) -> list[dict[str, float]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from stages.training.distributed_run import (
     CHECKPOINT_FILE,
     LATEST_CHECKPOINT,
     REPORTS_FILE,
+    STARTS_FILE,
     STEP_FILE,
     DistributedConfig,
     run_dir_of,
@@ -72,10 +74,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         num_sanity_val_steps=0,
     )
     trainer = prepare_trainer(trainer)
-    ckpt_path = None
+    ckpt_path, resumed_from = None, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a resumed run: continue from the latest checkpoint on storage
-        ckpt_path = str(Path(checkpoint.to_directory()) / CHECKPOINT_FILE)
+        where = Path(checkpoint.to_directory())
+        ckpt_path = str(where / CHECKPOINT_FILE)
+        step_file = where / STEP_FILE
+        resumed_from = int(json.loads(step_file.read_text())["step"]) if step_file.is_file() else -1
+    if ray.train.get_context().get_world_rank() == 0 and "://" not in cfg.storage_path:
+        with open(Path(run_dir_of(cfg)) / STARTS_FILE, "a") as f:  # the summary's restart record
+            f.write(json.dumps({"time": time.time(), "resumed_from_step": resumed_from}) + "\n")
     trainer.fit(module, **_data_kwargs(data), ckpt_path=ckpt_path)
 
 

@@ -54,6 +54,7 @@ from stages.training.distributed_run import (
     DistributedConfig,
     latest_checkpoint,
     read_reports,
+    read_starts,
     run_dir_of,
 )
 from stages.training.distributed_worker import layer_classes, train_loop_per_worker
@@ -76,6 +77,15 @@ class DistributedResult:
     """Every step-based report of this run name, resumed sessions included, oldest first."""
     run_dir: str
     """`storage_path/name`: everything this run wrote."""
+    starts: list[dict[str, Any]] = field(default_factory=list)
+    """The worker group's starts in this call, oldest first: `{"time", "resumed_from_step"}` (0: from
+    scratch; the step of the checkpoint a restart resumed from). More than one: workers died and
+    Ray Train restarted the group."""
+
+    @property
+    def restarts(self) -> int:
+        """Times the worker group was restarted within this call."""
+        return max(0, len(self.starts) - 1)
 
     def load_state_dict(self) -> dict[str, Any]:
         """The LightningModule state dict of the latest checkpoint (full, unsharded, on CPU)."""
@@ -173,6 +183,7 @@ def fit_distributed(
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
     )
+    earlier = len(read_starts(run_dir)) if "://" not in run_dir else 0
     with _ReportTail(run_dir, on_report):
         try:
             result = trainer.fit()
@@ -183,7 +194,8 @@ def fit_distributed(
             raise nonfinite from err
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     return DistributedResult(metrics=dict(result.metrics or {}), checkpoint_path=checkpoint,
-                             history=read_reports(run_dir), run_dir=run_dir)
+                             history=read_reports(run_dir), run_dir=run_dir,
+                             starts=read_starts(run_dir)[earlier:] if "://" not in run_dir else [])
 
 
 class _ReportTail:
