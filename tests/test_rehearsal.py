@@ -87,6 +87,10 @@ def test_the_rehearsal_runs_every_stage_of_the_shipped_recipe(tmp_path):
     dup, train = stages["duplicate_backbone"]["metrics"], stages["train_denoiser"]["metrics"]
     assert dup["n_sublayers"] == 52 and "random init" in dup["source_checkpoint"]
     assert (train["world_size"], train["gpus"], train["steps"]) == (2, 0, 4)
+    # the Nano recipe's sharded path ran: FSDP2 wrote one checkpoint shard per worker
+    shards = sorted(p.name for p in (tmp_path / "runs").rglob("*.distcp"))
+    assert shards and set(shards) == {"__0_0.distcp", "__1_0.distcp"}, shards
+    assert (train["restarts"], train["resumed_from_step"]) == (0, 0)
     assert 0.0 < stages["calibrate_gamma"]["metrics"]["gamma"] <= 1.0
 
     import mlflow
@@ -96,6 +100,7 @@ def test_the_rehearsal_runs_every_stage_of_the_shipped_recipe(tmp_path):
     assert client.get_run(parent).info.status == "FINISHED"
     for name in STAGES:
         assert client.get_run(stages[name]["mlflow_run_id"]).data.tags.get("mlflow.parentRunId") == parent, name
+    assert client.get_run(stages["train_denoiser"]["mlflow_run_id"]).data.metrics["restarts"] == 0
 
     export_dir = Path(stages["export"]["metrics"]["path"])
     assert stages["export"]["metrics"]["mock_ar_equals_ar"] == 1.0

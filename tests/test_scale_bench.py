@@ -15,6 +15,18 @@ from bench.common import SIZES, nemotron_h_config
 from twotower import sizing
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_gpu_check_fsdp2_step_on_cpu_workers():
+    """Step 5 of the GPU check (FSDP2 under Ray Train, bf16-mixed) on 2 gloo workers: what a GPU
+    run adds is NCCL and CUDA bf16, not new code."""
+    args = gpu_check._defaults(gpu_check.parse_args(["--tiny", "--device", "cpu", "--fsdp"]))
+    got = gpu_check.check_fsdp2(torch.device("cpu"), args)
+    assert got["ok"] and got["backend"] == "gloo", got
+    assert got["shards"] == ["__0_0.distcp", "__1_0.distcp"]
+    assert got["losses"][-1] < got["losses"][0]  # bf16-mixed steps still learn
+
+
 def test_gpu_check_tiny_on_cpu(tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "gpu_check.json"

@@ -91,7 +91,7 @@ def _shards(path: Path):
     return ShardRows(TokenShards(path), "all", pad_id=-1)
 
 
-def _run_with_a_kill(tmp_path: Path, name: str):
+def _run_with_a_kill(tmp_path: Path, name: str, strategy: str = "ddp"):
     from functools import partial
 
     from stages.data.rows import ShardLoaders
@@ -103,6 +103,7 @@ def _run_with_a_kill(tmp_path: Path, name: str):
     (markers / "fault").touch()
     rows = _shards(tmp_path / f"{name}-shards")
     train = TrainConfig(max_steps=STEPS, batch_size=4, checkpoint_every=2, accelerator="cpu", max_failures=1,
+                        strategy=strategy,
                         grad_clip=0.0, progress_bar=False)
     cfg = config_from_train(train, storage_path=str(tmp_path / "root"), name=name, num_workers=2)
     assert cfg.max_failures == 1
@@ -154,8 +155,10 @@ def uninterrupted_losses(rows) -> list[float]:
     return out
 
 
-def test_sigkilled_worker_restarts_from_checkpoint_and_matches_uninterrupted(local_ray, tmp_path):
-    faulted, starts, killed = _run_with_a_kill(tmp_path, "faulted")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_sigkilled_worker_restarts_from_checkpoint_and_matches_uninterrupted(local_ray, tmp_path, strategy):
+    """Under DDP (a whole checkpoint from rank 0) and FSDP2 (one shard per rank, merged by Ray Train)."""
+    faulted, starts, killed = _run_with_a_kill(tmp_path, "faulted", strategy)
     assert killed, "rank 1 never reached the step where it is killed"
     assert starts == {0: [0, 2], 1: [0, 2]}  # the worker group restarted from the step-2 checkpoint
     # and the driver's result admits it: one restart, resumed from step 2 (what the summary reports)

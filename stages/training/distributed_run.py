@@ -44,7 +44,7 @@ class DistributedConfig:
     cpus_per_worker: int = 1
     """CPUs reserved per worker."""
     strategy: str = "fsdp"
-    """`fsdp` (FULL_SHARD per decoder layer) or `ddp`."""
+    """`fsdp` (FSDP2: each layer unit sharded, sharded checkpoints) or `ddp`."""
     activation_checkpointing: bool = True
     """Recompute each decoder layer in backward (FSDP only)."""
     precision: str = "auto"

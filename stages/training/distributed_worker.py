@@ -73,7 +73,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    trainer = prepare_trainer(trainer)
+    if cfg.strategy == "ddp":  # Ray's check knows only its own strategy classes, not our FSDP2 one
+        trainer = prepare_trainer(trainer)
     ckpt_path, resumed_from = None, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a resumed run: continue from the latest checkpoint on storage
@@ -137,19 +138,67 @@ def layer_classes(module: Any, names: tuple[str, ...] = ()) -> set[type]:
 
 
 def _strategy(cfg: DistributedConfig, module: Any):
-    from ray.train.lightning import RayDDPStrategy, RayFSDPStrategy
+    from ray.train.lightning import RayDDPStrategy
 
     if cfg.strategy == "ddp":
         # Frozen towers have no grads: tell DDP not to wait for them.
         return RayDDPStrategy(find_unused_parameters=False)
-    classes = layer_classes(module, cfg.wrap_layer_classes)
-    return RayFSDPStrategy(
-        auto_wrap_policy=classes,
-        activation_checkpointing_policy=classes if cfg.activation_checkpointing else None,
-        sharding_strategy="FULL_SHARD",
-        use_orig_params=True,  # frozen context tower and trainable denoiser share the root unit
-        state_dict_type="full",
-    )
+    try:
+        classes = layer_classes(module, cfg.wrap_layer_classes)
+    except ValueError:
+        if cfg.wrap_layer_classes:
+            raise
+        classes = set()  # no layer list: FSDP2 shards the module's children as whole units
+    return _fsdp2_strategy(cfg, classes)
+
+
+def _fsdp2_strategy(cfg: DistributedConfig, classes: set[type]):
+    """FSDP2 under Ray Train: `torch.distributed.fsdp.fully_shard` (per-parameter sharding over
+    DTensor) on each unit of `classes`, then on the module's remaining parameters, through
+    Lightning's `ModelParallelStrategy`, with sharded (distributed) checkpoints.
+
+    Why FSDP2 and not Lightning's FSDP strategy (FSDP1): torch refuses FSDP1 on a CPU-only process
+    group, so the sharded path could only ever run on GPUs; FSDP2 runs over gloo as over NCCL, and
+    the same wrapping, sharded save and resume and optimizer state are exercised on CPU workers
+    (the rehearsal, the tests). Frozen and trainable parameters may share a unit (the context
+    tower lives in the root unit), which FSDP2 shards per parameter."""
+    import ray.train.torch
+    from pytorch_lightning.strategies import ModelParallelStrategy
+    from pytorch_lightning.trainer.states import TrainerFn
+    from torch.distributed.fsdp import fully_shard
+
+    class RayFSDP2Strategy(ModelParallelStrategy):
+        @property
+        def root_device(self):
+            return ray.train.torch.get_device()
+
+        @property
+        def distributed_sampler_kwargs(self) -> dict[str, Any]:
+            return {"num_replicas": self.world_size, "rank": self.global_rank}
+
+        def setup(self, trainer) -> None:
+            # ModelParallelStrategy.setup, with the sharding applied here rather than in the
+            # LightningModule's `configure_model` (the module stays strategy-agnostic)
+            self.accelerator.setup(trainer)
+            mesh = self.device_mesh["data_parallel"]
+            units = [m for m in self.lightning_module.modules() if type(m) in classes]
+            for unit in units:
+                if cfg.activation_checkpointing:
+                    from torch.distributed._composable import checkpoint
+                    checkpoint(unit)
+                fully_shard(unit, mesh=mesh)
+            for child in self.lightning_module.children():  # the root units: what is left
+                if any(True for _ in child.parameters()) and child not in units:
+                    fully_shard(child, mesh=mesh)
+            self.model = self.precision_plugin.convert_module(self.model)
+            self.model_to_device()
+            self.barrier()
+            if trainer.state.fn == TrainerFn.FITTING:
+                self.setup_optimizers(trainer)
+            self.setup_precision_plugin()
+
+    return RayFSDP2Strategy(data_parallel_size=cfg.num_workers, tensor_parallel_size=1,
+                            save_distributed_checkpoint=True)
 
 
 def _step_report_callback(cfg: DistributedConfig):
@@ -186,7 +235,9 @@ def _step_report_callback(cfg: DistributedConfig):
             with tempfile.TemporaryDirectory() as tmp:
                 trainer.save_checkpoint(Path(tmp) / CHECKPOINT_FILE)  # collective under FSDP
                 (Path(tmp) / STEP_FILE).write_text(json.dumps({"step": step}))
-                checkpoint = Checkpoint.from_directory(tmp) if rank0 else None
+                # FSDP2 writes one shard per rank (each reports its own: Ray Train merges them into
+                # one checkpoint directory); DDP's rank 0 holds the whole model
+                checkpoint = Checkpoint.from_directory(tmp) if rank0 or cfg.strategy == "fsdp" else None
                 ray.train.report(metrics, checkpoint=checkpoint)
 
     return StepReport()

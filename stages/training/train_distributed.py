@@ -9,14 +9,16 @@
     result.checkpoint_path, result.history          # last checkpoint dir, step-based reports
 
 What it sets up, and why:
-- **FSDP FULL_SHARD** wrapping the units whose forward the model calls (`layer_classes`: the MoE
-  / MLP mixers of both towers for `TwoTowerForDiffusionLM`, decoder layers for a plain HF model),
-  activation checkpointing on the same units, bf16-mixed on GPU; the frozen context tower is
-  sharded too and run without grad by the model; `use_orig_params=True` because frozen and
-  trainable parameters share the root unit.
-  `strategy="ddp"` replicates instead (small models; CPU CI over gloo).
-- **Checkpoints on shared storage**: every `checkpoint_every` steps Lightning writes a full
-  checkpoint that is handed to `ray.train.report`, which copies it under
+- **FSDP2** (`torch.distributed.fsdp.fully_shard`, through Lightning's `ModelParallelStrategy`)
+  sharding the units whose forward the model calls (`layer_classes`: the MoE / MLP mixers of both
+  towers for `TwoTowerForDiffusionLM`, decoder layers for a plain HF model), then the rest as root
+  units; activation checkpointing on the same units, bf16-mixed on GPU; the frozen context tower
+  is sharded too (per parameter, beside trainable ones) and run without grad by the model. FSDP2
+  runs over gloo as over NCCL, so CPU workers (the rehearsal, CI) run the same sharded path.
+  `strategy="ddp"` replicates instead (small models).
+- **Checkpoints on shared storage**: every `checkpoint_every` steps Lightning writes a checkpoint
+  (under FSDP2 one shard per rank, each rank reporting its own and Ray Train merging them into one
+  directory; under DDP a whole one from rank 0) that is handed to `ray.train.report`, which copies it under
   `storage_path/name/` (a path every node sees: NFS, Lustre, or an fsspec URI such as `s3://`).
 - **Resume across restarts**: a new call with the same `storage_path` and `name` restores Ray Train's
   checkpoint manager, `ray.train.get_checkpoint()` returns the latest one and Lightning resumes from
@@ -93,7 +95,17 @@ class DistributedResult:
 
         if self.checkpoint_path is None:
             raise ValueError(f"{self.run_dir}: no checkpoint was reported")
-        ckpt = torch.load(Path(self.checkpoint_path) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        path = Path(self.checkpoint_path) / CHECKPOINT_FILE
+        if path.is_dir():  # FSDP2's sharded checkpoint: gathered into one state dict here
+            import tempfile
+
+            from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+            with tempfile.TemporaryDirectory() as tmp:
+                dcp_to_torch_save(path, Path(tmp) / "full.pt")
+                ckpt = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=False)
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
         return ckpt["state_dict"]
 
 
