@@ -5,11 +5,13 @@
 """
 from __future__ import annotations
 
-from adapters.base import KINDS, Adapter, Experts, Mamba2Params, Sublayer
+from adapters.base import KINDS, Adapter, Experts, Mamba2Params, Sublayer, check_rope_scaling
 from adapters.gemma import GemmaAdapter
 from adapters.granitemoehybrid import GraniteMoeHybridAdapter
 from adapters.llama import LlamaFamilyAdapter
 from adapters.nemotron_h import NemotronHAdapter
+from adapters.olmo2 import Olmo2Adapter
+from adapters.phi3 import Phi3Adapter
 
 # A literal registry: model_type -> adapter. A new family joins with one line here.
 REGISTRY: dict[str, Adapter] = {
@@ -21,6 +23,8 @@ REGISTRY: dict[str, Adapter] = {
     "gemma2": GemmaAdapter(),
     "gemma3_text": GemmaAdapter(),
     "granitemoehybrid": GraniteMoeHybridAdapter(),
+    "phi3": Phi3Adapter(),
+    "olmo2": Olmo2Adapter(),
 }
 
 
@@ -36,12 +40,15 @@ def model_type_of(model_or_config) -> str:
 
 
 def get(model_or_config) -> Adapter:
-    """The adapter for a model, a config or a model_type; ValueError listing supported types."""
+    """The adapter for a model, a config or a model_type; ValueError listing supported types, or
+    naming a config field the runtime cannot reproduce exactly (a length-dependent RoPE scaling)."""
     model_type = model_type_of(model_or_config)
     if model_type not in REGISTRY:
         raise ValueError(
             f"unsupported backbone model_type {model_type!r}; supported: {', '.join(sorted(REGISTRY))}"
         )
+    if not isinstance(model_or_config, str):
+        check_rope_scaling(getattr(model_or_config, "config", model_or_config))
     return REGISTRY[model_type]
 
 

@@ -33,7 +33,31 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     Auto classes, whose import registers `twotower.model`, a circular import when a twotower module
     is the first thing imported."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rotary = cos.shape[-1]
+    if rotary < q.shape[-1]:  # partial rotary (Phi-3's `partial_rotary_factor`): the rest passes through
+        q_rot, q_pass = q[..., :rotary], q[..., rotary:]
+        k_rot, k_pass = k[..., :rotary], k[..., rotary:]
+        return (torch.cat([(q_rot * cos) + (rotate_half(q_rot) * sin), q_pass], dim=-1),
+                torch.cat([(k_rot * cos) + (rotate_half(k_rot) * sin), k_pass], dim=-1))
     return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+POSITION_DEPENDENT_ROPE = ("longrope", "dynamic")
+"""RoPE scalings whose rotary table depends on the sequence length reached (transformers switches
+or rescales it past `original_max_position_embeddings` and recomputes the cache): keys already in
+a cache here would keep the old rotation, so these are refused rather than decoded wrong."""
+
+
+def check_rope_scaling(config) -> None:
+    """ValueError naming the field and its value when the config's RoPE scaling is one the runtime
+    cannot reproduce exactly (`POSITION_DEPENDENT_ROPE`)."""
+    for field in ("rope_scaling", "rope_parameters"):
+        scaling = getattr(config, field, None)
+        kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") if isinstance(scaling, dict) else None
+        if kind in POSITION_DEPENDENT_ROPE:
+            raise ValueError(f"{config.model_type}: config.{field}.rope_type={kind!r} rescales the rotary table "
+                             "by sequence length, which keys already cached cannot follow; supported: default, "
+                             "linear, yarn, llama3 (static tables)")
 
 KINDS = ("attention", "mamba", "moe", "mlp")
 

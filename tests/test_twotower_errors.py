@@ -119,3 +119,24 @@ def test_any_runtime_module_imports_first_and_auto_classes_still_resolve(first):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("TwoTowerHFConfig")
+
+
+@pytest.mark.parametrize("rope_type", ["longrope", "dynamic"])
+def test_a_length_dependent_rope_scaling_is_refused_naming_the_field(rope_type):
+    """Phi-3.5 / Phi-4-mini's `longrope` and `dynamic` NTK switch the rotary table by sequence length;
+    cached keys cannot follow, so such a backbone is refused instead of decoding wrong."""
+    from transformers import LlamaConfig, Phi3Config
+
+    import adapters
+
+    rope = {"rope_type": rope_type, "rope_theta": 10000.0, "factor": 2.0,
+            "original_max_position_embeddings": 64}
+    if rope_type == "longrope":
+        rope.update(short_factor=[1.0] * 4, long_factor=[2.0] * 4)
+    family = Phi3Config if rope_type == "longrope" else LlamaConfig  # Phi-3 accepts only longrope
+    config = family(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        rope_parameters=rope)
+    with pytest.raises(ValueError, match=rf"config\.rope_(scaling|parameters)\.rope_type='{rope_type}'"):
+        adapters.get(config)
+    assert adapters.get("phi3")  # by name alone: nothing to check yet

@@ -41,7 +41,17 @@ def mutations(name):
     model = tiny_backbone(name)
     adapter = adapters.get(model)
     subs = adapter.sublayers(model)
-    out = [("swap norms of sublayers 0 and 1", _swap_norms(0, 1), {})]
+    out = []
+    # a norm in the wrong place: the first two sublayers with distinct input norms, else (families
+    # without input norms, e.g. OLMo 2) with distinct post-norms
+    for field in ("norm", "post_norm"):
+        pair = next(((a, b) for a in subs for b in subs if a.index < b.index and getattr(a, field) is not None
+                     and getattr(b, field) is not None and getattr(a, field) is not getattr(b, field)), None)
+        if pair is not None:
+            a, b = pair
+            label = f"swap {field}s of sublayers {a.index} and {b.index}"
+            out.append((label, _swap_norms(a.index, b.index, field, field), {}))
+            break
     for s in subs:
         if s.window is not None:
             out.append((f"sublayer {s.index}: no window", _edit(s.index, window=None), {}))
@@ -97,13 +107,17 @@ def test_kit_covers_every_declared_feature(name):
     multiplier or post-norm out would have nothing to mutate)."""
     labels = " ".join(m[0] for m in mutations(name))
     family = tiny_backbone(name).config.model_type
-    expected = {"mistral": ["no window"], "qwen2": ["no window"], "qwen3": ["no window"],
+    expected = {"nemotron_h": ["swap norms"], "llama": ["swap norms"],
+                "mistral": ["no window"], "qwen2": ["no window"], "qwen3": ["no window"],
+                "phi3": ["no window", "swap norms"], "olmo2": ["no post-norm", "swap post_norms"],
                 "gemma3_text": ["no window", "no post-norm", "norm <-> post-norm", "embeddings unscaled",
                                 "plain LM head logits", "attention scale"],
                 "gemma2": ["no window", "no post-norm", "no attention soft-cap", "embeddings unscaled",
                            "plain LM head logits"],
                 "granitemoehybrid": ["residual multiplier 1", "embeddings unscaled", "plain LM head logits",
-                                     "attention scale"]}.get(family, [])
+                                     "attention scale"]}
+    assert family in expected, f"{family}: list its declared features here (an unlisted family would pass vacuously)"
+    expected = expected[family]
     for feature in expected:
         assert feature in labels, (name, feature)
 

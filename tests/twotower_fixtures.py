@@ -17,6 +17,8 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     NemotronHConfig,
+    Olmo2Config,
+    Phi3Config,
     Qwen2Config,
     Qwen3Config,
 )
@@ -129,6 +131,27 @@ def granitemoehybrid_nope_config() -> GraniteMoeHybridConfig:
     return granitemoehybrid_config(rope=False)
 
 
+def phi3_config() -> Phi3Config:
+    """Phi-3: fused qkv and gate_up projections, half the head dims rotary, a sliding window."""
+    return Phi3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        sliding_window=WINDOW, pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=False,
+        initializer_range=0.2,
+    )
+
+
+def olmo2_config() -> Olmo2Config:
+    """OLMo 2: no input norms, post-norms after attention and MLP, q/k norms over all heads."""
+    return Olmo2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=False,
+        initializer_range=0.2,
+    )
+
+
 TINY_CONFIGS = {
     "nemotron_h": nemotron_h_config,
     "llama": llama_config,
@@ -139,6 +162,8 @@ TINY_CONFIGS = {
     "gemma2": gemma2_config,
     "granitemoehybrid": granitemoehybrid_config,
     "granitemoehybrid_nope": granitemoehybrid_nope_config,
+    "phi3": phi3_config,
+    "olmo2": olmo2_config,
 }
 
 

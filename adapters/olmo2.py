@@ -1,0 +1,40 @@
+"""OLMo 2 adapter: no input norms; each sublayer normalises its *output* (`post_attention_layernorm`,
+`post_feedforward_layernorm`) before the residual add, and q/k RMSNorms run over all heads'
+concatenated projections (before the split into heads and RoPE), unlike Qwen3's per-head norms.
+
+Without an input norm the sublayer's `norm` is the identity, so AdaLN modulates the residual stream
+itself (`norm(h)·(1+scale)+shift` with `norm` = identity); at zero init it is still the identity.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from adapters.base import Sublayer, apply_rotary_pos_emb
+from adapters.llama import LlamaFamilyAdapter
+
+IDENTITY = nn.Identity()
+"""The input `norm` of every OLMo 2 sublayer (one shared, parameter-free module)."""
+
+
+class Olmo2Adapter(LlamaFamilyAdapter):
+    """Layer walk of `Olmo2ForCausalLM`."""
+
+    model_types = ("olmo2",)
+
+    def sublayers(self, model):
+        subs: list[Sublayer] = []
+        for i, layer in enumerate(model.model.layers):
+            subs.append(Sublayer(len(subs), i, "attention", IDENTITY, layer.self_attn,
+                                 window=getattr(model.config, "sliding_window", None),
+                                 post_norm=layer.post_attention_layernorm))
+            subs.append(Sublayer(len(subs), i, "mlp", IDENTITY, layer.mlp, post_norm=layer.post_feedforward_layernorm))
+        return subs
+
+    def qkv(self, model, sub, x, positions):
+        attn = sub.mixer
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        q = attn.q_norm(attn.q_proj(x)).view(shape).transpose(1, 2)  # over all heads, then split
+        k = attn.k_norm(attn.k_proj(x)).view(shape).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        cos, sin = model.model.rotary_emb(x, positions)
+        return (*apply_rotary_pos_emb(q, k, cos, sin), v)
