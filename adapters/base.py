@@ -14,6 +14,7 @@ add one line to `adapters.REGISTRY`, and one tiny config to `tests/twotower_fixt
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -95,8 +96,9 @@ class Sublayer:
 class Mamba2Params:
     """What the shared torch Mamba-2 (SSD) implementation in `twotower.ops` needs from a mixer."""
 
-    in_proj: nn.Linear
-    """hidden -> [gate (I), xBC (I + 2·G·N), dt (H)]."""
+    in_proj: Callable[[torch.Tensor], torch.Tensor]
+    """hidden -> [gate (I), xBC (I + 2·G·N), dt (H)]: the mixer's `nn.Linear`, or any callable
+    (a family that scales the projection's parts, e.g. µP multipliers, passes a function)."""
     conv1d: nn.Conv1d
     """Depthwise causal convolution over xBC, kernel K."""
     dt_bias: torch.Tensor
@@ -118,9 +120,11 @@ class Mamba2Params:
     state_size: int
     """N."""
     dt_min: float
-    """dt is clamped to [dt_min, inf) on every path (HF clamps only its chunk path: a trap)."""
+    """dt is clamped to [dt_min, dt_max] on every path (HF clamps only its chunk path: a trap)."""
     activation: str
     """Activation after the convolution (`silu`)."""
+    dt_max: float = float("inf")
+    """The upper bound of the dt clamp (`time_step_limit[1]`; infinite unless the family sets one)."""
 
 
 def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ def mamba2_params(m: nn.Module) -> Mamba2Params:
         in_proj=m.in_proj, conv1d=m.conv1d, dt_bias=m.dt_bias, A_log=m.A_log, D=m.D,
         norm=m.norm, out_proj=m.out_proj, num_heads=m.num_heads, head_dim=m.head_dim,
         n_groups=m.n_groups, state_size=m.ssm_state_size, dt_min=float(m.time_step_limit[0]),
-        activation=m.activation,
+        dt_max=float(m.time_step_limit[1]), activation=m.activation,
     )
 
 

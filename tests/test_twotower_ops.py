@@ -134,3 +134,36 @@ def test_attention_softcap_against_brute_force():
     ref = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ vv
     torch.testing.assert_close(out, ref.transpose(1, 2).reshape(2, 5, -1))
     assert (attention(q, k, v, mask, scale) - out).abs().max() > 1e-2  # the cap matters here
+
+
+@pytest.mark.parametrize("limit", [(0.0, 0.05), (0.02, 0.08)])
+def test_a_finite_dt_limit_is_applied_on_both_sides(limit):
+    """Nemotron-H's `time_step_limit` clamps dt from above too when its upper bound is finite; the
+    walk must match transformers' forward then (dropping the upper bound misses it by far)."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+    from twotower_fixtures import VOCAB, nemotron_h_config, randomise_norms
+
+    import adapters
+    from twotower.cache import TowerCache
+    from twotower.walk import Walk, context_forward
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(nemotron_h_config().__class__(
+        **{**nemotron_h_config().to_dict(), "time_step_limit": limit})).float().eval()
+    randomise_norms(model)
+    ids = torch.randint(3, VOCAB, (2, 13), generator=torch.Generator().manual_seed(0))
+    adapter = adapters.get(model)
+    with torch.no_grad():
+        want = model(ids).logits.float()
+        hidden, _ = context_forward(Walk.of(adapter, model), ids, TowerCache.empty(2, "cpu"), chunk=4)
+        assert (Walk.of(adapter, model).logits(hidden) - want).abs().max().item() < 1e-5
+
+        class NoUpperBound(type(adapter)):
+            def mamba(self, sub):
+                return dataclasses.replace(super().mamba(sub), dt_max=float("inf"))
+
+        walk = Walk.of(NoUpperBound(), model)
+        hidden, _ = context_forward(walk, ids, TowerCache.empty(2, "cpu"), chunk=4)
+        assert (walk.logits(hidden) - want).abs().max().item() > 1e-3

@@ -240,7 +240,7 @@ def mamba2_mixer(p: Mamba2Params, h, conv_state, ssm_state, valid, chunk: int, w
     if valid is not None:
         conv = conv * valid[..., None].to(conv.dtype)
     x, B, C = conv.split([inner, gs, gs], dim=-1)
-    dt = F.softplus(dt.float() + p.dt_bias.float()).clamp(min=p.dt_min)
+    dt = F.softplus(dt.float() + p.dt_bias.float()).clamp(min=p.dt_min, max=p.dt_max)
     A = -torch.exp(p.A_log.float())
     if points is not None and length > chunk:
         raise ValueError("mamba2_mixer: rollback points need a one-chunk input, "
