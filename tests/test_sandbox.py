@@ -165,6 +165,16 @@ def test_dev_holds_only_the_harmless_nodes_and_ipc_and_hostname_are_private():
 
 
 @NS
+def test_shared_memory_the_program_makes_does_not_outlive_it():
+    key = 0x7474
+    out = sandbox.run_python(f"import ctypes\nlibc = ctypes.CDLL(None)\n"
+                             f"print(libc.shmget({key}, 1 << 20, 0o1666))\n")
+    assert int(out.stdout.strip()) >= 0, out  # it did make a segment, in its own IPC namespace
+    keys = [line.split()[0] for line in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]]
+    assert str(key) not in keys
+
+
+@NS
 def test_a_host_unix_socket_is_out_of_reach(tmp_path):
     listener = socket.socket(socket.AF_UNIX)
     path = tmp_path / "host.sock"
