@@ -11,6 +11,7 @@ from adapters.granitemoehybrid import GraniteMoeHybridAdapter
 from adapters.llama import LlamaFamilyAdapter
 from adapters.nemotron_h import NemotronHAdapter
 from adapters.olmo2 import Olmo2Adapter
+from adapters.phi import PhiAdapter
 from adapters.phi3 import Phi3Adapter
 
 # A literal registry: model_type -> adapter. A new family joins with one line here.
@@ -23,6 +24,7 @@ REGISTRY: dict[str, Adapter] = {
     "gemma2": GemmaAdapter(),
     "gemma3_text": GemmaAdapter(),
     "granitemoehybrid": GraniteMoeHybridAdapter(),
+    "phi": PhiAdapter(),
     "phi3": Phi3Adapter(),
     "olmo2": Olmo2Adapter(),
 }

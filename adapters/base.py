@@ -90,6 +90,10 @@ class Sublayer:
     """Attention only: scores become `cap · tanh(scores / cap)` before the mask and softmax."""
     parts: tuple[nn.Module, ...] = ()
     """Further HF modules the adapter's `ffn` calls beside `mixer` (e.g. a shared MLP)."""
+    parallel: bool = False
+    """A parallel residual step: it reads the *same input* as the sublayer before it and adds its
+    output to the same residual, `h + f_prev(norm(h)) + f(norm(h))` (Phi-1/2's attention and MLP,
+    GPT-J, Falcon-H1's attention beside Mamba-2), rather than running on the predecessor's output."""
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,8 @@ def mutations(name):
     for s in subs:
         if s.window is not None:
             out.append((f"sublayer {s.index}: no window", _edit(s.index, window=None), {}))
+        if s.parallel:
+            out.append((f"sublayer {s.index}: sequential, not parallel", _edit(s.index, parallel=False), {}))
         if s.residual_scale != 1.0:
             out.append((f"sublayer {s.index}: residual multiplier 1", _edit(s.index, residual_scale=1.0), {}))
         if s.post_norm is not None:
@@ -109,7 +111,8 @@ def test_kit_covers_every_declared_feature(name):
     family = tiny_backbone(name).config.model_type
     expected = {"nemotron_h": ["swap norms"], "llama": ["swap norms"],
                 "mistral": ["no window"], "qwen2": ["no window"], "qwen3": ["no window"],
-                "phi3": ["no window", "swap norms"], "olmo2": ["no post-norm", "swap post_norms"],
+                "phi3": ["no window", "swap norms"], "phi": ["sequential, not parallel", "swap norms"],
+                "olmo2": ["no post-norm", "swap post_norms"],
                 "gemma3_text": ["no window", "no post-norm", "norm <-> post-norm", "embeddings unscaled",
                                 "plain LM head logits", "attention scale"],
                 "gemma2": ["no window", "no post-norm", "no attention soft-cap", "embeddings unscaled",

@@ -19,6 +19,7 @@ from transformers import (
     NemotronHConfig,
     Olmo2Config,
     Phi3Config,
+    PhiConfig,
     Qwen2Config,
     Qwen3Config,
 )
@@ -142,6 +143,17 @@ def phi3_config() -> Phi3Config:
     )
 
 
+def phi_config(qk_layernorm: bool = True) -> PhiConfig:
+    """Phi-2: parallel attention and MLP on one LayerNorm, partial rotary, q/k LayerNorms, biases."""
+    return PhiConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        qk_layernorm=qk_layernorm, pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS,
+        tie_word_embeddings=False, initializer_range=0.2,
+    )
+
+
 def olmo2_config() -> Olmo2Config:
     """OLMo 2: no input norms, post-norms after attention and MLP, q/k norms over all heads."""
     return Olmo2Config(
@@ -162,6 +174,7 @@ TINY_CONFIGS = {
     "gemma2": gemma2_config,
     "granitemoehybrid": granitemoehybrid_config,
     "granitemoehybrid_nope": granitemoehybrid_nope_config,
+    "phi": phi_config,
     "phi3": phi3_config,
     "olmo2": olmo2_config,
 }

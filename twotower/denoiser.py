@@ -32,7 +32,7 @@ from twotower.block_context import BlockContext
 from twotower.config import TwoTowerConfig
 from twotower.fusion import ContextFusion, FusedContextFeatures
 from twotower.ops import attention, mamba2_mixer
-from twotower.walk import Walk, layer_container, sublayer_step
+from twotower.walk import Walk, layer_container, step_input, sublayer_step
 
 CROSS_ATTENTION_HEAD_DIM = 32
 """Head width of the optional zero-gated cross-attention modules: small enough that a tiny
@@ -216,8 +216,11 @@ class DenoiserTower(nn.Module):
         mod = self.sublayer_modulation(t)
         mixing = BlockMixing(self, ctx)
         cross = mixing.cross if self.cfg.cross_attention else None
+        group = h
         for sub in self.walk.subs:
-            h = sublayer_step(self.walk, sub, h, mixing, positions, None if mod is None else mod[sub.index], cross)
+            group = step_input(sub, h, group)  # a parallel step reads its group's input (adapters.base)
+            h = sublayer_step(self.walk, sub, group, mixing, positions, None if mod is None else mod[sub.index], cross,
+                              residual=h)
         return self.walk.logits(self.adapter.final_norm(self.backbone)(h))
 
 

@@ -72,9 +72,12 @@ def sublayer_step(
     positions: torch.Tensor,
     mod: Modulation | None = None,
     cross: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One residual step on hidden `h` `[N, T, d]` at `positions` `[N, T]`:
-    `h + (1+gate)·(residual_scale·post_norm(mixer(norm(h)·(1+scale)+shift)) + cross)`.
+    `r + (1+gate)·(residual_scale·post_norm(mixer(norm(h)·(1+scale)+shift)) + cross)`, with `r` =
+    `residual` when given (a parallel step: `h` is its group's input, `r` what the group has added
+    so far; `walk_inputs` pairs them), else `h`.
 
     Without `mod` and `cross` this is the backbone's own step (the context tower); with them at
     their zero init it computes the same thing (invariant 4)."""
@@ -95,7 +98,14 @@ def sublayer_step(
         out = out * sub.residual_scale
     if cross is not None:
         out = out + cross(sub.index, x)
-    return h + out if mod is None else torch.addcmul(h, out, mod[2])
+    base = h if residual is None else residual
+    return base + out if mod is None else torch.addcmul(base, out, mod[2])
+
+
+def step_input(sub: Sublayer, h: torch.Tensor, group_input: torch.Tensor) -> torch.Tensor:
+    """What sublayer `sub` reads: the running hidden `h`, or, for a parallel step, the input of the
+    residual group it joins (`group_input`: the input of the last non-parallel sublayer)."""
+    return group_input if sub.parallel else h
 
 
 ONE_CHUNK_MAX = 64
@@ -203,13 +213,16 @@ def context_forward(
     mixing = CacheExtension(cache, new, positions, mamba_valid, chunk, record, rollback)
     h = walk.adapter.embed(walk.model, input_ids)
     outputs, inputs = [], {}
+    group = h
     for j, sub in enumerate(walk.subs):
+        x_in = step_input(sub, h, group)
+        group = x_in
         if keep_hidden:
             i = sub.index
-            new.hidden[i] = torch.cat([cache.hidden[i], h], 1) if i in cache.hidden else h
+            new.hidden[i] = torch.cat([cache.hidden[i], x_in], 1) if i in cache.hidden else x_in
         if features is not None and sub.index in features.inputs:
-            inputs[sub.index] = h
-        h = sublayer_step(walk, sub, h, mixing, positions)
+            inputs[sub.index] = x_in
+        h = sublayer_step(walk, sub, x_in, mixing, positions, residual=h)
         if features is not None and sub.layer in features.layers and (
                 j + 1 == len(walk.subs) or walk.subs[j + 1].layer != sub.layer):  # the layer's last sublayer
             outputs.append(h)
