@@ -174,6 +174,22 @@ def test_shared_memory_the_program_makes_does_not_outlive_it():
     assert str(key) not in keys
 
 
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_no_kernel_keyring_key_outlives_the_program(isolation):
+    """Keyrings belong to the uid, not to any namespace: a seccomp filter refuses add_key."""
+    import platform
+
+    if platform.machine() != "x86_64":
+        pytest.skip("the probe below uses x86_64 syscall numbers")
+    name = f"twotower-probe-{os.getpid()}"
+    out = sandbox.run_python("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                             f"r = libc.syscall(248, b'user', b'{name}', b'x', 1, ctypes.c_int(-4))\n"
+                             "print(r, os.strerror(ctypes.get_errno()))\n", isolation=isolation)
+    refused = out.stdout.strip() == "-1 Operation not permitted"  # the seccomp filter
+    assert refused or (isolation == "guard" and "ctypes.dlopen is not allowed" in out.stderr), out
+    assert name not in Path("/proc/keys").read_text()
+
+
 @NS
 def test_a_host_unix_socket_is_out_of_reach(tmp_path):
     listener = socket.socket(socket.AF_UNIX)

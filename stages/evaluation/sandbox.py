@@ -12,7 +12,8 @@ here runs in a fresh child process, under one of two isolations:
   the IPC namespace no host shared memory or queues); paths the caller names hidden under an
   empty tmpfs (the HumanEval package's data); a memory cgroup and a pids cgroup for the whole
   process tree where the cgroup fs is writable (`Outcome.isolation` names those that applied);
-  then every capability dropped, `no_new_privs`, and the program run as the unprivileged user
+  then every capability dropped, `no_new_privs`, a seccomp filter refusing the kernel keyring
+  calls (a key belongs to the uid and would outlive every namespace), and the program run as the unprivileged user
   `nobody` (65534), so root-only files stay unreadable. The program is PID 1 of its namespace: when
   it ends or is killed, everything it spawned dies with it, and its tmpfs vanishes.
 - **`guard`** is **not a security boundary**: a `sys.addaudithook` hook in the child refuses

@@ -32,6 +32,26 @@ cap(resource.RLIMIT_CORE, 0)
 cap(resource.RLIMIT_NOFILE, 256)
 if int(nproc) > 0:
     cap(resource.RLIMIT_NPROC, int(nproc))
+def deny_keyrings():
+    # A seccomp filter: add_key, request_key and keyctl fail with EPERM, so nothing the program does
+    # lands in a kernel keyring that would outlive it (keyrings belong to the uid, not the namespaces).
+    import ctypes, platform, struct
+    arch = {"x86_64": (0xC000003E, (248, 249, 250)), "aarch64": (0xC00000B7, (217, 218, 219))}.get(platform.machine())
+    if arch is None:
+        return
+    audit_arch, calls = arch
+    allow, deny = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
+    prog = [(0x20, 0, 0, 4), (0x15, 1, 0, audit_arch), (0x06, 0, 0, allow), (0x20, 0, 0, 0)]
+    prog += [(0x15, len(calls) - i, 0, nr) for i, nr in enumerate(calls)]
+    prog += [(0x06, 0, 0, allow), (0x06, 0, 0, deny)]
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *ins) for ins in prog))
+    class Fprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+    fprog = Fprog(len(prog), ctypes.addressof(code))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS (setpriv already set it under namespaces)
+    libc.prctl(22, 2, ctypes.byref(fprog), 0, 0)  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+deny_keyrings()
 with os.fdopen(int(program_fd), "rb") as f:
     source = f.read()
 if guard == "1":
@@ -62,7 +82,7 @@ if guard == "1":
 del sys.argv[1:]
 sys.argv[0] = "program.py"
 code = compile(source, "program.py", "exec")
-del source, cap, mem, cpu, fsize, nproc, guard, program_fd, reply_fd, f
+del source, cap, mem, cpu, fsize, nproc, guard, program_fd, reply_fd, f, deny_keyrings
 exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
 """
 
