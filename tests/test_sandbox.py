@@ -266,3 +266,18 @@ def test_guard_runs_only_by_name_and_warns(monkeypatch):
     with pytest.warns(UserWarning, match="not a security boundary"):
         out = sandbox.run_python("print('ran')", isolation="guard")
     assert out.isolation == "guard" and out.stdout.strip() == "ran"
+
+
+@NS
+def test_an_interpreter_under_tmp_still_runs(tmp_path):
+    """A clone or virtualenv in /tmp (as on a CI machine) lies under the tmpfs the sandbox puts over
+    /tmp: its directory is kept visible, read-only, at the same path."""
+    import subprocess
+    import sys
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    out = sandbox.run_python("import sys\nprint(sys.prefix)\nopen(sys.prefix + '/x', 'w')\n",
+                             python=str(venv / "bin" / "python"))
+    assert out.stdout.strip() == str(venv), out
+    assert "Read-only file system" in out.stderr or "Permission denied" in out.stderr, out.stderr

@@ -87,8 +87,9 @@ exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
 """
 
 # Runs as root inside the new mount/PID/network/IPC/UTS namespaces. Arguments: the host scratch
-# directory, the disk quota in MiB, then three lists each closed by "--" (cgroups to join,
-# root-only directories to cover as "parent:kept child", paths to hide), then the command.
+# directory, the disk quota in MiB, then four lists each closed by "--" (cgroups to join,
+# root-only directories to cover as "parent:kept child", paths to hide, paths under /tmp, /run or
+# /var/tmp to keep visible: the interpreter's), then the command.
 SETUP = r"""
 set -e
 scratch="$1"; disk_mb="$2"; shift 2
@@ -97,7 +98,7 @@ while [ "$1" != "--" ]; do echo $$ > "$1/cgroup.procs"; shift; done; shift
 i=0
 while [ "$1" != "--" ]; do
   parent="${1%%:*}"; child="${1#*:}"; i=$((i+1))
-  mkdir "$scratch/keep$i"; mount --bind "$child" "$scratch/keep$i"
+  mkdir "$scratch/keep$i"; mount --rbind "$child" "$scratch/keep$i"
   mount -t tmpfs -o size=64k,mode=755 sandbox-cover "$parent"
   mkdir -p "$child"; mount --move "$scratch/keep$i" "$child"
   shift
@@ -113,10 +114,17 @@ for n in null zero random urandom; do touch "$scratch/dev/$n"; mount --bind "/de
 ln -s /proc/self/fd "$scratch/dev/fd"
 for i in 0:stdin 1:stdout 2:stderr; do ln -s "/proc/self/fd/${i%%:*}" "$scratch/dev/${i#*:}"; done
 mount --move "$scratch/dev" /dev
+keep=""; i=0
+while [ "$1" != "--" ]; do
+  i=$((i+1)); mkdir "/dev/.keep$i"; mount --rbind "$1" "/dev/.keep$i"; keep="$keep $i:$1"; shift
+done; shift
 for d in /run /var/tmp; do
   if [ -d "$d" ] && [ ! -L "$d" ]; then mount -t tmpfs -o size=64k,mode=755 sandbox-empty "$d"; fi
 done
 mount -t tmpfs -o "size=${disk_mb}m,mode=1777" sandbox-tmp /tmp
+for k in $keep; do
+  mkdir -p "${k#*:}"; mount --move "/dev/.keep${k%%:*}" "${k#*:}"; rmdir "/dev/.keep${k%%:*}"
+done
 for m in $(cut -d' ' -f2 /proc/self/mounts | sort -u); do
   case "$m" in /tmp|/dev|/dev/*) continue;; esac
   mount -o remount,bind,ro "$m" 2>/dev/null || true
@@ -146,13 +154,27 @@ def root_only_covers(python: str) -> list[str]:
     return [f"{parent}:{child}" for parent, child in sorted(found.items())]
 
 
+COVERED = ("/tmp", "/run", "/var/tmp")
+"""Directories the setup covers with an empty tmpfs (the program's scratch space, host sockets)."""
+
+
+def interpreter_keeps(python: str) -> list[str]:
+    """The interpreter's directories that lie under a `COVERED` one (a virtualenv or a clone in
+    /tmp, as on a CI machine): the setup keeps them visible, read-only, at the same path."""
+    roots = {Path(python).absolute().parent.parent, Path(python).resolve().parent.parent,
+             Path(sys.prefix).absolute(), Path(sys.base_prefix).resolve()}
+    keep = sorted(str(r) for r in roots
+                  if any(str(r) == c or str(r).startswith(c + "/") for c in COVERED) and str(r) not in COVERED)
+    return [k for k in keep if not any(k != o and k.startswith(o + "/") for o in keep)]  # outermost only
+
+
 def namespace_command(scratch: Path, limits, hide: tuple[str, ...], cgroups: list[Path],
                       python_cmd: list[str]) -> list[str]:
     """The `unshare` command that sets the namespaces up and runs `python_cmd` as `nobody`."""
     return ["unshare", "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc",
             "sh", "-c", SETUP, "sh", str(scratch), str(int(limits.disk_mb)),
             *sorted({str(g) for g in cgroups}), "--", *root_only_covers(python_cmd[0]), "--",
-            *[str(Path(h).resolve()) for h in hide], "--", *python_cmd]
+            *[str(Path(h).resolve()) for h in hide], "--", *interpreter_keeps(python_cmd[0]), "--", *python_cmd]
 
 
 _CGROUP_V1 = {"pids": Path("/sys/fs/cgroup/pids"), "memory": Path("/sys/fs/cgroup/memory")}
