@@ -87,3 +87,23 @@ def test_granite_facts_count_its_moe_and_mamba_layers():
     assert facts.experts == (72, 10) and facts.num_layers == 40
     counts = sizing.count_parameters(model, facts)
     assert 0.25 < counts.active / counts.total < 0.3  # ~9 B of ~32 B
+
+
+@pytest.mark.parametrize("name", ["phi", "phi3", "olmo2"])
+def test_the_newer_dense_families_are_sized_through_their_adapters(name):
+    """Phi-1/2 (parallel steps), Phi-3 (fused q/k/v) and OLMo 2 (no input norms), at their tiny
+    fixture: parameters and the K/V bytes per token, as `plan` computes them through the adapter,
+    against a count made here from the config and the modules (no full-size config ships for them)."""
+    from twotower_fixtures import tiny_backbone
+
+    from planning import memory
+    from twotower import sizing
+
+    model = tiny_backbone(name)
+    facts = sizing.family_facts(model)
+    counts = sizing.count_parameters(model, facts)
+    total = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert counts.total == total and counts.active == total  # dense: every parameter is active
+    assert memory.kv_bytes_per_token(facts) == cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2
