@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from adapters.base import KINDS, Adapter, Experts, Mamba2Params, Sublayer, check_rope_scaling
+from adapters.falcon_h1 import FalconH1Adapter
 from adapters.gemma import GemmaAdapter
 from adapters.granitemoehybrid import GraniteMoeHybridAdapter
 from adapters.llama import LlamaFamilyAdapter
@@ -27,6 +28,7 @@ REGISTRY: dict[str, Adapter] = {
     "phi": PhiAdapter(),
     "phi3": Phi3Adapter(),
     "olmo2": Olmo2Adapter(),
+    "falcon_h1": FalconH1Adapter(),
 }
 
 

@@ -166,6 +166,10 @@ class Adapter:
     """
 
     model_types: tuple[str, ...] = ()
+    scale_fields: tuple[str, ...] = ()
+    """Module attributes holding multipliers the adapter applies inside its own code (Falcon-H1's
+    `key_multiplier`, `mup_vector`, ...), which no sublayer field shows: the conformance kit resets
+    each to 1 and requires the walk to move off transformers' logits, so none can be forgotten."""
 
     def sublayers(self, model: nn.Module) -> list[Sublayer]:
         """The ordered residual steps of `model` (a `*ForCausalLM`)."""

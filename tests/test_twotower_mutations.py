@@ -113,6 +113,8 @@ def test_kit_covers_every_declared_feature(name):
                 "mistral": ["no window"], "qwen2": ["no window"], "qwen3": ["no window"],
                 "phi3": ["no window", "swap norms"], "phi": ["sequential, not parallel", "swap norms"],
                 "olmo2": ["no post-norm", "swap post_norms"],
+                "falcon_h1": ["sequential, not parallel", "residual multiplier 1", "embeddings unscaled",
+                              "plain LM head logits", "swap norms"],
                 "gemma3_text": ["no window", "no post-norm", "norm <-> post-norm", "embeddings unscaled",
                                 "plain LM head logits", "attention scale"],
                 "gemma2": ["no window", "no post-norm", "no attention soft-cap", "embeddings unscaled",
@@ -180,3 +182,36 @@ def test_dropping_runtime_windows_fails_the_kit(module, monkeypatch):
         assert walk_error(model.context_tower, model.adapter) > 1e-3
     else:
         assert checks.zero_init_identity(model, ids) > 1e-3
+
+
+SCALED = [(name, field) for name in sorted(TINY_CONFIGS)
+          for field in adapters.get(TINY_CONFIGS[name]()).scale_fields]
+
+
+@pytest.mark.parametrize("name,field", SCALED, ids=[f"{n}: {f}" for n, f in SCALED])
+def test_each_multiplier_applied_inside_adapter_code_matters(name, field):
+    """A multiplier the adapter applies in its own code (`Adapter.scale_fields`): set to 1 on every
+    module of a copy of the model, the walk must move off transformers' logits for the original (an
+    adapter that forgot to apply it would not move)."""
+    import copy
+
+    model = tiny_backbone(name)
+    adapter = adapters.get(model)
+    ids = torch.randint(3, VOCAB, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits.float()
+        reset = copy.deepcopy(model)
+        touched = 0
+        for module in reset.modules():
+            value = getattr(module, field, None)
+            if value is None:
+                continue
+            touched += 1
+            if isinstance(value, torch.Tensor):
+                value.data.fill_(1.0) if isinstance(value, torch.nn.Parameter) else value.fill_(1.0)
+            else:
+                setattr(module, field, 1.0)
+        assert touched, f"{field}: no module of {name} has it"
+        walk = Walk.of(adapter, reset)
+        hidden, _ = context_forward(walk, ids, TowerCache.empty(2, "cpu"), chunk=4)
+        assert (walk.logits(hidden) - want).abs().max().item() > 1e-3, field

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    FalconH1Config,
     Gemma2Config,
     Gemma3TextConfig,
     GraniteMoeHybridConfig,
@@ -154,6 +155,26 @@ def phi_config(qk_layernorm: bool = True) -> PhiConfig:
     )
 
 
+def falcon_h1_config(rms_norm: bool = True) -> FalconH1Config:
+    """Falcon-H1: Mamba-2 and attention in parallel on one norm, then an MLP; every µP multiplier
+    away from 1 (the Mamba-2 ones through its mup_vector) and a finite dt ceiling."""
+    return FalconH1Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+        mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=2, mamba_d_conv=4,
+        mamba_chunk_size=16, mamba_rms_norm=rms_norm, time_step_limit=(0.0, 2.0),
+        attention_in_multiplier=0.7, attention_out_multiplier=1.3, key_multiplier=0.8,
+        ssm_in_multiplier=1.2, ssm_out_multiplier=0.6, ssm_multipliers=[0.9, 1.1, 0.8, 1.2, 0.7],
+        mlp_multipliers=[1.1, 0.9], embedding_multiplier=2.0, lm_head_multiplier=0.5,
+        pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=False, initializer_range=0.2,
+    )
+
+
+def falcon_h1_gated_config() -> FalconH1Config:
+    """Falcon-H1 as shipped: no RMSNorm in the Mamba-2 output, a plain SiLU gate."""
+    return falcon_h1_config(rms_norm=False)
+
+
 def olmo2_config() -> Olmo2Config:
     """OLMo 2: no input norms, post-norms after attention and MLP, q/k norms over all heads."""
     return Olmo2Config(
@@ -177,6 +198,8 @@ TINY_CONFIGS = {
     "phi": phi_config,
     "phi3": phi3_config,
     "olmo2": olmo2_config,
+    "falcon_h1": falcon_h1_config,
+    "falcon_h1_gated": falcon_h1_gated_config,
 }
 
 
