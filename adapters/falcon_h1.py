@@ -12,10 +12,13 @@ gate/down multipliers are inside its module, which `ffn` calls whole. The embedd
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.nn import functional as F
 
 from adapters.base import Adapter, Mamba2Params, Sublayer, apply_rotary_pos_emb
+from adapters.nemotron_h import mamba2_params
 
 
 class FalconH1Adapter(Adapter):
@@ -66,9 +69,5 @@ class FalconH1Adapter(Adapter):
         def gated(y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
             return y * F.silu(gate)
 
-        return Mamba2Params(
-            in_proj=in_proj, conv1d=m.conv1d, dt_bias=m.dt_bias, A_log=m.A_log, D=m.D,
-            norm=m.norm if m.mamba_rms_norm else gated, out_proj=m.out_proj, num_heads=m.num_heads,
-            head_dim=m.head_dim, n_groups=m.n_groups, state_size=m.ssm_state_size,
-            dt_min=float(m.time_step_limit[0]), dt_max=float(m.time_step_limit[1]), activation=m.activation,
-        )
+        # the Mamba2Mixer layout Nemotron-H and Granite share, with Falcon-H1's input scaling and gate
+        return dataclasses.replace(mamba2_params(m), in_proj=in_proj, norm=m.norm if m.mamba_rms_norm else gated)

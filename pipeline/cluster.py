@@ -54,15 +54,13 @@ def cluster_problem(cfg: Any) -> str | None:
     start its own; None when every stage fits."""
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     stages = list(cfg.stages.values())
-    if not address and "ray" not in sys.modules:
+    running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    if not address and not running:  # the run would start its own Ray here
         problems = cluster_problems(stages, local_resources(cfg))
         return "\n".join(problems) if problems else None
     import ray
 
-    owns = not ray.is_initialized()
-    if owns and not address:
-        problems = cluster_problems(stages, local_resources(cfg))
-        return "\n".join(problems) if problems else None
+    owns = not running
     if owns:
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)

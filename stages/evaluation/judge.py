@@ -21,6 +21,7 @@ What a program can still do is what any function can: return values. A wrong val
 from __future__ import annotations
 
 import builtins
+import functools
 import inspect
 import json
 import random
@@ -62,9 +63,15 @@ class _Stop(BaseException):
     swallow it)."""
 
 
+@functools.lru_cache(maxsize=1)
+def _codec_source() -> str:
+    """The plain-data codec's source, read once: the server's half of the protocol."""
+    return inspect.getsource(plain_data)
+
+
 def _program(problem: dict, completion: str) -> str:
     """The sandboxed server: the plain-data codec, the candidate's code as a literal, the loop."""
-    codec = inspect.getsource(plain_data)
+    codec = _codec_source()
     return (f"{codec}\nCANDIDATE = {problem['prompt'] + completion!r}\n"
             f"ENTRY_POINT = {problem['entry_point']!r}\n{SERVER}")
 
