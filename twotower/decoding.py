@@ -82,6 +82,9 @@ class Rows:
     """`[n]` verified: blocks this row still verifies without a draft (after rejected drafts)."""
     backoff: torch.Tensor | None = None
     """`[n]` verified: the pause its next rejected draft starts (doubles per rejection)."""
+    streamer: Any = None
+    """`twotower.streaming.RowStreamer` (or None): told each row's tokens as they are emitted; it
+    may end a row early (a stop string, a client gone), which then leaves the batch like an EOS."""
 
     def __post_init__(self):
         self.pause = torch.zeros_like(self.index)
@@ -102,13 +105,17 @@ class Rows:
         done = []
         for r, toks in zip(self.index.tolist(), tokens):
             seq = self.out[r]
+            start = len(seq)
             for tok in toks:
                 if len(seq) >= budget:
                     break
                 seq.append(tok)
                 if tok == eos:
                     break
-            done.append(len(seq) >= budget or (eos is not None and bool(seq) and seq[-1] == eos))
+            finished = len(seq) >= budget or (eos is not None and bool(seq) and seq[-1] == eos)
+            if self.streamer is not None and (len(seq) > start or finished):
+                finished = bool(self.streamer.put_row(r, seq[start:], finished)) or finished
+            done.append(finished)
         return torch.tensor(done, device=self.first.device)
 
     def keep(self, alive: torch.Tensor) -> bool:

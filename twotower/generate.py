@@ -16,6 +16,7 @@ import torch
 from twotower.cache import TowerCache
 from twotower.decoding import DECODERS, DRAFTS, Decoding, Rows, Tally
 from twotower.positions import pad_id_of
+from twotower.streaming import as_row_streamer
 from twotower.walk import context_forward
 
 MODES = ("diffusion", "verified", "mock_ar", "ar", "auto")
@@ -129,6 +130,7 @@ def generate(
     return_trace: bool = False,
     draft: str | int = "confident",
     auto_modes: dict[int, str] | None = None,
+    streamer=None,
 ) -> GenerateOutput:
     """Generate from a batch of prompts (a `[b, P]` tensor, optionally with `attention_mask`,
     or a list of id lists of different lengths). eos/pad ids default to the backbone config.
@@ -141,7 +143,9 @@ def generate(
     the denoiser is unsure; k >= 1 runs at most k steps (1: one denoiser step, then verify). What
     is still masked when a row stops takes that step's argmax. auto_modes (`auto` only): batch
     size -> mode, default `model.auto_modes` (read from the export's generation_config.json); `mode` of the result
-    says which mode ran."""
+    says which mode ran. streamer: receives tokens as blocks commit (`twotower.streaming`: a
+    `RowStreamer` for any batch, which may end rows early, or a transformers `TextStreamer` for one
+    prompt)."""
     cfg = model.tt_config
     B = block_size or cfg.block_size
     if mode not in MODES:
@@ -170,6 +174,7 @@ def generate(
     if limit is not None and int(lengths.max()) > limit:
         raise ValueError(f"generate: prompt of {int(lengths.max())} tokens exceeds the backbone's "
                          f"max_position_embeddings={limit}")
+    streamer = as_row_streamer(streamer, ids)
     b = ids.shape[0]
     ctx_options = model.context_options() if mode != "ar" else {"keep_hidden": False}
     tally = Tally(torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long))
@@ -178,8 +183,13 @@ def generate(
     rows = Rows(torch.arange(b, device=ctx_dev), walk.logits(hidden[:, -1]).argmax(-1), cache, [[] for _ in range(b)])
     tally.count("ctx", rows.index)
     trace: list | None = [] if return_trace else None
-    DECODERS[mode](Decoding(model, rows, tally, B, gamma, eos_token_id, pad, max_new_tokens, draft, ctx_options,
-                            ctx_dev, den_dev, trace))
+    rows.streamer = streamer
+    try:
+        DECODERS[mode](Decoding(model, rows, tally, B, gamma, eos_token_id, pad, max_new_tokens, draft, ctx_options,
+                                ctx_dev, den_dev, trace))
+    finally:
+        if rows.streamer is not None:
+            rows.streamer.end()
 
     n_gen = torch.tensor([len(seq) for seq in rows.out])
     gen = torch.full((b, int(n_gen.max())), pad, dtype=torch.long)
