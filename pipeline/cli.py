@@ -1,4 +1,4 @@
-"""`python -m pipeline`: run, plan, validate, status, track, ui, generate.
+"""`python -m pipeline`: run, plan, validate, status, track, ui, generate, serve.
 
     python -m pipeline run                              # the embedded default recipe (recipes/tiny.yaml)
     python -m pipeline run recipes/tiny.yaml train.max_steps=20 ~graph.export --runner local
@@ -10,6 +10,9 @@
     python -m pipeline track RUN_DIR [--uri URI]        # log an untracked run to MLflow afterwards
     python -m pipeline ui                               # MLflow UI on 127.0.0.1 for the run store
     python -m pipeline generate EXPORT_DIR --prompt "..." [--mode diffusion] [--gamma 0.9]
+    python -m pipeline serve EXPORT_DIR [--port 8000]   # OpenAI-compatible server on Ray Serve
+
+Overrides (`key=value`, `~key`) may come anywhere on the line, before or after options.
 
 Exit status: 0 success, 1 a stage failed, 2 a config or usage error (printed without a traceback).
 Heavy libraries (Ray, MLflow, torch) are imported only by the commands that need them, so `--help`
@@ -24,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.cli_parsing import parse, version
 from pipeline.config import CLI, DEFAULT_RECIPE, REPO_ROOT, ConfigError, PipelineConfig, Problem, load_config
 
 
@@ -288,11 +292,22 @@ def cmd_generate(argv: list[str]) -> int:
     return int(generate.main(argv) or 0)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve an export until Ctrl-C (`serving.launch`)."""
+    try:
+        from serving import launch
+    except ImportError as err:
+        print(f"error: `serve` needs Ray Serve: pip install -e '.[serve]' ({err})", file=sys.stderr)
+        return 2
+    return launch.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=(
         "TwoTower adaptation pipeline: turn a pretrained autoregressive LM into a two-tower "
         "block-diffusion LM. Config: pipeline.yaml <- RECIPE <- key=value overrides (~key deletes)."))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser) -> None:
@@ -347,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="server processes (one is plenty locally)")
     p.set_defaults(func=cmd_ui)
 
+    p = sub.add_parser("serve", help="serve an export: OpenAI-compatible HTTP API on Ray Serve (docs/serving.md)")
+    from serving.launch import add_arguments
+    add_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
     sub.add_parser("generate", add_help=False, help="decode with an exported model: generate EXPORT_DIR "
                    "--prompt TEXT [--mode diffusion|mock_ar|ar] [--gamma G] [--show-steps]")
     return parser
@@ -357,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "generate":
         return cmd_generate(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     from pipeline.state import PipelineError, StageFailed
     try:
         return args.func(args)

@@ -58,6 +58,30 @@ def test_failing_stage_exit_1_with_its_message(engine_defaults: Path) -> None:
     assert proc.returncode == 2 and "unknown stage 'nope'" in proc.stderr
 
 
+def test_overrides_go_anywhere_on_the_line_and_version_answers(engine_defaults: Path, tmp_path: Path) -> None:
+    """As users type them: overrides after options (`--force STAGE key=value`, `--overlay FILE
+    key=value`) are overrides, not "unrecognized arguments"."""
+    defaults = ["--defaults", str(engine_defaults)]
+    proc = cli("run", "--runner", "local", "--quiet", *defaults, "--force", "scale", "source.n=3")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((Path(proc.stdout.strip().splitlines()[-1]) / "summary.json").read_text())
+    assert summary["stages"]["combine"]["metrics"]["sum"] == 18.0  # source.n=3 took effect (4 gives 30)
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("source:\n  n: 7\n")
+    proc = cli("plan", "--json", "--no-estimate", *defaults, "--overlay", str(overlay), "scale.factor=3")
+    plan = json.loads(proc.stdout)
+    assert plan["config"]["source"]["n"] == 7 and plan["config"]["scale"]["factor"] == 3
+    proc = cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip().startswith("python -m pipeline 0.")
+
+
+def test_serve_is_wired_and_refuses_a_non_export_at_once(tmp_path: Path) -> None:
+    proc = cli("serve", "--help")
+    assert proc.returncode == 0 and "--max-batch-size" in proc.stdout
+    proc = cli("serve", str(tmp_path))
+    assert proc.returncode == 2 and "not an export directory (no config.json)" in proc.stderr
+
+
 def test_generate_is_wired() -> None:
     proc = cli("generate", "--help")
     if "pipeline/generate.py is missing" in proc.stderr:

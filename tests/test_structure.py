@@ -14,7 +14,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "planning", "stages", "twotower", "adapters", "bench")
+PACKAGES = ("pipeline", "planning", "stages", "twotower", "adapters", "bench", "serving")
 MAX_LINES = 400
 
 KNOWN_CYCLES: set[frozenset[str]] = set()

@@ -1,0 +1,142 @@
+"""Load test of `python -m pipeline serve`: a real OpenAI client at several concurrencies, the same
+server asked for `auto` (the mode per batch) and for `ar`, side by side.
+
+    python bench/serve_load.py runs/cache/export/<key>/model --requests 32 --concurrency 1 4 16
+
+Starts the server on loopback (Ray Serve, a free port), sends the tiny recipe's held-out task
+prompts through `openai.OpenAI` from `c` client threads, and prints per concurrency and mode:
+p50/p95 latency, throughput (completion tokens per second of wall time), the modes the server
+chose, and the ratios auto / ar. Then checks that `verified` (and `auto` wherever it chose
+`verified` or `ar`) returned AR's text for every prompt. The rounds alternate ar / auto so load
+on the machine drifts on both alike. `--json FILE` keeps every number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+EXACT = ("verified", "ar")
+
+
+def prompts_for(n: int, seed: int = 424242) -> list[str]:
+    """`n` prompts from the tiny recipe's task families (a seed the data stage never uses)."""
+    from stages.data.tasks import generate
+    from stages.prepare_data import DEFAULT_TASKS
+
+    rows = generate(list(DEFAULT_TASKS), -(-n // len(DEFAULT_TASKS)), seed=seed)
+    return [row["prompt"] for row in rows[:n]]
+
+
+def one(client, prompt: str, mode: str, max_tokens: int) -> dict:
+    start = time.perf_counter()
+    reply = client.completions.create(model="twotower", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                      extra_body={"mode": mode})
+    seconds = time.perf_counter() - start
+    extra = (reply.model_extra or {}).get("twotower", {})
+    return {"text": reply.choices[0].text, "tokens": reply.usage.completion_tokens, "seconds": seconds,
+            "mode": extra.get("mode"), "batch": extra.get("batch_size")}
+
+
+def round_of(client, prompts: list[str], mode: str, concurrency: int, max_tokens: int) -> dict:
+    """Every prompt once, `concurrency` requests in flight."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        replies = list(pool.map(lambda p: one(client, p, mode, max_tokens), prompts))
+    wall = time.perf_counter() - start
+    latencies = sorted(r["seconds"] for r in replies)
+    tokens = sum(r["tokens"] for r in replies)
+    return {"mode": mode, "concurrency": concurrency, "requests": len(prompts), "wall_s": wall,
+            "p50_s": statistics.median(latencies), "p95_s": latencies[max(0, round(0.95 * len(latencies)) - 1)],
+            "tokens": tokens, "tokens_per_s": tokens / wall, "chosen": dict(Counter(r["mode"] for r in replies)),
+            "batches": dict(Counter(r["batch"] for r in replies)), "texts": [r["text"] for r in replies],
+            "modes": [r["mode"] for r in replies]}
+
+
+def run(url: str, prompts: list[str], concurrency: list[int], max_tokens: int, repeats: int = 1) -> dict:
+    """The load test against a running server at `url`."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+    for mode in ("ar", "auto", "verified"):  # warm-up: first calls pay one-off costs
+        round_of(client, prompts[:4], mode, 4, max_tokens)
+    rounds = []
+    for c in concurrency:
+        for k in range(repeats):
+            for mode in (("ar", "auto") if k % 2 == 0 else ("auto", "ar")):
+                rounds.append(round_of(client, prompts, mode, c, max_tokens))
+    verified = round_of(client, prompts, "verified", max(concurrency), max_tokens)
+    ar_texts = next(r["texts"] for r in rounds if r["mode"] == "ar")
+    exact = {"verified": sum(a == b for a, b in zip(verified["texts"], ar_texts)), "of": len(prompts)}
+    checked = [(t, a) for r in rounds if r["mode"] == "auto" for t, a, m in zip(r["texts"], ar_texts, r["modes"])
+               if m in EXACT]
+    exact["auto_exact_modes"] = {"equal": sum(t == a for t, a in checked), "of": len(checked)}
+    table = []
+    for c in concurrency:
+        ar = [r for r in rounds if r["concurrency"] == c and r["mode"] == "ar"]
+        auto = [r for r in rounds if r["concurrency"] == c and r["mode"] == "auto"]
+        med = lambda rs, key: statistics.median(r[key] for r in rs)
+        table.append({"concurrency": c, "ar_p50_s": med(ar, "p50_s"), "auto_p50_s": med(auto, "p50_s"),
+                      "ar_p95_s": med(ar, "p95_s"), "auto_p95_s": med(auto, "p95_s"),
+                      "ar_tokens_per_s": med(ar, "tokens_per_s"), "auto_tokens_per_s": med(auto, "tokens_per_s"),
+                      "auto_chosen": auto[0]["chosen"], "auto_batches": auto[0]["batches"],
+                      "latency_ratio": med(auto, "p50_s") / med(ar, "p50_s"),
+                      "throughput_ratio": med(auto, "tokens_per_s") / med(ar, "tokens_per_s")})
+    for r in rounds + [verified]:
+        r.pop("texts"), r.pop("modes")
+    return {"table": table, "exact": exact, "rounds": rounds, "verified_round": verified}
+
+
+def render(result: dict) -> str:
+    lines = ["| concurrency | p50 latency auto / ar (s) | p95 auto / ar (s) | tokens/s auto / ar | "
+             "latency ratio | throughput ratio | auto chose | batch sizes (auto) |", "|---" * 8 + "|"]
+    for row in result["table"]:
+        lines.append(f"| {row['concurrency']} | {row['auto_p50_s']:.3f} / {row['ar_p50_s']:.3f} | "
+                     f"{row['auto_p95_s']:.3f} / {row['ar_p95_s']:.3f} | "
+                     f"{row['auto_tokens_per_s']:.0f} / {row['ar_tokens_per_s']:.0f} | "
+                     f"{row['latency_ratio']:.2f} | {row['throughput_ratio']:.2f} | {row['auto_chosen']} | "
+                     f"{row['auto_batches']} |")
+    ex = result["exact"]
+    lines.append(f"\n`verified` returned AR's text for {ex['verified']}/{ex['of']} prompts; `auto` where it chose "
+                 f"verified or ar: {ex['auto_exact_modes']['equal']}/{ex['auto_exact_modes']['of']}.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("export_dir")
+    p.add_argument("--requests", type=int, default=32, help="prompts per round")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=2, help="rounds per mode and concurrency (alternating order)")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--url", default=None, help="a server already running (default: start one here)")
+    p.add_argument("--json", default=None, help="write every number to this file")
+    args = p.parse_args(argv)
+    from serving import launch
+
+    url = args.url
+    if url is None:
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        url = launch.start(args.export_dir, port=port, max_batch_size=args.max_batch_size)
+    try:
+        result = run(url, prompts_for(args.requests), args.concurrency, args.max_tokens, args.repeats)
+    finally:
+        if args.url is None:
+            launch.stop()
+    print(render(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

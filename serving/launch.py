@@ -1,0 +1,104 @@
+"""`python -m pipeline serve EXPORT_DIR`: start (or join) Ray, deploy the export, wait for Ctrl-C.
+
+    python -m pipeline serve runs/cache/export/<key>/model --port 8000
+    python -m pipeline serve EXPORT_DIR --address auto        # on a running Ray cluster
+
+The export is checked here before Ray starts (a wrong path answers at once, not from a replica's
+traceback). On a cluster, the export directory must be readable on the node that runs the replica.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import urllib.request
+from pathlib import Path
+
+APP_NAME = "twotower"
+
+
+def check_export(export_dir: str) -> Path:
+    """The export directory, or a FileNotFoundError naming what is missing."""
+    export = Path(export_dir)
+    for name in ("config.json", "model.safetensors"):
+        if not (export / name).is_file():
+            raise FileNotFoundError(f"{export}: not an export directory (no {name}); exports are written by "
+                                    "the export stage under runs/cache/export/<key>/model")
+    if not any((export / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(f"{export}: the export has no tokenizer (tokenizer.json): the server needs one")
+    return export.resolve()
+
+
+def start(export_dir: str, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
+          **options) -> str:
+    """Deploy the export on Ray Serve and return the server's base URL once it answers."""
+    import ray
+    from ray import serve
+
+    from serving.app import application
+
+    export = check_export(export_dir)
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(application(str(export), **options), name=APP_NAME, route_prefix="/")
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as reply:
+                if reply.status == 200:
+                    return url
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def stop(ray_too: bool = True) -> None:
+    """Stop Serve (its proxy, controller and the replicas) and, unless `ray_too` is False, Ray."""
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    if ray_too:
+        ray.shutdown()
+
+
+def add_arguments(parser) -> None:
+    """The `serve` command's arguments (`pipeline.cli` builds the parser)."""
+    parser.add_argument("export_dir", help="directory written by the export stage")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--address", default=None, help="a running Ray cluster (auto, or ray://HOST:PORT); default: "
+                        "start a local Ray")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="most requests decoded as one batch")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0,
+                        help="how long a batch waits for more requests before it starts")
+    parser.add_argument("--num-cpus", type=float, default=1, help="CPUs the replica reserves in Ray")
+    parser.add_argument("--num-gpus", type=float, default=None, help="GPUs the replica reserves (default: 1 if this "
+                        "machine has one, else 0)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in the replica (default: every core)")
+    parser.add_argument("--context-device", default="auto", help="device of the context tower")
+    parser.add_argument("--denoiser-device", default="auto", help="device of the denoiser tower")
+
+
+def main(args) -> int:
+    """The CLI command (arguments parsed by `pipeline.cli`)."""
+    num_gpus = args.num_gpus
+    if num_gpus is None:  # a GPU here: the replica reserves one (Ray hides GPUs from actors without any)
+        import torch
+        num_gpus = 1 if torch.cuda.is_available() else 0
+    options = {"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
+               "num_cpus": args.num_cpus, "num_gpus": num_gpus, "threads": args.threads,
+               "context_device": args.context_device, "denoiser_device": args.denoiser_device}
+    url = start(args.export_dir, host=args.host, port=args.port, address=args.address, **options)
+    print(f"serving {args.export_dir} at {url}/v1 (OpenAI API; mode per request, default auto); Ctrl-C stops",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        stop()
+    return 0

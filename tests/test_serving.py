@@ -1,0 +1,163 @@
+"""`python -m pipeline serve` for real: Ray Serve on loopback, an export with a tokenizer, the
+`openai` client and raw HTTP. Completions, chat, streaming as blocks commit, `auto` choosing the
+mode by batch size, malformed requests answered 400 without hurting the server, a client that
+disconnects freeing its row, `/metrics`, and the load test at a small size."""
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from serving_fixtures import tiny_export
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tmp_path_factory):
+    from serving import launch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # no EOS: every request runs to its max_tokens, so long ones stay in flight
+    export = tiny_export(tmp_path_factory.mktemp("export") / "model", eos=False, max_positions=4096)
+    url = launch.start(str(export), port=port, max_batch_size=8, batch_wait_ms=50)
+    yield url, export
+    launch.stop(ray_too=False)
+
+
+def post(url, path, body, raw=None):
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    conn.request("POST", path, body=raw if raw is not None else json.dumps(body),
+                 headers={"Content-Type": "application/json"})
+    reply = conn.getresponse()
+    return reply.status, reply.read().decode()
+
+
+def get(url, path):
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("GET", path)
+    return conn.getresponse().read().decode()
+
+
+def metric(url, name, **labels):
+    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+    for line in get(url, "/metrics").splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_the_openai_client_completes_and_chats(server):
+    import openai
+
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    done = client.completions.create(model="m", prompt="copy abc=", max_tokens=6, extra_body={"mode": "ar"})
+    assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 6
+    assert done.model_extra["twotower"]["mode"] == "ar"
+    chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 5
+    # streamed: the same text, in more than one piece (blocks of 4 commit as they come)
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model="m", prompt="copy abc=", max_tokens=6, stream=True, extra_body={"mode": "ar"})]
+    assert "".join(pieces) == done.choices[0].text and len([p for p in pieces if p]) > 1
+    chunks = list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=5, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert client.models.list().data[0].id == "model"
+
+
+def test_auto_picks_the_mode_for_each_batch_and_verified_answers_as_ar(server):
+    url, _ = server
+    prompts = ["copy abc=", "12+34=", "sort: zyx=", "rev: abc=", "copy xy=", "9+9="]
+    ar = [json.loads(post(url, "/v1/completions", {"prompt": p, "max_tokens": 8, "mode": "ar"})[1]) for p in prompts]
+    assert all(a["twotower"]["batch_size"] == 1 for a in ar)
+    with ThreadPoolExecutor(len(prompts)) as pool:  # sent together: one batch (50 ms wait), 6 rows
+        together = list(pool.map(lambda p: json.loads(post(url, "/v1/completions", {"prompt": p, "max_tokens": 8})[1]),
+                                 prompts))
+    sizes = [t["twotower"]["batch_size"] for t in together]
+    for t, size in zip(together, sizes):
+        assert t["twotower"]["mode"] == ("verified" if size >= 4 else "ar")  # the export's auto_modes
+    assert max(sizes) >= 4, sizes
+    assert [t["choices"][0]["text"] for t in together] == [a["choices"][0]["text"] for a in ar]
+
+
+@pytest.mark.parametrize("path, body, raw, param", [
+    ("/v1/completions", None, b"{not json", None),
+    ("/v1/completions", None, b"\xff\xfe", None),
+    ("/v1/completions", {"prompt": "ab", "mode": "fastest"}, None, "mode"),
+    ("/v1/completions", {"prompt": "ab", "max_tokens": -5}, None, "max_tokens"),
+    ("/v1/completions", {"prompt": "x" * 5000}, None, "prompt"),
+    ("/v1/completions", {"prompt": "ab", "temperature": 1.0}, None, "temperature"),
+    ("/v1/chat/completions", {"messages": "hi"}, None, "messages"),
+    ("/v1/completions", [1, 2], None, None),
+])
+def test_malformed_requests_get_a_400_with_a_message_and_no_row(server, path, body, raw, param):
+    url, _ = server
+    before = metric(url, "twotower_batches_total", size="1")
+    status, text = post(url, path, body, raw)
+    assert status == 400, text
+    error = json.loads(text)["error"]
+    assert error["type"] == "invalid_request_error" and error["message"] and error["param"] == param
+    assert metric(url, "twotower_batches_total", size="1") == before  # refused before any decoding
+    status, _ = post(url, "/v1/completions", {"prompt": "ab", "max_tokens": 2})
+    assert status == 200  # and the server still answers
+
+
+def test_a_client_that_disconnects_frees_its_row(server):
+    url, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    before = metric(url, "twotower_finished_total", reason="cancelled")
+    tokens_before = metric(url, "twotower_generated_tokens_total")
+    sock = socket.create_connection((host, int(port)))
+    body = json.dumps({"prompt": "copy abc=", "max_tokens": 4000, "mode": "ar", "stream": True}).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    received = b""
+    while b"data: " not in received:  # the headers, then the stream has started
+        chunk = sock.recv(4096)
+        assert chunk, received
+        received += chunk
+    sock.close()
+    deadline = time.monotonic() + 60
+    while metric(url, "twotower_finished_total", reason="cancelled") == before:
+        assert time.monotonic() < deadline, get(url, "/metrics")
+        time.sleep(0.2)
+    assert metric(url, "twotower_generated_tokens_total") - tokens_before < 4000  # it stopped early
+    status, _ = post(url, "/v1/completions", {"prompt": "ab", "max_tokens": 2})
+    assert status == 200
+
+
+def test_metrics_count_tokens_modes_and_batches(server):
+    url, _ = server
+    post(url, "/v1/completions", {"prompt": "ab", "max_tokens": 3, "mode": "diffusion"})
+    text = get(url, "/metrics")
+    assert re.search(r'twotower_requests_total\{mode="diffusion"\} [1-9]', text)
+    assert float(re.search(r"^twotower_tokens_per_second (\S+)", text, re.M).group(1)) > 0
+    assert float(re.search(r"^twotower_tokens_per_forward (\S+)", text, re.M).group(1)) > 0
+
+
+def test_the_load_test_runs_against_the_server(server):
+    sys.path.insert(0, str(REPO / "bench"))
+    import serve_load
+
+    url, _ = server
+    result = serve_load.run(url, serve_load.prompts_for(8), [1, 4], max_tokens=8, repeats=1)
+    assert [row["concurrency"] for row in result["table"]] == [1, 4]
+    assert all(row["ar_tokens_per_s"] > 0 and row["auto_tokens_per_s"] > 0 for row in result["table"])
+    assert result["exact"]["verified"] == result["exact"]["of"] == 8
+    ex = result["exact"]["auto_exact_modes"]
+    assert ex["equal"] == ex["of"] == 16  # this export's auto only ever picks ar or verified
+    assert "| 1 |" in serve_load.render(result)
