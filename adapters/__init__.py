@@ -52,7 +52,8 @@ def get(model_or_config) -> Adapter:
             f"unsupported backbone model_type {model_type!r}; supported: {', '.join(sorted(REGISTRY))}"
         )
     if not isinstance(model_or_config, str):
-        check_rope_scaling(getattr(model_or_config, "config", model_or_config))
+        check_rope_scaling(getattr(model_or_config, "config", model_or_config),
+                           REGISTRY[model_type].exact_position_rope)
     return REGISTRY[model_type]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from adapters.base import Adapter, Sublayer, apply_rotary_pos_emb, project_qkv
+from adapters.rotary import rotary
 
 
 def attention_window(model: nn.Module, attn: nn.Module) -> int | None:
@@ -26,6 +27,7 @@ class LlamaFamilyAdapter(Adapter):
     """Layer walk of `LlamaForCausalLM` and its close relatives."""
 
     model_types = ("llama", "qwen2", "qwen3", "mistral")
+    exact_position_rope = True
 
     def sublayers(self, model: nn.Module) -> list[Sublayer]:
         subs: list[Sublayer] = []
@@ -37,6 +39,6 @@ class LlamaFamilyAdapter(Adapter):
 
     def qkv(self, model, sub, x, positions):
         q, k, v = project_qkv(sub.mixer, x)  # qwen3: per-head RMSNorms before RoPE
-        cos, sin = model.model.rotary_emb(x, positions)
+        cos, sin = rotary(model, x, positions)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v

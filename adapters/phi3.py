@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from adapters.base import apply_rotary_pos_emb
 from adapters.llama import LlamaFamilyAdapter
+from adapters.rotary import rotary
 
 
 class Phi3Adapter(LlamaFamilyAdapter):
@@ -25,5 +26,5 @@ class Phi3Adapter(LlamaFamilyAdapter):
         q = qkv[..., :n_q].view(shape).transpose(1, 2)
         k = qkv[..., n_q:n_q + n_kv].view(shape).transpose(1, 2)
         v = qkv[..., n_q + n_kv:].view(shape).transpose(1, 2)
-        cos, sin = model.model.rotary_emb(x, positions)
+        cos, sin = rotary(model, x, positions)
         return (*apply_rotary_pos_emb(q, k, cos, sin), v)
