@@ -45,7 +45,8 @@ def model_type_of(model_or_config) -> str:
 
 def get(model_or_config) -> Adapter:
     """The adapter for a model, a config or a model_type; ValueError listing supported types, or
-    naming a config field the runtime cannot reproduce exactly (a length-dependent RoPE scaling)."""
+    naming a config field the runtime cannot reproduce exactly (an unknown RoPE type, or a length-dependent
+    one this family's adapter does not compute through `adapters.rotary`)."""
     model_type = model_type_of(model_or_config)
     if model_type not in REGISTRY:
         raise ValueError(

@@ -3,7 +3,8 @@ optional sliding windows).
 
 A decoder layer is two sublayers: `h + self_attn(input_layernorm(h))` then
 `h + mlp(post_attention_layernorm(h))`. RoPE comes from the model's shared `rotary_emb` at the
-positions the runtime passes (per sequence, so left padding keeps positions exact). Qwen3's
+positions the runtime passes (per sequence, so left padding keeps positions exact), through
+`adapters.rotary.rotary` (exact for the length-dependent `longrope` and `dynamic` scalings too). Qwen3's
 per-head q/k RMSNorms are applied before RoPE, as in HF. Sliding windows: Qwen2/Qwen3 attention
 modules carry their own (`sliding_window`, None on full-attention layers); Mistral applies
 `config.sliding_window` to every layer.

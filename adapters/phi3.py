@@ -3,7 +3,8 @@
 (`partial_rotary_factor`: the rotary table covers the first dims of each head, the rest pass
 through; `adapters.base.apply_rotary_pos_emb` handles it). Sliding windows come from
 `config.sliding_window` on every layer, as for Mistral. `longrope` scaling (Phi-3.5, Phi-4-mini)
-is refused by `adapters.get`: its table switches by sequence length (`adapters.base.check_rope_scaling`).
+switches its table by sequence length: cos/sin per row from `adapters.rotary`, and the decoding
+loop rebuilds the context cache at the switch as Phi-3's `generate` does (`twotower.rope_switch`).
 """
 from __future__ import annotations
 

@@ -17,10 +17,14 @@
   prompt LONGER than the limit rotates every prompt position with the prompt length's table (so
   its result depends on how the sequence was chunked); this runtime does not copy that.
 
-Nothing here mutates the model's rotary module (transformers' `dynamic_rope_update` does): the
-tables are computed with transformers' own `ROPE_INIT_FUNCTIONS`, so the values are bit-identical.
+Nothing here touches the model's rotary module for these two types (transformers'
+`dynamic_rope_update` mutates it): the tables come from transformers' own `ROPE_INIT_FUNCTIONS`,
+called as transformers calls them, and the cos/sin arithmetic is its forward's, so the values are
+bit-identical to the table transformers would use at that length.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import nn
@@ -60,6 +64,10 @@ def original_max_positions(config) -> int:
     return int(value)
 
 
+_LONG: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""rotary module -> its `longrope` long inv_freq (computed once per module and device)."""
+
+
 def _init_fn(kind: str):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # no modeling module: no import cycle
 
@@ -77,10 +85,10 @@ def _longrope(module: nn.Module, x, positions):
     config = module.config
     orig = original_max_positions(config)
     short = module.original_inv_freq.to(x.device)
-    long = getattr(module, "twotower_long_inv_freq", None)
+    long = _LONG.get(module)
     if long is None or long.device != x.device:  # transformers' long set: computed at orig + 1
         long = _init_fn("longrope")(config, x.device, seq_len=orig + 1)[0].to(x.device)
-        module.twotower_long_inv_freq = long
+        _LONG[module] = long
     is_long = positions.amax(1) + 1 > orig  # [N]: each row its own table
     inv_freq = torch.where(is_long[:, None], long[None], short[None])[:, None]  # [N, 1, d/2]
     return _cos_sin(x, positions, inv_freq, module.attention_scaling)
