@@ -45,14 +45,16 @@ def model_type_of(model_or_config) -> str:
 
 def get(model_or_config) -> Adapter:
     """The adapter for a model, a config or a model_type; ValueError listing supported types, or
-    naming a config field the runtime cannot reproduce exactly (a length-dependent RoPE scaling)."""
+    naming a config field the runtime cannot reproduce exactly (an unknown RoPE type, or a length-dependent
+    one this family's adapter does not compute through `adapters.rotary`)."""
     model_type = model_type_of(model_or_config)
     if model_type not in REGISTRY:
         raise ValueError(
             f"unsupported backbone model_type {model_type!r}; supported: {', '.join(sorted(REGISTRY))}"
         )
     if not isinstance(model_or_config, str):
-        check_rope_scaling(getattr(model_or_config, "config", model_or_config))
+        check_rope_scaling(getattr(model_or_config, "config", model_or_config),
+                           REGISTRY[model_type].exact_position_rope)
     return REGISTRY[model_type]
 
 

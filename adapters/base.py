@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from adapters.rotary import POSITION_DEPENDENT_ROPE, STATIC_ROPE, rope_type
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """The second half of the last dim, negated, then the first half (the rotary pairing)."""
@@ -43,22 +45,22 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
 
 
-POSITION_DEPENDENT_ROPE = ("longrope", "dynamic")
-"""RoPE scalings whose rotary table depends on the sequence length reached (transformers switches
-or rescales it past `original_max_position_embeddings` and recomputes the cache): keys already in
-a cache here would keep the old rotation, so these are refused rather than decoded wrong."""
-
-
-def check_rope_scaling(config) -> None:
+def check_rope_scaling(config, exact_position_rope: bool = True) -> None:
     """ValueError naming the field and its value when the config's RoPE scaling is one the runtime
-    cannot reproduce exactly (`POSITION_DEPENDENT_ROPE`)."""
-    for field in ("rope_scaling", "rope_parameters"):
-        scaling = getattr(config, field, None)
-        kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") if isinstance(scaling, dict) else None
-        if kind in POSITION_DEPENDENT_ROPE:
-            raise ValueError(f"{config.model_type}: config.{field}.rope_type={kind!r} rescales the rotary table "
-                             "by sequence length, which keys already cached cannot follow; supported: default, "
-                             "linear, yarn, llama3 (static tables)")
+    cannot reproduce exactly: a type it does not know, or a length-dependent one (`longrope`,
+    `dynamic`) for a family whose adapter does not compute rotary through `adapters.rotary`
+    (`exact_position_rope`) or that names it per layer type."""
+    field, kind = rope_type(config)
+    if kind is None or kind in STATIC_ROPE:
+        return
+    if kind in POSITION_DEPENDENT_ROPE and exact_position_rope and "." not in field:
+        return
+    why = ("rescales the rotary table by sequence length, which this family's adapter does not follow"
+           if kind in POSITION_DEPENDENT_ROPE else "is not a RoPE type the runtime knows")
+    raise ValueError(f"{config.model_type}: config.{field}.rope_type={kind!r} {why}; supported: "
+                     f"{', '.join(STATIC_ROPE)} (static tables) and, in adapters using adapters.rotary, "
+                     f"{', '.join(POSITION_DEPENDENT_ROPE)}")
+
 
 KINDS = ("attention", "mamba", "moe", "mlp")
 
@@ -166,6 +168,9 @@ class Adapter:
     """
 
     model_types: tuple[str, ...] = ()
+    exact_position_rope: bool = False
+    """True when `qkv` takes its cos/sin from `adapters.rotary.rotary` (exact for `longrope` and
+    `dynamic`); `adapters.get` refuses those RoPE types for the other families."""
     scale_fields: tuple[str, ...] = ()
     """Module attributes holding multipliers the adapter applies inside its own code (Falcon-H1's
     `key_multiplier`, `mup_vector`, ...), which no sublayer field shows: the conformance kit resets

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from adapters.base import Adapter, Mamba2Params, Sublayer, apply_rotary_pos_emb
 from adapters.nemotron_h import mamba2_params
+from adapters.rotary import rotary
 
 
 class FalconH1Adapter(Adapter):
@@ -57,7 +58,7 @@ class FalconH1Adapter(Adapter):
         q = attn.q_proj(x).view(shape).transpose(1, 2)
         k = attn.k_proj(x).view(shape).transpose(1, 2) * attn.key_multiplier
         v = attn.v_proj(x).view(shape).transpose(1, 2)
-        cos, sin = model.model.rotary_emb(x, positions)
+        cos, sin = rotary(model, x, positions)
         return (*apply_rotary_pos_emb(q, k, cos, sin), v)
 
     def mamba(self, sub) -> Mamba2Params:

@@ -17,6 +17,7 @@ from torch import nn
 
 from adapters.base import Adapter, Experts, Mamba2Params, Sublayer, apply_rotary_pos_emb, project_qkv
 from adapters.nemotron_h import mamba2_params
+from adapters.rotary import rotary
 
 
 class GraniteMoeHybridAdapter(Adapter):
@@ -53,7 +54,7 @@ class GraniteMoeHybridAdapter(Adapter):
     def qkv(self, model, sub, x, positions):
         q, k, v = project_qkv(sub.mixer, x)
         if model.model.rotary_emb is not None:
-            cos, sin = model.model.rotary_emb(x, positions)
+            cos, sin = rotary(model, x, positions)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v
 

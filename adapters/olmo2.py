@@ -11,6 +11,7 @@ from torch import nn
 
 from adapters.base import Sublayer, apply_rotary_pos_emb
 from adapters.llama import LlamaFamilyAdapter
+from adapters.rotary import rotary
 
 IDENTITY = nn.Identity()
 """The input `norm` of every OLMo 2 sublayer (one shared, parameter-free module)."""
@@ -20,6 +21,7 @@ class Olmo2Adapter(LlamaFamilyAdapter):
     """Layer walk of `Olmo2ForCausalLM`."""
 
     model_types = ("olmo2",)
+    exact_position_rope = True
 
     def sublayers(self, model):
         subs: list[Sublayer] = []
@@ -36,5 +38,5 @@ class Olmo2Adapter(LlamaFamilyAdapter):
         q = attn.q_norm(attn.q_proj(x)).view(shape).transpose(1, 2)  # over all heads, then split
         k = attn.k_norm(attn.k_proj(x)).view(shape).transpose(1, 2)
         v = attn.v_proj(x).view(shape).transpose(1, 2)
-        cos, sin = model.model.rotary_emb(x, positions)
+        cos, sin = rotary(model, x, positions)
         return (*apply_rotary_pos_emb(q, k, cos, sin), v)

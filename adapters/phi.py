@@ -10,12 +10,14 @@ the output projection named `dense`. The final norm is `final_layernorm`; the LM
 from __future__ import annotations
 
 from adapters.base import Adapter, Sublayer, apply_rotary_pos_emb
+from adapters.rotary import rotary
 
 
 class PhiAdapter(Adapter):
     """Layer walk of `PhiForCausalLM`."""
 
     model_types = ("phi",)
+    exact_position_rope = True
 
     def sublayers(self, model):
         subs: list[Sublayer] = []
@@ -35,7 +37,7 @@ class PhiAdapter(Adapter):
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         if attn.qk_layernorm:
             q, k = attn.q_layernorm(q), attn.k_layernorm(k)
-        cos, sin = model.model.rotary_emb(x, positions)
+        cos, sin = rotary(model, x, positions)
         return (*apply_rotary_pos_emb(q, k, cos, sin), v)
 
     def attn_out(self, sub, o):

@@ -3,12 +3,14 @@
 (`partial_rotary_factor`: the rotary table covers the first dims of each head, the rest pass
 through; `adapters.base.apply_rotary_pos_emb` handles it). Sliding windows come from
 `config.sliding_window` on every layer, as for Mistral. `longrope` scaling (Phi-3.5, Phi-4-mini)
-is refused by `adapters.get`: its table switches by sequence length (`adapters.base.check_rope_scaling`).
+switches its table by sequence length: cos/sin per row from `adapters.rotary`, and the decoding
+loop rebuilds the context cache at the switch as Phi-3's `generate` does (`twotower.rope_switch`).
 """
 from __future__ import annotations
 
 from adapters.base import apply_rotary_pos_emb
 from adapters.llama import LlamaFamilyAdapter
+from adapters.rotary import rotary
 
 
 class Phi3Adapter(LlamaFamilyAdapter):
@@ -25,5 +27,5 @@ class Phi3Adapter(LlamaFamilyAdapter):
         q = qkv[..., :n_q].view(shape).transpose(1, 2)
         k = qkv[..., n_q:n_q + n_kv].view(shape).transpose(1, 2)
         v = qkv[..., n_q + n_kv:].view(shape).transpose(1, 2)
-        cos, sin = model.model.rotary_emb(x, positions)
+        cos, sin = rotary(model, x, positions)
         return (*apply_rotary_pos_emb(q, k, cos, sin), v)

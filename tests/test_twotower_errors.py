@@ -122,10 +122,11 @@ def test_any_runtime_module_imports_first_and_auto_classes_still_resolve(first):
 
 
 @pytest.mark.parametrize("rope_type", ["longrope", "dynamic"])
-def test_a_length_dependent_rope_scaling_is_refused_naming_the_field(rope_type):
-    """Phi-3.5 / Phi-4-mini's `longrope` and `dynamic` NTK switch the rotary table by sequence length;
-    cached keys cannot follow, so such a backbone is refused instead of decoding wrong."""
-    from transformers import LlamaConfig, Phi3Config
+def test_a_length_dependent_rope_scaling_is_refused_where_the_adapter_cannot_follow_it(rope_type):
+    """`longrope` and `dynamic` NTK switch the rotary table by sequence length: exact in the families
+    whose adapters take cos/sin from `adapters.rotary` (Llama, Phi-3, ...; tests/test_rope_scaling.py),
+    refused, naming the field and its value, in the others (here a Mamba-2 hybrid, Falcon-H1)."""
+    from transformers import FalconH1Config, LlamaConfig, Phi3Config
 
     import adapters
 
@@ -135,8 +136,12 @@ def test_a_length_dependent_rope_scaling_is_refused_naming_the_field(rope_type):
         rope.update(short_factor=[1.0] * 4, long_factor=[2.0] * 4)
     family = Phi3Config if rope_type == "longrope" else LlamaConfig  # Phi-3 accepts only longrope
     config = family(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                        rope_parameters=rope)
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    rope_parameters=rope)
+    assert adapters.get(config)
+    hybrid = FalconH1Config(vocab_size=48, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                            rope_parameters=dict(rope))
     with pytest.raises(ValueError, match=rf"config\.rope_(scaling|parameters)\.rope_type='{rope_type}'"):
-        adapters.get(config)
-    assert adapters.get("phi3")  # by name alone: nothing to check yet
+        adapters.get(hybrid)
+    assert adapters.get("falcon_h1")  # by name alone: nothing to check yet

@@ -241,3 +241,60 @@ def tiny_twotower(name: str, block_size: int = 4, seed: int = 0, perturb: float 
                 if pname in model.new_parameter_names():
                     p.add_(torch.randn(p.shape, generator=gen) * perturb)
     return model.eval()
+
+
+SWITCH = 16
+"""Where the length-dependent RoPE fixtures change table: `original_max_position_embeddings` of
+`phi3_longrope_config`, `max_position_embeddings` of `llama_dynamic_config` (tests cross it)."""
+
+
+def phi3_longrope_config() -> Phi3Config:
+    """Phi-3.5-style `longrope`: short and long factors far apart, switching after SWITCH tokens.
+    No EOS, so generation runs its whole budget across the switch."""
+    return Phi3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4 * SWITCH,
+        original_max_position_embeddings=SWITCH,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "short_factor": [1.0, 1.3], "long_factor": [3.0, 7.0],
+                         "original_max_position_embeddings": SWITCH},
+        pad_token_id=PAD, bos_token_id=1, eos_token_id=None, tie_word_embeddings=False, initializer_range=0.2,
+    )
+
+
+def llama_dynamic_config() -> LlamaConfig:
+    """Llama with `dynamic` NTK scaling past SWITCH positions (no EOS, as above)."""
+    return LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SWITCH,
+        rope_parameters={"rope_type": "dynamic", "rope_theta": 100.0, "factor": 4.0},
+        pad_token_id=PAD, bos_token_id=1, eos_token_id=None, tie_word_embeddings=True, initializer_range=0.2,
+    )
+
+
+ROPE_CONFIGS = {"phi3_longrope": phi3_longrope_config, "llama_dynamic": llama_dynamic_config}
+"""Length-dependent RoPE fixtures (not in TINY_CONFIGS: `tests/test_rope_scaling.py` runs them)."""
+
+
+def rope_backbone(name: str, seed: int = 0, qk_scale: float = 3.0, **overrides):
+    """A fresh random `ROPE_CONFIGS[name]` model (transformers' rotary modules keep state between
+    calls: compare against a freshly built one); `overrides` replace config attributes. qk_scale
+    sharpens attention (query and key weights multiplied), so the rotary table visibly changes
+    greedy tokens: without it, skipping the switch entirely still matches on these prompts."""
+    torch.manual_seed(seed)
+    config = ROPE_CONFIGS[name]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_config(config)
+    model.float().eval()
+    randomise_norms(model, seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            if hasattr(attn, "qkv_proj"):  # Phi-3: q and k are the first rows of the fused projection
+                qk = (config.num_attention_heads + config.num_key_value_heads) * attn.head_dim
+                attn.qkv_proj.weight[:qk] *= qk_scale
+            else:
+                attn.q_proj.weight *= qk_scale
+                attn.k_proj.weight *= qk_scale
+    return model

@@ -39,6 +39,9 @@ class TowerCache:
     they depend on denoiser weights, so the tower's forward gets them from `ContextFeatures`)."""
     fused_values: dict[int, torch.Tensor] = field(default_factory=dict)
     """As `fused_keys`, the values."""
+    ids: torch.Tensor | None = None
+    """`[N, T]` long: the token id of every column (what a rebuild re-prefills: `twotower.rope_switch`);
+    None on a cache built without them."""
 
     @classmethod
     def empty(cls, batch: int, device) -> "TowerCache":
@@ -46,6 +49,7 @@ class TowerCache:
             valid=torch.zeros(batch, 0, dtype=torch.bool, device=device),
             next_pos=torch.zeros(batch, dtype=torch.long, device=device),
             positions=torch.zeros(batch, 0, dtype=torch.long, device=device),
+            ids=torch.zeros(batch, 0, dtype=torch.long, device=device),
         )
 
     @property
@@ -59,6 +63,7 @@ class TowerCache:
         return TowerCache(
             fn(self.valid), fn(self.next_pos), fn(self.positions), each(self.keys), each(self.values),
             each(self.conv), each(self.ssm), each(self.hidden), each(self.fused_keys), each(self.fused_values),
+            None if self.ids is None else fn(self.ids),
         )
 
     def to(self, device) -> "TowerCache":
@@ -86,6 +91,7 @@ class TowerCache:
             dict(self.conv), dict(self.ssm), {i: h[:, cols] for i, h in self.hidden.items()},
             {i: k[:, :, cols] for i, k in self.fused_keys.items()},
             {i: v[:, :, cols] for i, v in self.fused_values.items()},
+            None if self.ids is None else self.ids[:, cols],
         )
 
     def drop_last(self, drop: torch.Tensor, conv: dict[int, torch.Tensor],
@@ -104,7 +110,7 @@ class TowerCache:
         if not bool(shift.any()):  # every row drops the same: a slice, no copy
             cut = self._columns(slice(0, width))
             return TowerCache(cut.valid, next_pos, cut.positions, cut.keys, cut.values, conv, ssm, cut.hidden,
-                              cut.fused_keys, cut.fused_values)
+                              cut.fused_keys, cut.fused_values, cut.ids)
         src = torch.arange(width, device=drop.device)[None] - shift[:, None]  # [N, width]
         pads = src < 0
         src = src.clamp(min=0)
@@ -121,4 +127,5 @@ class TowerCache:
             conv, ssm, {i: along(h, 1) for i, h in self.hidden.items()},
             {i: along(k, 2) for i, k in self.fused_keys.items()},
             {i: along(v, 2) for i, v in self.fused_values.items()},
+            None if self.ids is None else along(self.ids, 1),
         )

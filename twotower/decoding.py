@@ -30,7 +30,8 @@ import torch
 from twotower.block_context import DecodeContext
 from twotower.cache import TowerCache
 from twotower.positions import prediction_logits
-from twotower.walk import context_forward, rollback_states
+from twotower.rope_switch import exact_forward, settle
+from twotower.walk import rollback_states
 
 MAX_BACKOFF = 8
 """Longest run of blocks a row verifies without a draft after its drafts kept nothing."""
@@ -158,7 +159,7 @@ def decode_ar(d: Decoding) -> None:
     """`ar`: one context-tower forward per token."""
     rows, walk = d.rows, d.model.context_walk
     while rows.keep(~rows.emit([[t] for t in rows.first.tolist()], d.eos, d.budget)):
-        hidden, rows.cache = context_forward(walk, rows.first[:, None], rows.cache, chunk=d.block_size, **d.ctx_options)
+        hidden, rows.cache = exact_forward(walk, rows.first[:, None], rows.cache, chunk=d.block_size, **d.ctx_options)
         d.tally.count("ctx", rows.index)
         rows.first = walk.logits(hidden[:, -1]).argmax(-1)
 
@@ -189,7 +190,7 @@ def _block_loop(d: Decoding, fill: Fill) -> None:
         if not rows.keep(alive):
             break
         if block is not None:  # commit the block: one context forward, the next block's first token
-            hidden, rows.cache = context_forward(walk, block[alive], rows.cache, chunk=B, **d.ctx_options)
+            hidden, rows.cache = exact_forward(walk, block[alive], rows.cache, chunk=B, **d.ctx_options)
             d.tally.count("ctx", rows.index)
             rows.first = walk.logits(hidden[:, -1]).argmax(-1)
 
@@ -327,14 +328,15 @@ def verify_block(model, block, rows, ctx_options, tally, steps) -> torch.Tensor:
     walk = model.context_walk
     B = block.shape[1]
     rollback: dict = {}  # Mamba-2: what gives each sublayer's states at any accepted length
-    hidden, extended = context_forward(walk, block, rows.cache, chunk=B, rollback=rollback, **ctx_options)
+    hidden, extended = exact_forward(walk, block, rows.cache, chunk=B, rollback=rollback, **ctx_options)
     tally.count("ctx", rows.index)
     greedy = walk.logits(hidden).argmax(-1)  # [n, B]: the context tower's token after each position
     agree = (block[:, 1:] == greedy[:, :-1]).long().cumprod(1)
     accepted = 1 + agree.sum(1)  # [n] in 1..B
     here = torch.arange(block.shape[0], device=block.device)
     conv, ssm = rollback_states(rollback, accepted)
-    rows.cache = extended.drop_last(B - accepted, conv, ssm)
+    rows.cache = settle(walk, rows.cache, block, accepted, extended.drop_last(B - accepted, conv, ssm), chunk=B,
+                        **ctx_options)  # longrope: a row rolled back before its table switch
     rows.first = greedy[here, accepted - 1]
     tally.verify_rows += block.shape[0]
     tally.accepted += int(accepted.sum())
@@ -351,7 +353,7 @@ def _mock_ar_block(model, block, rows, B, tally):
     scratch = rows.cache
     token = block[:, 0]
     for j in range(1, B):
-        hidden, scratch = context_forward(walk, token[:, None], scratch, chunk=B)
+        hidden, scratch = exact_forward(walk, token[:, None], scratch, chunk=B)
         tally.count("ctx", rows.index)
         token = walk.logits(hidden[:, -1]).argmax(-1)
         block[:, j] = token

@@ -209,7 +209,8 @@ def context_forward(
         valid = torch.ones(n, length, dtype=torch.bool, device=input_ids.device)
     positions = positions_for(cache, valid)
     new = TowerCache(torch.cat([cache.valid, valid], dim=1), cache.next_pos + valid.long().sum(1),
-                     torch.cat([cache.positions, positions], dim=1))
+                     torch.cat([cache.positions, positions], dim=1),
+                     ids=None if cache.ids is None else torch.cat([cache.ids, input_ids], dim=1))
     mixing = CacheExtension(cache, new, positions, mamba_valid, chunk, record, rollback)
     h = walk.adapter.embed(walk.model, input_ids)
     outputs, inputs = [], {}
