@@ -149,6 +149,23 @@ def test_metrics_count_tokens_modes_and_batches(server):
     assert float(re.search(r"^twotower_tokens_per_forward (\S+)", text, re.M).group(1)) > 0
 
 
+def test_the_readmes_curl_and_openai_calls_work_as_written(server):
+    """README's "Serving an exported model": the curl line and the Python block, run as written
+    with only the server's address substituted."""
+    import subprocess
+
+    url, _ = server
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Serving an exported model"):]
+    curl = re.search(r"```bash\n(curl .*?)```", section, re.S).group(1).replace("http://127.0.0.1:8000", url)
+    ran = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0 and json.loads(ran.stdout)["usage"]["completion_tokens"] == 16, ran.stdout + ran.stderr
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1).replace("http://127.0.0.1:8000", url)
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.split()[-1] in ("ar", "verified")  # the mode auto chose, from the export's table
+
+
 def test_the_load_test_runs_against_the_server(server):
     sys.path.insert(0, str(REPO / "bench"))
     import serve_load

@@ -112,3 +112,13 @@ def test_a_cancelled_job_leaves_the_batch_at_its_next_commit(engine):
     ra, rb = engine.run([a, b])
     assert rb.finish_reason == "cancelled" and rb.completion_tokens <= 1
     assert ra.finish_reason in ("stop", "length") and ra.completion_tokens >= 1
+
+
+def test_the_ray_serve_builder_names_what_it_needs(tmp_path):
+    from ray.serve import Application
+
+    from serving.app import app_builder
+
+    with pytest.raises(ValueError, match="export_dir=DIR"):
+        app_builder({})
+    assert isinstance(app_builder({"export_dir": str(tmp_path), "max_batch_size": "8"}), Application)
