@@ -144,8 +144,9 @@ def lm_eval_lines(gen_cfg: dict) -> list[str]:
     """Model-card section: scoring the export with lm-evaluation-harness through the `twotower` wrapper."""
     return ["## Evaluate with lm-evaluation-harness", "",
             "This is not a causal LM: `lm_eval --model hf` cannot load it, and the plain `lm_eval` command does",
-            "not know the `twotower` model. Use the wrapper installed with this project's `eval` extra",
-            "(`pip install -e '.[eval]'`), which is lm-eval's own command line with `twotower` registered:", "",
+            "not know the `twotower` model. Use `twotower-lm-eval`, the command the TwoTower project installs",
+            "(lm-eval itself comes with its `eval` extra: `pip install -e '.[eval]'`): lm-eval's own command",
+            "line, every option included, with the `twotower` model registered:", "",
             "```bash",
             f"twotower-lm-eval --model twotower --model_args pretrained=PATH,mode={gen_cfg.get('mode', 'diffusion')},"
             f"gamma={gen_cfg['gamma']:g} --tasks hellaswag --batch_size 8",
