@@ -44,6 +44,8 @@ class LiveDisplay:
         self.console = console or Console()
         self.live: Any = None
         self.run: "RunInfo | None" = None
+        self.notices: set[str] = set()
+        """Notices already printed this run: each shows once, however many stages send it."""
 
     def _table(self) -> Any:
         from rich.progress_bar import ProgressBar
@@ -82,7 +84,7 @@ class LiveDisplay:
 
     def on_run_start(self, run: "RunInfo") -> None:
         from rich.live import Live
-        self.run = run
+        self.run, self.notices = run, set()
         self.console.print(f"run directory: {run.run_dir}", highlight=False)
         if run.cache_only:
             started = "Ray not started" if run.runner == "ray" else "nothing to run"
@@ -97,12 +99,17 @@ class LiveDisplay:
         self._refresh()
 
     def on_stage_event(self, run: "RunInfo", st: "StageState", event: dict[str, Any]) -> None:
+        from rich.markup import escape  # a message's own brackets (`.[cuda]`) are text, not markup
         if event.get("kind") == "retry":
             self._line(st, f"retrying after {event.get('error')}")
         elif event.get("kind") in ("waiting", "lock"):  # another run computes (or computed) this key
             self._line(st, event.get("message", ""))
         elif event.get("kind") == "warning":  # printed above the live table too: it must be seen
-            self.console.print(f"[bold yellow]WARNING[/] {st.name}: {event.get('message', '')}", highlight=False)
+            self.console.print(f"[bold yellow]WARNING[/] {st.name}: {escape(str(event.get('message', '')))}",
+                               highlight=False)
+        elif event.get("kind") == "notice" and event.get("message") not in self.notices:  # once per run
+            self.notices.add(event.get("message"))
+            self.console.print(f"[yellow]note[/] {escape(str(event.get('message', '')))}", highlight=False)
         self._refresh()
 
     def on_stage_end(self, run: "RunInfo", st: "StageState") -> None:

@@ -21,6 +21,7 @@ from typing import Any
 from pipeline.config import import_stage
 from pipeline.diskspace import disk_error, is_disk_error
 from pipeline.locks import check_fence
+from pipeline.quiet import quiet_kernel_fallbacks
 from pipeline.schema import build
 from pipeline.store import ArtifactStore
 from stages.api import StageContext
@@ -90,10 +91,12 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         cfg = build(module.Config, job["config"])
         tmp.mkdir(parents=True, exist_ok=True)
         Path(job["work_dir"]).mkdir(parents=True, exist_ok=True)
+        report = EventWriter(job["events_path"], tmp, final)
+        quiet_kernel_fallbacks(report)  # transformers' "falling back ... much slower" lines: one notice instead
         ctx = StageContext(name=job["stage"], out_dir=tmp, work_dir=Path(job["work_dir"]),
                            run_dir=Path(job["run_dir"]), seed=job["seed"],
                            tracking_uri=job.get("tracking_uri"), mlflow_run_id=job.get("mlflow_run_id"),
-                           final_dir=final, report=EventWriter(job["events_path"], tmp, final))
+                           final_dir=final, report=report)
         manifest = module.run(cfg, job["inputs"], ctx)
         if not isinstance(manifest, dict):
             raise TypeError(f"run() must return a manifest dict, got {type(manifest).__name__}")

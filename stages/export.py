@@ -140,6 +140,23 @@ def context_keys_line(tt: dict) -> str:
             "none": "none (block-local attention only)"}.get(how, how)
 
 
+def lm_eval_lines(gen_cfg: dict) -> list[str]:
+    """Model-card section: scoring the export with lm-evaluation-harness through the `twotower` wrapper."""
+    return ["## Evaluate with lm-evaluation-harness", "",
+            "This is not a causal LM: `lm_eval --model hf` cannot load it, and the plain `lm_eval` command does",
+            "not know the `twotower` model. Use `twotower-lm-eval`, the command the TwoTower project installs",
+            "(lm-eval itself comes with its `eval` extra: `pip install -e '.[eval]'`): lm-eval's own command",
+            "line, every option included, with the `twotower` model registered:", "",
+            "```bash",
+            f"twotower-lm-eval --model twotower --model_args pretrained=PATH,mode={gen_cfg.get('mode', 'diffusion')},"
+            f"gamma={gen_cfg['gamma']:g} --tasks hellaswag --batch_size 8",
+            "```", "",
+            "Log-likelihood tasks score the context tower (the backbone) exactly as `--model hf` scores it;",
+            "generation tasks decode in `mode` (diffusion, verified, auto, mock_ar or ar) at `gamma`. In Python:",
+            "`import stages.evaluation.lm_eval_model`, then `lm_eval.simple_evaluate(model='twotower', "
+            "model_args='pretrained=PATH')`.", ""]
+
+
 def model_card(ev: dict, calib: dict, train: dict, gen_cfg: dict, plots: list[str],
                source: dict | None = None, fidelity: dict | None = None) -> str:
     """README.md: what the model is, how to load it, the results table and the plots."""
@@ -158,6 +175,7 @@ def model_card(ev: dict, calib: dict, train: dict, gen_cfg: dict, plots: list[st
         "print(tok.decode(out.sequences[0]))", "```", "",
         "or `python -m pipeline generate PATH --prompt TEXT [--mode diffusion|verified|auto|mock_ar|ar] "
         "[--show-steps]`.", "",
+        *lm_eval_lines(gen_cfg),
         "## Results (AR vs diffusion, side by side, same process, batch 1)", "",
         "| metric | value |", "|---|---|",
     ]

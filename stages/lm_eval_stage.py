@@ -5,7 +5,11 @@ export stage's directory (or `lm_eval.pretrained`), and returns every task's eve
 flat in the manifest, so the engine puts them in summary.json and MLflow:
 `lm_eval_<task>_<metric>` (`acc`, `acc_norm`, `exact_match`, ... with a non-default filter
 appended, e.g. `lm_eval_gsm8k_exact_match_strict-match`; standard errors as `<metric>_stderr`).
-The whole lm-eval results object (configs, versions, n-samples) is the `results` artifact.
+The whole lm-eval results object (configs, versions, n-samples) is the `results` artifact; its
+`config.model_args` records the export path, the decoding mode, γ and the block size the run used.
+With `log_samples: true`, every scored example (document, prompt, model output, per-sample metrics:
+lm-eval's `log_samples`) is written to `lm_eval_samples.jsonl`, one JSON object per line with its
+`task`, as the `samples` artifact.
 
 Add it to a recipe's graph with `lm_eval: {needs: [export]}`. Tasks come from lm-eval's own
 catalogue (which downloads datasets from the hub) or from local task YAMLs under `include_path`
@@ -42,14 +46,18 @@ class Config:
     """A directory of extra task YAMLs (local tasks)."""
     num_fewshot: Annotated[int, Range(0)] | None = None
     """Few-shot examples per prompt (None: each task's default)."""
-    mode: Literal["diffusion", "mock_ar", "ar"] | None = None
-    """`generate_until` decoding: diffusion, mock_ar or ar (None: the export's generation_config.json)."""
+    mode: Literal["diffusion", "verified", "mock_ar", "ar", "auto"] | None = None
+    """`generate_until` decoding, any mode the `twotower` lm-eval model takes (`twotower.generate.MODES`:
+    diffusion, verified, mock_ar, ar, auto); None: the export's generation_config.json."""
     gamma: Annotated[float, Range(0, 1, low_open=True)] | None = None
     """Diffusion confidence threshold (None: the export's calibrated γ)."""
     max_gen_toks: Annotated[int, Range(1)] = 256
     """Generation cap when a task does not set `max_gen_toks`."""
     pretrained: str | None = None
     """An exported two-tower directory to score; None: the upstream `export` stage's `path`."""
+    log_samples: bool = False
+    """Write every scored example (prompt, output, per-sample metrics) to `lm_eval_samples.jsonl`
+    (lm-eval's `log_samples`); off by default: the file holds every document and grows with `limit`."""
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -95,17 +103,32 @@ def run(cfg: Config, inputs: dict[str, dict], ctx: StageContext) -> dict:
                     max_gen_toks=cfg.max_gen_toks)
     ctx.progress(0, None, f"lm-eval: {', '.join(cfg.tasks)}")
     res = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-                                  task_manager=TaskManager(include_path=cfg.include_path), log_samples=False,
+                                  task_manager=TaskManager(include_path=cfg.include_path),
+                                  log_samples=cfg.log_samples,
                                   random_seed=ctx.seed, numpy_random_seed=ctx.seed, torch_random_seed=ctx.seed,
                                   fewshot_random_seed=ctx.seed)
     metrics = flat_metrics(res["results"])
     ctx.log_metrics(metrics)
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "lm_eval_results.json.tmp"
-    tmp.write_text(json.dumps(res, indent=1, default=str), encoding="utf-8")
-    tmp.replace(out / "lm_eval_results.json")
+    artifacts = {}
+    samples = res.pop("samples", None)
+    if cfg.log_samples:
+        lines = [json.dumps({"task": task, **example}, default=str)
+                 for task, examples in (samples or {}).items() for example in examples]
+        _write(out / "lm_eval_samples.jsonl", "".join(line + "\n" for line in lines))
+        ctx.log_artifact(out / "lm_eval_samples.jsonl")
+        artifacts["samples"] = ctx.artifact_path("lm_eval_samples.jsonl")
+    _write(out / "lm_eval_results.json", json.dumps(res, indent=1, default=str))
     ctx.log_artifact(out / "lm_eval_results.json")
-    return {"metrics": metrics, "artifacts": {"results": ctx.artifact_path("lm_eval_results.json")},
-            "lm_eval": {"model": str(path), "mode": lm.mode, "gamma": lm.gamma, "tasks": list(cfg.tasks),
+    return {"metrics": metrics, "artifacts": {"results": ctx.artifact_path("lm_eval_results.json"), **artifacts},
+            "lm_eval": {"model": str(path), "mode": lm.mode, "gamma": lm.gamma, "block_size": lm.block_size,
+                        "tasks": list(cfg.tasks),
                         "limit": cfg.limit}}
+
+
+def _write(path: Path, text: str) -> None:
+    """Write `text` whole or not at all (a temporary file, then a rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

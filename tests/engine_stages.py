@@ -137,7 +137,31 @@ def run_shift(cfg: ShiftConfig, inputs: dict[str, dict], ctx: StageContext) -> d
     return {"metrics": {"offset": cfg.offset, "factor": cfg.factor}}
 
 
+@dataclass
+class MambaConfig:
+    """Config of the `mamba` stage."""
+
+    tokens: int = 8
+    """Tokens in the forward."""
+
+
+def run_mamba(cfg: MambaConfig, inputs: dict[str, dict], ctx: StageContext) -> dict[str, Any]:
+    """A tiny Nemotron-H forward on the CPU, as a fresh stage process runs it: transformers' once-per-
+    process kernel-fallback warnings are forgotten first, so each call logs them again."""
+    import logging
+
+    import torch
+    from twotower_fixtures import tiny_backbone
+
+    logging.Logger.warning_once.cache_clear()  # a new stage process: transformers has warned nothing yet
+    model = tiny_backbone("nemotron_h")
+    with torch.no_grad():
+        logits = model(torch.zeros(1, cfg.tokens, dtype=torch.long)).logits
+    return {"metrics": {"vocab": float(logits.shape[-1])}}
+
+
 source = SimpleNamespace(SECTION="source", Config=SourceConfig, run=run_source)
+mamba = SimpleNamespace(SECTION="mamba", Config=MambaConfig, run=run_mamba)
 shift = SimpleNamespace(SECTION="scale", Config=ShiftConfig, run=run_shift)
 scale = SimpleNamespace(SECTION="scale", Config=ScaleConfig, run=run_scale)
 combine = SimpleNamespace(SECTION="combine", Config=CombineConfig, run=run_combine)

@@ -279,3 +279,65 @@ def test_twotower_is_registered_by_importing_the_module_and_not_before():
         assert got["in_lm_evals_mapping"] is False
         assert got["after"] is True and got["hf_after"] == "HFLM"
         assert got["before"] is got["found_before"] is bool(order)
+
+
+def test_model_card_names_the_wrapper_and_its_command():
+    from stages import export as E
+
+    card = E.model_card({}, {}, {}, {"block_size": 4, "gamma": 0.9, "mode": "diffusion"}, [])
+    assert "## Evaluate with lm-evaluation-harness" in card
+    assert "twotower-lm-eval --model twotower --model_args pretrained=PATH,mode=diffusion,gamma=0.9" in card
+    assert "--model hf" in card  # says why the plain route fails
+
+
+def test_loading_an_export_as_a_causal_lm_names_the_wrapper(export):
+    """What lm-eval's `--model hf` does (in `twotower-lm-eval`, or in Python after importing the
+    runtime): AutoModelForCausalLM on an export fails with the wrapper's name and call."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM
+
+    import twotower.model  # noqa: F401 - registers model_type twotower, as the runtime's users have it
+
+    want = rf"not a causal LM.*twotower-lm-eval --model twotower --model_args pretrained={export['export']}"
+    with pytest.raises(ValueError, match=want):
+        AutoModelForCausalLM.from_pretrained(export["export"])
+    with pytest.raises(ValueError, match="twotower-lm-eval --model twotower"):
+        HFLM(pretrained=str(export["export"]), device="cpu", batch_size=1)
+    assert type(twotower.model.AutoModel.from_pretrained(export["export"])).__name__ == "TwoTowerForDiffusionLM"
+
+
+def test_the_stage_takes_every_mode_the_wrapper_takes():
+    import typing
+
+    from pipeline.schema import build
+    from stages import lm_eval_stage as S
+    from twotower.generate import MODES
+
+    literal = next(a for a in typing.get_args(typing.get_type_hints(S.Config)["mode"]) if a is not type(None))
+    assert set(typing.get_args(literal)) == set(MODES)
+    for mode in MODES:
+        assert build(S.Config, {"tasks": ["tt_mc"], "mode": mode}).mode == mode
+
+
+def test_stage_results_record_mode_gamma_and_export_and_log_samples(export, tasks, tmp_path, monkeypatch):
+    """The results file names the export, the mode and γ (not `model_args: None`); with
+    `log_samples` every scored example is in `lm_eval_samples.jsonl`."""
+    from stages import lm_eval_stage as S
+    from stages.api import StageContext
+
+    events = []
+    ctx = StageContext(name="lm_eval", out_dir=tmp_path / "out", work_dir=tmp_path / "work", run_dir=tmp_path,
+                       report=events.append)
+    cfg = S.Config(tasks=["tt_mc", "tt_gen"], include_path=str(tasks), limit=2, batch_size=2, mode="verified",
+                   gamma=0.7, max_gen_toks=6, log_samples=True)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    manifest = S.run(cfg, {"export": {"path": str(export["export"])}}, ctx)
+    res = json.loads((tmp_path / "out" / "lm_eval_results.json").read_text())
+    assert res["config"]["model"] == "twotower"
+    args = res["config"]["model_args"]
+    assert args["pretrained"] == str(export["export"]) and args["mode"] == "verified" and args["gamma"] == 0.7
+    assert manifest["lm_eval"]["mode"] == "verified" and "samples" not in res
+    rows = [json.loads(line) for line in (tmp_path / "out" / "lm_eval_samples.jsonl").read_text().splitlines()]
+    assert sorted(r["task"] for r in rows) == ["tt_gen", "tt_gen", "tt_mc", "tt_mc"]
+    assert all("resps" in r and "doc" in r for r in rows)
+    assert manifest["artifacts"]["samples"].endswith("lm_eval_samples.jsonl")

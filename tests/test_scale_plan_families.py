@@ -1,5 +1,6 @@
-"""`python -m pipeline plan` on the shipped Granite-4.0-H-style and Gemma 3 configs: parameters,
-active parameters and memory match a count made here independently on the meta device (within 1%).
+"""`python -m pipeline plan` on the shipped full-size configs (Granite-4.0-H-style, Gemma 3 1B, Phi-2,
+Phi-3-mini, OLMo 2 7B, Falcon-H1 0.5B): parameters, active parameters and memory match a count made
+here independently on the meta device (within 1%).
 
 The independent count reads the family's own config fields and module names, which is exactly what
 `twotower.sizing` may not do (it asks the adapter), so the two agree only if the adapter's facts
@@ -43,9 +44,21 @@ def independent_count(config) -> dict:
         states = n_mamba * (inner * config.mamba_d_state * 4
                             + (inner + 2 * config.mamba_n_groups * config.mamba_d_state)
                             * (config.mamba_d_conv - 1) * 2)
-    else:  # gemma3_text: dense, every layer attention (sliding layers keep every key too)
+    elif config.model_type == "falcon_h1":  # attention AND Mamba-2 side by side in every layer
         active = total
-        kv_per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim
+        head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+        kv_per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim
+        inner = config.mamba_n_heads * config.mamba_d_head
+        assert inner == (config.mamba_d_ssm or config.mamba_expand * config.hidden_size)
+        states = config.num_hidden_layers * (inner * config.mamba_d_state * 4
+                                             + (inner + 2 * config.mamba_n_groups * config.mamba_d_state)
+                                             * (config.mamba_d_conv - 1) * 2)
+        mixers = {name.split(".")[3] for name, _ in params.values() if ".layers.0." in name}
+        assert {"self_attn", "mamba"} <= mixers, mixers  # both mixers hold parameters in layer 0
+    else:  # dense, every layer attention (Gemma 3's sliding layers keep every key too)
+        active = total
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim
         states = 0
     return {"total": total, "active": active, "kv_bytes_per_token": kv_per_token * 2, "state_bytes": states}
 
@@ -53,6 +66,14 @@ def independent_count(config) -> dict:
 CASES = {
     "granite_4_h_small": "granite-4.0-h-small-style.json",
     "gemma3_1b": "gemma-3-1b-pt-style.json",
+    "phi2": "phi-2.json",
+    "phi3_mini": "phi-3-mini-4k-instruct.json",
+    "olmo2_7b": "olmo-2-1124-7b.json",
+    "falcon_h1_0_5b": "falcon-h1-0.5b-base.json",
+}
+PUBLISHED_TOTALS = {  # parameters of the published checkpoints the shipped configs copy
+    "phi2": 2_779_683_840, "phi3_mini": 3_821_079_552, "olmo2_7b": 7_298_617_344,
+    "falcon_h1_0_5b": 521_411_104, "gemma3_1b": 999_885_952,
 }
 
 
@@ -66,6 +87,8 @@ def test_plan_matches_an_independent_meta_count(recipe, tmp_path):
     ref = independent_count(config_from_json(SHIPPED_BACKBONES / CASES[recipe]))
     ctx = est["params"]["context_tower"]
     assert within(ctx["total"], ref["total"]) and within(ctx["active"], ref["active"])
+    if recipe in PUBLISHED_TOTALS:
+        assert ctx["total"] == PUBLISHED_TOTALS[recipe]
     dec = est["decode_memory"]["batch_1"]
     assert within(dec["diffusion"]["context_weights_gib"], ref["total"] * 2 / GIB)
     context_len = dec["context_len"]
@@ -89,11 +112,26 @@ def test_granite_facts_count_its_moe_and_mamba_layers():
     assert 0.25 < counts.active / counts.total < 0.3  # ~9 B of ~32 B
 
 
+def test_falcon_h1_counts_both_parallel_mixers_of_every_layer():
+    """Falcon-H1 runs attention and Mamba-2 on the same input in every layer: each layer holds a
+    K/V cache and a Mamba-2 state, and the facts count both (36 of each in the 0.5B)."""
+    from planning import memory
+    from twotower import sizing
+
+    config = config_from_json(SHIPPED_BACKBONES / CASES["falcon_h1_0_5b"])
+    facts = sizing.family_facts(sizing.build_on_meta(config))
+    assert sizing.layer_kinds(facts) == {"attention": 36, "mamba": 36, "moe": 0, "mlp": 36}
+    assert facts.num_layers == 36
+    assert memory.kv_bytes_per_token(facts) == 36 * 2 * 2 * 64 * 2  # 2 K/V heads of 64, bf16
+    assert facts.ssm_state_elems == 36 * 24 * 64 * 128  # 24 heads x 64 x d_state 128, per layer
+
+
 @pytest.mark.parametrize("name", ["phi", "phi3", "olmo2"])
 def test_the_newer_dense_families_are_sized_through_their_adapters(name):
     """Phi-1/2 (parallel steps), Phi-3 (fused q/k/v) and OLMo 2 (no input norms), at their tiny
     fixture: parameters and the K/V bytes per token, as `plan` computes them through the adapter,
-    against a count made here from the config and the modules (no full-size config ships for them)."""
+    against a count made here from the config and the modules (their full-size configs go through
+    `plan` in `test_plan_matches_an_independent_meta_count`)."""
     from twotower_fixtures import tiny_backbone
 
     from planning import memory

@@ -7,7 +7,9 @@ or transformers, so the pipeline can validate a recipe's `twotower` section in w
 
 Importing the model (`from twotower import TwoTowerForDiffusionLM`, or `import twotower.model`)
 registers `model_type: twotower` with transformers' `AutoConfig` / `AutoModel` (the last lines of
-`twotower/model.py`), so `AutoModel.from_pretrained(EXPORT)` works after it. A bare `import twotower`
+`twotower/model.py`), so `AutoModel.from_pretrained(EXPORT)` works after it, while
+`AutoModelForCausalLM.from_pretrained(EXPORT)` raises an error naming the lm-eval wrapper
+(`twotower.hf_config.NotACausalLM`: an export is not a causal LM). A bare `import twotower`
 registers nothing and imports neither torch nor transformers: there is no import hook to reason about.
 """
 from __future__ import annotations

@@ -16,10 +16,12 @@ What each request type runs:
 - `loglikelihood` and `loglikelihood_rolling`: the context tower alone, i.e. the frozen backbone,
   exactly as lm-eval's `hf` model scores that backbone (same tokenization, same BOS-or-EOS prefix
   for an empty context, same rolling windows), batched with right padding;
-- `generate_until`: `model.generate` in the chosen `mode` (`diffusion` at `gamma`, `mock_ar`, or
-  `ar`), greedy, batched, stopping at the request's `until` strings (and EOS) and at
-  `max_gen_toks` (`stages.evaluation.text_generation`).
-`mode`, `gamma` and `block_size` default to the export's `generation_config.json`.
+- `generate_until`: `model.generate` in the chosen `mode` (any of `twotower.generate.MODES`:
+  `diffusion` at `gamma`, `verified`, `auto`, `mock_ar`, `ar`), greedy, batched, stopping at the
+  request's `until` strings (and EOS) and at `max_gen_toks` (`stages.evaluation.text_generation`).
+`mode`, `gamma` and `block_size` default to the export's `generation_config.json`; lm-eval's results
+record them with the export path (`get_model_info`). `--model hf --model_args pretrained=EXPORT` in
+this command fails with an error naming `--model twotower` (`twotower.hf_config.NotACausalLM`).
 """
 from __future__ import annotations
 
@@ -39,6 +41,10 @@ import lm_eval.models  # noqa: F401
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+
+# `model_type: twotower` known to transformers, so `--model hf --model_args pretrained=EXPORT` in this
+# command fails with an error naming `--model twotower` (`twotower.hf_config.NotACausalLM`).
+import twotower.hf_config  # noqa: F401, E402
 
 MODEL_NAME = "twotower"
 DEFAULT_MAX_LENGTH = 2048
@@ -62,6 +68,7 @@ class TwoTowerLM(TemplateLM):
         if unused:
             warnings.warn(f"twotower: ignoring model_args {sorted(unused)}", stacklevel=2)
         path = Path(str(pretrained))
+        self.pretrained = str(pretrained)
         if model is None and not (path / "config.json").exists():
             raise ValueError(f"twotower: pretrained={pretrained} is not an exported two-tower directory "
                              "(no config.json); pass the export stage's `path`")
@@ -88,6 +95,13 @@ class TwoTowerLM(TemplateLM):
         limit = self.model.adapter.max_positions(self.model.context_tower.config)
         self._max_length = int(max_length or limit or DEFAULT_MAX_LENGTH)
         self._torch = torch
+
+    def get_model_info(self) -> dict:
+        """What lm-eval records in its results' `config` (`simple_evaluate` calls it): the model name
+        and the resolved model args (export path, decoding mode, γ, block size), never None."""
+        return {"model": MODEL_NAME, "model_args": {
+            "pretrained": self.pretrained, "mode": self.mode, "gamma": self.gamma, "block_size": self.block_size,
+            "batch_size": self.batch_size_per_call, "max_length": self._max_length, "max_gen_toks": self._max_gen_toks}}
 
     # -- lm-eval's TemplateLM contract ----------------------------------------------------------
     @property
