@@ -40,7 +40,8 @@ def one(client, prompt: str, mode: str, max_tokens: int) -> dict:
     seconds = time.perf_counter() - start
     extra = (reply.model_extra or {}).get("twotower", {})
     return {"text": reply.choices[0].text, "tokens": reply.usage.completion_tokens, "seconds": seconds,
-            "mode": extra.get("mode"), "batch": extra.get("batch_size")}
+            "mode": extra.get("mode"), "batch": extra.get("batch_size"), "decode_s": extra.get("decode_ms", 0) / 1000,
+            "server_s": extra.get("server_ms", 0) / 1000}
 
 
 def round_of(client, prompts: list[str], mode: str, concurrency: int, max_tokens: int) -> dict:
@@ -52,7 +53,10 @@ def round_of(client, prompts: list[str], mode: str, concurrency: int, max_tokens
     latencies = sorted(r["seconds"] for r in replies)
     tokens = sum(r["tokens"] for r in replies)
     return {"mode": mode, "concurrency": concurrency, "requests": len(prompts), "wall_s": wall,
-            "p50_s": statistics.median(latencies), "p95_s": latencies[max(0, round(0.95 * len(latencies)) - 1)],
+            "p50_s": statistics.median(latencies),
+            "decode_p50_s": statistics.median(r["decode_s"] for r in replies),
+            "server_p50_s": statistics.median(r["server_s"] for r in replies),
+            "p95_s": latencies[max(0, round(0.95 * len(latencies)) - 1)],
             "tokens": tokens, "tokens_per_s": tokens / wall, "chosen": dict(Counter(r["mode"] for r in replies)),
             "batches": dict(Counter(r["batch"] for r in replies)), "texts": [r["text"] for r in replies],
             "modes": [r["mode"] for r in replies]}
@@ -84,6 +88,8 @@ def run(url: str, prompts: list[str], concurrency: list[int], max_tokens: int, r
         table.append({"concurrency": c, "ar_p50_s": med(ar, "p50_s"), "auto_p50_s": med(auto, "p50_s"),
                       "ar_p95_s": med(ar, "p95_s"), "auto_p95_s": med(auto, "p95_s"),
                       "ar_tokens_per_s": med(ar, "tokens_per_s"), "auto_tokens_per_s": med(auto, "tokens_per_s"),
+                      "ar_decode_p50_s": med(ar, "decode_p50_s"), "auto_decode_p50_s": med(auto, "decode_p50_s"),
+                      "ar_server_p50_s": med(ar, "server_p50_s"), "auto_server_p50_s": med(auto, "server_p50_s"),
                       "auto_chosen": auto[0]["chosen"], "auto_batches": auto[0]["batches"],
                       "latency_ratio": med(auto, "p50_s") / med(ar, "p50_s"),
                       "throughput_ratio": med(auto, "tokens_per_s") / med(ar, "tokens_per_s")})
@@ -93,10 +99,13 @@ def run(url: str, prompts: list[str], concurrency: list[int], max_tokens: int, r
 
 
 def render(result: dict) -> str:
-    lines = ["| concurrency | p50 latency auto / ar (s) | p95 auto / ar (s) | tokens/s auto / ar | "
-             "latency ratio | throughput ratio | auto chose | batch sizes (auto) |", "|---" * 8 + "|"]
+    lines = ["| concurrency | p50 latency auto / ar (s) | of which in the server | of which decoding | "
+             "p95 auto / ar (s) | tokens/s auto / ar | latency ratio | throughput ratio | auto chose | "
+             "batch sizes (auto) |", "|---" * 10 + "|"]
     for row in result["table"]:
         lines.append(f"| {row['concurrency']} | {row['auto_p50_s']:.3f} / {row['ar_p50_s']:.3f} | "
+                     f"{row['auto_server_p50_s']:.3f} / {row['ar_server_p50_s']:.3f} | "
+                     f"{row['auto_decode_p50_s']:.3f} / {row['ar_decode_p50_s']:.3f} | "
                      f"{row['auto_p95_s']:.3f} / {row['ar_p95_s']:.3f} | "
                      f"{row['auto_tokens_per_s']:.0f} / {row['ar_tokens_per_s']:.0f} | "
                      f"{row['latency_ratio']:.2f} | {row['throughput_ratio']:.2f} | {row['auto_chosen']} | "
@@ -115,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2, help="rounds per mode and concurrency (alternating order)")
     p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--batch-wait-ms", type=float, default=10.0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads in the replica (0: every core)")
     p.add_argument("--url", default=None, help="a server already running (default: start one here)")
     p.add_argument("--json", default=None, help="write every number to this file")
     args = p.parse_args(argv)
@@ -126,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        url = launch.start(args.export_dir, port=port, max_batch_size=args.max_batch_size)
+        url = launch.start(args.export_dir, port=port, max_batch_size=args.max_batch_size,
+                           batch_wait_ms=args.batch_wait_ms, threads=args.threads)
     try:
         result = run(url, prompts_for(args.requests), args.concurrency, args.max_tokens, args.repeats)
     finally:

@@ -40,7 +40,9 @@ def _completion(job: Job, result: Result | None, rid: str, created: int, text: s
     if result is not None:
         body["usage"] = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                          "total_tokens": result.prompt_tokens + result.completion_tokens}
-        body["twotower"] = {"mode": result.mode, "batch_size": result.batch_size}
+        body["twotower"] = {"mode": result.mode, "batch_size": result.batch_size,
+                            "decode_ms": round(result.decode_seconds * 1000, 3),
+                            "server_ms": round((time.perf_counter() - job.received) * 1000, 3)}
     return body
 
 
@@ -55,6 +57,7 @@ def build_app(server: "TwoTowerServer"):
     engine = server.engine
 
     async def complete(request: Request, chat: bool):
+        received = time.perf_counter()
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -64,15 +67,16 @@ def build_app(server: "TwoTowerServer"):
                             default_gamma=engine.gamma, max_positions=engine.max_positions, model_name=engine.name)
         except BadRequest as err:
             return JSONResponse(err.body(), status_code=400)
+        job.received = received
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         if not job.stream:
             try:
-                result = await server.batched_run(job)
+                result = await server.submit(job)
             finally:
                 job.cancelled.set()  # gone before the answer (the request was cancelled): end its row
             return JSONResponse(_completion(job, result, rid, created, result.text, result.finish_reason))
         job.loop, job.sink = asyncio.get_running_loop(), asyncio.Queue()
-        task = asyncio.ensure_future(server.batched_run(job))
+        task = asyncio.ensure_future(server.submit(job))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if the client left
         return StreamingResponse(events(job, task, rid, created), media_type="text/event-stream")
 
@@ -131,7 +135,18 @@ class TwoTowerServer:
         self.engine = Engine.load(export_dir, options.get("context_device", "auto"),
                                   options.get("denoiser_device", "auto"))
         self.batched_run.set_max_batch_size(int(options.get("max_batch_size", DEFAULT_MAX_BATCH)))
-        self.batched_run.set_batch_wait_timeout_s(float(options.get("batch_wait_ms", DEFAULT_BATCH_WAIT_MS)) / 1000)
+        self.batch_wait_s = float(options.get("batch_wait_ms", DEFAULT_BATCH_WAIT_MS)) / 1000
+        self.in_flight = 0
+
+    async def submit(self, job: Job) -> Result:
+        """Queue a job for the next batch. A batch waits `batch_wait_ms` for company only while
+        other requests are in flight: a lone request (concurrency 1) would wait for nobody."""
+        self.in_flight += 1
+        try:
+            self.batched_run.set_batch_wait_timeout_s(self.batch_wait_s if self.in_flight > 1 else 0.0)
+            return await self.batched_run(job)
+        finally:
+            self.in_flight -= 1
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_MS / 1000)
     async def batched_run(self, jobs: list[Job]) -> list[Result]:

@@ -32,6 +32,8 @@ class Result:
     completion_tokens: int
     mode: str
     batch_size: int
+    decode_seconds: float = 0.0
+    """Wall time of the batch's decoding (every group of it)."""
 
 
 @dataclass
@@ -72,7 +74,7 @@ class _JobStreamer(RowStreamer):
 
     def __init__(self, jobs: list[Job], tokenizer, eos: int | None):
         self.jobs, self.eos = jobs, eos
-        self.texts = [TextStream(tokenizer, job.stop) for job in jobs]
+        self.texts = [TextStream(tokenizer, job.stop, live=job.stream) for job in jobs]
         self.counts = [0] * len(jobs)
         self.reasons: list[str | None] = [None] * len(jobs)
 
@@ -164,8 +166,11 @@ class Engine:
             for i, job, row_text, count, reason in zip(members, group, streamer.texts, streamer.counts,
                                                        streamer.reasons):
                 results[i] = Result(row_text.text, reason or "length", len(job.prompt_ids), count, mode, len(jobs))
+        seconds = time.perf_counter() - start
+        for result in results:
+            result.decode_seconds = seconds
         with self.metrics.lock:
-            self.metrics.busy_seconds += time.perf_counter() - start
+            self.metrics.busy_seconds += seconds
             self.metrics.batches[len(jobs)] += 1
             self.metrics.row_forwards += forwards
             for result in results:

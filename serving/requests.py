@@ -53,6 +53,8 @@ class Job:
     sink: asyncio.Queue | None = None
     """Streaming: text pieces as they commit, then None."""
     loop: asyncio.AbstractEventLoop | None = None
+    received: float = 0.0
+    """`time.perf_counter()` when the server read the request (for the `server_ms` it reports)."""
 
 
 def _integer(body: dict, key: str, default: int, low: int) -> int:

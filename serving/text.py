@@ -12,9 +12,12 @@ from __future__ import annotations
 class TextStream:
     """One row's completion text, grown commit by commit."""
 
-    def __init__(self, tokenizer, stops: list[str]):
+    def __init__(self, tokenizer, stops: list[str], live: bool = True):
         self.tokenizer = tokenizer
         self.stops = stops
+        self.live = live or bool(stops)
+        """Decode at every commit (a streaming client, or stop strings to look for); otherwise
+        only once, at the end (a decode per commit costs more than a tiny model's forward)."""
         self.ids: list[int] = []
         self.sent = 0
         """Characters of the text already handed out."""
@@ -40,6 +43,8 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.extend(ids)
+        if not (self.live or final):
+            return ""
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:

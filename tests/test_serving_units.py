@@ -122,3 +122,17 @@ def test_the_ray_serve_builder_names_what_it_needs(tmp_path):
     with pytest.raises(ValueError, match="export_dir=DIR"):
         app_builder({})
     assert isinstance(app_builder({"export_dir": str(tmp_path), "max_batch_size": "8"}), Application)
+
+
+def test_a_non_streaming_row_without_stops_is_decoded_once_at_the_end():
+    calls = []
+
+    class Counting:
+        def decode(self, ids, **kw):
+            calls.append(list(ids))
+            return TOK.decode(ids, **kw)
+
+    quiet = TextStream(Counting(), [], live=False)
+    assert quiet.add(ids("ab")) == "" and quiet.add(ids("cd")) == "" and calls == []
+    assert quiet.add(ids("e"), final=True) == "abcde" and len(calls) == 1
+    assert TextStream(Counting(), ["x"], live=False).live  # stop strings are looked for at every commit
