@@ -12,6 +12,7 @@ from adapters.granitemoehybrid import GraniteMoeHybridAdapter
 from adapters.llama import LlamaFamilyAdapter
 from adapters.nemotron_h import NemotronHAdapter
 from adapters.olmo2 import Olmo2Adapter
+from adapters.olmo3 import Olmo3Adapter
 from adapters.phi import PhiAdapter
 from adapters.phi3 import Phi3Adapter
 
@@ -28,6 +29,7 @@ REGISTRY: dict[str, Adapter] = {
     "phi": PhiAdapter(),
     "phi3": Phi3Adapter(),
     "olmo2": Olmo2Adapter(),
+    "olmo3": Olmo3Adapter(),
     "falcon_h1": FalconH1Adapter(),
 }
 

@@ -1,6 +1,7 @@
 """Rotary cos/sin for the runtime, exact for every RoPE type a backbone config may name.
 
-`rotary(model, x, positions)` is what the adapters call instead of `model.model.rotary_emb`:
+`rotary(model, x, positions)` is what the adapters call instead of `model.model.rotary_emb`
+(`rotary(model, x, positions, layer_type)` where the module keeps a table per layer type):
 
 - static tables (`default`, `linear`, `yarn`, `llama3`, `proportional`): the model's own
   `rotary_emb(x, positions)`, unchanged (bit-identical to transformers);
@@ -110,10 +111,15 @@ def _dynamic(module: nn.Module, x, positions):
     return _cos_sin(x, positions, inv_freq, 1.0)
 
 
-def rotary(model: nn.Module, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary(model: nn.Module, x: torch.Tensor, positions: torch.Tensor,
+           layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin `[N, T, rotary dims]` of `model.model.rotary_emb` at positions `[N, T]` (see the module
-    docstring for `longrope` and `dynamic`)."""
+    docstring for `longrope` and `dynamic`). `layer_type`: the table of that layer type, for rotary
+    modules holding one per type (OLMo 3's `rotary_emb(x, positions, layer_type)`); only static types
+    get there (`check_rope_scaling` refuses a length-dependent type named per layer type)."""
     module = model.model.rotary_emb
+    if layer_type is not None:
+        return module(x, positions, layer_type)
     kind = getattr(module, "rope_type", "default")
     if kind == "longrope":
         return _longrope(module, x, positions)

@@ -126,12 +126,13 @@ def test_falcon_h1_counts_both_parallel_mixers_of_every_layer():
     assert facts.ssm_state_elems == 36 * 24 * 64 * 128  # 24 heads x 64 x d_state 128, per layer
 
 
-@pytest.mark.parametrize("name", ["phi", "phi3", "olmo2"])
+@pytest.mark.parametrize("name", ["phi", "phi3", "olmo2", "olmo3"])
 def test_the_newer_dense_families_are_sized_through_their_adapters(name):
-    """Phi-1/2 (parallel steps), Phi-3 (fused q/k/v) and OLMo 2 (no input norms), at their tiny
-    fixture: parameters and the K/V bytes per token, as `plan` computes them through the adapter,
-    against a count made here from the config and the modules (their full-size configs go through
-    `plan` in `test_plan_matches_an_independent_meta_count`)."""
+    """Phi-1/2 (parallel steps), Phi-3 (fused q/k/v), OLMo 2 (no input norms) and OLMo 3 (windowed
+    layers, whose K/V count in full: windows are masks, not a trimmed cache), at their tiny fixture:
+    parameters and the K/V bytes per token, as `plan` computes them through the adapter, against a
+    count made here from the config and the modules (their full-size configs go through `plan` in
+    `test_plan_matches_an_independent_meta_count`)."""
     from twotower_fixtures import tiny_backbone
 
     from planning import memory

@@ -145,3 +145,17 @@ def test_a_length_dependent_rope_scaling_is_refused_where_the_adapter_cannot_fol
     with pytest.raises(ValueError, match=rf"config\.rope_(scaling|parameters)\.rope_type='{rope_type}'"):
         adapters.get(hybrid)
     assert adapters.get("falcon_h1")  # by name alone: nothing to check yet
+
+
+def test_olmo3_refuses_a_length_dependent_rope_named_for_one_layer_type():
+    """OLMo 3 keeps a rotary table per layer type; `adapters.rotary` computes only static ones per
+    type, so `dynamic` on the full-attention layers is refused naming the layer type's field."""
+    from twotower_fixtures import olmo3_config
+
+    import adapters
+
+    config = olmo3_config()
+    config.rope_parameters["full_attention"] = {"rope_type": "dynamic", "rope_theta": 100.0, "factor": 2.0}
+    with pytest.raises(ValueError, match=r"config\.rope_(scaling|parameters)\.full_attention\.rope_type='dynamic'"):
+        adapters.get(config)
+    assert adapters.get(olmo3_config())  # YaRN on the full-attention layers: a static table

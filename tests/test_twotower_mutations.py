@@ -113,6 +113,7 @@ def test_kit_covers_every_declared_feature(name):
                 "mistral": ["no window"], "qwen2": ["no window"], "qwen3": ["no window"],
                 "phi3": ["no window", "swap norms"], "phi": ["sequential, not parallel", "swap norms"],
                 "olmo2": ["no post-norm", "swap post_norms"],
+                "olmo3": ["no window", "no post-norm", "swap post_norms", "norm <-> post-norm"],
                 "falcon_h1": ["sequential, not parallel", "residual multiplier 1", "embeddings unscaled",
                               "plain LM head logits", "swap norms"],
                 "gemma3_text": ["no window", "no post-norm", "norm <-> post-norm", "embeddings unscaled",
@@ -215,3 +216,15 @@ def test_each_multiplier_applied_inside_adapter_code_matters(name, field):
         walk = Walk.of(adapter, reset)
         hidden, _ = context_forward(walk, ids, TowerCache.empty(2, "cpu"), chunk=4)
         assert (walk.logits(hidden) - want).abs().max().item() > 1e-3, field
+
+
+def test_olmo3_rotary_table_per_layer_type_matters():
+    """OLMo 3's full-attention layers rotate with their own table (YaRN at another base in the
+    fixture): a walk giving every layer the sliding layers' table misses transformers' logits."""
+    from adapters.rotary import rotary
+
+    model = tiny_backbone("olmo3")
+    adapter = adapters.get(model)
+    one_table = mutant(adapter, None, {"cos_sin": lambda self, m, attn, x, p: rotary(m, x, p, "sliding_attention")})
+    assert walk_error(model, adapter) < 1e-5
+    assert walk_error(model, one_table) > 1e-3

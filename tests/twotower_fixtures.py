@@ -19,6 +19,7 @@ from transformers import (
     MistralConfig,
     NemotronHConfig,
     Olmo2Config,
+    Olmo3Config,
     Phi3Config,
     PhiConfig,
     Qwen2Config,
@@ -185,6 +186,21 @@ def olmo2_config() -> Olmo2Config:
     )
 
 
+def olmo3_config() -> Olmo3Config:
+    """OLMo 3: OLMo 2 with sliding and full-attention layers (windows of WINDOW) and a RoPE table per
+    layer type: base 1e4 on the sliding layers, YaRN (base 5e5) on the full ones, as OLMo 3 ships."""
+    return Olmo3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=WINDOW,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0,
+                                            "original_max_position_embeddings": 32}},
+        pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=False,
+        initializer_range=0.2,
+    )
+
+
 TINY_CONFIGS = {
     "nemotron_h": nemotron_h_config,
     "llama": llama_config,
@@ -198,6 +214,7 @@ TINY_CONFIGS = {
     "phi": phi_config,
     "phi3": phi3_config,
     "olmo2": olmo2_config,
+    "olmo3": olmo3_config,
     "falcon_h1": falcon_h1_config,
     "falcon_h1_gated": falcon_h1_gated_config,
 }
