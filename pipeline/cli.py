@@ -24,10 +24,12 @@ import argparse
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from pipeline.cli_parsing import parse, version
+from pipeline.completion import print_script
 from pipeline.config import CLI, DEFAULT_RECIPE, REPO_ROOT, ConfigError, PipelineConfig, Problem, load_config
 
 
@@ -367,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=cmd_serve)
 
+    sub.add_parser("completion", help='bash completion: eval "$(twotower-pipeline completion)"').set_defaults(
+        func=partial(print_script, parser))
     sub.add_parser("generate", add_help=False, help="decode with an exported model: generate EXPORT_DIR "
                    "--prompt TEXT [--mode diffusion|mock_ar|ar] [--gamma G] [--show-steps]")
     return parser

@@ -75,6 +75,26 @@ def test_overrides_go_anywhere_on_the_line_and_version_answers(engine_defaults: 
     assert proc.returncode == 0 and proc.stdout.strip().startswith("python -m pipeline 0.")
 
 
+def test_bash_completion_offers_commands_recipes_sections_and_stages(tmp_path: Path) -> None:
+    proc = cli("completion")
+    assert proc.returncode == 0, proc.stderr
+    script = tmp_path / "complete.sh"
+    script.write_text(proc.stdout)
+    probe = ('source "$1"; shift; COMP_WORDS=("$@"); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); '
+             '_twotower_pipeline; echo "${COMPREPLY[*]}"')
+
+    def complete(*words: str) -> set[str]:
+        out = subprocess.run(["bash", "-c", probe, "probe", str(script), "twotower-pipeline", *words],
+                             capture_output=True, text=True, check=True)
+        return set(out.stdout.split())
+
+    assert complete("se") == {"serve"}
+    assert {"tiny", "train.", "tracking."} <= complete("run", "t")  # recipes and override sections
+    assert complete("run", "tiny", "--force", "tr") == {"train_denoiser"}  # stage names
+    assert "--max-batch-size" in complete("serve", "--m")
+    assert complete("--ver") == {"--version"}
+
+
 def test_serve_is_wired_and_refuses_a_non_export_at_once(tmp_path: Path) -> None:
     proc = cli("serve", "--help")
     assert proc.returncode == 0 and "--max-batch-size" in proc.stdout
