@@ -136,17 +136,17 @@ class TwoTowerServer:
                                   options.get("denoiser_device", "auto"))
         self.batched_run.set_max_batch_size(int(options.get("max_batch_size", DEFAULT_MAX_BATCH)))
         self.batch_wait_s = float(options.get("batch_wait_ms", DEFAULT_BATCH_WAIT_MS)) / 1000
-        self.in_flight = 0
 
     async def submit(self, job: Job) -> Result:
         """Queue a job for the next batch. A batch waits `batch_wait_ms` for company only while
         other requests are in flight: a lone request (concurrency 1) would wait for nobody."""
-        self.in_flight += 1
+        metrics = self.engine.metrics
+        metrics.in_flight += 1  # only the event loop's thread changes it
         try:
-            self.batched_run.set_batch_wait_timeout_s(self.batch_wait_s if self.in_flight > 1 else 0.0)
+            self.batched_run.set_batch_wait_timeout_s(self.batch_wait_s if metrics.in_flight > 1 else 0.0)
             return await self.batched_run(job)
         finally:
-            self.in_flight -= 1
+            metrics.in_flight -= 1
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_MS / 1000)
     async def batched_run(self, jobs: list[Job]) -> list[Result]:

@@ -48,6 +48,8 @@ class Metrics:
     tokens: int = 0
     row_forwards: int = 0
     busy_seconds: float = 0.0
+    in_flight: int = 0
+    """Requests accepted and not yet answered (queued or decoding): 0 when idle, whatever happened."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def render(self) -> str:
@@ -64,6 +66,7 @@ class Metrics:
                       f"twotower_busy_seconds_total {self.busy_seconds:.6f}",
                       "# TYPE twotower_tokens_per_second gauge",
                       f"twotower_tokens_per_second {self.tokens / self.busy_seconds if self.busy_seconds else 0:.3f}",
+                      "# TYPE twotower_requests_in_flight gauge", f"twotower_requests_in_flight {self.in_flight}",
                       "# TYPE twotower_tokens_per_forward gauge",
                       f"twotower_tokens_per_forward {self.tokens / self.row_forwards if self.row_forwards else 0:.4f}"]
         return "\n".join(lines) + "\n"

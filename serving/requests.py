@@ -128,15 +128,16 @@ def parse_job(body: Any, *, tokenizer, chat: bool, default_max_tokens: int, defa
     if not isinstance(body, dict):
         raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
     _check_greedy(body)
-    mode = body.get("mode", "auto")
+    mode = body.get("mode") or "auto"  # absent or null: the default (some clients send nulls for unset fields)
     if mode not in SERVE_MODES:
         raise BadRequest(f"mode must be one of {', '.join(SERVE_MODES)}; got {mode!r}", "mode")
-    gamma = body.get("gamma", default_gamma)
+    gamma = default_gamma if body.get("gamma") is None else body["gamma"]
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
         raise BadRequest(f"gamma must be a number in (0, 1], got {gamma!r}", "gamma")
     key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
     max_tokens = _integer(body, key, default_max_tokens, 1)
-    stream = body.get("stream", False)
+    stream = body.get("stream")
+    stream = False if stream is None else stream
     if not isinstance(stream, bool):
         raise BadRequest(f"stream must be true or false, got {stream!r}", "stream")
     stops = _stops(body)
