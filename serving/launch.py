@@ -9,6 +9,7 @@ traceback). On a cluster, the export directory must be readable on the node that
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -28,6 +29,20 @@ def check_export(export_dir: str) -> Path:
     return export.resolve()
 
 
+def check_port(host: str, port: int) -> None:
+    """An OSError naming the address when something already listens there (Ray Serve's proxy would
+    otherwise retry in the background while the server never answers)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise OSError(f"--host {host} --port {port}: cannot listen there ({err.strerror}); "
+                          "pick another --port") from None
+
+
 def start(export_dir: str, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
           **options) -> str:
     """Deploy the export on Ray Serve and return the server's base URL once it answers."""
@@ -37,6 +52,8 @@ def start(export_dir: str, *, host: str = "127.0.0.1", port: int = 8000, address
     from serving.app import application
 
     export = check_export(export_dir)
+    if address is None:  # a local Ray: the proxy listens on this machine
+        check_port(host, port)
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=False)
     serve.start(http_options={"host": host, "port": port})
@@ -91,7 +108,11 @@ def main(args) -> int:
     options = {"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
                "num_cpus": args.num_cpus, "num_gpus": num_gpus, "threads": args.threads,
                "context_device": args.context_device, "denoiser_device": args.denoiser_device}
-    url = start(args.export_dir, host=args.host, port=args.port, address=args.address, **options)
+    try:
+        url = start(args.export_dir, host=args.host, port=args.port, address=args.address, **options)
+    except OSError as err:  # a missing export (FileNotFoundError), a port in use
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"serving {args.export_dir} at {url}/v1 (OpenAI API; mode per request, default auto); Ctrl-C stops",
           flush=True)
     try:

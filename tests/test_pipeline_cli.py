@@ -100,6 +100,13 @@ def test_serve_is_wired_and_refuses_a_non_export_at_once(tmp_path: Path) -> None
     assert proc.returncode == 0 and "--max-batch-size" in proc.stdout
     proc = cli("serve", str(tmp_path))
     assert proc.returncode == 2 and "not an export directory (no config.json)" in proc.stderr
+    from serving_fixtures import tiny_export
+    export = tiny_export(tmp_path / "model")
+    with socket.socket() as busy:  # something already listens on the port: said at once, before Ray starts
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        proc = cli("serve", str(export), "--port", str(busy.getsockname()[1]))
+    assert proc.returncode == 2 and "cannot listen there" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_generate_is_wired() -> None:
