@@ -1,8 +1,8 @@
-"""The HTTP side: FastAPI routes in OpenAI's shapes, on a Ray Serve deployment that batches.
+"""The HTTP side: FastAPI routes in OpenAI's shapes, on a Ray Serve deployment.
 
-Requests are batched by Ray Serve (`serve.batch`: up to `max_batch_size` jobs that arrive within
-`batch_wait_ms` of each other run as one batch); the batch decodes in a worker thread so the event
-loop keeps streaming. A streaming response sends server-sent events as blocks commit and ends with
+Requests are batched continuously (`serving.scheduler`: up to `max_batch_size` rows, new requests
+joining the running batch at its next block); decoding runs in the scheduler's thread so the event
+loop keeps streaming and answering. A streaming response sends server-sent events as blocks commit and ends with
 `data: [DONE]`; a client that disconnects sets its job's `cancelled`, which ends its row at the
 next commit. Every refusal is a 400 with OpenAI's error object.
 """
@@ -21,6 +21,7 @@ from ray import serve
 
 from serving.engine import Engine, Result
 from serving.requests import BadRequest, Job, parse_job
+from serving.scheduler import Scheduler
 
 DEFAULT_MAX_BATCH = 16
 DEFAULT_BATCH_WAIT_MS = 10.0
@@ -124,7 +125,7 @@ def build_app(server: "TwoTowerServer"):
 @serve.deployment
 @serve.ingress()
 class TwoTowerServer:
-    """One replica: the export loaded once, requests batched by Ray Serve."""
+    """One replica: the export loaded once, requests batched continuously by its scheduler."""
 
     def __init__(self, export_dir: str, options: dict | None = None):
         import torch
@@ -134,23 +135,12 @@ class TwoTowerServer:
         torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS to the replica's CPU reservation (1)
         self.engine = Engine.load(export_dir, options.get("context_device", "auto"),
                                   options.get("denoiser_device", "auto"))
-        self.batched_run.set_max_batch_size(int(options.get("max_batch_size", DEFAULT_MAX_BATCH)))
-        self.batch_wait_s = float(options.get("batch_wait_ms", DEFAULT_BATCH_WAIT_MS)) / 1000
+        self.scheduler = Scheduler(self.engine, int(options.get("max_batch_size", DEFAULT_MAX_BATCH)),
+                                   float(options.get("batch_wait_ms", DEFAULT_BATCH_WAIT_MS)) / 1000)
 
     async def submit(self, job: Job) -> Result:
-        """Queue a job for the next batch. A batch waits `batch_wait_ms` for company only while
-        other requests are in flight: a lone request (concurrency 1) would wait for nobody."""
-        metrics = self.engine.metrics
-        metrics.in_flight += 1  # only the event loop's thread changes it
-        try:
-            self.batched_run.set_batch_wait_timeout_s(self.batch_wait_s if metrics.in_flight > 1 else 0.0)
-            return await self.batched_run(job)
-        finally:
-            metrics.in_flight -= 1
-
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_MS / 1000)
-    async def batched_run(self, jobs: list[Job]) -> list[Result]:
-        return await asyncio.to_thread(self.engine.run, jobs)
+        """Queue a job; its result when its row ends (it joins a batch in flight where it can)."""
+        return await self.scheduler.submit(job)
 
     def __serve_build_asgi_app__(self):
         return build_app(self)

@@ -1,11 +1,12 @@
-"""One batch of jobs through `generate`, and what the server counts.
+"""Jobs through `generate`, and what the server counts.
 
 The mode is chosen per batch: a job asking for `auto` runs the mode the export's `auto_modes`
 table gives for the batch's size (the fastest mode that met the quality target at that size in
-calibration); jobs then run grouped by (mode, γ), each group one `generate` call whose rows leave
-it as they finish. A `RowStreamer` routes each row's commits to its job: text for a streaming
-client as blocks commit, the row's own `max_tokens` and stop strings, and a client that went away
-ending its row at the next commit.
+calibration). `Engine.decode` runs one `generate` call for jobs sharing a (mode, γ), whose rows
+leave it as they finish and which more jobs may join while it runs (`admit`: the scheduler's
+continuous batching). A `RowStreamer` routes each row's commits to its job: text for a streaming
+client as blocks commit, the row's own `max_tokens` and stop strings, a client that went away
+ending its row at the next commit, and the job's `Result` the moment its row ends.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from serving.requests import Job
 from serving.text import TextStream
@@ -33,7 +35,7 @@ class Result:
     mode: str
     batch_size: int
     decode_seconds: float = 0.0
-    """Wall time of the batch's decoding (every group of it)."""
+    """Wall time from the job's prefill to its last token."""
 
 
 @dataclass
@@ -50,6 +52,8 @@ class Metrics:
     busy_seconds: float = 0.0
     in_flight: int = 0
     """Requests accepted and not yet answered (queued or decoding): 0 when idle, whatever happened."""
+    joined: int = 0
+    """Requests that joined a batch already decoding (continuous batching)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def render(self) -> str:
@@ -67,19 +71,35 @@ class Metrics:
                       "# TYPE twotower_tokens_per_second gauge",
                       f"twotower_tokens_per_second {self.tokens / self.busy_seconds if self.busy_seconds else 0:.3f}",
                       "# TYPE twotower_requests_in_flight gauge", f"twotower_requests_in_flight {self.in_flight}",
+                      "# TYPE twotower_joined_total counter", f"twotower_joined_total {self.joined}",
                       "# TYPE twotower_tokens_per_forward gauge",
                       f"twotower_tokens_per_forward {self.tokens / self.row_forwards if self.row_forwards else 0:.4f}"]
         return "\n".join(lines) + "\n"
 
 
 class _JobStreamer(RowStreamer):
-    """Routes one `generate` call's rows to their jobs."""
+    """Routes one `generate` call's rows to their jobs (row i is the i-th job added) and builds each
+    job's `Result` when its row ends, handing it to `done` at once."""
 
-    def __init__(self, jobs: list[Job], tokenizer, eos: int | None):
-        self.jobs, self.eos = jobs, eos
-        self.texts = [TextStream(tokenizer, job.stop, live=job.stream) for job in jobs]
-        self.counts = [0] * len(jobs)
-        self.reasons: list[str | None] = [None] * len(jobs)
+    def __init__(self, tokenizer, eos: int | None, mode: str, metrics: Metrics, done: Callable | None):
+        self.tokenizer, self.eos, self.mode, self.metrics, self.done = tokenizer, eos, mode, metrics, done
+        self.jobs: list[Job] = []
+        self.texts: list[TextStream] = []
+        self.counts: list[int] = []
+        self.reasons: list[str | None] = []
+        self.sizes: list[int] = []
+        self.started: list[float] = []
+        self.results: list[Result | None] = []
+
+    def add(self, job: Job, batch_size: int) -> None:
+        """The next row is `job`'s; `batch_size`: the batch's rows once it is in."""
+        self.jobs.append(job)
+        self.texts.append(TextStream(self.tokenizer, job.stop, live=job.stream))
+        self.counts.append(0)
+        self.reasons.append(None)
+        self.sizes.append(batch_size)
+        self.started.append(time.perf_counter())
+        self.results.append(None)
 
     def _send(self, job: Job, piece: str | None) -> None:
         if job.sink is not None and job.loop is not None and (piece or piece is None):
@@ -88,7 +108,7 @@ class _JobStreamer(RowStreamer):
     def put_row(self, row: int, tokens: list[int], finished: bool) -> bool:
         job, text = self.jobs[row], self.texts[row]
         if job.cancelled.is_set():
-            self.reasons[row] = "cancelled"
+            self._finish(row, "cancelled")
             return True
         tokens = tokens[: job.max_tokens - self.counts[row]]
         self.counts[row] += len(tokens)
@@ -97,13 +117,24 @@ class _JobStreamer(RowStreamer):
         piece = text.add(tokens, final=finished or full or hit_eos)
         self._send(job, piece)
         if text.stopped or hit_eos:
-            self.reasons[row] = "stop"
+            self._finish(row, "stop")
         elif full or finished:
-            self.reasons[row] = "length"
-        if self.reasons[row] is not None:
-            self._send(job, None)
-            return True
-        return False
+            self._finish(row, "length")
+        return self.reasons[row] is not None
+
+    def _finish(self, row: int, reason: str) -> None:
+        job = self.jobs[row]
+        self.reasons[row] = reason
+        self._send(job, None)
+        result = Result(self.texts[row].text, reason, len(job.prompt_ids), self.counts[row], self.mode,
+                        self.sizes[row], time.perf_counter() - self.started[row])
+        self.results[row] = result
+        with self.metrics.lock:
+            self.metrics.requests[result.mode] += 1
+            self.metrics.finish[reason] += 1
+            self.metrics.tokens += result.completion_tokens
+        if self.done is not None:
+            self.done(job, result)
 
     def end(self) -> None:
         for row, job in enumerate(self.jobs):  # rows generate gave up on (an error): close their streams
@@ -141,43 +172,61 @@ class Engine:
         generation = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
         return cls(model, AutoTokenizer.from_pretrained(str(export)), generation, export.resolve().name)
 
+    def mode_at(self, batch_size: int) -> str:
+        """The mode `auto` runs in a batch of `batch_size` (the table's entry; AR without one)."""
+        return auto_mode(self.auto_modes, batch_size) if self.auto_modes else "ar"
+
     def resolve(self, jobs: list[Job]) -> list[str]:
-        """Each job's mode in this batch (`auto`: the table's entry at the batch size; AR without one)."""
-        auto = auto_mode(self.auto_modes, len(jobs)) if self.auto_modes else "ar"
+        """Each job's mode in this batch (`auto`: the mode at the batch's size)."""
+        auto = self.mode_at(len(jobs))
         return [auto if job.mode == "auto" else job.mode for job in jobs]
 
     def run(self, jobs: list[Job]) -> list[Result]:
-        """Decode a batch of jobs (blocking: the server calls it in a worker thread)."""
-        import torch
-
+        """Decode a batch of jobs as one (blocking): `auto` resolved at the batch's size, then one
+        `decode` per (mode, γ) group, one after the other."""
         modes = self.resolve(jobs)
-        results: list[Result | None] = [None] * len(jobs)
         groups: dict[tuple[str, float], list[int]] = {}
         for i, (job, mode) in enumerate(zip(jobs, modes)):
             groups.setdefault((mode, job.gamma), []).append(i)
+        results: list[Result | None] = [None] * len(jobs)
+        for (mode, gamma), members in groups.items():
+            for i, result in zip(members, self.decode([jobs[i] for i in members], mode, gamma, len(jobs))):
+                results[i] = result
+        return results
+
+    def decode(self, jobs: list[Job], mode: str, gamma: float, batch_size: int | None = None,
+               admit: Callable[[int, str, float], list[Job]] | None = None,
+               done: Callable[[Job, Result], None] | None = None) -> list[Result]:
+        """One `generate` call for `jobs` (all run `mode` at `gamma`; `batch_size`: what their answers
+        report, default their number). `admit(active_rows, mode, gamma)` is asked between forwards for
+        jobs to join; `done(job, result)` is told as each row ends. Returns every job's result, the
+        joined ones after the first, in the order they came."""
+        import torch
+
         eos = self.model.context_tower.config.eos_token_id
         eos = eos[0] if isinstance(eos, list) else eos
+        streamer = _JobStreamer(self.tokenizer, eos, mode, self.metrics, done)
+        for job in jobs:
+            streamer.add(job, batch_size or len(jobs))
+
+        def join(active: int, next_row: int) -> list[list[int]]:
+            new = admit(active, mode, gamma)
+            for job in new:
+                streamer.add(job, active + len(new))
+            with self.metrics.lock:
+                self.metrics.joined += len(new)
+            return [job.prompt_ids for job in new]
+
+        # with joins, each row's own max_tokens ends it (the streamer); the call's budget is no limit
+        budget = max(job.max_tokens for job in jobs) if admit is None else (self.max_positions or 1 << 30)
         start = time.perf_counter()
-        forwards = 0
-        for (mode, gamma), members in groups.items():
-            group = [jobs[i] for i in members]
-            streamer = _JobStreamer(group, self.tokenizer, eos)
-            with torch.inference_mode():
-                out = self.model.generate([job.prompt_ids for job in group], mode=mode, gamma=gamma,
-                                          max_new_tokens=max(job.max_tokens for job in group), streamer=streamer)
-            forwards += int(out.row_forwards.sum())
-            for i, job, row_text, count, reason in zip(members, group, streamer.texts, streamer.counts,
-                                                       streamer.reasons):
-                results[i] = Result(row_text.text, reason or "length", len(job.prompt_ids), count, mode, len(jobs))
-        seconds = time.perf_counter() - start
-        for result in results:
-            result.decode_seconds = seconds
+        with torch.inference_mode():
+            out = self.model.generate([job.prompt_ids for job in jobs], mode=mode, gamma=gamma, max_new_tokens=budget,
+                                      streamer=streamer, admit=None if admit is None else join)
         with self.metrics.lock:
-            self.metrics.busy_seconds += seconds
+            self.metrics.busy_seconds += time.perf_counter() - start
             self.metrics.batches[len(jobs)] += 1
-            self.metrics.row_forwards += forwards
-            for result in results:
-                self.metrics.requests[result.mode] += 1
-                self.metrics.finish[result.finish_reason] += 1
-                self.metrics.tokens += result.completion_tokens
-        return results
+            self.metrics.row_forwards += int(out.row_forwards.sum())
+        if any(result is None for result in streamer.results):
+            raise RuntimeError("decoding ended with rows unfinished")
+        return streamer.results

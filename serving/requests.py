@@ -36,9 +36,9 @@ class BadRequest(ValueError):
         return {"error": {"message": str(self), "type": "invalid_request_error", "param": self.param, "code": None}}
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
-    """One request as the engine runs it."""
+    """One request as the engine runs it (compared by identity: two equal requests are two jobs)."""
 
     prompt_ids: list[int]
     max_tokens: int
@@ -53,6 +53,9 @@ class Job:
     sink: asyncio.Queue | None = None
     """Streaming: text pieces as they commit, then None."""
     loop: asyncio.AbstractEventLoop | None = None
+    """The server's event loop (where `sink` and `done` live)."""
+    done: asyncio.Future | None = None
+    """The job's `Result`, set from the decoding thread when its row ends."""
     received: float = 0.0
     """`time.perf_counter()` when the server read the request (for the `server_ms` it reports)."""
 

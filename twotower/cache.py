@@ -83,6 +83,49 @@ class TowerCache:
         start = int(used.float().argmax()) if bool(used.any()) else picked.length
         return picked._columns(slice(start, None)) if start else picked
 
+    def join(self, other: "TowerCache") -> "TowerCache":
+        """This cache's rows, then `other`'s (continuous batching: prompts prefilled on their own join
+        a batch in flight). Rows stay right-aligned: the narrower cache gains invalid left-pad columns
+        (zero keys, values and hidden states, which attention never sees; a pad's position is its
+        row's first column's, as for a prompt's left pads). Both come from the same tower, so they
+        cache the same sublayers."""
+        if set(self.keys) != set(other.keys) or set(self.conv) != set(other.conv) or \
+                set(self.hidden) != set(other.hidden) or set(self.fused_keys) != set(other.fused_keys):
+            raise ValueError("TowerCache.join: the caches hold different sublayers (not the same tower or options)")
+        width = max(self.length, other.length)
+        a, b = self._left_padded(width), other.to(self.valid.device)._left_padded(width)
+
+        def cat(x: dict, y: dict) -> dict:
+            return {i: torch.cat([x[i], y[i]]) for i in x}
+
+        ids = None if a.ids is None or b.ids is None else torch.cat([a.ids, b.ids])
+        return TowerCache(torch.cat([a.valid, b.valid]), torch.cat([a.next_pos, b.next_pos]),
+                          torch.cat([a.positions, b.positions]), cat(a.keys, b.keys), cat(a.values, b.values),
+                          cat(a.conv, b.conv), cat(a.ssm, b.ssm), cat(a.hidden, b.hidden),
+                          cat(a.fused_keys, b.fused_keys), cat(a.fused_values, b.fused_values), ids)
+
+    def _left_padded(self, width: int) -> "TowerCache":
+        """The same rows, `width` columns: invalid pad columns in front."""
+        n = width - self.length
+        if n == 0:
+            return self
+        rows = self.valid.shape[0]
+        first = self.positions[:, :1] if self.length else self.next_pos[:, None]
+
+        def front(t: torch.Tensor, dim: int) -> torch.Tensor:
+            shape = list(t.shape)
+            shape[dim] = n
+            return torch.cat([t.new_zeros(shape), t], dim)
+
+        return TowerCache(
+            front(self.valid, 1), self.next_pos, torch.cat([first.expand(rows, n), self.positions], 1),
+            {i: front(k, 2) for i, k in self.keys.items()}, {i: front(v, 2) for i, v in self.values.items()},
+            dict(self.conv), dict(self.ssm), {i: front(h, 1) for i, h in self.hidden.items()},
+            {i: front(k, 2) for i, k in self.fused_keys.items()},
+            {i: front(v, 2) for i, v in self.fused_values.items()},
+            None if self.ids is None else front(self.ids, 1),
+        )
+
     def _columns(self, cols) -> "TowerCache":
         """The same rows, time columns `cols` (a slice) only; Mamba states are untouched."""
         return TowerCache(

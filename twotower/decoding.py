@@ -17,7 +17,8 @@ that also yields the next block's first token:
 
 Batching: a row leaves the batch as soon as it is finished (EOS or its budget; `Rows.keep` compacts
 rows and caches); inside a block, a row whose draft is complete takes no part in its neighbours'
-denoiser steps.
+denoiser steps. New rows may join between forwards (`Decoding.join`, continuous batching: a block
+boundary in the block modes, every token in `ar`), with their own prefill and cache (`Rows.admit`).
 """
 from __future__ import annotations
 
@@ -66,6 +67,11 @@ class Tally:
         self.row_forwards[rows.cpu()] += 1
         if kind == "den":
             self.row_den[rows.cpu()] += 1
+
+    def grow(self, rows: int) -> None:
+        """Room for `rows` more original rows (joined mid-call)."""
+        self.row_forwards = torch.cat([self.row_forwards, torch.zeros(rows, dtype=torch.long)])
+        self.row_den = torch.cat([self.row_den, torch.zeros(rows, dtype=torch.long)])
 
 
 @dataclass
@@ -119,6 +125,17 @@ class Rows:
             done.append(finished)
         return torch.tensor(done, device=self.first.device)
 
+    def admit(self, first: torch.Tensor, cache: TowerCache) -> torch.Tensor:
+        """New rows join (their prompts prefilled into `cache`, `first` their next tokens); they take
+        the next original indices, which are returned."""
+        index = torch.arange(len(self.out), len(self.out) + first.shape[0], device=self.index.device)
+        self.index, self.first = torch.cat([self.index, index]), torch.cat([self.first, first.to(self.first.device)])
+        self.pause = torch.cat([self.pause, torch.zeros_like(index)])
+        self.backoff = torch.cat([self.backoff, torch.ones_like(index)])
+        self.cache = self.cache.join(cache)
+        self.out.extend([] for _ in range(first.shape[0]))
+        return index
+
     def keep(self, alive: torch.Tensor) -> bool:
         """Compact to the rows where `alive`; False when none is left."""
         if not bool(alive.any()):
@@ -153,12 +170,21 @@ class Decoding:
     den_dev: torch.device
     trace: list | None
     """Per block the denoiser steps (`return_trace`), else None."""
+    join: Callable[[], None] | None = None
+    """Continuous batching (`generate(admit=)`): called between forwards, may add rows."""
+
+    def admit(self) -> None:
+        if self.join is not None:
+            self.join()
 
 
 def decode_ar(d: Decoding) -> None:
     """`ar`: one context-tower forward per token."""
     rows, walk = d.rows, d.model.context_walk
-    while rows.keep(~rows.emit([[t] for t in rows.first.tolist()], d.eos, d.budget)):
+    while True:
+        d.admit()
+        if not rows.keep(~rows.emit([[t] for t in rows.first.tolist()], d.eos, d.budget)):
+            break
         hidden, rows.cache = exact_forward(walk, rows.first[:, None], rows.cache, chunk=d.block_size, **d.ctx_options)
         d.tally.count("ctx", rows.index)
         rows.first = walk.logits(hidden[:, -1]).argmax(-1)
@@ -175,6 +201,7 @@ def _block_loop(d: Decoding, fill: Fill) -> None:
     there; the others get a block from `fill`, emitted and, unless the fill did, committed."""
     rows, walk, B = d.rows, d.model.context_walk, d.block_size
     while True:
+        d.admit()
         ended = rows.first == d.eos  # the context tower's own next token ends these rows
         if d.eos is not None and bool(ended.any()):
             done = rows.emit([[t] if e else [] for t, e in zip(rows.first.tolist(), ended.tolist())], d.eos, d.budget)

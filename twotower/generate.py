@@ -10,6 +10,7 @@ positions after a row's EOS are `pad_token_id`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -115,6 +116,25 @@ def _pack_prompts(input_ids, attention_mask, pad_id: int, device):
     return ids.to(device), valid.to(device), lengths
 
 
+def _join(model, admit, rows: Rows, tally: Tally, prompts: list, pad: int, limit, B: int, ctx_options: dict) -> None:
+    """Ask `admit` for prompts and add them to the running batch: packed, prefilled on their own,
+    their caches joined to the batch's (`TowerCache.join`)."""
+    new = admit(int(rows.index.shape[0]), len(rows.out))
+    if not new:
+        return
+    device = rows.first.device
+    ids, valid, lengths = _pack_prompts(new, None, pad, device)
+    if limit is not None and int(lengths.max()) > limit:
+        raise ValueError(f"generate: an admitted prompt of {int(lengths.max())} tokens exceeds the backbone's "
+                         f"max_position_embeddings={limit}")
+    walk = model.context_walk
+    hidden, cache = context_forward(walk, ids, TowerCache.empty(ids.shape[0], device), valid=valid, chunk=B,
+                                    **ctx_options)
+    tally.grow(ids.shape[0])
+    tally.count("ctx", rows.admit(walk.logits(hidden[:, -1]).argmax(-1), cache))
+    prompts.extend(r[v] for r, v in zip(ids, valid))
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -131,6 +151,7 @@ def generate(
     draft: str | int = "confident",
     auto_modes: dict[int, str] | None = None,
     streamer=None,
+    admit=None,
 ) -> GenerateOutput:
     """Generate from a batch of prompts (a `[b, P]` tensor, optionally with `attention_mask`,
     or a list of id lists of different lengths). eos/pad ids default to the backbone config.
@@ -145,7 +166,11 @@ def generate(
     size -> mode, default `model.auto_modes` (read from the export's generation_config.json); `mode` of the result
     says which mode ran. streamer: receives tokens as blocks commit (`twotower.streaming`: a
     `RowStreamer` for any batch, which may end rows early, or a transformers `TextStreamer` for one
-    prompt)."""
+    prompt). admit (continuous batching): called between forwards as `admit(active, next_row)` (rows
+    still decoding; the index the first new row gets) and returns prompts (id lists) to join the batch
+    now, or nothing; they are prefilled on their own and decode in the running mode, as rows
+    `next_row`, `next_row + 1`, ... of the streamer and the result (their budget is max_new_tokens
+    too: a server ends each row at its own through the streamer)."""
     cfg = model.tt_config
     B = block_size or cfg.block_size
     if mode not in MODES:
@@ -184,12 +209,17 @@ def generate(
     tally.count("ctx", rows.index)
     trace: list | None = [] if return_trace else None
     rows.streamer = streamer
+    prompts = [r[v] for r, v in zip(ids, valid)]
+    join = None if admit is None else partial(_join, model, admit, rows, tally, prompts, pad, limit, B, ctx_options)
     try:
         DECODERS[mode](Decoding(model, rows, tally, B, gamma, eos_token_id, pad, max_new_tokens, draft, ctx_options,
-                                ctx_dev, den_dev, trace))
+                                ctx_dev, den_dev, trace, join))
     finally:
         if rows.streamer is not None:
             rows.streamer.end()
+    if len(prompts) > b:  # rows joined: the result holds every row
+        ids, _, lengths = _pack_prompts(prompts, None, pad, ctx_dev)
+        b = ids.shape[0]
 
     n_gen = torch.tensor([len(seq) for seq in rows.out])
     gen = torch.full((b, int(n_gen.max())), pad, dtype=torch.long)
