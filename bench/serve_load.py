@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--batch-wait-ms", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=0, help="torch threads in the replica (0: every core)")
+    p.add_argument("--local", action="store_true", help="start the server without Ray (`pipeline serve --local`)")
     p.add_argument("--url", default=None, help="a server already running (default: start one here)")
     p.add_argument("--json", default=None, help="write every number to this file")
     args = p.parse_args(argv)
@@ -137,13 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        url = launch.start(args.export_dir, port=port, max_batch_size=args.max_batch_size,
-                           batch_wait_ms=args.batch_wait_ms, threads=args.threads)
+        options = dict(max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, threads=args.threads)
+        local = launch.LocalServer(args.export_dir, "127.0.0.1", port, **options) if args.local else None
+        url = local.url if local else launch.start(args.export_dir, port=port, **options)
     try:
         result = run(url, prompts_for(args.requests), args.concurrency, args.max_tokens, args.repeats)
     finally:
         if args.url is None:
-            launch.stop()
+            local.stop() if local else launch.stop()
     print(render(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

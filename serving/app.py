@@ -51,7 +51,7 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def build_app(server: "TwoTowerServer"):
+def build_app(server: "Server"):
     """The FastAPI app over a server instance (its engine and its batched `run`). (Request types
     are imported at module level: FastAPI resolves the handlers' string annotations there.)"""
     app = FastAPI(title="twotower", description="OpenAI-compatible completions from a two-tower export")
@@ -122,10 +122,9 @@ def build_app(server: "TwoTowerServer"):
     return app
 
 
-@serve.deployment
-@serve.ingress()
-class TwoTowerServer:
-    """One replica: the export loaded once, requests batched continuously by its scheduler."""
+class Server:
+    """The export loaded once and its scheduler: what a Ray Serve replica holds, or `pipeline serve
+    --local` in its own process."""
 
     def __init__(self, export_dir: str, options: dict | None = None):
         import torch
@@ -141,6 +140,12 @@ class TwoTowerServer:
     async def submit(self, job: Job) -> Result:
         """Queue a job; its result when its row ends (it joins a batch in flight where it can)."""
         return await self.scheduler.submit(job)
+
+
+@serve.deployment
+@serve.ingress()
+class TwoTowerServer(Server):
+    """One Ray Serve replica: the export loaded once, requests batched continuously by its scheduler."""
 
     def __serve_build_asgi_app__(self):
         return build_app(self)

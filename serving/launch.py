@@ -2,6 +2,11 @@
 
     python -m pipeline serve runs/cache/export/<key>/model --port 8000
     python -m pipeline serve EXPORT_DIR --address auto        # on a running Ray cluster
+    python -m pipeline serve EXPORT_DIR --local               # this process, no Ray: one machine
+
+`--local` serves the same app (routes, scheduler, metrics) from uvicorn in this process: no Ray to
+start and no proxy hop per request (docs/serving.md measures what that hop costs), but no cluster,
+replicas or Ray dashboard either.
 
 The export is checked here before Ray starts (a wrong path answers at once, not from a replica's
 traceback). On a cluster, the export directory must be readable on the node that runs the replica.
@@ -59,16 +64,44 @@ def start(export_dir: str, *, host: str = "127.0.0.1", port: int = 8000, address
     serve.start(http_options={"host": host, "port": port})
     serve.run(application(str(export), **options), name=APP_NAME, route_prefix="/")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    deadline = time.monotonic() + 120
+    _wait_healthy(url)
+    return url
+
+
+class LocalServer:
+    """The app on uvicorn in a thread of this process (`start_local`); `stop()` ends it."""
+
+    def __init__(self, export_dir: str, host: str, port: int, **options):
+        import threading
+
+        import uvicorn
+
+        from serving.app import Server, build_app
+
+        check_port(host, port)
+        app = build_app(Server(str(check_export(export_dir)), options))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="twotower-http", daemon=True)
+        self.thread.start()
+        self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        _wait_healthy(self.url)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def _wait_healthy(url: str, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
     while True:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5) as reply:
                 if reply.status == 200:
-                    return url
+                    return
         except OSError:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.5)
+            time.sleep(0.2)
 
 
 def stop(ray_too: bool = True) -> None:
@@ -88,9 +121,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--address", default=None, help="a running Ray cluster (auto, or ray://HOST:PORT); default: "
                         "start a local Ray")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="most requests decoded as one batch")
+    parser.add_argument("--local", action="store_true", help="serve from this process with uvicorn, without Ray "
+                        "(one machine: no proxy hop, no cluster)")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="most rows decoding at once")
     parser.add_argument("--batch-wait-ms", type=float, default=10.0,
-                        help="how long a batch waits for more requests before it starts")
+                        help="how long a new batch waits for more requests when others are queued")
     parser.add_argument("--num-cpus", type=float, default=1, help="CPUs the replica reserves in Ray")
     parser.add_argument("--num-gpus", type=float, default=None, help="GPUs the replica reserves (default: 1 if this "
                         "machine has one, else 0)")
@@ -108,8 +143,15 @@ def main(args) -> int:
     options = {"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
                "num_cpus": args.num_cpus, "num_gpus": num_gpus, "threads": args.threads,
                "context_device": args.context_device, "denoiser_device": args.denoiser_device}
+    if args.local and args.address:
+        print("error: --local serves without Ray: drop --address (or --local)", file=sys.stderr)
+        return 2
     try:
-        url = start(args.export_dir, host=args.host, port=args.port, address=args.address, **options)
+        if args.local:
+            local = LocalServer(args.export_dir, args.host, args.port, **options)
+            url = local.url
+        else:
+            url = start(args.export_dir, host=args.host, port=args.port, address=args.address, **options)
     except OSError as err:  # a missing export (FileNotFoundError), a port in use
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -121,5 +163,5 @@ def main(args) -> int:
     except KeyboardInterrupt:
         print("stopping", flush=True)
     finally:
-        stop()
+        local.stop() if args.local else stop()
     return 0
