@@ -86,3 +86,11 @@ def test_join_right_aligns_caches_of_different_widths():
     assert torch.equal(long.join(short).valid, joined.valid[[1, 2, 0]])  # either order
     with pytest.raises(ValueError, match="different sublayers"):
         short.join(TowerCache.empty(1, "cpu"))
+
+
+def test_an_admitted_prompt_past_the_limit_is_refused_and_no_prompt_means_no_change(model):
+    plain = model.generate(FIRST, mode="ar", max_new_tokens=5, eos_token_id=-1)
+    same = model.generate(FIRST, mode="ar", max_new_tokens=5, eos_token_id=-1, admit=lambda active, row: [])
+    assert torch.equal(plain.sequences, same.sequences)
+    with pytest.raises(ValueError, match="admitted prompt of 300 tokens exceeds .*max_position_embeddings=256"):
+        model.generate(FIRST, mode="ar", max_new_tokens=5, admit=lambda active, row: [[5] * 300])
