@@ -13,3 +13,4 @@
 - `launch`: `python -m pipeline serve` (Ray Serve, or `--local` without Ray).
 
 `docs/serving.md` describes the API, the batching and the measured load test (`bench/serve_load.py`).
+"""
