@@ -85,3 +85,25 @@ def test_local_and_address_together_are_refused(tmp_path, capsys):
 
     assert main(["serve", str(tmp_path), "--local", "--address", "auto"]) == 2
     assert "--local serves without Ray" in capsys.readouterr().err
+
+
+def test_the_serve_command_with_local_answers_and_stops_on_ctrl_c(tmp_path):
+    """`python -m pipeline serve EXPORT --local` as a user runs it: it prints its URL, answers, and
+    Ctrl-C (SIGINT) stops it with status 0."""
+    import signal
+    import subprocess
+    import sys
+
+    export = tiny_export(tmp_path / "model")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", str(export), "--local", "--port", str(port),
+                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"at http://127.0.0.1:{port}/v1" in line, line + proc.stderr.read()
+        reply = post(f"http://127.0.0.1:{port}", {"prompt": "copy ab=", "max_tokens": 3, "mode": "ar"})
+        assert reply["twotower"]["mode"] == "ar" and reply["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "stopping" in out, err[-2000:]
