@@ -9,6 +9,12 @@ p50/p95 latency, throughput (completion tokens per second of wall time), the mod
 chose, and the ratios auto / ar. Then checks that `verified` (and `auto` wherever it chose
 `verified` or `ar`) returned AR's text for every prompt. The rounds alternate ar / auto so load
 on the machine drifts on both alike. `--json FILE` keeps every number.
+
+Mixed lengths (`--long-every K --long-tokens N`: every K-th request asks for N tokens) show what
+continuous batching is for: the table then also gives the p50 latency of the short requests, which
+wait behind the long ones unless they can join a batch in flight. An export whose model has no EOS
+runs every request to its max_tokens: `tests/serving_fixtures.tiny_export(path, eos=False,
+max_positions=4096)` writes one (random weights).
 """
 from __future__ import annotations
 
@@ -44,37 +50,43 @@ def one(client, prompt: str, mode: str, max_tokens: int) -> dict:
             "server_s": extra.get("server_ms", 0) / 1000}
 
 
-def round_of(client, prompts: list[str], mode: str, concurrency: int, max_tokens: int) -> dict:
-    """Every prompt once, `concurrency` requests in flight."""
+def round_of(client, prompts: list[str], mode: str, concurrency: int, max_tokens: int | list[int]) -> dict:
+    """Every prompt once, `concurrency` requests in flight (`max_tokens`: one for all, or per prompt)."""
+    budgets = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        replies = list(pool.map(lambda p: one(client, p, mode, max_tokens), prompts))
+        replies = list(pool.map(lambda pb: one(client, pb[0], mode, pb[1]), zip(prompts, budgets)))
     wall = time.perf_counter() - start
     latencies = sorted(r["seconds"] for r in replies)
+    short = min(budgets)
     tokens = sum(r["tokens"] for r in replies)
     return {"mode": mode, "concurrency": concurrency, "requests": len(prompts), "wall_s": wall,
             "p50_s": statistics.median(latencies),
             "decode_p50_s": statistics.median(r["decode_s"] for r in replies),
             "server_p50_s": statistics.median(r["server_s"] for r in replies),
             "p95_s": latencies[max(0, round(0.95 * len(latencies)) - 1)],
+            "short_p50_s": statistics.median(r["seconds"] for r, b in zip(replies, budgets) if b == short),
             "tokens": tokens, "tokens_per_s": tokens / wall, "chosen": dict(Counter(r["mode"] for r in replies)),
             "batches": dict(Counter(r["batch"] for r in replies)), "texts": [r["text"] for r in replies],
             "modes": [r["mode"] for r in replies]}
 
 
-def run(url: str, prompts: list[str], concurrency: list[int], max_tokens: int, repeats: int = 1) -> dict:
-    """The load test against a running server at `url`."""
+def run(url: str, prompts: list[str], concurrency: list[int], max_tokens: int, repeats: int = 1,
+        long_every: int = 0, long_tokens: int = 0) -> dict:
+    """The load test against a running server at `url` (every `long_every`-th request asking for
+    `long_tokens` tokens when long_every > 0)."""
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
     for mode in ("ar", "auto", "verified"):  # warm-up: first calls pay one-off costs
         round_of(client, prompts[:4], mode, 4, max_tokens)
+    budgets = [long_tokens if long_every and i % long_every == 0 else max_tokens for i in range(len(prompts))]
     rounds = []
     for c in concurrency:
         for k in range(repeats):
             for mode in (("ar", "auto") if k % 2 == 0 else ("auto", "ar")):
-                rounds.append(round_of(client, prompts, mode, c, max_tokens))
-    verified = round_of(client, prompts, "verified", max(concurrency), max_tokens)
+                rounds.append(round_of(client, prompts, mode, c, budgets))
+    verified = round_of(client, prompts, "verified", max(concurrency), budgets)
     ar_texts = next(r["texts"] for r in rounds if r["mode"] == "ar")
     exact = {"verified": sum(a == b for a, b in zip(verified["texts"], ar_texts)), "of": len(prompts)}
     checked = [(t, a) for r in rounds if r["mode"] == "auto" for t, a, m in zip(r["texts"], ar_texts, r["modes"])
@@ -90,12 +102,14 @@ def run(url: str, prompts: list[str], concurrency: list[int], max_tokens: int, r
                       "ar_tokens_per_s": med(ar, "tokens_per_s"), "auto_tokens_per_s": med(auto, "tokens_per_s"),
                       "ar_decode_p50_s": med(ar, "decode_p50_s"), "auto_decode_p50_s": med(auto, "decode_p50_s"),
                       "ar_server_p50_s": med(ar, "server_p50_s"), "auto_server_p50_s": med(auto, "server_p50_s"),
+                      "ar_short_p50_s": med(ar, "short_p50_s"), "auto_short_p50_s": med(auto, "short_p50_s"),
                       "auto_chosen": auto[0]["chosen"], "auto_batches": auto[0]["batches"],
                       "latency_ratio": med(auto, "p50_s") / med(ar, "p50_s"),
                       "throughput_ratio": med(auto, "tokens_per_s") / med(ar, "tokens_per_s")})
     for r in rounds + [verified]:
         r.pop("texts"), r.pop("modes")
-    return {"table": table, "exact": exact, "rounds": rounds, "verified_round": verified}
+    return {"table": table, "exact": exact, "rounds": rounds, "verified_round": verified,
+            "mixed": {"long_every": long_every, "long_tokens": long_tokens} if long_every else None}
 
 
 def render(result: dict) -> str:
@@ -110,6 +124,11 @@ def render(result: dict) -> str:
                      f"{row['auto_tokens_per_s']:.0f} / {row['ar_tokens_per_s']:.0f} | "
                      f"{row['latency_ratio']:.2f} | {row['throughput_ratio']:.2f} | {row['auto_chosen']} | "
                      f"{row['auto_batches']} |")
+    if result.get("mixed"):
+        lines[0] += " p50 of the short requests auto / ar (s) |"
+        lines[1] += "---|"
+        for i, row in enumerate(result["table"]):
+            lines[2 + i] += f" {row['auto_short_p50_s']:.3f} / {row['ar_short_p50_s']:.3f} |"
     ex = result["exact"]
     lines.append(f"\n`verified` returned AR's text for {ex['verified']}/{ex['of']} prompts; `auto` where it chose "
                  f"verified or ar: {ex['auto_exact_modes']['equal']}/{ex['auto_exact_modes']['of']}.")
@@ -126,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--batch-wait-ms", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=0, help="torch threads in the replica (0: every core)")
+    p.add_argument("--long-every", type=int, default=0, help="every K-th request is a long one (0: none)")
+    p.add_argument("--long-tokens", type=int, default=256, help="max_tokens of the long requests")
     p.add_argument("--local", action="store_true", help="start the server without Ray (`pipeline serve --local`)")
     p.add_argument("--url", default=None, help="a server already running (default: start one here)")
     p.add_argument("--json", default=None, help="write every number to this file")
@@ -142,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         local = launch.LocalServer(args.export_dir, "127.0.0.1", port, **options) if args.local else None
         url = local.url if local else launch.start(args.export_dir, port=port, **options)
     try:
-        result = run(url, prompts_for(args.requests), args.concurrency, args.max_tokens, args.repeats)
+        result = run(url, prompts_for(args.requests), args.concurrency, args.max_tokens, args.repeats,
+                     args.long_every, args.long_tokens)
     finally:
         if args.url is None:
             local.stop() if local else launch.stop()

@@ -210,10 +210,12 @@ def test_the_load_test_runs_against_the_server(server):
     import serve_load
 
     url, _ = server
-    result = serve_load.run(url, serve_load.prompts_for(8), [1, 4], max_tokens=8, repeats=1)
+    result = serve_load.run(url, serve_load.prompts_for(8), [1, 4], max_tokens=8, repeats=1, long_every=4,
+                            long_tokens=12)  # rows 0 and 4 ask for 12 tokens, the others for 8
     assert [row["concurrency"] for row in result["table"]] == [1, 4]
     assert all(row["ar_tokens_per_s"] > 0 and row["auto_tokens_per_s"] > 0 for row in result["table"])
     assert result["exact"]["verified"] == result["exact"]["of"] == 8
     ex = result["exact"]["auto_exact_modes"]
     assert ex["equal"] == ex["of"] == 16  # this export's auto only ever picks ar or verified
-    assert "| 1 |" in serve_load.render(result)
+    assert all(0 < row["auto_short_p50_s"] for row in result["table"])
+    assert "| 1 |" in serve_load.render(result) and "p50 of the short requests" in serve_load.render(result)
