@@ -41,7 +41,7 @@ def _completion(job: Job, result: Result | None, rid: str, created: int, text: s
     if result is not None:
         body["usage"] = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                          "total_tokens": result.prompt_tokens + result.completion_tokens}
-        body["twotower"] = {"mode": result.mode, "batch_size": result.batch_size,
+        body["twotower"] = {"mode": result.mode, "modes": result.modes, "batch_size": result.batch_size,
                             "decode_ms": round(result.decode_seconds * 1000, 3),
                             "server_ms": round((time.perf_counter() - job.received) * 1000, 3)}
     return body

@@ -1,8 +1,9 @@
 """Jobs through `generate`, and what the server counts.
 
-The mode is chosen per batch: a job asking for `auto` runs the mode the export's `auto_modes`
-table gives for the batch's size (the fastest mode that met the quality target at that size in
-calibration). `Engine.decode` runs one `generate` call for jobs sharing a (mode, γ), whose rows
+The mode follows the batch: `auto` runs, block by block, the mode the export's `auto_modes` table
+gives for the rows decoding then (the fastest mode that met the quality target at that size in
+calibration), so a batch that grows as requests join and shrinks as rows end changes mode as the
+table says. `Engine.decode` runs one `generate` call for jobs sharing a (mode, γ), whose rows
 leave it as they finish and which more jobs may join while it runs (`admit`: the scheduler's
 continuous batching). A `RowStreamer` routes each row's commits to its job: text for a streaming
 client as blocks commit, the row's own `max_tokens` and stop strings, a client that went away
@@ -33,9 +34,12 @@ class Result:
     prompt_tokens: int
     completion_tokens: int
     mode: str
+    """The mode that committed most of its tokens (an `auto` row may run several, block by block)."""
     batch_size: int
     decode_seconds: float = 0.0
     """Wall time from the job's prefill to its last token."""
+    modes: dict[str, int] = field(default_factory=dict)
+    """Tokens committed per mode."""
 
 
 @dataclass
@@ -43,7 +47,9 @@ class Metrics:
     """Counters since the server started (rendered by `/metrics` in Prometheus' text format)."""
 
     requests: Counter = field(default_factory=Counter)
-    """Per mode run."""
+    """Per mode run (the mode of most of each request's tokens)."""
+    blocks: Counter = field(default_factory=Counter)
+    """`auto` batches: blocks decoded per mode the table picked."""
     finish: Counter = field(default_factory=Counter)
     batches: Counter = field(default_factory=Counter)
     """Per batch size."""
@@ -60,6 +66,8 @@ class Metrics:
         with self.lock:
             lines = ["# TYPE twotower_requests_total counter"]
             lines += [f'twotower_requests_total{{mode="{m}"}} {n}' for m, n in sorted(self.requests.items())]
+            lines.append("# TYPE twotower_auto_blocks_total counter")
+            lines += [f'twotower_auto_blocks_total{{mode="{m}"}} {n}' for m, n in sorted(self.blocks.items())]
             lines.append("# TYPE twotower_finished_total counter")
             lines += [f'twotower_finished_total{{reason="{r}"}} {n}' for r, n in sorted(self.finish.items())]
             lines.append("# TYPE twotower_batches_total counter")
@@ -90,6 +98,9 @@ class _JobStreamer(RowStreamer):
         self.sizes: list[int] = []
         self.started: list[float] = []
         self.results: list[Result | None] = []
+        self.modes: list[Counter] = []
+        """Per row, tokens committed per mode (`current` is the mode of the block being decoded)."""
+        self.current = mode
 
     def add(self, job: Job, batch_size: int) -> None:
         """The next row is `job`'s; `batch_size`: the batch's rows once it is in."""
@@ -100,6 +111,7 @@ class _JobStreamer(RowStreamer):
         self.sizes.append(batch_size)
         self.started.append(time.perf_counter())
         self.results.append(None)
+        self.modes.append(Counter())
 
     def _send(self, job: Job, piece: str | None) -> None:
         if job.sink is not None and job.loop is not None and (piece or piece is None):
@@ -112,6 +124,7 @@ class _JobStreamer(RowStreamer):
             return True
         tokens = tokens[: job.max_tokens - self.counts[row]]
         self.counts[row] += len(tokens)
+        self.modes[row][self.current] += len(tokens)
         hit_eos = self.eos is not None and bool(tokens) and tokens[-1] == self.eos
         full = self.counts[row] >= job.max_tokens
         piece = text.add(tokens, final=finished or full or hit_eos)
@@ -126,8 +139,10 @@ class _JobStreamer(RowStreamer):
         job = self.jobs[row]
         self.reasons[row] = reason
         self._send(job, None)
-        result = Result(self.texts[row].text, reason, len(job.prompt_ids), self.counts[row], self.mode,
-                        self.sizes[row], time.perf_counter() - self.started[row])
+        modes = self.modes[row]
+        mode = max(modes, key=modes.get) if modes else self.current
+        result = Result(self.texts[row].text, reason, len(job.prompt_ids), self.counts[row], mode,
+                        self.sizes[row], time.perf_counter() - self.started[row], dict(modes))
         self.results[row] = result
         with self.metrics.lock:
             self.metrics.requests[result.mode] += 1
@@ -197,15 +212,17 @@ class Engine:
     def decode(self, jobs: list[Job], mode: str, gamma: float, batch_size: int | None = None,
                admit: Callable[[int, str, float], list[Job]] | None = None,
                done: Callable[[Job, Result], None] | None = None) -> list[Result]:
-        """One `generate` call for `jobs` (all run `mode` at `gamma`; `batch_size`: what their answers
-        report, default their number). `admit(active_rows, mode, gamma)` is asked between forwards for
-        jobs to join; `done(job, result)` is told as each row ends. Returns every job's result, the
-        joined ones after the first, in the order they came."""
+        """One `generate` call for `jobs` (all run `mode` at `gamma`, `auto` picked block by block;
+        `batch_size`: what their answers report, default their number). `admit(active_rows, mode,
+        gamma)` is asked between forwards for jobs to join; `done(job, result)` is told as each row
+        ends. Returns every job's result, the joined ones after the first, in the order they came."""
         import torch
 
         eos = self.model.context_tower.config.eos_token_id
         eos = eos[0] if isinstance(eos, list) else eos
         streamer = _JobStreamer(self.tokenizer, eos, mode, self.metrics, done)
+        if mode == "auto":
+            streamer.current = self.mode_at(len(jobs))
         for job in jobs:
             streamer.add(job, batch_size or len(jobs))
 
@@ -217,12 +234,22 @@ class Engine:
                 self.metrics.joined += len(new)
             return [job.prompt_ids for job in new]
 
+        def pick(active: int) -> str:
+            streamer.current = self.mode_at(active)
+            with self.metrics.lock:
+                self.metrics.blocks[streamer.current] += 1
+            return streamer.current
+
         # with joins, each row's own max_tokens ends it (the streamer); the call's budget is no limit
         budget = max(job.max_tokens for job in jobs) if admit is None else (self.max_positions or 1 << 30)
+        table = set((self.auto_modes or {}).values()) or {"ar"}
+        if mode == "auto" and len(table) == 1:  # one mode at every size: run it as such (`ar`: its own loop)
+            mode = streamer.current = table.pop()
         start = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate([job.prompt_ids for job in jobs], mode=mode, gamma=gamma, max_new_tokens=budget,
-                                      streamer=streamer, admit=None if admit is None else join)
+                                      streamer=streamer, admit=None if admit is None else join,
+                                      pick=pick if mode == "auto" else None)
         with self.metrics.lock:
             self.metrics.busy_seconds += time.perf_counter() - start
             self.metrics.batches[len(jobs)] += 1

@@ -6,10 +6,9 @@ its own while the others wait one forward. A row leaves as soon as it ends, and 
 out at once, not when the batch ends. Which requests start a batch and which join it (`starting`,
 `joining`):
 
-- the oldest pending request leads: a new batch takes the requests sharing its (mode, γ), up to
-  `max_batch`, `auto` ones resolved by the export's table at the batch's size;
-- `auto` requests join a batch only if the table gives the batch's mode at the size they make it:
-  where the table changes mode with size, they wait and start the next batch at their own size;
+- the oldest pending request leads: a new batch takes the requests sharing its mode and γ, up to
+  `max_batch`. `auto` requests make an `auto` batch, whose mode the export's table picks block by
+  block for the rows decoding then (`Engine.decode`), so any `auto` request at that γ can join;
 - nothing joins while a request that cannot join is waiting (another mode or γ), so the running
   batch drains and that request leads the next one: no request waits behind an endless stream.
 
@@ -21,40 +20,23 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Callable
 
 from serving.engine import Engine, Result
 from serving.requests import Job
 
-Resolve = Callable[[int], str]
-"""Batch size -> the mode `auto` runs at that size."""
 
-
-def starting(pending: list[Job], resolve: Resolve, max_batch: int) -> tuple[list[Job], str, float]:
+def starting(pending: list[Job], max_batch: int) -> tuple[list[Job], str, float]:
     """The jobs that start the next batch (led by the oldest), its mode and γ."""
     head = pending[0]
-    gamma = head.gamma
-    autos = [job for job in pending if job.mode == "auto" and job.gamma == gamma]
-    if head.mode == "auto":
-        autos = autos[:max_batch]
-        return autos, resolve(len(autos)), gamma
-    group = [job for job in pending if job.mode == head.mode and job.gamma == gamma][:max_batch]
-    autos = autos[: max_batch - len(group)]
-    if autos and resolve(len(group) + len(autos)) == head.mode:
-        group = [job for job in pending if job in group or job in autos]  # arrival order
-    return group, head.mode, gamma
+    group = [job for job in pending if job.mode == head.mode and job.gamma == head.gamma][:max_batch]
+    return group, head.mode, head.gamma
 
 
-def joining(pending: list[Job], resolve: Resolve, mode: str, gamma: float, active: int, room: int) -> list[Job]:
-    """The pending jobs that join a batch of `active` rows running `mode` at `gamma` (at most `room`)."""
-    if any(job.gamma != gamma or job.mode not in (mode, "auto") for job in pending):
+def joining(pending: list[Job], mode: str, gamma: float, room: int) -> list[Job]:
+    """The pending jobs that join a batch running `mode` at `gamma` (at most `room`)."""
+    if any(job.gamma != gamma or job.mode != mode for job in pending):
         return []  # a request that cannot join leads the next batch: this one drains first
-    same = [job for job in pending if job.mode == mode][:room]
-    autos = [job for job in pending if job.mode == "auto"][: room - len(same)]
-    if autos and resolve(active + len(same) + len(autos)) != mode:
-        return []  # at that size the table picks another mode: they start the next batch at their own
-    chosen = same + autos
-    return [job for job in pending if job in chosen]
+    return pending[:room]
 
 
 class Scheduler:
@@ -69,9 +51,6 @@ class Scheduler:
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._serve, name="twotower-decode", daemon=True)
         self.thread.start()
-
-    def resolve(self, size: int) -> str:
-        return self.engine.mode_at(size)
 
     async def submit(self, job: Job) -> Result:
         """Queue `job`; its result once its row ends (cancelled with the request: the row ends at
@@ -109,7 +88,7 @@ class Scheduler:
             self._drop_cancelled()
             if not self.pending:
                 return []
-            new = joining(self.pending, self.resolve, mode, gamma, active, self.max_batch - active)
+            new = joining(self.pending, mode, gamma, self.max_batch - active)
             for job in new:
                 self.pending.remove(job)
             self.running += new
@@ -126,7 +105,7 @@ class Scheduler:
                 self._drop_cancelled()
                 if not self.pending:
                     continue
-                jobs, mode, gamma = starting(self.pending, self.resolve, self.max_batch)
+                jobs, mode, gamma = starting(self.pending, self.max_batch)
                 for job in jobs:
                     self.pending.remove(job)
                 self.running = list(jobs)

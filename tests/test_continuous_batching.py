@@ -94,3 +94,38 @@ def test_an_admitted_prompt_past_the_limit_is_refused_and_no_prompt_means_no_cha
     assert torch.equal(plain.sequences, same.sequences)
     with pytest.raises(ValueError, match="admitted prompt of 300 tokens exceeds .*max_position_embeddings=256"):
         model.generate(FIRST, mode="ar", max_new_tokens=5, admit=lambda active, row: [[5] * 300])
+
+
+def test_auto_picked_block_by_block_switches_modes_and_keeps_ar_exact_where_it_runs_exact_modes(model):
+    """`generate(mode="auto", pick=...)`: the mode chosen per block. Alternating `verified` and `ar`
+    blocks (both exact), with rows joining: every row is AR's output. A pick by batch size that
+    puts `diffusion` on the bigger batches runs both modes in one call."""
+    kw = dict(max_new_tokens=NEW, eos_token_id=-1, gamma=0.5)
+    seen: list[tuple[int, str]] = []
+
+    def alternate(active):
+        seen.append((active, ("verified", "ar")[len(seen) % 2]))
+        return seen[-1][1]
+
+    out = model.generate(FIRST, mode="auto", pick=alternate, admit=Admit(), **kw)
+    assert out.mode == "auto" and {m for _, m in seen} == {"verified", "ar"}
+    assert {n for n, _ in seen} >= {2, 4}  # the pick saw the batch grow
+    for row, prompt in enumerate(FIRST + LATER[2] + LATER[4]):
+        assert out.generated[row].tolist() == model.generate([prompt], mode="ar", **kw).generated[0].tolist()
+    chosen: list[str] = []
+
+    def by_size(active):
+        chosen.append("diffusion" if active >= 3 else "verified")
+        return chosen[-1]
+
+    streamer = Collect()
+    out = model.generate(FIRST, mode="auto", pick=by_size, admit=Admit(), streamer=streamer, **kw)
+    assert set(chosen) == {"diffusion", "verified"}
+    assert all(streamer.rows[r] == out.generated[r].tolist() for r in range(5))
+
+
+def test_pick_goes_with_auto_and_names_a_mode(model):
+    with pytest.raises(ValueError, match="pick chooses the mode of each block for mode='auto'"):
+        model.generate(FIRST, mode="diffusion", pick=lambda n: "ar")
+    with pytest.raises(ValueError, match="pick returned 'fastest'"):
+        model.generate(FIRST, mode="auto", pick=lambda n: "fastest")

@@ -14,11 +14,6 @@ from serving.scheduler import Scheduler, joining, starting
 from stages.data.tokenizer import build_char_tokenizer
 
 TOK = build_char_tokenizer()
-TABLE = {1: "ar", 4: "verified"}
-
-
-def resolve(size: int) -> str:
-    return TABLE[max(s for s in TABLE if s <= size)]
 
 
 def job(mode="auto", gamma=0.9, prompt="ab", max_tokens=12) -> Job:
@@ -26,25 +21,22 @@ def job(mode="auto", gamma=0.9, prompt="ab", max_tokens=12) -> Job:
                      chat=False, default_max_tokens=12, default_gamma=0.9, max_positions=4096, model_name="m")
 
 
-def test_the_oldest_request_leads_a_new_batch():
+def test_the_oldest_request_leads_a_new_batch_of_its_mode_and_gamma():
     a, b, c, d = job("diffusion"), job("auto"), job("diffusion", gamma=0.5), job("diffusion")
-    assert starting([a, b, c, d], resolve, 8) == ([a, d], "diffusion", 0.9)  # auto at 3 would be ar
+    assert starting([a, b, c, d], 8) == ([a, d], "diffusion", 0.9)
     autos = [job() for _ in range(5)]
-    assert starting(autos + [a], resolve, 8) == (autos, "verified", 0.9)  # five auto -> the table at 5
-    assert starting(autos, resolve, 3) == (autos[:3], "ar", 0.9)  # at most max_batch
-    v = job("verified")
-    assert starting([v] + autos[:3], resolve, 8) == ([v] + autos[:3], "verified", 0.9)  # 4 -> verified
+    assert starting(autos + [a], 8) == (autos, "auto", 0.9)  # auto: the table picks per block
+    assert starting(autos, 3) == (autos[:3], "auto", 0.9)  # at most max_batch
 
 
 def test_who_joins_a_running_batch():
-    same, auto = job("verified"), job()
-    assert joining([same, auto], resolve, "verified", 0.9, active=3, room=5) == [same, auto]  # 5 -> verified
-    assert joining([auto], resolve, "ar", 0.9, active=3, room=5) == []  # at 4 auto would be verified
-    assert joining([auto], resolve, "ar", 0.9, active=2, room=5) == [auto]  # at 3 it is still ar
-    assert joining([same, job("ar")], resolve, "verified", 0.9, 1, 7) == []  # another mode waits: drain
-    assert joining([same, job("verified", gamma=0.5)], resolve, "verified", 0.9, 1, 7) == []  # another γ too
-    many = [job("verified") for _ in range(4)]
-    assert joining(many, resolve, "verified", 0.9, active=6, room=2) == many[:2]  # no more than the room
+    autos = [job() for _ in range(4)]
+    assert joining(autos, "auto", 0.9, room=5) == autos
+    assert joining(autos, "auto", 0.9, room=2) == autos[:2]  # no more than the room
+    assert joining([job("verified")], "verified", 0.9, 3) != []
+    assert joining(autos + [job("ar")], "auto", 0.9, 7) == []  # another mode waits: the batch drains
+    assert joining(autos + [job(gamma=0.5)], "auto", 0.9, 7) == []  # another γ too
+    assert joining([job("verified")], "auto", 0.9, 7) == []
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +84,28 @@ def test_a_request_whose_client_left_before_it_started_is_not_decoded(engine):
     gone, long = asyncio.run(scenario())
     assert gone.finish_reason == "cancelled" and gone.completion_tokens == 0
     assert engine.metrics.requests["verified"] == before and long.completion_tokens == 200
+
+
+def test_an_auto_batch_changes_mode_as_it_grows_and_stays_ar_exact(engine):
+    """The fixture's table: `ar` below 4 rows, `verified` from 4. A long `auto` request alone runs
+    `ar` blocks; three more join and the batch runs `verified`; every answer is AR's text."""
+    prompts = ["copy abcdef=", "12+34=", "rev: abc=", "9+9="]
+    alone = [engine.run([job("ar", prompt=p, max_tokens=n)])[0].text for p, n in zip(prompts, (400, 8, 8, 8))]
+
+    async def scenario():
+        scheduler = Scheduler(engine, max_batch=8, batch_wait_s=0.0)
+        long = asyncio.ensure_future(scheduler.submit(job(prompt=prompts[0], max_tokens=400)))
+        while not scheduler.running:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.02)  # a few `ar` blocks alone
+        short = await asyncio.gather(*(scheduler.submit(job(prompt=p, max_tokens=8)) for p in prompts[1:]))
+        return [await long] + list(short)
+
+    before = dict(engine.metrics.blocks)
+    results = asyncio.run(scenario())
+    assert [r.text for r in results] == alone
+    assert set(results[0].modes) == {"ar", "verified"} and sum(results[0].modes.values()) == 400
+    assert all(r.modes.get("verified", 0) > 0 for r in results[1:])
+    assert engine.metrics.blocks["verified"] > before.get("verified", 0)
+    assert engine.metrics.blocks["ar"] > before.get("ar", 0)
+    assert 'twotower_auto_blocks_total{mode="verified"}' in engine.metrics.render()

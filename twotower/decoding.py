@@ -172,6 +172,8 @@ class Decoding:
     """Per block the denoiser steps (`return_trace`), else None."""
     join: Callable[[], None] | None = None
     """Continuous batching (`generate(admit=)`): called between forwards, may add rows."""
+    pick: Callable[[int], str] | None = None
+    """`auto` per block (`generate(pick=)`): rows decoding -> the mode of the next block."""
 
     def admit(self) -> None:
         if self.join is not None:
@@ -196,9 +198,10 @@ commit with one context forward, or None when the fill already extended the cach
 tokens)."""
 
 
-def _block_loop(d: Decoding, fill: Fill) -> None:
+def _block_loop(d: Decoding, fill: Fill | None) -> None:
     """Blocks until every row is finished: a row whose next token (the context tower's) is EOS ends
-    there; the others get a block from `fill`, emitted and, unless the fill did, committed."""
+    there; the others get a block from `fill` (None: the fill `d.pick` chooses for this block),
+    emitted and, unless the fill did, committed."""
     rows, walk, B = d.rows, d.model.context_walk, d.block_size
     while True:
         d.admit()
@@ -210,7 +213,7 @@ def _block_loop(d: Decoding, fill: Fill) -> None:
         block = torch.full((rows.index.shape[0], B), d.pad, dtype=torch.long, device=d.ctx_dev)
         block[:, 0] = rows.first
         steps: list | None = [] if d.trace is not None else None
-        block, tokens = fill(d, block, steps)
+        block, tokens = (fill or _picked(d))(d, block, steps)
         if d.trace is not None:
             d.trace.append(steps)
         alive = ~rows.emit(tokens, d.eos, d.budget)
@@ -252,13 +255,33 @@ def _mock_ar_fill(d: Decoding, block: torch.Tensor, steps):
     return block, block.tolist()
 
 
+def _ar_fill(d: Decoding, block: torch.Tensor, steps):
+    """`ar` as a block of one token (its commit is AR's next forward): `auto` per block only."""
+    block = block[:, :1]
+    return block, block.tolist()
+
+
+FILLS: dict[str, Fill] = {"diffusion": _diffusion_fill, "verified": _verified_fill, "mock_ar": _mock_ar_fill,
+                          "ar": _ar_fill}
+
+
+def _picked(d: Decoding) -> Fill:
+    """The fill of the mode `d.pick` chooses for the rows decoding now."""
+    mode = d.pick(int(d.rows.index.shape[0]))
+    if mode not in FILLS:
+        raise ValueError(f"generate: pick returned {mode!r}, not one of {tuple(FILLS)}")
+    return FILLS[mode]
+
+
 DECODERS: dict[str, Callable[[Decoding], None]] = {
     "diffusion": partial(_block_loop, fill=_diffusion_fill),
     "verified": partial(_block_loop, fill=_verified_fill),
     "mock_ar": partial(_block_loop, fill=_mock_ar_fill),
     "ar": decode_ar,
+    "auto": partial(_block_loop, fill=None),
 }
-"""Mode -> its unit (`auto` resolves to one of these before decoding starts)."""
+"""Mode -> its unit. `auto` resolves to one of the others before decoding starts, unless a `pick`
+chooses the mode block by block (the block loop with `_ar_fill` as `ar`)."""
 
 
 def _denoise_block(model, block, rows, gamma, eos, pad, den_dev, tally, steps, draft=None, drafting=None):

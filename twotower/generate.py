@@ -152,6 +152,7 @@ def generate(
     auto_modes: dict[int, str] | None = None,
     streamer=None,
     admit=None,
+    pick=None,
 ) -> GenerateOutput:
     """Generate from a batch of prompts (a `[b, P]` tensor, optionally with `attention_mask`,
     or a list of id lists of different lengths). eos/pad ids default to the backbone config.
@@ -170,7 +171,10 @@ def generate(
     still decoding; the index the first new row gets) and returns prompts (id lists) to join the batch
     now, or nothing; they are prefilled on their own and decode in the running mode, as rows
     `next_row`, `next_row + 1`, ... of the streamer and the result (their budget is max_new_tokens
-    too: a server ends each row at its own through the streamer)."""
+    too: a server ends each row at its own through the streamer). pick (`auto` only): the mode chosen
+    block by block instead of once: called at every block boundary with the rows decoding then, it
+    returns "diffusion", "verified", "mock_ar" or "ar" for that block (a batch that grows by `admit`
+    and shrinks as rows end changes mode as the table says); the result's `mode` is then "auto"."""
     cfg = model.tt_config
     B = block_size or cfg.block_size
     if mode not in MODES:
@@ -193,7 +197,9 @@ def generate(
     ctx_dev = next(model.context_tower.parameters()).device
     den_dev = next(model.denoiser.parameters()).device
     ids, valid, lengths = _pack_prompts(input_ids, attention_mask, pad, ctx_dev)
-    if mode == "auto":
+    if pick is not None and mode != "auto":
+        raise ValueError(f"generate: pick chooses the mode of each block for mode='auto', not {mode!r}")
+    if mode == "auto" and pick is None:
         mode = auto_mode(auto_modes if auto_modes is not None else getattr(model, "auto_modes", None), ids.shape[0])
     limit = model.adapter.max_positions(bcfg)
     if limit is not None and int(lengths.max()) > limit:
@@ -213,7 +219,7 @@ def generate(
     join = None if admit is None else partial(_join, model, admit, rows, tally, prompts, pad, limit, B, ctx_options)
     try:
         DECODERS[mode](Decoding(model, rows, tally, B, gamma, eos_token_id, pad, max_new_tokens, draft, ctx_options,
-                                ctx_dev, den_dev, trace, join))
+                                ctx_dev, den_dev, trace, join, pick))
     finally:
         if rows.streamer is not None:
             rows.streamer.end()
