@@ -4,7 +4,7 @@
 
 - `requests`: an OpenAI request body -> a validated `Job` (or a `BadRequest`, answered 400);
 - `text`: token ids -> text as they commit, stop strings, held back until they cannot be a stop;
-- `engine`: jobs through `generate` (the mode per batch, `auto` by the export's `auto_modes`),
+- `engine`: jobs through `generate` (`auto`: the export's `auto_modes`, block by block),
   streaming each row, ending rows that stop or whose client left, each job answered as its row
   ends; the metrics;
 - `scheduler`: continuous batching: one decoding thread, requests joining the running batch;
