@@ -80,15 +80,20 @@ class LocalServer:
 
         check_port(host, port)
         app = build_app(Server(str(check_export(export_dir)), options))
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.server.run, name="twotower-http", daemon=True)
         self.thread.start()
         self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         _wait_healthy(self.url)
 
     def stop(self) -> None:
+        """Stop accepting, let requests in flight finish (5 s at most), then return."""
         self.server.should_exit = True
-        self.thread.join(timeout=30)
+        self.thread.join(timeout=10)
+        if self.thread.is_alive():  # something still holds it: close regardless
+            self.server.force_exit = True
+            self.thread.join(timeout=10)
 
 
 def _wait_healthy(url: str, seconds: float = 120) -> None:
@@ -155,13 +160,25 @@ def main(args) -> int:
     except OSError as err:  # a missing export (FileNotFoundError), a port in use
         print(f"error: {err}", file=sys.stderr)
         return 2
+    stopping = _until_signalled()
     print(f"serving {args.export_dir} at {url}/v1 (OpenAI API; mode per request, default auto); Ctrl-C stops",
           flush=True)
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
+        while not stopping.wait(1.0):
+            pass
         print("stopping", flush=True)
     finally:
         local.stop() if args.local else stop()
     return 0
+
+
+def _until_signalled():
+    """An event set by Ctrl-C (SIGINT) or SIGTERM: the command waits on it, so a signal never lands
+    as a KeyboardInterrupt in the middle of starting or stopping the server."""
+    import signal
+    import threading
+
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    return stopping

@@ -105,5 +105,10 @@ def test_the_serve_command_with_local_answers_and_stops_on_ctrl_c(tmp_path):
         assert reply["twotower"]["mode"] == "ar" and reply["usage"]["completion_tokens"] >= 1
     finally:
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"running 60 s after Ctrl-C; out: {out[-2000:]} err: {err[-4000:]}") from None
     assert proc.returncode == 0 and "stopping" in out, err[-2000:]
