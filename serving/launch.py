@@ -174,7 +174,10 @@ def main(args) -> int:
 
 def _until_signalled():
     """An event set by Ctrl-C (SIGINT) or SIGTERM: the command waits on it, so a signal never lands
-    as a KeyboardInterrupt in the middle of starting or stopping the server."""
+    as a KeyboardInterrupt in the middle of starting or stopping the server. The handlers are set
+    explicitly: a command started in the background by a non-interactive shell (`cmd &` in a
+    script, CI) inherits SIGINT *ignored*, and Python then never raises KeyboardInterrupt, so
+    Ctrl-C-as-SIGINT would not stop the server at all."""
     import signal
     import threading
 
