@@ -89,7 +89,8 @@ def test_local_and_address_together_are_refused(tmp_path, capsys):
 
 def test_the_serve_command_with_local_answers_and_stops_on_ctrl_c(tmp_path):
     """`python -m pipeline serve EXPORT --local` as a user runs it: it prints its URL, answers, and
-    Ctrl-C (SIGINT) stops it with status 0."""
+    Ctrl-C (SIGINT) stops it with status 0, even started as a script's background job, which
+    inherits SIGINT ignored (simulated here: the child starts with SIGINT ignored)."""
     import signal
     import subprocess
     import sys
@@ -97,7 +98,8 @@ def test_the_serve_command_with_local_answers_and_stops_on_ctrl_c(tmp_path):
     export = tiny_export(tmp_path / "model")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", str(export), "--local", "--port", str(port),
-                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         line = proc.stdout.readline()
         assert f"at http://127.0.0.1:{port}/v1" in line, line + proc.stderr.read()
