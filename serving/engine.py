@@ -243,13 +243,14 @@ class Engine:
         # with joins, each row's own max_tokens ends it (the streamer); the call's budget is no limit
         budget = max(job.max_tokens for job in jobs) if admit is None else (self.max_positions or 1 << 30)
         table = set((self.auto_modes or {}).values()) or {"ar"}
+        runs = mode  # what generate runs; `mode` stays what joining requests ask for
         if mode == "auto" and len(table) == 1:  # one mode at every size: run it as such (`ar`: its own loop)
-            mode = streamer.current = table.pop()
+            runs = streamer.current = next(iter(table))
         start = time.perf_counter()
         with torch.inference_mode():
-            out = self.model.generate([job.prompt_ids for job in jobs], mode=mode, gamma=gamma, max_new_tokens=budget,
+            out = self.model.generate([job.prompt_ids for job in jobs], mode=runs, gamma=gamma, max_new_tokens=budget,
                                       streamer=streamer, admit=None if admit is None else join,
-                                      pick=pick if mode == "auto" else None)
+                                      pick=pick if runs == "auto" else None)
         with self.metrics.lock:
             self.metrics.busy_seconds += time.perf_counter() - start
             self.metrics.batches[len(jobs)] += 1

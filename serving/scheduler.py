@@ -114,3 +114,6 @@ class Scheduler:
             except Exception as err:  # noqa: BLE001 - every request of the batch gets the error
                 for job in self.running:
                     self._answer(job, RuntimeError(f"decoding failed: {err}"))
+            finally:
+                with self.cond:
+                    self.running = []

@@ -109,3 +109,47 @@ def test_an_auto_batch_changes_mode_as_it_grows_and_stays_ar_exact(engine):
     assert engine.metrics.blocks["verified"] > before.get("verified", 0)
     assert engine.metrics.blocks["ar"] > before.get("ar", 0)
     assert 'twotower_auto_blocks_total{mode="verified"}' in engine.metrics.render()
+
+
+@pytest.mark.parametrize("table", [{1: "verified"}, None])
+def test_auto_requests_join_when_the_table_names_one_mode_or_none(engine, monkeypatch, table):
+    """A table with one mode at every size (run as that mode) or none (`auto` serves `ar`): `auto`
+    requests still join the batch in flight."""
+    monkeypatch.setattr(engine, "auto_modes", table)
+    alone = engine.run([job("ar", prompt="12+34=", max_tokens=6)])[0].text
+
+    async def scenario():
+        scheduler = Scheduler(engine, max_batch=8, batch_wait_s=0.0)
+        long = asyncio.ensure_future(scheduler.submit(job(prompt="copy abcdef=", max_tokens=400)))
+        while not scheduler.running:
+            await asyncio.sleep(0.001)
+        short = await scheduler.submit(job(prompt="12+34=", max_tokens=6))
+        assert not long.done()
+        return short, await long
+
+    joined = engine.metrics.joined
+    short, long = asyncio.run(scenario())
+    assert engine.metrics.joined == joined + 1 and short.batch_size == 2
+    assert short.text == alone and short.mode == long.mode == (table or {1: "ar"})[1]
+
+
+def test_a_decoding_error_answers_its_batch_and_the_scheduler_goes_on(engine, monkeypatch):
+    real = engine.model.generate
+    calls = []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "generate", failing_once)
+
+    async def scenario():
+        scheduler = Scheduler(engine, max_batch=8, batch_wait_s=0.0)
+        with pytest.raises(RuntimeError, match="decoding failed: out of memory"):
+            await scheduler.submit(job("ar", max_tokens=4))
+        return await scheduler.submit(job("ar", max_tokens=4))
+
+    assert asyncio.run(scenario()).completion_tokens == 4
+    assert engine.metrics.in_flight == 0
