@@ -199,7 +199,8 @@ def test_verified_equals_ar_at_every_gamma_batched_eos_odd_budget(name):
 def test_drop_last_equals_the_cache_of_the_kept_prefix(name):
     """Rolling a block commit back per row (different lengths) leaves a cache that continues
     exactly like one extended by the kept tokens only: K/V, positions, Mamba conv and SSM states."""
-    from twotower.decoding import Rows, Tally, verify_block
+    from twotower.decoding import verify_block
+    from twotower.rows import Rows, Tally
 
     model = tiny_twotower(name, perturb=0.05)
     walk = model.context_walk

@@ -15,8 +15,9 @@ from functools import partial
 import torch
 
 from twotower.cache import TowerCache
-from twotower.decoding import DECODERS, DRAFTS, Decoding, Rows, Tally
+from twotower.decoding import DECODERS, DRAFTS, Decoding
 from twotower.positions import pad_id_of
+from twotower.rows import Rows, Tally
 from twotower.streaming import as_row_streamer
 from twotower.walk import context_forward
 
