@@ -85,76 +85,79 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+@dataclass
+class _Row:
+    """One job's row in a `generate` call, as the streamer follows it."""
+
+    job: Job
+    text: TextStream
+    batch_size: int
+    """The batch's rows once this one was in."""
+    started: float = field(default_factory=time.perf_counter)
+    count: int = 0
+    """Completion tokens so far (at most `job.max_tokens`)."""
+    modes: Counter = field(default_factory=Counter)
+    """Tokens committed per mode."""
+    result: Result | None = None
+    """Set when the row ends."""
+
+
 class _JobStreamer(RowStreamer):
     """Routes one `generate` call's rows to their jobs (row i is the i-th job added) and builds each
     job's `Result` when its row ends, handing it to `done` at once."""
 
     def __init__(self, tokenizer, eos: int | None, mode: str, metrics: Metrics, done: Callable | None):
-        self.tokenizer, self.eos, self.mode, self.metrics, self.done = tokenizer, eos, mode, metrics, done
-        self.jobs: list[Job] = []
-        self.texts: list[TextStream] = []
-        self.counts: list[int] = []
-        self.reasons: list[str | None] = []
-        self.sizes: list[int] = []
-        self.started: list[float] = []
-        self.results: list[Result | None] = []
-        self.modes: list[Counter] = []
-        """Per row, tokens committed per mode (`current` is the mode of the block being decoded)."""
+        self.tokenizer, self.eos, self.metrics, self.done = tokenizer, eos, metrics, done
+        self.rows: list[_Row] = []
         self.current = mode
+        """The mode of the block being decoded (what its tokens are counted under)."""
 
     def add(self, job: Job, batch_size: int) -> None:
         """The next row is `job`'s; `batch_size`: the batch's rows once it is in."""
-        self.jobs.append(job)
-        self.texts.append(TextStream(self.tokenizer, job.stop, live=job.stream))
-        self.counts.append(0)
-        self.reasons.append(None)
-        self.sizes.append(batch_size)
-        self.started.append(time.perf_counter())
-        self.results.append(None)
-        self.modes.append(Counter())
+        self.rows.append(_Row(job, TextStream(self.tokenizer, job.stop, live=job.stream), batch_size))
+
+    @property
+    def results(self) -> list[Result | None]:
+        return [row.result for row in self.rows]
 
     def _send(self, job: Job, piece: str | None) -> None:
         if job.sink is not None and job.loop is not None and (piece or piece is None):
             job.loop.call_soon_threadsafe(job.sink.put_nowait, piece)
 
-    def put_row(self, row: int, tokens: list[int], finished: bool) -> bool:
-        job, text = self.jobs[row], self.texts[row]
+    def put_row(self, index: int, tokens: list[int], finished: bool) -> bool:
+        row = self.rows[index]
+        job = row.job
         if job.cancelled.is_set():
             self._finish(row, "cancelled")
             return True
-        tokens = tokens[: job.max_tokens - self.counts[row]]
-        self.counts[row] += len(tokens)
-        self.modes[row][self.current] += len(tokens)
+        tokens = tokens[: job.max_tokens - row.count]
+        row.count += len(tokens)
+        row.modes[self.current] += len(tokens)
         hit_eos = self.eos is not None and bool(tokens) and tokens[-1] == self.eos
-        full = self.counts[row] >= job.max_tokens
-        piece = text.add(tokens, final=finished or full or hit_eos)
-        self._send(job, piece)
-        if text.stopped or hit_eos:
+        full = row.count >= job.max_tokens
+        self._send(job, row.text.add(tokens, final=finished or full or hit_eos))
+        if row.text.stopped or hit_eos:
             self._finish(row, "stop")
         elif full or finished:
             self._finish(row, "length")
-        return self.reasons[row] is not None
+        return row.result is not None
 
-    def _finish(self, row: int, reason: str) -> None:
-        job = self.jobs[row]
-        self.reasons[row] = reason
-        self._send(job, None)
-        modes = self.modes[row]
-        mode = max(modes, key=modes.get) if modes else self.current
-        result = Result(self.texts[row].text, reason, len(job.prompt_ids), self.counts[row], mode,
-                        self.sizes[row], time.perf_counter() - self.started[row], dict(modes))
-        self.results[row] = result
+    def _finish(self, row: _Row, reason: str) -> None:
+        self._send(row.job, None)
+        mode = max(row.modes, key=row.modes.get) if row.modes else self.current
+        row.result = Result(row.text.text, reason, len(row.job.prompt_ids), row.count, mode, row.batch_size,
+                            time.perf_counter() - row.started, dict(row.modes))
         with self.metrics.lock:
-            self.metrics.requests[result.mode] += 1
+            self.metrics.requests[mode] += 1
             self.metrics.finish[reason] += 1
-            self.metrics.tokens += result.completion_tokens
+            self.metrics.tokens += row.count
         if self.done is not None:
-            self.done(job, result)
+            self.done(row.job, row.result)
 
     def end(self) -> None:
-        for row, job in enumerate(self.jobs):  # rows generate gave up on (an error): close their streams
-            if self.reasons[row] is None:
-                self._send(job, None)
+        for row in self.rows:  # rows generate gave up on (an error): close their streams
+            if row.result is None:
+                self._send(row.job, None)
 
 
 class Engine:

@@ -117,22 +117,32 @@ def _pack_prompts(input_ids, attention_mask, pad_id: int, device):
     return ids.to(device), valid.to(device), lengths
 
 
+def _check_length(lengths: torch.Tensor, limit: int | None, what: str = "prompt") -> None:
+    if limit is not None and int(lengths.max()) > limit:
+        raise ValueError(f"generate: {what} of {int(lengths.max())} tokens exceeds the backbone's "
+                         f"max_position_embeddings={limit}")
+
+
+def _prefill(model, ids, valid, B: int, ctx_options: dict):
+    """The context tower over packed prompts: each row's next token and the cache. Both a call's
+    prompts and the ones that join it mid-call come here."""
+    walk = model.context_walk
+    hidden, cache = context_forward(walk, ids, TowerCache.empty(ids.shape[0], ids.device), valid=valid, chunk=B,
+                                    **ctx_options)
+    return walk.logits(hidden[:, -1]).argmax(-1), cache
+
+
 def _join(model, admit, rows: Rows, tally: Tally, prompts: list, pad: int, limit, B: int, ctx_options: dict) -> None:
     """Ask `admit` for prompts and add them to the running batch: packed, prefilled on their own,
     their caches joined to the batch's (`TowerCache.join`)."""
     new = admit(int(rows.index.shape[0]), len(rows.out))
     if not new:
         return
-    device = rows.first.device
-    ids, valid, lengths = _pack_prompts(new, None, pad, device)
-    if limit is not None and int(lengths.max()) > limit:
-        raise ValueError(f"generate: an admitted prompt of {int(lengths.max())} tokens exceeds the backbone's "
-                         f"max_position_embeddings={limit}")
-    walk = model.context_walk
-    hidden, cache = context_forward(walk, ids, TowerCache.empty(ids.shape[0], device), valid=valid, chunk=B,
-                                    **ctx_options)
+    ids, valid, lengths = _pack_prompts(new, None, pad, rows.first.device)
+    _check_length(lengths, limit, "an admitted prompt")
+    first, cache = _prefill(model, ids, valid, B, ctx_options)
     tally.grow(ids.shape[0])
-    tally.count("ctx", rows.admit(walk.logits(hidden[:, -1]).argmax(-1), cache))
+    tally.count("ctx", rows.admit(first, cache))
     prompts.extend(r[v] for r, v in zip(ids, valid))
 
 
@@ -203,16 +213,13 @@ def generate(
     if mode == "auto" and pick is None:
         mode = auto_mode(auto_modes if auto_modes is not None else getattr(model, "auto_modes", None), ids.shape[0])
     limit = model.adapter.max_positions(bcfg)
-    if limit is not None and int(lengths.max()) > limit:
-        raise ValueError(f"generate: prompt of {int(lengths.max())} tokens exceeds the backbone's "
-                         f"max_position_embeddings={limit}")
+    _check_length(lengths, limit)
     streamer = as_row_streamer(streamer, ids)
     b = ids.shape[0]
     ctx_options = model.context_options() if mode != "ar" else {"keep_hidden": False}
     tally = Tally(torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long))
-    walk = model.context_walk
-    hidden, cache = context_forward(walk, ids, TowerCache.empty(b, ctx_dev), valid=valid, chunk=B, **ctx_options)
-    rows = Rows(torch.arange(b, device=ctx_dev), walk.logits(hidden[:, -1]).argmax(-1), cache, [[] for _ in range(b)])
+    first, cache = _prefill(model, ids, valid, B, ctx_options)
+    rows = Rows(torch.arange(b, device=ctx_dev), first, cache, [[] for _ in range(b)])
     tally.count("ctx", rows.index)
     trace: list | None = [] if return_trace else None
     rows.streamer = streamer
