@@ -3,6 +3,7 @@ tokenizer, with an `auto_modes` table that changes mode with the batch size."""
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import torch
@@ -34,3 +35,10 @@ def tiny_export(path: Path, *, eos: bool = True, max_positions: int = 256) -> Pa
     (path / "generation_config.json").write_text(json.dumps(
         {"mode": "diffusion", "gamma": 0.9, "block_size": 4, "max_new_tokens": 12, "auto_modes": AUTO_MODES}))
     return path
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from serving_fixtures import tiny_export
+from serving_fixtures import free_port, tiny_export
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parent.parent
@@ -24,9 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 def server(ray_session, tmp_path_factory):
     from serving import launch
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # no EOS: every request runs to its max_tokens, so long ones stay in flight
     export = tiny_export(tmp_path_factory.mktemp("export") / "model", eos=False, max_positions=4096)
     url = launch.start(str(export), port=port, max_batch_size=8, batch_wait_ms=50)

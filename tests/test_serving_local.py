@@ -4,19 +4,12 @@ and is answered first (continuous batching over HTTP); bad flags are refused."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import urllib.request
 
 import pytest
-from serving_fixtures import tiny_export
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serving_fixtures import free_port, tiny_export
 
 
 @pytest.fixture(scope="module")
